@@ -1,0 +1,26 @@
+"""prx_channel_email: an email channel for agent frameworks.
+
+IMAP IDLE turns mail from allow-listed senders into :class:`ChannelMessage`;
+:meth:`EmailChannel.send` answers in the same thread over SMTP, through a durable
+outbox. See the README for setup and the security model.
+"""
+
+from .channel import EmailChannel
+from .config import EmailConfig, load_config
+from .errors import ChannelError, ConfigError, SendError
+from .models import Attachment, Channel, ChannelMessage, SendMessage
+
+__all__ = [
+    "Attachment",
+    "Channel",
+    "ChannelError",
+    "ChannelMessage",
+    "ConfigError",
+    "EmailChannel",
+    "EmailConfig",
+    "SendError",
+    "SendMessage",
+    "load_config",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,90 @@
+"""EmailChannel: the adapter a framework uses. It wires the two one-way flows.
+
+Inbound:  IMAP (sync.py) -> parse/normalize + policy (inbound.py) -> the framework's queue.
+Outbound: SendMessage -> compose + outbox (outbox.py) -> SMTP.
+Both share one state store (store.py) and one set of counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+
+from .config import EmailConfig
+from .inbound import InboundPipeline
+from .models import Channel, ChannelMessage, SendMessage
+from .observability import Metrics
+from .outbox import Outbox
+from .store import StateStore
+from .sync import SyncEngine, SyncStatus
+
+
+class EmailChannel(Channel):
+    """An email account as a channel: IMAP IDLE in, threaded SMTP replies out.
+
+    Use as an async context manager, or call :meth:`start` and :meth:`close`.
+    ``listen()`` and ``send()`` start it on first use.
+    """
+
+    name = "email"
+
+    def __init__(self, config: EmailConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = StateStore(config.state_dir)
+        self.pipeline = InboundPipeline(config, metrics=self.metrics)
+        self.sync = SyncEngine(config, self.store, self.pipeline, self.metrics)
+        self.outbox = Outbox(config, self.store, self.metrics)
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    async def start(self) -> EmailChannel:
+        async with self._start_lock:
+            if not self._started:
+                await self.store.open()
+                await self.outbox.start()
+                self._started = True
+        return self
+
+    async def __aenter__(self) -> EmailChannel:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def listen(self, queue: asyncio.Queue[ChannelMessage]) -> None:
+        await self.start()
+        await self.sync.run(queue)
+
+    async def send(self, message: SendMessage) -> None:
+        await self.start()
+        await self.outbox.send(message)
+
+    async def send_message(self, message: SendMessage) -> str:
+        """Like :meth:`send`, but returns the Message-ID of the sent mail."""
+        await self.start()
+        return await self.outbox.send(message)
+
+    @property
+    def status(self) -> SyncStatus:
+        return self.sync.status
+
+    def stats(self) -> dict[str, int]:
+        """Counters: connects, reconnects by cause, IDLE cycles, fetched, delivered, skipped..."""
+        return self.metrics.snapshot()
+
+    async def health_check(self) -> bool:
+        """True unless authentication failed or the outbox cannot reach its server."""
+        return self._started and not self.sync.status.auth_failed and self.outbox.healthy
+
+    async def close(self) -> None:
+        async with self._start_lock:
+            if self._started:
+                self._started = False
+                await self.outbox.close()
+                await self.store.close()

@@ -1,0 +1,357 @@
+"""Configuration: the ``[channels_config.email]`` table of a framework's config.toml.
+
+Values come from the TOML table; environment variables named ``PRX_EMAIL_<FIELD>``
+(e.g. ``PRX_EMAIL_PASSWORD``) override them, so secrets can stay out of the file.
+Every problem becomes one :class:`ConfigError` that names each bad field and the
+file, and never echoes a value back (a value might be a password).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
+
+from .errors import ConfigError
+
+ENV_PREFIX = "PRX_EMAIL_"
+TABLE = ("channels_config", "email")
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+# Deliberately loose: the server decides what it delivers to. This only catches
+# values that cannot be an address at all (no @, spaces, empty parts).
+_ADDRESS_RE = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;.]+$|^[^@\s<>,;]+@localhost$")
+_DOMAIN_RE = re.compile(r"^@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$")
+
+DEFAULT_ATTACHMENT_TYPES = [
+    "text/plain",
+    "text/csv",
+    "text/markdown",
+    "application/pdf",
+    "application/json",
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+]
+
+
+def is_loopback(host: str) -> bool:
+    """True for hosts that never leave this machine (plaintext is allowed there)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "prx-channel-email"
+
+
+def is_address(value: str) -> bool:
+    return bool(_ADDRESS_RE.match(value))
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string (handy in env variables)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+StrList = Annotated[list[str], NoDecode]
+
+
+class EmailConfig(BaseSettings):
+    """Settings of one email account. Field names and defaults follow the reference channel."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+    )
+
+    # --- the reference channel's fields (names and defaults fixed) ---
+    imap_host: str
+    imap_port: Port = 993
+    imap_folder: str = "INBOX"
+    smtp_host: str
+    smtp_port: Port = 465
+    smtp_tls: bool = True
+    username: str
+    password: SecretStr | None = Field(default=None, validate_default=True)
+    from_address: str
+    idle_timeout_secs: PositiveInt = 1740
+    allowed_senders: StrList = Field(default_factory=list)
+    default_subject: str = "PRX Message"
+
+    # --- connection security ---
+    imap_security: Literal["tls", "starttls", "plain"] = "tls"
+    smtp_security: Literal["auto", "tls", "starttls", "plain"] = "auto"
+    allow_insecure: bool = False
+    ca_file: Path | None = None
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    connect_timeout_secs: PositiveFloat = 20.0
+    command_timeout_secs: PositiveFloat = 60.0
+
+    # --- inbound transport ---
+    state_dir: Path = Field(default_factory=default_state_dir)
+    keepalive_secs: PositiveInt = 240
+    poll_interval_secs: PositiveInt = 60
+    initial_sync: Literal["new", "unseen"] = "new"
+    mark_seen: bool = False
+    move_to_folder: str | None = None
+    max_message_bytes: PositiveInt = 25 * 1024 * 1024
+    fetch_batch_size: Annotated[int, Field(ge=1, le=500)] = 50
+
+    # --- inbound policy ---
+    trusted_authserv_ids: StrList = Field(default_factory=list)
+    sender_auth: Literal["off", "flag", "enforce"] = "flag"
+    own_addresses: StrList = Field(default_factory=list)
+    rate_limit_count: PositiveInt = 20
+    rate_limit_window_secs: PositiveInt = 3600
+
+    # --- attachments ---
+    attachments_dir: Path | None = None
+    max_attachment_bytes: PositiveInt = 10 * 1024 * 1024
+    max_attachments_total_bytes: PositiveInt = 25 * 1024 * 1024
+    attachment_types: StrList = Field(default_factory=lambda: list(DEFAULT_ATTACHMENT_TYPES))
+
+    # --- outbound ---
+    from_name: str | None = None
+    send_max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    send_retry_max_secs: PositiveInt = 900
+    max_outbound_attachment_bytes: PositiveInt = 20 * 1024 * 1024
+    save_sent: bool = False
+    sent_folder: str | None = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first: it overrides the file (secrets live there).
+        return (env_settings, init_settings)
+
+    @field_validator(
+        "allowed_senders",
+        "trusted_authserv_ids",
+        "own_addresses",
+        "attachment_types",
+        mode="before",
+    )
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("imap_host", "smtp_host", "username", "imap_folder")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        if any(ch in value for ch in "\r\n\x00"):
+            raise ValueError("must not contain line breaks or NUL")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            raise ValueError(f"required (set it in the file or in {ENV_PREFIX}PASSWORD)")
+        return value
+
+    @field_validator("from_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if not is_address(value):
+            raise ValueError("is not an email address")
+        return value
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, value: list[str]) -> list[str]:
+        cleaned: list[str] = []
+        bad: list[str] = []
+        for entry in value:
+            item = entry.strip().lower()
+            if item == "*" or _DOMAIN_RE.match(item) or is_address(item):
+                cleaned.append(item)
+            else:
+                bad.append(entry)
+        if bad:
+            shown = ", ".join(repr(b) for b in bad)
+            raise ValueError(
+                f"entries {shown} are neither an address, '@domain' nor '*'"
+                if len(bad) > 1
+                else f"entry {shown} is neither an address, '@domain' nor '*'"
+            )
+        return cleaned
+
+    @field_validator("own_addresses")
+    @classmethod
+    def _own(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not is_address(v.strip())]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))} not an email address")
+        return [v.strip().lower() for v in value]
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.expanduser().is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        return value.expanduser() if value is not None else None
+
+    @model_validator(mode="after")
+    def _security(self) -> EmailConfig:
+        problems: list[str] = []
+        if (
+            self.imap_security == "plain"
+            and not is_loopback(self.imap_host)
+            and not self.allow_insecure
+        ):
+            problems.append(
+                "imap_security: 'plain' sends the password unencrypted to "
+                f"{self.imap_host}; use 'tls' or 'starttls', or set allow_insecure = true"
+            )
+        if (
+            self.smtp_effective_security == "plain"
+            and not is_loopback(self.smtp_host)
+            and not self.allow_insecure
+        ):
+            problems.append(
+                "smtp_security: plaintext SMTP to "
+                f"{self.smtp_host} is refused; use port 465/587 with TLS, "
+                "or set allow_insecure = true"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # --- derived values ---
+    @property
+    def smtp_effective_security(self) -> Literal["tls", "starttls", "plain"]:
+        """Resolve ``smtp_security = "auto"`` from the reference fields smtp_port/smtp_tls."""
+        if self.smtp_security != "auto":
+            return self.smtp_security
+        if not self.smtp_tls:
+            return "plain"
+        return "tls" if self.smtp_port == 465 else "starttls"
+
+    @property
+    def account(self) -> str:
+        """A stable key for this account in state and logs (no secret in it)."""
+        return f"{self.username}@{self.imap_host}:{self.imap_port}"
+
+    @property
+    def attachments_path(self) -> Path:
+        return self.attachments_dir or (self.state_dir / "attachments")
+
+    @property
+    def smtp_login(self) -> tuple[str, str]:
+        user = self.smtp_username or self.username
+        secret = self.smtp_password or self.password
+        return user, secret.get_secret_value() if secret is not None else ""
+
+    @property
+    def imap_login(self) -> tuple[str, str]:
+        return self.username, self.password.get_secret_value() if self.password else ""
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data with every secret masked (for `prx-email config`)."""
+        data = self.model_dump(mode="json")
+        for key in ("password", "smtp_password"):
+            if data.get(key) is not None:
+                data[key] = "********"
+        data["smtp_effective_security"] = self.smtp_effective_security
+        return data
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path:
+    if path is not None:
+        return Path(path).expanduser()
+    env = os.environ.get("PRX_CONFIG")
+    return Path(env).expanduser() if env else Path("config.toml")
+
+
+def _describe(err: dict[str, Any]) -> list[str]:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    kind = err.get("type", "")
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if kind == "missing":
+        return [f"{loc}: required field is missing"]
+    if kind == "extra_forbidden":
+        return [f"{loc}: unknown field (check the spelling)"]
+    if not loc:  # a cross-field check: its message already starts with the field names
+        return msg.split("; ")
+    return [f"{loc}: {msg}"]
+
+
+def config_from_table(table: dict[str, Any], *, path: str | None = None) -> EmailConfig:
+    """Validate a table (already read from TOML or built in code) into an EmailConfig."""
+    where = f" in {path}" if path else ""
+    try:
+        return EmailConfig(**table)
+    except ValidationError as exc:
+        problems = [line for e in exc.errors(include_input=False) for line in _describe(dict(e))]
+        raise ConfigError(
+            f"invalid email configuration{where}:\n  - " + "\n  - ".join(problems),
+            path=path,
+            problems=problems,
+        ) from None
+    except (ValueError, json.JSONDecodeError) as exc:  # a malformed env override
+        raise ConfigError(f"invalid email configuration{where}: {exc}", path=path) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
+    """Read ``[channels_config.email]`` from ``path``, ``$PRX_CONFIG`` or ``./config.toml``."""
+    file = resolve_path(path)
+    shown = str(file)
+    try:
+        raw = file.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {shown} not found", path=shown) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {shown}: {exc.strerror}", path=shown) from None
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {shown} is not UTF-8 text", path=shown) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"TOML syntax error in {shown}: {exc}", path=shown) from None
+    table: Any = doc
+    for key in TABLE:
+        table = table.get(key) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"{shown} has no [{'.'.join(TABLE)}] table",
+            path=shown,
+            problems=[f"[{'.'.join(TABLE)}]: table is missing"],
+        )
+    return config_from_table(table, path=shown)

@@ -1,0 +1,61 @@
+"""Message-ID helpers shared by the inbound and outbound paths.
+
+IDs this channel mints carry a fixed marker in their left part, so the loop guard
+can recognise our own mail coming back without consulting any state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+
+MINTED_MARKER = ".prxmail"
+_ID_RE = re.compile(r"<[^<>\s]+>")
+
+
+def mint_message_id(from_address: str) -> str:
+    """A new globally unique Message-ID on the from_address domain."""
+    domain = from_address.rpartition("@")[2] or "localhost"
+    stamp = format(time.time_ns() // 1_000_000, "x")
+    return f"<{stamp}.{secrets.token_hex(8)}{MINTED_MARKER}@{domain.lower()}>"
+
+
+def is_minted(message_id: str | None) -> bool:
+    """True when this channel (any instance of it) minted ``message_id``."""
+    if not message_id:
+        return False
+    left = message_id.strip().strip("<>").rpartition("@")[0]
+    return left.endswith(MINTED_MARKER)
+
+
+def synthetic_message_id(raw: bytes) -> str:
+    """A stable stand-in for a missing Message-ID: the same bytes give the same id."""
+    return f"<sha256-{hashlib.sha256(raw).hexdigest()[:32]}@prx-email.invalid>"
+
+
+def parse_id_list(value: str | None) -> list[str]:
+    """The Message-IDs of a References or In-Reply-To header, in order, deduplicated."""
+    if not value:
+        return []
+    seen: set[str] = set()
+    out: list[str] = []
+    for mid in _ID_RE.findall(value):
+        if mid not in seen:
+            seen.add(mid)
+            out.append(mid)
+    return out
+
+
+def normalize_id(value: str | None) -> str | None:
+    """One Message-ID with angle brackets, or None when the header holds none."""
+    if not value:
+        return None
+    ids = parse_id_list(value)
+    if ids:
+        return ids[0]
+    bare = value.strip()
+    if bare and " " not in bare and "@" in bare:
+        return f"<{bare.strip('<>')}>"
+    return None

@@ -1,0 +1,118 @@
+"""The framework-facing contract: the messages that cross the channel boundary.
+
+These types are what an agent framework programs against; they know nothing of
+IMAP or SMTP. Inbound mail becomes a :class:`ChannelMessage`; the agent answers
+with a :class:`SendMessage`, usually built by :meth:`ChannelMessage.reply` so the
+answer lands in the same thread of the person's mail client.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Attachment(BaseModel):
+    """One attachment of an inbound message.
+
+    ``path`` is where it was saved, or None when it was not saved; then
+    ``skipped_reason`` says why (too large, type not allowed, ...).
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    filename: str
+    content_type: str
+    size: int
+    path: Path | None = None
+    skipped_reason: str | None = None
+
+
+class SendMessage(BaseModel):
+    """An outbound message.
+
+    A framework that knows nothing of email may pass only ``content`` and
+    ``recipient``: the channel then threads the message onto the latest mail it
+    received from that recipient. ``in_reply_to`` (a ChannelMessage id) or
+    ``thread_ts`` (a conversation key) choose the parent explicitly.
+    """
+
+    content: str
+    recipient: str
+    subject: str | None = None
+    in_reply_to: str | None = None
+    thread_ts: str | None = None
+    attachments: list[Path] = Field(default_factory=list)
+
+
+class ChannelMessage(BaseModel):
+    """An accepted inbound email, normalized.
+
+    ``id`` is the Message-ID (angle brackets included, or a stable synthetic one);
+    ``content`` is only the new text (quoted history and signature removed) while
+    ``full_text`` keeps the whole body; ``thread_ts`` is the conversation key (the
+    first Message-ID of References, else In-Reply-To, else ``id``).
+    ``sender_verified`` is True when a trusted server vouched for the From domain,
+    False when it said the check failed, None when no trusted server said anything.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    sender: str
+    sender_display: str | None = None
+    reply_target: str
+    subject: str = ""
+    content: str = ""
+    full_text: str = ""
+    channel: str = "email"
+    timestamp: int
+    thread_ts: str
+    in_reply_to: str | None = None
+    references: list[str] = Field(default_factory=list)
+    attachments: list[Attachment] = Field(default_factory=list)
+    sender_verified: bool | None = None
+
+    def reply(self, content: str, **kw: Any) -> SendMessage:
+        """Build the threaded answer to this message (to its reply target, "Re: subject")."""
+        fields: dict[str, Any] = {
+            "content": content,
+            "recipient": self.reply_target,
+            "in_reply_to": self.id,
+            "thread_ts": self.thread_ts,
+        }
+        fields.update(kw)
+        return SendMessage(**fields)
+
+
+class Channel(abc.ABC):
+    """What an agent framework needs from any channel (email, chat, ...)."""
+
+    name: str
+
+    @abc.abstractmethod
+    async def listen(self, queue: asyncio.Queue[ChannelMessage]) -> None:
+        """Put every accepted inbound message on ``queue`` once; run until cancelled.
+
+        Survives server restarts, dropped connections and bad mail.
+        """
+
+    @abc.abstractmethod
+    async def send(self, message: SendMessage) -> None:
+        """Return once the server accepted the message or it is durably queued for retry.
+
+        Raises SendError for permanent failures (rejected recipient, failed
+        authentication, bad input).
+        """
+
+    @abc.abstractmethod
+    async def health_check(self) -> bool:
+        """True when the channel can currently receive and send."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections; pending outbound mail stays queued for the next start."""

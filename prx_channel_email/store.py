@@ -1,0 +1,296 @@
+"""The durable state: UID cursor, ledger of handled messages, and the outbox table.
+
+One SQLite file (WAL) in ``state_dir``. All SQL runs on one dedicated thread so
+that nothing blocks the event loop and no two transactions interleave. Each
+:meth:`StateStore.run` call is one transaction: either all of it is on disk, or
+none of it is.
+
+What a crash at each step means is decided here:
+- the ledger row and the cursor advance for a message are written in the same
+  transaction, after the message is on the framework's queue; dying before that
+  transaction means the message is handed on again at the next start (at least
+  once), dying after it means it never is again;
+- outbox rows are written before the first SMTP attempt (see outbox.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DB_NAME = "state.sqlite3"
+SCHEMA_VERSION = 1
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+-- Per account and folder: the UIDVALIDITY we know and the highest UID handed on.
+CREATE TABLE IF NOT EXISTS cursor (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    last_uid INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (account, folder)
+);
+-- Every inbound message the channel has decided on, by Message-ID.
+-- outcome: 'delivered' (on the queue), 'rejected' (policy), 'quarantined' (unparseable).
+CREATE TABLE IF NOT EXISTS ledger (
+    account TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    reason TEXT,
+    folder TEXT,
+    uidvalidity INTEGER,
+    uid INTEGER,
+    sender TEXT,
+    reply_target TEXT,
+    subject TEXT,
+    thread_ts TEXT,
+    refs TEXT,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (account, message_id)
+);
+CREATE INDEX IF NOT EXISTS ledger_by_sender ON ledger (account, sender, received_at);
+CREATE INDEX IF NOT EXISTS ledger_by_thread ON ledger (account, thread_ts, received_at);
+-- Outbound mail. state: pending -> sending (leased) -> sent | failed.
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account TEXT NOT NULL,
+    message_id TEXT NOT NULL UNIQUE,
+    mail_from TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    raw BLOB NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    lease_until REAL,
+    last_error TEXT,
+    smtp_code INTEGER,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_due ON outbox (account, state, next_attempt_at);
+"""
+
+
+@dataclass(frozen=True)
+class Cursor:
+    uidvalidity: int
+    last_uid: int
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the outbound side needs to thread a reply onto a received message."""
+
+    message_id: str
+    sender: str
+    reply_target: str
+    subject: str
+    thread_ts: str
+    references: list[str]
+    received_at: float
+
+
+class StateStore:
+    """Async facade over one SQLite file; every call is one transaction on one thread."""
+
+    def __init__(self, state_dir: Path, *, synchronous: str = "FULL") -> None:
+        self.path = Path(state_dir) / DB_NAME
+        self._synchronous = synchronous
+        self._executor: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
+
+    async def open(self) -> StateStore:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prx-email-db")
+            await self._submit(self._connect)
+        return self
+
+    async def close(self) -> None:
+        if self._executor is None:
+            return
+        executor, self._executor = self._executor, None
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, self._disconnect)
+        executor.shutdown(wait=True)
+
+    async def __aenter__(self) -> StateStore:
+        return await self.open()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _connect(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        conn.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
+            (str(SCHEMA_VERSION),),
+        )
+        self._conn = conn
+
+    def _disconnect(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    async def _submit(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            raise RuntimeError("state store is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``fn(conn)`` as one transaction on the store's thread."""
+
+        def tx() -> T:
+            conn = self._conn
+            assert conn is not None
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return result
+
+        return await self._submit(tx)
+
+    # --- inbound: cursor and ledger ---
+
+    async def get_cursor(self, account: str, folder: str) -> Cursor | None:
+        def q(conn: sqlite3.Connection) -> Cursor | None:
+            row = conn.execute(
+                "SELECT uidvalidity, last_uid FROM cursor WHERE account=? AND folder=?",
+                (account, folder),
+            ).fetchone()
+            return Cursor(row[0], row[1]) if row else None
+
+        return await self.run(q)
+
+    async def set_cursor(self, account: str, folder: str, cursor: Cursor) -> None:
+        await self.run(lambda conn: _write_cursor(conn, account, folder, cursor))
+
+    async def seen_ids(self, account: str, message_ids: list[str]) -> set[str]:
+        """Which of these Message-IDs the ledger already holds (any outcome)."""
+
+        def q(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for start in range(0, len(message_ids), 500):
+                chunk = message_ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                found.update(
+                    r[0]
+                    for r in conn.execute(
+                        "SELECT message_id FROM ledger"
+                        f" WHERE account=? AND message_id IN ({marks})",
+                        (account, *chunk),
+                    )
+                )
+            return found
+
+        return await self.run(q)
+
+    async def record(
+        self,
+        account: str,
+        folder: str,
+        cursor: Cursor,
+        *,
+        message_id: str,
+        outcome: str,
+        reason: str | None = None,
+        uid: int | None = None,
+        entry: LedgerEntry | None = None,
+    ) -> None:
+        """Record one decided message and advance the cursor past it, atomically."""
+
+        def tx(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT OR IGNORE INTO ledger (account, message_id, outcome, reason, folder,"
+                " uidvalidity, uid, sender, reply_target, subject, thread_ts, refs, received_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    account,
+                    message_id,
+                    outcome,
+                    reason,
+                    folder,
+                    cursor.uidvalidity,
+                    uid,
+                    entry.sender if entry else None,
+                    entry.reply_target if entry else None,
+                    entry.subject if entry else None,
+                    entry.thread_ts if entry else None,
+                    json.dumps(entry.references) if entry else None,
+                    entry.received_at if entry else time.time(),
+                ),
+            )
+            _write_cursor(conn, account, folder, cursor)
+
+        await self.run(tx)
+
+    async def find_message(self, account: str, message_id: str) -> LedgerEntry | None:
+        return await self._one(account, "message_id=?", (message_id,), order="received_at DESC")
+
+    async def latest_from(self, account: str, sender: str) -> LedgerEntry | None:
+        """The newest delivered message from ``sender`` (or whose reply target it is)."""
+        addr = sender.strip().lower()
+        return await self._one(account, "(sender=? OR reply_target=?)", (addr, addr))
+
+    async def latest_in_thread(self, account: str, thread_ts: str) -> LedgerEntry | None:
+        return await self._one(account, "(thread_ts=? OR message_id=?)", (thread_ts, thread_ts))
+
+    async def _one(
+        self, account: str, where: str, args: tuple[Any, ...], order: str = "received_at DESC"
+    ) -> LedgerEntry | None:
+        sql = (
+            "SELECT message_id, sender, reply_target, subject, thread_ts, refs, received_at"
+            f" FROM ledger WHERE account=? AND outcome='delivered' AND {where}"
+            f" ORDER BY {order}, rowid DESC LIMIT 1"
+        )
+
+        def q(conn: sqlite3.Connection) -> LedgerEntry | None:
+            row = conn.execute(sql, (account, *args)).fetchone()
+            if row is None:
+                return None
+            return LedgerEntry(
+                message_id=row[0],
+                sender=row[1] or "",
+                reply_target=row[2] or row[1] or "",
+                subject=row[3] or "",
+                thread_ts=row[4] or row[0],
+                references=json.loads(row[5]) if row[5] else [],
+                received_at=row[6],
+            )
+
+        return await self.run(q)
+
+
+def _write_cursor(conn: sqlite3.Connection, account: str, folder: str, cursor: Cursor) -> None:
+    conn.execute(
+        "INSERT INTO cursor (account, folder, uidvalidity, last_uid, updated_at)"
+        " VALUES (?,?,?,?,?) ON CONFLICT (account, folder) DO UPDATE SET"
+        " uidvalidity=excluded.uidvalidity,"
+        " last_uid=CASE WHEN cursor.uidvalidity=excluded.uidvalidity"
+        "  THEN max(cursor.last_uid, excluded.last_uid) ELSE excluded.last_uid END,"
+        " updated_at=excluded.updated_at",
+        (account, folder, cursor.uidvalidity, cursor.last_uid, time.time()),
+    )

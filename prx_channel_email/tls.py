@@ -1,0 +1,26 @@
+"""TLS contexts for IMAP, SMTP and the doctor: certificates are always verified."""
+
+from __future__ import annotations
+
+import ssl
+
+from .config import EmailConfig, is_loopback
+from .errors import InsecureConnectionError
+
+
+def ssl_context(config: EmailConfig) -> ssl.SSLContext:
+    """The system trust store, plus ``ca_file`` for self-signed servers. Never unverified."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if config.ca_file is not None:
+        ctx.load_verify_locations(cafile=str(config.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def check_plaintext_allowed(config: EmailConfig, host: str) -> None:
+    """Refuse a plaintext connection that would carry the password off this machine."""
+    if not is_loopback(host) and not config.allow_insecure:
+        raise InsecureConnectionError(
+            f"refusing a plaintext connection to {host}: the password would travel unencrypted. "
+            "Use TLS or STARTTLS, or set allow_insecure = true if you accept the risk."
+        )

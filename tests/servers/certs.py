@@ -12,8 +12,6 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-import trustme
-
 #: Names the leaf certificate is valid for.
 SERVER_IDENTITIES: tuple[str, ...] = ("localhost", "127.0.0.1")
 
@@ -44,6 +42,8 @@ class TestPKI:
 
 def make_pki(directory: Path, identities: tuple[str, ...] = SERVER_IDENTITIES) -> TestPKI:
     """Create a new CA and a server certificate for ``identities`` in ``directory``."""
+    import trustme  # test dependency; imported lazily so a prebuilt PKI needs none
+
     directory.mkdir(parents=True, exist_ok=True)
     ca = trustme.CA(organization_name="prx-channel-email test CA")
     leaf = ca.issue_cert(*identities, common_name=identities[0])
@@ -63,9 +63,9 @@ def make_pki(directory: Path, identities: tuple[str, ...] = SERVER_IDENTITIES) -
 
 def make_unrelated_ca(directory: Path) -> Path:
     """Write the certificate of a fresh CA that signed nothing; for negative tests."""
+    import trustme
+
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "unrelated-ca.pem"
-    trustme.CA(organization_name="prx-channel-email unrelated CA").cert_pem.write_to_path(
-        str(path)
-    )
+    trustme.CA(organization_name="prx-channel-email unrelated CA").cert_pem.write_to_path(str(path))
     return path

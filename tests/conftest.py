@@ -1,0 +1,155 @@
+"""Shared pytest fixtures: real Dovecot, an SMTP sink and a fault-injecting TCP proxy.
+
+Session-scoped servers start on first use only, so tests that need none of them
+pay nothing. Servers are never skipped when missing: a missing ``dovecot``
+binary fails the tests that need it, with a message saying how to install it.
+
+Fixtures
+--------
+``pki``              session: test CA + server cert (``pki.ca_file`` for clients).
+``dovecot``          session: Dovecot with IDLE (:class:`DovecotServer`).
+``dovecot_noidle``   session: Dovecot that does not advertise IDLE.
+``account``          function: a fresh user on ``dovecot`` (empty mailbox).
+``noidle_account``   function: a fresh user on ``dovecot_noidle``.
+``smtp_server``      session: :class:`SmtpServer`; reset before each test using it.
+``smtp_relay``       function: ``smtp_server`` that delivers each message into
+                     ``dovecot`` (to recipients that are Dovecot users).
+``proxy``            function: factory ``proxy(host, port) -> TcpProxy``.
+``unrelated_ca_file`` session: a CA file that did NOT sign the servers' cert.
+
+If a test stops or restarts a session server, the next test that uses it gets
+it running again (see ``_keep_servers_usable``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.servers.certs import TestPKI, make_pki, make_unrelated_ca
+from tests.servers.dovecot import Account, DovecotError, DovecotServer
+from tests.servers.proxy import TcpProxy
+from tests.servers.smtp import ReceivedMessage, SmtpServer
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPKI:
+    """One test CA and a server certificate for localhost/127.0.0.1."""
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def unrelated_ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA certificate that signed nothing the servers present."""
+    return make_unrelated_ca(tmp_path_factory.mktemp("unrelated-ca"))
+
+
+def _dovecot(pki: TestPKI, *, idle: bool) -> Iterator[DovecotServer]:
+    try:
+        server = DovecotServer(idle=idle, pki=pki)
+    except DovecotError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        try:
+            server.start()
+        except DovecotError as exc:
+            pytest.fail(f"Dovecot did not start: {exc}", pytrace=False)
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture(scope="session")
+def dovecot(pki: TestPKI) -> Iterator[DovecotServer]:
+    """A real Dovecot with IMAP (+STARTTLS), IMAPS and LMTP on loopback."""
+    yield from _dovecot(pki, idle=True)
+
+
+@pytest.fixture(scope="session")
+def dovecot_noidle(pki: TestPKI) -> Iterator[DovecotServer]:
+    """Like ``dovecot`` but IDLE is not advertised, before or after login."""
+    yield from _dovecot(pki, idle=False)
+
+
+@pytest.fixture
+def account(dovecot: DovecotServer) -> Account:
+    """A new user on ``dovecot`` with an empty mailbox."""
+    return dovecot.add_user()
+
+
+@pytest.fixture
+def noidle_account(dovecot_noidle: DovecotServer) -> Account:
+    """A new user on ``dovecot_noidle`` with an empty mailbox."""
+    return dovecot_noidle.add_user()
+
+
+@pytest.fixture(scope="session")
+def smtp_server(pki: TestPKI) -> Iterator[SmtpServer]:
+    """SMTP listeners (implicit TLS and STARTTLS) that record what they accept.
+
+    Reset (messages, scripts, credentials, relay) before every test that uses it.
+    """
+    server = SmtpServer(pki)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def smtp_relay(smtp_server: SmtpServer, dovecot: DovecotServer) -> SmtpServer:
+    """``smtp_server`` that also delivers every accepted message into ``dovecot``.
+
+    Recipients that are not Dovecot users are accepted but not delivered.
+    """
+
+    def relay(message: ReceivedMessage) -> None:
+        users = {a.address.lower() for a in dovecot.accounts}
+        for rcpt in message.rcpt_tos:
+            if rcpt.lower() in users:
+                dovecot.deliver(rcpt, message.raw, mail_from=message.mail_from)
+
+    smtp_server.relay_to(relay)
+    return smtp_server
+
+
+@pytest.fixture
+def proxy() -> Iterator[Callable[[str, int], TcpProxy]]:
+    """Factory: ``proxy(host, port)`` starts a :class:`TcpProxy` to that target.
+
+    All proxies made in a test are stopped at its end.
+    """
+    made: list[TcpProxy] = []
+
+    def make(host: str, port: int) -> TcpProxy:
+        p = TcpProxy(host, port)
+        p.start()
+        made.append(p)
+        return p
+
+    try:
+        yield make
+    finally:
+        for p in made:
+            p.stop()
+
+
+@pytest.fixture(autouse=True)
+def _keep_servers_usable(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Give each test clean session servers without starting unused ones.
+
+    Resets ``smtp_server`` before a test that uses it, and restarts a Dovecot
+    that an earlier test stopped.
+    """
+    names = request.fixturenames
+    if "smtp_server" in names:
+        request.getfixturevalue("smtp_server").reset()
+    for name in ("dovecot", "dovecot_noidle"):
+        if name in names:
+            server: DovecotServer = request.getfixturevalue(name)
+            if not server.running:
+                server.start()
+    yield

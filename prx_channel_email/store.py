@@ -9,7 +9,9 @@ What a crash at each step means is decided here:
 - the ledger row and the cursor advance for a message are written in the same
   transaction, after the message is on the framework's queue; dying before that
   transaction means the message is handed on again at the next start (at least
-  once), dying after it means it never is again;
+  once), dying after it means it never is again. During a backlog the sync engine
+  commits the rows of several messages already on the queue together
+  (``record_many``), which only widens "handed on again", never "lost";
 - outbox rows are written before the first SMTP attempt (see outbox.py).
 """
 
@@ -89,6 +91,8 @@ CREATE INDEX IF NOT EXISTS outbox_due ON outbox (account, state, next_attempt_at
 class Cursor:
     uidvalidity: int
     last_uid: int
+    # When the cursor was last written (Unix time); 0.0 when not read from the store.
+    updated_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +108,46 @@ class LedgerEntry:
     received_at: float
 
 
+@dataclass(frozen=True)
+class Decided:
+    """One inbound message decided on: its ledger row and where the cursor goes after it."""
+
+    cursor: Cursor
+    message_id: str | None
+    outcome: str = "delivered"
+    reason: str | None = None
+    uid: int | None = None
+    entry: LedgerEntry | None = None
+
+
+def _ledger_row(account: str, folder: str, item: Decided) -> tuple[Any, ...]:
+    entry = item.entry
+    return (
+        account,
+        item.message_id,
+        item.outcome,
+        item.reason,
+        folder,
+        item.cursor.uidvalidity,
+        item.uid,
+        entry.sender if entry else None,
+        entry.reply_target if entry else None,
+        entry.subject if entry else None,
+        entry.thread_ts if entry else None,
+        json.dumps(entry.references) if entry else None,
+        entry.received_at if entry else time.time(),
+    )
+
+
+def _cursor_moves(items: list[Decided]) -> list[Cursor]:
+    """The last cursor per UIDVALIDITY, in order (one write each is enough)."""
+    last: dict[int, Cursor] = {}
+    for item in items:
+        last.pop(item.cursor.uidvalidity, None)
+        last[item.cursor.uidvalidity] = item.cursor
+    return list(last.values())
+
+
 class StateStore:
     """Async facade over one SQLite file; every call is one transaction on one thread."""
 
@@ -112,6 +156,9 @@ class StateStore:
         self._synchronous = synchronous
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
+        # Delivered messages whose ledger rows wait for their group commit, by
+        # (account, message_id): reply lookups must see them at once (read-your-writes).
+        self._staged: dict[tuple[str, str], LedgerEntry] = {}
 
     async def open(self) -> StateStore:
         if self._executor is None:
@@ -178,10 +225,10 @@ class StateStore:
     async def get_cursor(self, account: str, folder: str) -> Cursor | None:
         def q(conn: sqlite3.Connection) -> Cursor | None:
             row = conn.execute(
-                "SELECT uidvalidity, last_uid FROM cursor WHERE account=? AND folder=?",
+                "SELECT uidvalidity, last_uid, updated_at FROM cursor WHERE account=? AND folder=?",
                 (account, folder),
             ).fetchone()
-            return Cursor(row[0], row[1]) if row else None
+            return Cursor(row[0], row[1], row[2]) if row else None
 
         return await self.run(q)
 
@@ -221,50 +268,70 @@ class StateStore:
         entry: LedgerEntry | None = None,
     ) -> None:
         """Record one decided message and advance the cursor past it, atomically."""
+        item = Decided(cursor, message_id, outcome, reason, uid, entry)
+        await self.record_many(account, folder, [item])
+
+    async def record_many(self, account: str, folder: str, items: list[Decided]) -> None:
+        """Record several decisions and cursor moves in one transaction (one fsync).
+
+        Items without a ``message_id`` only move the cursor (a skipped duplicate).
+        """
 
         def tx(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT OR IGNORE INTO ledger (account, message_id, outcome, reason, folder,"
-                " uidvalidity, uid, sender, reply_target, subject, thread_ts, refs, received_at)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    account,
-                    message_id,
-                    outcome,
-                    reason,
-                    folder,
-                    cursor.uidvalidity,
-                    uid,
-                    entry.sender if entry else None,
-                    entry.reply_target if entry else None,
-                    entry.subject if entry else None,
-                    entry.thread_ts if entry else None,
-                    json.dumps(entry.references) if entry else None,
-                    entry.received_at if entry else time.time(),
-                ),
-            )
-            _write_cursor(conn, account, folder, cursor)
+            rows = [_ledger_row(account, folder, i) for i in items if i.message_id]
+            if rows:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO ledger (account, message_id, outcome, reason, folder,"
+                    " uidvalidity, uid, sender, reply_target, subject, thread_ts, refs,"
+                    " received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    rows,
+                )
+            for cursor in _cursor_moves(items):
+                _write_cursor(conn, account, folder, cursor)
 
         await self.run(tx)
+        for item in items:
+            if item.message_id:
+                self._staged.pop((account, item.message_id), None)
+
+    def stage(self, account: str, entry: LedgerEntry) -> None:
+        """Make a delivered message visible to reply lookups before its row commits.
+
+        The sync engine puts a message on the framework's queue first and commits its
+        ledger row a moment later (group commit); an agent may answer in between.
+        Staging is memory only: after a crash the message is handed on again anyway.
+        """
+        self._staged[(account, entry.message_id)] = entry
+
+    def _newest_staged(
+        self, account: str, match: Callable[[LedgerEntry], bool]
+    ) -> LedgerEntry | None:
+        found = [e for (acc, _), e in self._staged.items() if acc == account and match(e)]
+        return max(found, key=lambda e: e.received_at) if found else None
 
     async def find_message(self, account: str, message_id: str) -> LedgerEntry | None:
-        return await self._one(account, "message_id=?", (message_id,), order="received_at DESC")
+        staged = self._staged.get((account, message_id))
+        if staged is not None:
+            return staged
+        return await self._one(account, "message_id=?", (message_id,))
 
     async def latest_from(self, account: str, sender: str) -> LedgerEntry | None:
         """The newest delivered message from ``sender`` (or whose reply target it is)."""
         addr = sender.strip().lower()
-        return await self._one(account, "(sender=? OR reply_target=?)", (addr, addr))
+        staged = self._newest_staged(account, lambda e: addr in (e.sender, e.reply_target))
+        stored = await self._one(account, "(sender=? OR reply_target=?)", (addr, addr))
+        return _newer(staged, stored)
 
     async def latest_in_thread(self, account: str, thread_ts: str) -> LedgerEntry | None:
-        return await self._one(account, "(thread_ts=? OR message_id=?)", (thread_ts, thread_ts))
+        staged = self._newest_staged(account, lambda e: thread_ts in (e.thread_ts, e.message_id))
+        stored = await self._one(account, "(thread_ts=? OR message_id=?)", (thread_ts, thread_ts))
+        return _newer(staged, stored)
 
-    async def _one(
-        self, account: str, where: str, args: tuple[Any, ...], order: str = "received_at DESC"
-    ) -> LedgerEntry | None:
+    async def _one(self, account: str, where: str, args: tuple[Any, ...]) -> LedgerEntry | None:
         sql = (
             "SELECT message_id, sender, reply_target, subject, thread_ts, refs, received_at"
             f" FROM ledger WHERE account=? AND outcome='delivered' AND {where}"
-            f" ORDER BY {order}, rowid DESC LIMIT 1"
+            " ORDER BY received_at DESC, rowid DESC LIMIT 1"
         )
 
         def q(conn: sqlite3.Connection) -> LedgerEntry | None:
@@ -282,6 +349,12 @@ class StateStore:
             )
 
         return await self.run(q)
+
+
+def _newer(staged: LedgerEntry | None, stored: LedgerEntry | None) -> LedgerEntry | None:
+    if staged is None or stored is None:
+        return staged or stored
+    return staged if staged.received_at >= stored.received_at else stored
 
 
 def _write_cursor(conn: sqlite3.Connection, account: str, folder: str, cursor: Cursor) -> None:

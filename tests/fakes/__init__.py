@@ -1,0 +1,1 @@
+"""Test doubles for the inbound-transport tests (pipeline stand-in, scripted IMAP server)."""

@@ -1,0 +1,118 @@
+"""Faults a real Dovecot cannot produce on demand, against the scripted fake server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prx_channel_email.config import EmailConfig
+from tests.fakes.imap_server import FakeImapServer
+from tests.fakes.pipeline import mail, mid, running_engine
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeImapServer]:
+    server = await FakeImapServer().start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def fake_config(server: FakeImapServer, tmp_path: Path, **kw: Any) -> EmailConfig:
+    fields: dict[str, Any] = {
+        "imap_host": "127.0.0.1",
+        "imap_port": server.port,
+        "imap_security": "plain",
+        "smtp_host": "127.0.0.1",
+        "username": "bot@example.test",
+        "password": "secret",
+        "from_address": "bot@example.test",
+        "state_dir": tmp_path,
+        "connect_timeout_secs": 2.0,
+        "command_timeout_secs": 2.0,
+        "keepalive_secs": 30,
+        "initial_sync": "unseen",
+    }
+    fields.update(kw)
+    return EmailConfig(**fields)
+
+
+async def test_login_unavailable_is_an_outage_not_a_wrong_password(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    fake.login_reply = "NO [UNAVAILABLE] Maintenance, try later"
+    fake.folders["INBOX"].add(mail(1))
+    async with running_engine(fake_config(fake, tmp_path)) as run:
+        await run.wait_for(lambda: run.metrics.get("imap.reconnects.network") >= 2)
+        assert run.engine.status.last_error_code == "server_unavailable"
+        assert not run.engine.status.auth_failed
+        assert run.metrics.get("imap.reconnects.auth") == 0
+        fake.login_reply = "OK Logged in"
+        assert (await run.next()).id == mid(1)
+        assert run.engine.status.connected
+
+
+async def test_move_without_move_capability_uses_copy_and_uid_expunge(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    raw = mail(1)
+    fake.folders["INBOX"].add(raw)
+    async with running_engine(fake_config(fake, tmp_path, move_to_folder="Done")) as run:
+        assert (await run.next()).id == mid(1)
+        await run.wait_for(lambda: run.metrics.get("inbound.moved") == 1)
+    sent = [c.split(" ", 1)[1] for c in fake.commands if " " in c]
+    # The user name is quoted too (aioimaplib quotes only the password).
+    assert 'LOGIN "bot@example.test" "secret"' in sent
+    assert any(c.startswith("UID COPY 1 ") for c in sent)
+    assert any(c.startswith("UID STORE 1 +FLAGS.SILENT (\\Deleted)") for c in sent)
+    assert "UID EXPUNGE 1" in sent
+    assert not any(c.startswith("UID MOVE") for c in sent)
+    assert fake.folders["INBOX"].messages == {}
+    assert list(fake.folders["Done"].messages.values()) == [raw]
+
+
+async def test_without_move_or_uidplus_the_message_stays_and_the_error_is_counted(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    fake.capabilities = ("IMAP4rev1", "IDLE")
+    fake.folders["INBOX"].add(mail(1))
+    async with running_engine(fake_config(fake, tmp_path, move_to_folder="Done")) as run:
+        assert (await run.next()).id == mid(1)
+        await run.wait_for(lambda: run.metrics.get("inbound.errors") == 1)
+        assert run.engine.status.connected
+    assert list(fake.folders["INBOX"].messages) == [1]
+    assert fake.folders["Done"].messages == {}
+
+
+async def test_bye_in_idle_with_the_socket_left_open_reconnects_without_waiting(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    fake.bye_in_idle = True
+    async with running_engine(fake_config(fake, tmp_path, keepalive_secs=600)) as run:
+        await run.synced()
+        # Far below the 600 s keepalive: the BYE itself ends the session.
+        await run.wait_for(lambda: run.metrics.get("imap.reconnects.network") >= 1, timeout=5)
+        assert run.engine.status.last_error_code == "connection_lost"
+        assert "BYE" in (run.engine.status.last_error or "")
+        fake.idling.clear()
+        fake.bye_in_idle = False
+        await asyncio.wait_for(fake.idling.wait(), 5)  # reconnected and idling normally again
+        fake.deliver(mail(2))
+        assert (await run.next()).id == mid(2)
+
+
+async def test_idle_advertised_but_refused_falls_back_to_polling(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    fake.refuse_idle = True
+    async with running_engine(fake_config(fake, tmp_path, poll_interval_secs=1)) as run:
+        await run.wait_for(lambda: run.engine.status.mode == "poll")
+        fake.deliver(mail(1))  # no push: only a poll finds it
+        assert (await run.next()).id == mid(1)
+        assert run.metrics.get("imap.connects") == 1
+        assert run.engine.status.connected

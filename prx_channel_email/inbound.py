@@ -1,19 +1,53 @@
 """The inbound pipeline: raw RFC 5322 bytes -> parse/normalize -> policy -> Outcome.
 
-(Interface stub: the implementation arrives with the inbound-policy issue.)
+Order matters for safety and cost: the (bounded) header block is read first and
+the policy decides on headers alone, so refused mail is never parsed further and
+never has an attachment written. Accepted mail is parsed with mail-parser (on a
+worker thread when it is big), its text extracted and stripped, and its
+attachments saved. No exception escapes :meth:`InboundPipeline.process`: what
+cannot be understood becomes a ``quarantine`` outcome with a logged reason, so
+one bad message never stops the listener.
+
+Crash safety: the pipeline keeps no durable state of its own. Attachments are
+written (atomically, to a directory derived from the Message-ID) before the
+outcome is returned; if the process dies before the sync engine records the
+outcome, the message is processed again and the same files are overwritten.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+from . import attachments as att
 from .config import EmailConfig
+from .message_ids import synthetic_message_id
 from .models import ChannelMessage
-from .observability import Metrics
+from .normalize import (
+    Body,
+    Envelope,
+    Headers,
+    TooComplex,
+    envelope,
+    new_text,
+    parse_message,
+    read_body,
+    split_header_block,
+)
+from .observability import Metrics, log_event
+from .policy import Decision, Policy
 from .store import LedgerEntry
+
+logger = logging.getLogger("prx_channel_email.inbound")
+
+THREAD_THRESHOLD = 256 * 1024  # bytes: above this, parsing runs on a worker thread
+QUARANTINE_TOO_COMPLEX = "mime_too_complex"
+QUARANTINE_PARSE_ERROR = "parse_error"
+QUARANTINE_INTERNAL = "internal_error"
 
 
 @dataclass(frozen=True)
@@ -32,6 +66,22 @@ class Outcome:
     entry: LedgerEntry | None = None
 
 
+@dataclass(frozen=True)
+class _Parsed:
+    full_text: str
+    content: str
+    planned: list[att.Planned]
+
+
+def analyze_body(
+    raw: bytes, config: EmailConfig, split: tuple[bytes, bytes] | None = None
+) -> _Parsed:
+    """Parse, extract text, strip quotes and plan attachments (CPU only: thread-safe)."""
+    msg = parse_message(raw, split)
+    body: Body = read_body(msg)
+    return _Parsed(body.full_text, new_text(body.full_text), att.plan(body.attachments, config))
+
+
 class InboundPipeline:
     def __init__(
         self,
@@ -43,11 +93,142 @@ class InboundPipeline:
         self.config = config
         self.metrics = metrics or Metrics()
         self.clock = clock
+        self.policy = Policy(config, clock)
 
     async def process(self, raw: bytes, *, arrival: float | None = None) -> Outcome:
-        raise NotImplementedError
+        """Decide on one fetched message. Never raises (except cancellation)."""
+        when = self.clock() if arrival is None else arrival
+        env: Envelope | None = None
+        try:
+            split = split_header_block(raw)
+            env = envelope(Headers.from_block(split[0]), raw, when)
+            decision = self.policy.decide(env)
+            if decision.reason is not None:
+                return self._reject(env, decision)
+            if len(raw) > THREAD_THRESHOLD:
+                parsed = await asyncio.to_thread(analyze_body, raw, self.config, split)
+            else:
+                parsed = analyze_body(raw, self.config, split)
+            return await self._deliver(env, decision, parsed, when)
+        except asyncio.CancelledError:
+            raise
+        except TooComplex as exc:
+            return self._quarantine(raw, env, QUARANTINE_TOO_COMPLEX, exc)
+        except Exception as exc:
+            code = QUARANTINE_PARSE_ERROR if env is not None else QUARANTINE_INTERNAL
+            return self._quarantine(raw, env, code, exc)
 
     async def process_oversized(
         self, header_block: bytes, size: int, *, arrival: float | None = None
     ) -> Outcome:
-        raise NotImplementedError
+        """Decide on mail above ``max_message_bytes`` from its header block alone.
+
+        Accepted mail is delivered with its headers and a note instead of a body,
+        so the agent can tell the sender it was too large.
+        """
+        when = self.clock() if arrival is None else arrival
+        env: Envelope | None = None
+        try:
+            block, _ = split_header_block(header_block)
+            env = envelope(Headers.from_block(block), block + str(size).encode(), when)
+            decision = self.policy.decide(env)
+            if decision.reason is not None:
+                return self._reject(env, decision)
+            self.metrics.inc("inbound.oversized")
+            note = (
+                f"[This message is {size} bytes, above the {self.config.max_message_bytes}"
+                " byte limit; its body and attachments were not downloaded.]"
+            )
+            return await self._deliver(env, decision, _Parsed(note, note, []), when)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return self._quarantine(header_block, env, QUARANTINE_PARSE_ERROR, exc)
+
+    # --- outcomes ---
+
+    def _log(self, level: int, event: str, **fields: Any) -> None:
+        log_event(
+            logger, level, event, account=self.config.account, folder=self.config.imap_folder,
+            **fields,
+        )  # fmt: skip
+
+    async def _deliver(
+        self, env: Envelope, decision: Decision, parsed: _Parsed, when: float
+    ) -> Outcome:
+        files = [p.meta for p in parsed.planned]
+        if any(p.data is not None for p in parsed.planned):
+            files = await asyncio.to_thread(
+                att.save, self.config.attachments_path, env.message_id, parsed.planned
+            )
+        for meta in files:
+            if meta.skipped_reason is not None:
+                self.metrics.inc(f"inbound.attachments.skipped.{meta.skipped_reason}")
+                self._log(
+                    logging.INFO,
+                    "inbound.attachment_skipped",
+                    message_id=env.message_id,
+                    filename=meta.filename,
+                    content_type=meta.content_type,
+                    size=meta.size,
+                    code=meta.skipped_reason,
+                )
+        # What both the message and the ledger row (used to thread replies) carry.
+        shared: dict[str, Any] = {
+            "sender": env.sender,
+            "reply_target": env.reply_target,
+            "subject": env.subject,
+            "thread_ts": env.thread_ts,
+            "references": env.references,
+        }
+        message = ChannelMessage(
+            id=env.message_id,
+            sender_display=env.sender_display,
+            content=parsed.content,
+            full_text=parsed.full_text,
+            timestamp=env.timestamp,
+            in_reply_to=env.in_reply_to,
+            attachments=files,
+            sender_verified=decision.sender_verified,
+            **shared,
+        )
+        entry = LedgerEntry(message_id=env.message_id, received_at=when, **shared)
+        self.policy.delivered(env)
+        self.metrics.inc("inbound.delivered")
+        self._log(
+            logging.INFO,
+            "inbound.delivered",
+            message_id=env.message_id,
+            sender=env.sender,
+            sender_verified=decision.sender_verified,
+            attachments=len(files) or None,
+        )
+        return Outcome("deliver", env.message_id, message=message, entry=entry)
+
+    def _reject(self, env: Envelope, decision: Decision) -> Outcome:
+        reason = decision.reason or "rejected"
+        self.metrics.inc(f"inbound.skipped.{reason}")
+        self._log(
+            logging.INFO,
+            "inbound.rejected",
+            message_id=env.message_id,
+            sender=env.sender or None,
+            code=reason,
+            detail=decision.detail or None,
+        )
+        return Outcome("reject", env.message_id, reason=reason)
+
+    def _quarantine(
+        self, raw: bytes, env: Envelope | None, reason: str, exc: BaseException
+    ) -> Outcome:
+        message_id = env.message_id if env is not None else synthetic_message_id(raw)
+        self.metrics.inc("inbound.quarantined")
+        self._log(
+            logging.WARNING,
+            "inbound.quarantined",
+            message_id=message_id,
+            sender=env.sender if env is not None else None,
+            code=reason,
+            error=f"{type(exc).__name__}: {str(exc)[:200]}",
+        )
+        return Outcome("quarantine", message_id, reason=reason)

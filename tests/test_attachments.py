@@ -1,0 +1,144 @@
+"""Attachments: safe names, limits, and no write outside the attachment directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from prx_channel_email.attachments import message_dir, plan, safe_filename, save, type_allowed
+from prx_channel_email.inbound import InboundPipeline
+from prx_channel_email.normalize import RawAttachment
+from tests.inbound_helpers import ARRIVAL, corpus_raw, inbound_config
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("report.pdf", "report.pdf"),
+        ("../../etc/passwd", "passwd"),
+        ("/etc/shadow", "shadow"),
+        ("..\\..\\windows\\win.ini", "win.ini"),
+        ("C:\\Users\\x\\evil.txt", "evil.txt"),
+        ("..", "attachment-3.pdf"),
+        ("", "attachment-3.pdf"),
+        (None, "attachment-3.pdf"),
+        (".bashrc", "bashrc"),
+        ("CON", "_CON"),
+        ("nul.txt", "_nul.txt"),
+        ("com1.tar.gz", "_com1.tar.gz"),
+        ("invoice\u202efdp.exe", "invoicefdp.exe"),
+        ("a\x00b\r\nc.txt", "abc.txt"),
+        ('what?<>|:"*.txt', "what_______.txt"),
+        ("x" * 400 + ".txt", "x" * 116 + ".txt"),
+        ("file.", "file"),
+        ("a..b.txt", "a.b.txt"),
+    ],
+)
+def test_safe_filename(name: str | None, expected: str) -> None:
+    assert safe_filename(name, 3, "application/pdf") == expected
+
+
+def test_type_allow_list_forms() -> None:
+    assert type_allowed("image/png", ["image/png"])
+    assert type_allowed("IMAGE/PNG", ["image/*"])
+    assert type_allowed("application/x-msdownload", ["*"])
+    assert not type_allowed("application/x-msdownload", ["application/pdf", "image/*"])
+
+
+def test_limits_and_duplicate_names(tmp_path: Path) -> None:
+    config = inbound_config(tmp_path, max_attachment_bytes=100, max_attachments_total_bytes=150)
+    planned = plan(
+        [
+            RawAttachment("a.txt", "text/plain", b"x" * 80),
+            RawAttachment("a.txt", "text/plain", b"y" * 60),  # would pass the total: 140 > 150? no
+            RawAttachment("b.txt", "text/plain", b"z" * 50),  # 190 > 150: over the message cap
+            RawAttachment("c.txt", "text/plain", b"z" * 101),  # over the per-attachment cap
+            RawAttachment("evil.pdf.exe", "application/pdf", b"MZ"),  # extension says exe
+            RawAttachment("page.html", "text/html", b"<p>"),  # type not in the list
+        ],
+        config,
+    )
+    got = [(p.meta.filename, p.meta.skipped_reason) for p in planned]
+    assert got == [
+        ("a.txt", None),
+        ("a (2).txt", None),
+        ("b.txt", "message_total_too_large"),
+        ("c.txt", "too_large"),
+        ("evil.pdf.exe", "type_not_allowed"),
+        ("page.html", "type_not_allowed"),
+    ]
+    assert [p.meta.size for p in planned] == [80, 60, 50, 101, 2, 3]
+
+
+async def test_hostile_names_are_saved_inside_the_directory_only(tmp_path: Path) -> None:
+    config = inbound_config(tmp_path)
+    pipeline = InboundPipeline(config)
+    outcome = await pipeline.process(corpus_raw("hostile_attachments"), arrival=ARRIVAL)
+    assert outcome.message is not None
+    root = config.attachments_path.resolve()
+    saved = [a for a in outcome.message.attachments if a.path is not None]
+    assert len(saved) == 4
+    for att in saved:
+        assert att.path is not None
+        assert att.path.resolve().parent == message_dir(root, outcome.message.id)
+        assert att.path.read_bytes()  # really written
+    written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
+    assert all(p.parts[0] == "attachments" for p in written)
+    assert {p.name for p in written} == {"passwd", "abs.pdf", "_CON.txt", "attachment-7.txt"}
+    skipped = {a.filename: a.skipped_reason for a in outcome.message.attachments if a.path is None}
+    assert skipped == {
+        "invoicefdp.exe": "type_not_allowed",
+        "setup.exe": "type_not_allowed",
+        "big.csv": "too_large",
+    }
+
+
+async def test_reprocessing_overwrites_instead_of_duplicating(tmp_path: Path) -> None:
+    config = inbound_config(tmp_path)
+    raw = corpus_raw("hostile_attachments")
+    first = await InboundPipeline(config).process(raw, arrival=ARRIVAL)
+    second = await InboundPipeline(config).process(raw, arrival=ARRIVAL)
+    assert first.message is not None and second.message is not None
+    assert [a.path for a in first.message.attachments] == [
+        a.path for a in second.message.attachments
+    ]
+    assert len([p for p in tmp_path.rglob("*") if p.is_file()]) == 4
+
+
+def test_symlink_planted_in_the_directory_is_not_followed(tmp_path: Path) -> None:
+    base = tmp_path / "attachments"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    base.mkdir()
+    config = inbound_config(tmp_path)
+    planned = plan([RawAttachment("note.txt", "text/plain", b"data")], config)
+    # An attacker with access to the directory links the message dir, or the file, elsewhere.
+    target_dir = message_dir(base.resolve(), "<m@x>")
+    os.symlink(outside, target_dir)
+    result = save(base, "<m@x>", planned)
+    assert result[0].path is not None and result[0].path.read_bytes() == b"data"
+    assert list(outside.iterdir()) == []
+    victim = outside / "victim.txt"
+    victim.write_bytes(b"keep")
+    (target_dir / "note.txt").unlink()
+    os.symlink(victim, target_dir / "note.txt")
+    save(base, "<m@x>", planned)
+    assert victim.read_bytes() == b"keep"
+    assert not (target_dir / "note.txt").is_symlink()
+
+
+def test_unwritable_directory_marks_save_failed_and_keeps_metadata(tmp_path: Path) -> None:
+    blocker = tmp_path / "file-not-dir"
+    blocker.write_text("x")
+    config = inbound_config(tmp_path)
+    planned = plan([RawAttachment("a.txt", "text/plain", b"data")], config)
+    result = save(blocker / "sub", "<m@x>", planned)  # the base cannot be created
+    assert result[0].path is None and result[0].skipped_reason == "save_failed"
+    base = tmp_path / "ok"
+    base.mkdir()
+    (message_dir(base.resolve(), "<m@x>")).write_text("a file where the dir should be")
+    result = save(base, "<m@x>", planned)
+    assert result[0].path is None and result[0].skipped_reason == "save_failed"
+    assert result[0].filename == "a.txt" and result[0].size == 4

@@ -1,0 +1,269 @@
+"""Normalization: the corpus of real-client messages, and the decoding rules one by one."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prx_channel_email import inbound, normalize
+from prx_channel_email.config import EmailConfig
+from prx_channel_email.html_text import html_to_text
+from prx_channel_email.inbound import InboundPipeline
+from prx_channel_email.message_ids import synthetic_message_id
+from prx_channel_email.normalize import (
+    MAX_FIELD_BYTES,
+    MAX_HEADER_BYTES,
+    Headers,
+    cap_header_block,
+    decode_bytes,
+    decode_words,
+    envelope,
+    new_text,
+    parse_timestamp,
+    split_header_block,
+)
+from tests.inbound_helpers import (
+    ARRIVAL,
+    corpus_expected,
+    corpus_names,
+    corpus_raw,
+    inbound_config,
+    outcome_fields,
+)
+
+
+@pytest.mark.parametrize("name", corpus_names())
+async def test_corpus_message_normalizes_to_expected_fields(name: str, tmp_path: Path) -> None:
+    pipeline = InboundPipeline(inbound_config(tmp_path), clock=lambda: ARRIVAL)
+    outcome = await pipeline.process(corpus_raw(name), arrival=ARRIVAL)
+    assert outcome_fields(outcome) == corpus_expected(name)
+
+
+def test_corpus_covers_the_required_kinds() -> None:
+    names = set(corpus_names())
+    required = {
+        "gmail_reply",
+        "outlook_en_reply",
+        "outlook_de_reply",
+        "apple_mail_reply",
+        "quoted_inline",
+        "html_newsletter",
+        "windows1252",
+        "iso2022jp",
+        "koi8r",
+        "mislabelled",
+        "forwarded",
+        "hostile_attachments",
+        "auto_submitted",
+        "bounce",
+        "list_mail",
+        "forged_auth",
+    }
+    assert required <= names
+    for name in names:
+        assert corpus_expected(name)["decision"] in ("deliver", "reject", "quarantine")
+
+
+async def test_reply_strips_history_but_full_text_keeps_it(tmp_path: Path) -> None:
+    pipeline = InboundPipeline(inbound_config(tmp_path))
+    outcome = await pipeline.process(corpus_raw("gmail_reply"), arrival=ARRIVAL)
+    assert outcome.message is not None
+    assert "wrote:" not in outcome.message.content
+    assert "Here are the Q3 figures" not in outcome.message.content
+    assert "Here are the Q3 figures" in outcome.message.full_text
+
+
+def test_html_only_mail_becomes_readable_text() -> None:
+    html = (
+        "<html><head><style>p { color: red }</style><script>alert('x')</script></head>"
+        "<body><p>Fish &amp; chips&nbsp;&euro;5</p><p>one<br>two</p>"
+        '<a href="https://example.com/a">the offer</a></body></html>'
+    )
+    text = html_to_text(html)
+    assert text == "Fish & chips €5\n\none\ntwo\n\nthe offer (https://example.com/a)"
+
+
+def test_link_whose_text_is_its_url_is_not_repeated() -> None:
+    assert html_to_text('<a href="https://x.example/">https://x.example/</a>') == (
+        "https://x.example/"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "label", "expected"),
+    [
+        ("naïve".encode("cp1252"), "utf-8", "naïve"),  # labelled UTF-8, written in 1252
+        ("Grüße".encode(), "x-no-such-charset", "Grüße"),  # unknown label
+        ("“quoted”".encode("cp1252"), "iso-8859-1", "“quoted”"),  # latin-1 label, 1252 bytes
+        ("Привет".encode("koi8_r"), "KOI8-R", "Привет"),
+        ("日本語".encode("iso2022_jp"), "iso-2022-jp", "日本語"),
+        (b"plain\x00text", "us-ascii", "plaintext"),
+        (b"\x81\x8d\xff", "utf-8", "\ufffd\ufffd\ufffd"),  # undecodable anywhere: no raise
+    ],
+)
+def test_decode_bytes_falls_back_for_wrong_labels(data: bytes, label: str, expected: str) -> None:
+    assert decode_bytes(data, label) == expected
+
+
+def test_encoded_words_in_headers_are_decoded() -> None:
+    assert decode_words("=?utf-8?B?w5xiZXI=?= =?utf-8?Q?_alles?=") == "Über alles"
+    assert decode_words("=?bogus-cs?Q?caf=C3=A9?=") == "café"
+    assert decode_words("=?utf-8?B?!!!notbase64?=") != ""
+
+
+@pytest.mark.parametrize(
+    ("date", "expected"),
+    [
+        ("Tue, 1 Oct 2024 10:00:00 +0200", 1727769600),
+        ("Tue, 1 Oct 2024 01:00:00 -0700", 1727769600),
+        ("Tue, 1 Oct 2024 08:00:00 GMT", 1727769600),
+        ("Tue, 1 Oct 2024 08:00:00 -0000", 1727769600),
+        ("not a date", int(ARRIVAL)),
+        ("Tue, 1 Oct 99999 08:00:00 +0000", int(ARRIVAL)),
+        (None, int(ARRIVAL)),
+    ],
+)
+def test_date_header_time_zone_is_honoured(date: str | None, expected: int) -> None:
+    assert parse_timestamp(date, ARRIVAL) == expected
+
+
+def test_missing_message_id_is_stable_for_the_same_bytes() -> None:
+    raw = b"From: a@example.com\r\n\r\nhello\r\n"
+    block, _ = split_header_block(raw)
+    first = envelope(Headers.from_block(block), raw, ARRIVAL)
+    second = envelope(Headers.from_block(block), raw, ARRIVAL + 50)
+    assert first.message_id == second.message_id == synthetic_message_id(raw)
+    other = envelope(Headers.from_block(block), raw + b"!", ARRIVAL)
+    assert other.message_id != first.message_id
+
+
+def test_thread_ts_prefers_first_reference_then_in_reply_to() -> None:
+    def thread(block: bytes) -> str:
+        return envelope(Headers.from_block(block), block, ARRIVAL).thread_ts
+
+    assert thread(
+        b"Message-ID: <m@x>\r\nReferences: <a@x>\r\n <b@x>\r\nIn-Reply-To: <b@x>\r\n"
+    ) == ("<a@x>")
+    assert thread(b"Message-ID: <m@x>\r\nIn-Reply-To: <b@x>\r\n") == "<b@x>"
+    assert thread(b"Message-ID: <m@x>\r\n") == "<m@x>"
+
+
+def test_giant_encoded_subject_is_capped_and_fast() -> None:
+    word = b"=?utf-8?q?=C3=A4?= "
+    block = b"From: a@example.com\r\nSubject: " + word * 30_000 + b"\r\nMessage-ID: <g@x>\r\n"
+    capped = cap_header_block(block)
+    assert len(capped) <= MAX_HEADER_BYTES
+    headers = Headers.from_block(block)
+    subject = headers.text("subject")
+    assert subject.startswith("ää") and len(subject) < MAX_FIELD_BYTES
+    assert headers.get("message-id") == "<g@x>"
+
+
+def test_header_block_over_budget_keeps_essential_fields() -> None:
+    noise = b"".join(b"X-Noise-%d: %s\r\n" % (i, b"n" * 200) for i in range(600))
+    block = noise + b"From: a@example.com\r\nAuto-Submitted: auto-replied\r\n"
+    headers = Headers.from_block(block)
+    assert headers.get("from") == "a@example.com"
+    assert headers.get("auto-submitted") == "auto-replied"
+    assert headers.get("x-noise-599") is None
+
+
+def test_new_text_is_never_empty_when_there_was_text() -> None:
+    only_quote = "> all of this\n> is quoted"
+    assert new_text(only_quote) != ""
+    only_signature = "-- \nAnna Example\nACME"
+    assert new_text(only_signature) != ""
+    assert new_text("   \n ") == ""
+
+
+def test_outlook_german_header_block_is_cut() -> None:
+    text = (
+        "Passt.\n\nVon: Bot <bot@example.net>\nGesendet: Montag, 7. Oktober 2024 10:00\n"
+        "An: Anna <anna@example.de>\nBetreff: Frage\n\nAlte Frage"
+    )
+    assert new_text(text) == "Passt."
+
+
+async def test_big_message_is_parsed_on_a_worker_thread(tmp_path: Path) -> None:
+    body = ("line of text\r\n" * 220_000).encode()
+    raw = b"From: a@example.com\r\nMessage-ID: <big@x>\r\nSubject: big\r\n\r\n" + body
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    real = inbound.analyze_body
+
+    def spy(data: bytes, config: EmailConfig, *rest: Any) -> Any:
+        seen.append(threading.get_ident())
+        return real(data, config, *rest)
+
+    pipeline = InboundPipeline(inbound_config(tmp_path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inbound, "analyze_body", spy)
+        outcome = await pipeline.process(raw, arrival=ARRIVAL)
+    assert outcome.message is not None
+    assert outcome.message.full_text.count("line of text") == 220_000
+    assert seen and seen[0] != loop_thread
+
+
+_FRAGMENTS = [
+    "On Mon, 1 Oct 2024 at 10:00, Bob <b@x.example> wrote:",
+    "Am 1. Oktober 2024 um 10:00 schrieb Bob <b@x.example>:",
+    "-----Original Message-----",
+    "From: Bob",
+    "Sent: Monday",
+    "To: Anna",
+    "Subject: x",
+    "Von: Bob",
+    "Gesendet: Montag",
+    "An: Anna",
+    "Betreff: x",
+    "Datum: heute",
+    "Cc: c",
+    "> quoted",
+    "plain words",
+    "",
+    "*From:* Bob",
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(_FRAGMENTS), st.sampled_from(["lower", "upper", "keep"])),
+        max_size=8,
+    )
+)
+def test_reply_header_prefilter_never_skips_a_real_header(parts: list[tuple[str, str]]) -> None:
+    text = "\n".join(getattr(p, case)() if case != "keep" else p for p, case in parts)
+    if normalize._PROTOTYPE.HEADER_REGEX.search(text):
+        assert normalize.may_have_reply_header(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # A bulleted list is the message, not a signature (the reply library's rule
+        # cut everything from the first "- " line on).
+        (
+            "Please do this:\n- buy milk\n- call Bob\n\nand tell me.\n\nThanks,\nAlice",
+            "Please do this:\n- buy milk\n- call Bob\n\nand tell me.",
+        ),
+        ("It is cold:\n-5 degrees today", "It is cold:\n-5 degrees today"),
+        # A closing word that starts a sentence of content is kept.
+        (
+            "Thanks, but point two is wrong: the report is due on Friday, not on Monday.\n"
+            "Please fix it before the board meeting.",
+            "Thanks, but point two is wrong: the report is due on Friday, not on Monday.\n"
+            "Please fix it before the board meeting.",
+        ),
+        ("Sure thing.\n\n-- \nAlice Example\nCEO, Example Corp", "Sure thing."),
+        ("Sure thing.\n\nSent from my iPhone", "Sure thing."),
+        ("Passt.\n\nViele Grüße\nJörg Müller\nTel. 0221 123456", "Passt."),
+    ],
+)
+def test_signature_rule_cuts_signatures_and_keeps_content(text: str, expected: str) -> None:
+    assert new_text(text) == expected

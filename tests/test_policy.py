@@ -1,0 +1,324 @@
+"""Policy: allow-list forms, loop guards, rate limit and sender authenticity."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prx_channel_email.inbound import InboundPipeline
+from prx_channel_email.message_ids import mint_message_id
+from prx_channel_email.normalize import Headers
+from prx_channel_email.observability import Metrics
+from prx_channel_email.policy import sender_allowed, sender_verified
+from tests.inbound_helpers import ARRIVAL, BOT, inbound_config
+
+_counter = iter(range(1_000_000))
+
+
+def mail(sender: str = "anna@example.com", *extra: str, mid: str | None = None) -> bytes:
+    """A small message from ``sender`` with extra header lines."""
+    mid = mid or f"<m{next(_counter)}@example.com>"
+    lines = [f"From: {sender}", f"To: {BOT}", "Subject: hi", f"Message-ID: {mid}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\nhello\r\n").encode()
+
+
+def pipeline(tmp_path: Path, clock: Any = None, **overrides: Any) -> InboundPipeline:
+    return InboundPipeline(
+        inbound_config(tmp_path, **overrides),
+        metrics=Metrics(),
+        clock=clock or (lambda: ARRIVAL),
+    )
+
+
+# --- allow-list ---
+
+
+@pytest.mark.parametrize(
+    ("allowed", "sender", "expected"),
+    [
+        (["anna@example.com"], "ANNA@Example.com", True),
+        (["Anna@Example.COM"], "anna@example.com", True),
+        (["anna@example.com"], "anna2@example.com", False),
+        (["@example.com"], "x@example.com", True),
+        (["@example.com"], "x@sub.example.com", False),
+        (["@example.com"], "x@notexample.com", False),
+        (["@example.com"], "x@example.com.evil", False),
+        (["*"], "anyone@anywhere.example", True),
+        ([], "anna@example.com", False),
+    ],
+)
+def test_allow_list_forms(allowed: list[str], sender: str, expected: bool) -> None:
+    assert sender_allowed(sender, allowed) is expected
+
+
+@pytest.mark.parametrize(
+    ("allowed", "sender", "decision"),
+    [
+        (["anna@example.com"], "Anna <ANNA@example.com>", "deliver"),
+        (["@example.com"], "bob@example.com", "deliver"),
+        (["@example.com"], "bob@sub.example.com", "reject"),
+        (["*"], "who@ever.example", "deliver"),
+        ([], "anna@example.com", "reject"),
+        # The display name is not the address: a lookalike name is not allowed in.
+        (["anna@example.com"], '"anna@example.com" <evil@attacker.example>', "reject"),
+    ],
+)
+async def test_allow_list_decides_delivery(
+    tmp_path: Path, allowed: list[str], sender: str, decision: str
+) -> None:
+    p = pipeline(tmp_path, allowed_senders=allowed)
+    outcome = await p.process(mail(sender), arrival=ARRIVAL)
+    assert outcome.decision == decision
+    if decision == "reject":
+        assert outcome.reason == "not_allowed"
+        assert p.metrics.get("inbound.skipped.not_allowed") == 1
+    else:
+        assert p.metrics.get("inbound.delivered") == 1
+
+
+async def test_rejection_is_logged_with_reason_and_no_attachment_is_written(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = pipeline(tmp_path)
+    raw = (
+        b"From: stranger@evil.example\r\nMessage-ID: <s@evil.example>\r\n"
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n"
+        b"hi\r\n--b\r\nContent-Type: text/plain\r\nContent-Disposition: attachment; "
+        b"filename=a.txt\r\n\r\nsecret\r\n--b--\r\n"
+    )
+    with caplog.at_level(logging.INFO, logger="prx_channel_email"):
+        outcome = await p.process(raw, arrival=ARRIVAL)
+    assert (outcome.decision, outcome.reason) == ("reject", "not_allowed")
+    records = [
+        r for r in caplog.records if getattr(r, "prx", {}).get("event") == "inbound.rejected"
+    ]
+    assert records and records[0].prx["code"] == "not_allowed"
+    assert records[0].prx["sender"] == "stranger@evil.example"
+    assert records[0].prx["message_id"] == "<s@evil.example>"
+    assert not (tmp_path / "attachments").exists()
+
+
+# --- loop guards ---
+
+
+@pytest.mark.parametrize(
+    ("headers", "sender", "reason"),
+    [
+        (["Auto-Submitted: auto-replied"], "anna@example.com", "auto_submitted"),
+        (["Auto-Submitted: auto-generated"], "anna@example.com", "auto_submitted"),
+        (
+            ["Auto-Submitted: Auto-Notified; owner-email=x@example.com"],
+            "anna@example.com",
+            "auto_submitted",
+        ),
+        (["Precedence: bulk"], "anna@example.com", "precedence_bulk"),
+        (["Precedence: list"], "anna@example.com", "precedence_bulk"),
+        (["Precedence: junk"], "anna@example.com", "precedence_bulk"),
+        (["Precedence: auto_reply"], "anna@example.com", "precedence_bulk"),
+        (["X-Autoreply: yes"], "anna@example.com", "auto_reply"),
+        (["X-Autorespond: yes"], "anna@example.com", "auto_reply"),
+        (["X-Auto-Response-Suppress: OOF"], "anna@example.com", "auto_reply"),
+        (["List-Id: <devs.example.com>"], "anna@example.com", "list_mail"),
+        (["List-Unsubscribe: <mailto:leave@example.com>"], "anna@example.com", "list_mail"),
+        (["Return-Path: <>"], "anna@example.com", "bounce"),
+        (["Return-Path: < >"], "anna@example.com", "bounce"),
+        ([], "MAILER-DAEMON@example.com", "bounce"),
+        ([], "postmaster@example.com", "bounce"),
+        ([], BOT.upper(), "own_address"),
+        ([], "alias@example.com", "own_address"),
+    ],
+)
+async def test_loop_guards(tmp_path: Path, headers: list[str], sender: str, reason: str) -> None:
+    p = pipeline(tmp_path, allowed_senders=["*"], own_addresses=["alias@example.com"])
+    outcome = await p.process(mail(sender, *headers), arrival=ARRIVAL)
+    assert (outcome.decision, outcome.reason) == ("reject", reason)
+    assert p.metrics.get(f"inbound.skipped.{reason}") == 1
+    assert p.metrics.get("inbound.delivered") == 0
+
+
+async def test_own_minted_message_id_is_rejected(tmp_path: Path) -> None:
+    p = pipeline(tmp_path, allowed_senders=["*"])
+    outcome = await p.process(mail(mid=mint_message_id(BOT)), arrival=ARRIVAL)
+    assert (outcome.decision, outcome.reason) == ("reject", "own_message_id")
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        ["Auto-Submitted: no"],
+        ["Precedence: first-class"],
+        [f"In-Reply-To: {mint_message_id(BOT)}", f"References: {mint_message_id(BOT)}"],
+        ["Return-Path: <anna@example.com>"],
+    ],
+)
+async def test_ordinary_replies_pass_the_loop_guards(tmp_path: Path, headers: list[str]) -> None:
+    p = pipeline(tmp_path)
+    outcome = await p.process(mail("anna@example.com", *headers), arrival=ARRIVAL)
+    assert outcome.decision == "deliver"
+
+
+# --- rate limit ---
+
+
+async def test_rate_limit_per_sender_with_injected_clock(tmp_path: Path) -> None:
+    now = [ARRIVAL]
+    p = pipeline(tmp_path, clock=lambda: now[0], rate_limit_count=3, rate_limit_window_secs=60)
+    decisions = [(await p.process(mail("anna@example.com"))).decision for _ in range(4)]
+    assert decisions == ["deliver", "deliver", "deliver", "reject"]
+    assert p.metrics.get("inbound.skipped.rate_limited") == 1
+    # Another sender is not affected.
+    assert (await p.process(mail("bob@example.com"))).decision == "deliver"
+    # Once the window has passed, the sender gets through again.
+    now[0] += 61
+    assert (await p.process(mail("anna@example.com"))).decision == "deliver"
+
+
+# --- sender authenticity ---
+
+TRUSTED = ["mx.example.net"]
+
+
+def auth(*fields: str, sender: str = "ceo@example.com") -> bool | None:
+    block = "".join(f"Authentication-Results: {f}\r\n" for f in fields) + f"From: {sender}\r\n"
+    return sender_verified(Headers.from_block(block.encode()), sender, TRUSTED).verified
+
+
+def test_dmarc_pass_from_trusted_server_verifies() -> None:
+    assert auth("mx.example.net; dmarc=pass (p=reject) header.from=example.com") is True
+
+
+def test_aligned_spf_or_dkim_pass_verifies() -> None:
+    assert auth("mx.example.net; spf=pass smtp.mailfrom=bounce@mail.example.com") is True
+    assert auth("mx.example.net; dkim=pass header.d=example.com header.s=sel") is True
+    assert auth("mx.example.net; dkim=pass header.i=@example.com") is True
+
+
+def test_unaligned_pass_does_not_verify() -> None:
+    assert (
+        auth("mx.example.net; spf=pass smtp.mailfrom=evil.example; dkim=pass header.d=evil.example")
+        is False
+    )
+
+
+def test_a_pass_for_a_bare_top_level_domain_is_not_aligned() -> None:
+    assert auth("mx.example.net; dkim=pass header.d=com", sender="ceo@example.com") is False
+
+
+def test_dmarc_fail_wins_over_spf_pass() -> None:
+    assert (
+        auth(
+            "mx.example.net; spf=pass smtp.mailfrom=example.com; dmarc=fail header.from=example.com"
+        )
+        is False
+    )
+
+
+def test_only_the_topmost_field_counts() -> None:
+    # A sender-planted field with our provider's id below the real one counts for nothing.
+    assert (
+        auth(
+            "mx.example.net; dmarc=fail header.from=example.com",
+            "mx.example.net; dmarc=pass header.from=example.com",
+        )
+        is False
+    )
+    # A foreign topmost field means our provider did not vouch: anything below is ignored.
+    assert (
+        auth(
+            "relay.evil.example; dmarc=pass header.from=example.com",
+            "mx.example.net; dmarc=pass header.from=example.com",
+        )
+        is None
+    )
+
+
+def test_no_trusted_field_means_unknown() -> None:
+    assert auth() is None
+    assert auth("other.example; dmarc=pass header.from=example.com") is None
+    assert auth("mx.example.net; none") is None
+    headers = Headers.from_block(b"Authentication-Results: mx.example.net; dmarc=pass\r\n")
+    assert sender_verified(headers, "ceo@example.com", []).verified is None
+
+
+def test_wildcard_and_id_less_entries() -> None:
+    block = b"Authentication-Results: mx5.example.net; dkim=pass header.d=example.com\r\n"
+    h = Headers.from_block(block)
+    assert sender_verified(h, "a@example.com", ["*.example.net"]).verified is True
+    assert sender_verified(h, "a@example.com", ["example.net"]).verified is None
+    microsoft = (
+        b"Authentication-Results: spf=pass (sender IP is 192.0.2.1) smtp.mailfrom=example.com;"
+        b" dkim=pass (signature was verified) header.d=example.com;dmarc=pass action=none"
+        b" header.from=example.com;compauth=pass reason=100\r\n"
+    )
+    h = Headers.from_block(microsoft)
+    assert sender_verified(h, "a@example.com", ["@none"]).verified is True
+    assert sender_verified(h, "a@example.com", ["mx.example.net"]).verified is None
+
+
+FORGED = "Authentication-Results: mx.example.net; dmarc=fail header.from=example.com"
+PASSED = "Authentication-Results: mx.example.net; dmarc=pass header.from=example.com"
+
+
+@pytest.mark.parametrize(
+    ("mode", "trusted", "header", "decision", "verified"),
+    [
+        ("off", TRUSTED, FORGED, "deliver", None),
+        ("flag", TRUSTED, FORGED, "deliver", False),
+        ("flag", TRUSTED, PASSED, "deliver", True),
+        ("enforce", TRUSTED, FORGED, "reject", None),
+        ("enforce", TRUSTED, PASSED, "deliver", True),
+        ("enforce", TRUSTED, None, "reject", None),  # trusted ids set, but no trusted verdict
+        ("enforce", [], FORGED, "deliver", None),  # no trusted ids: nothing dropped
+    ],
+)
+async def test_sender_auth_modes(
+    tmp_path: Path,
+    mode: str,
+    trusted: list[str],
+    header: str | None,
+    decision: str,
+    verified: bool | None,
+) -> None:
+    p = pipeline(tmp_path, sender_auth=mode, trusted_authserv_ids=trusted)
+    extra = [header] if header else []
+    outcome = await p.process(mail("ceo@example.com", *extra), arrival=ARRIVAL)
+    assert outcome.decision == decision
+    if decision == "reject":
+        assert outcome.reason == "unverified_sender"
+    else:
+        assert outcome.message is not None
+        assert outcome.message.sender_verified is verified
+
+
+async def test_delivered_outcome_carries_the_ledger_entry(tmp_path: Path) -> None:
+    p = pipeline(tmp_path)
+    raw = mail(
+        "Anna <anna@example.com>",
+        "Reply-To: Desk <desk@example.com>",
+        "References: <r1@x> <r2@x>",
+        "In-Reply-To: <r2@x>",
+        mid="<e1@example.com>",
+    )
+    outcome = await p.process(raw, arrival=ARRIVAL + 5)
+    assert outcome.entry is not None
+    assert outcome.entry.message_id == "<e1@example.com>"
+    assert outcome.entry.sender == "anna@example.com"
+    assert outcome.entry.reply_target == "desk@example.com"
+    assert outcome.entry.thread_ts == "<r1@x>"
+    assert outcome.entry.references == ["<r1@x>", "<r2@x>"]
+    assert outcome.entry.received_at == ARRIVAL + 5
+
+
+async def test_oversized_mail_is_judged_on_headers(tmp_path: Path) -> None:
+    p = pipeline(tmp_path, max_message_bytes=1000)
+    header = mail("anna@example.com", mid="<huge@example.com>").split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    outcome = await p.process_oversized(header, 50_000_000, arrival=ARRIVAL)
+    assert outcome.decision == "deliver" and outcome.message is not None
+    assert outcome.message.id == "<huge@example.com>"
+    assert "50000000 bytes" in outcome.message.content
+    stranger = mail("x@evil.example").split(b"\r\n\r\n")[0] + b"\r\n\r\n"
+    rejected = await p.process_oversized(stranger, 50_000_000, arrival=ARRIVAL)
+    assert (rejected.decision, rejected.reason) == ("reject", "not_allowed")

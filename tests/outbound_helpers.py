@@ -1,0 +1,118 @@
+"""Shared helpers for the outbound tests: configs pointing at the SMTP fixture, ledger seeding."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import time
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any, Literal, cast
+
+from prx_channel_email.config import EmailConfig
+from prx_channel_email.store import Cursor, LedgerEntry, StateStore
+from tests.servers.dovecot import Account, DovecotServer
+from tests.servers.smtp import SmtpServer
+
+FROM = "bot@example.test"
+ANN = "ann@people.example"
+
+
+def smtp_config(
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    *,
+    security: Literal["tls", "starttls"] = "tls",
+    **overrides: Any,
+) -> EmailConfig:
+    """An EmailConfig whose SMTP side is the fixture server (IMAP side unused)."""
+    port = smtp_server.tls_port if security == "tls" else smtp_server.starttls_port
+    fields: dict[str, Any] = {
+        "imap_host": "127.0.0.1",
+        "smtp_host": "127.0.0.1",
+        "smtp_port": port,
+        "smtp_security": security,
+        "username": smtp_server.username,
+        "password": smtp_server.password,
+        "from_address": FROM,
+        "ca_file": smtp_server.ca_file,
+        "state_dir": tmp_path / "state",
+        "connect_timeout_secs": 5.0,
+        "command_timeout_secs": 5.0,
+    }
+    fields.update(overrides)
+    return EmailConfig(**fields)
+
+
+async def seed_ledger(
+    store: StateStore,
+    config: EmailConfig,
+    *,
+    message_id: str,
+    sender: str,
+    subject: str,
+    references: list[str] | None = None,
+    reply_target: str | None = None,
+    received_at: float | None = None,
+) -> LedgerEntry:
+    """Record an inbound message as delivered, as the sync engine would."""
+    refs = references or []
+    entry = LedgerEntry(
+        message_id=message_id,
+        sender=sender,
+        reply_target=reply_target or sender,
+        subject=subject,
+        thread_ts=refs[0] if refs else message_id,
+        references=refs,
+        received_at=received_at if received_at is not None else time.time(),
+    )
+    await store.record(
+        config.account,
+        "INBOX",
+        Cursor(1, 1),
+        message_id=message_id,
+        outcome="delivered",
+        entry=entry,
+    )
+    return entry
+
+
+def parse(raw: bytes) -> EmailMessage:
+    return cast(EmailMessage, email.message_from_bytes(raw, policy=email.policy.default))
+
+
+def human_mail(
+    mid: str, subject: str, body: str = "hi", *, refs: list[str] | None = None, sender: str = ANN
+) -> bytes:
+    """A plain mail as a person's client would write it (threaded on ``refs`` if given)."""
+    lines = [
+        f"From: Ann Example <{sender}>",
+        f"To: {FROM}",
+        f"Subject: {subject}",
+        "Date: Mon, 05 Jan 2026 10:00:00 +0000",
+        f"Message-ID: {mid}",
+    ]
+    if refs:
+        lines += [f"In-Reply-To: {refs[-1]}", f"References: {' '.join(refs)}"]
+    lines += ["Content-Type: text/plain; charset=utf-8", "", body, ""]
+    return "\r\n".join(lines).encode()
+
+
+def dovecot_config(
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    dovecot: DovecotServer,
+    account: Account,
+    **overrides: Any,
+) -> EmailConfig:
+    """IMAP side on the Dovecot fixture user, SMTP side on the SMTP fixture."""
+    fields: dict[str, Any] = {
+        "imap_host": "127.0.0.1",
+        "imap_port": dovecot.imaps_port,
+        "username": account.username,
+        "password": account.password,
+        "smtp_username": smtp_server.username,
+        "smtp_password": smtp_server.password,
+    }
+    fields.update(overrides)
+    return smtp_config(tmp_path, smtp_server, **fields)

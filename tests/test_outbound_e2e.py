@@ -1,0 +1,64 @@
+"""End to end: mail delivered into Dovecot, received by EmailChannel.listen, answered."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from prx_channel_email.channel import EmailChannel
+from prx_channel_email.message_ids import parse_id_list
+from prx_channel_email.models import ChannelMessage, SendMessage
+from tests.outbound_helpers import ANN, dovecot_config, human_mail, parse
+from tests.servers.dovecot import Account, DovecotServer
+from tests.servers.smtp import SmtpServer
+
+
+async def test_received_mail_is_answered_in_its_thread(
+    tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
+) -> None:
+    config = dovecot_config(
+        tmp_path,
+        smtp_server,
+        dovecot,
+        account,
+        allowed_senders=[ANN],
+        initial_sync="unseen",
+    )
+    queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+    async with EmailChannel(config) as channel:
+        listener = asyncio.create_task(channel.listen(queue))
+        try:
+            dovecot.deliver(
+                account,
+                human_mail("<q1@people.example>", "Weekly report", "Can you send it?"),
+                mail_from=ANN,
+            )
+            first = await asyncio.wait_for(queue.get(), timeout=30)
+            assert first.id == "<q1@people.example>"
+            # Answer at once, as an agent with a canned reply would.
+            await channel.send(first.reply("Here it is."))
+            reply1 = parse(smtp_server.messages[-1].raw)
+            assert reply1["In-Reply-To"] == "<q1@people.example>"
+            assert parse_id_list(reply1["References"]) == ["<q1@people.example>"]
+            assert reply1["Subject"] == "Re: Weekly report"
+            assert reply1["To"] == ANN
+
+            refs = ["<q1@people.example>", reply1["Message-ID"]]
+            dovecot.deliver(
+                account,
+                human_mail("<q2@people.example>", "Re: Weekly report", "Thanks!", refs=refs),
+                mail_from=ANN,
+            )
+            second = await asyncio.wait_for(queue.get(), timeout=30)
+            assert second.id == "<q2@people.example>"
+            # A framework that knows nothing of email: only content and recipient.
+            await channel.send(SendMessage(content="You're welcome.", recipient=ANN))
+            reply2 = parse(smtp_server.messages[-1].raw)
+            assert reply2["In-Reply-To"] == "<q2@people.example>"
+            assert parse_id_list(reply2["References"]) == [*refs, "<q2@people.example>"]
+            assert reply2["Subject"] == "Re: Weekly report"
+            assert await channel.health_check()
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+    assert len(smtp_server.messages) == 2

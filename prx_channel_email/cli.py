@@ -1,0 +1,639 @@
+"""The command line: ``prx-email`` and the host framework's spelling ``prx channel ... email``.
+
+Every failure ends as one readable paragraph on stderr and an exit code, never a
+traceback (``--debug`` shows one). Nothing here prints a secret: ``config`` shows
+the redacted settings and the doctor never echoes a password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.policy
+import importlib
+import importlib.util
+import inspect
+import json
+import logging
+import signal
+import sys
+import tempfile
+import traceback
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, cast
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .channel import EmailChannel
+from .config import EmailConfig, load_config, resolve_path
+from .doctor import DoctorReport, doctor
+from .errors import ChannelError, ConfigError
+from .models import ChannelMessage, SendMessage
+from .observability import log_event
+
+Handler = Callable[[ChannelMessage], Awaitable[str | None]]
+
+log = logging.getLogger("prx_channel_email.cli")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+DRAIN_SECS = 30.0  # how long a shutdown waits for handlers that are already running
+DEMO_SECS = 60.0  # the demo gives up (exit 1) if no reply arrived by then
+
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Config file with a \\[channels_config.email] table. "
+        "Default: $PRX_CONFIG, else ./config.toml.",
+        show_default=False,
+        dir_okay=False,
+    ),
+]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Verbose logs, and a traceback on unexpected errors.")
+]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}")
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _guard(debug: bool) -> Iterator[None]:
+    """Turn every error into one paragraph and an exit code."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except ConfigError as exc:
+        _fail(exc.message + "\nSee config.toml.example for every field.", EXIT_CONFIG)
+    except ChannelError as exc:
+        if debug:
+            err.print(traceback.format_exc())
+        _fail(f"{exc.message} [{exc.code}]")
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if debug:
+            err.print(traceback.format_exc())
+            _fail(f"unexpected {type(exc).__name__}: {exc}")
+        _fail(
+            f"unexpected {type(exc).__name__}: {exc}. "
+            "Run again with --debug for the full traceback."
+        )
+
+
+def _logging(debug: bool, quiet: bool = False) -> None:
+    level = logging.DEBUG if debug else (logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    for noisy in ("aioimaplib", "mail.log", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _load(config_path: Path | None) -> EmailConfig:
+    return load_config(config_path)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+async def echo(msg: ChannelMessage) -> str:
+    """The built-in handler: quote what the person wrote back to them."""
+    text = msg.content.strip() or "(an empty message)"
+    quoted = "\n".join(f"> {line}" if line else ">" for line in text.splitlines())
+    return f"You wrote:\n\n{quoted}\n\n(echo bot, prx-channel-email)"
+
+
+def load_handler(spec: str) -> Handler:
+    """``echo``, ``package.module:function`` or ``path/to/file.py:function``."""
+    if spec == "echo":
+        return echo
+    module_name, sep, func_name = spec.partition(":")
+    if not sep or not module_name or not func_name:
+        raise ChannelError(
+            f"handler {spec!r} is not 'echo' or 'module:function' "
+            "(e.g. mybot:handle or ./bot.py:handle)",
+            code="handler_invalid",
+        )
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name).expanduser().resolve()
+            loader = importlib.util.spec_from_file_location(path.stem, path)
+            if loader is None or loader.loader is None or not path.is_file():
+                raise ImportError(f"no file {path}")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if "" not in sys.path:
+                sys.path.insert(0, "")  # like `python -m`: modules in the current directory
+            module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise ChannelError(
+            f"cannot import handler module {module_name!r}: {type(exc).__name__}: {exc}",
+            code="handler_invalid",
+        ) from exc
+    func = getattr(module, func_name, None)
+    if func is None:
+        raise ChannelError(
+            f"module {module_name!r} has no function {func_name!r}", code="handler_invalid"
+        )
+    if not inspect.iscoroutinefunction(func):
+        raise ChannelError(
+            f"handler {spec!r} must be 'async def {func_name}(msg: ChannelMessage) -> str | None'",
+            code="handler_invalid",
+        )
+    return cast(Handler, func)
+
+
+async def _answer(channel: EmailChannel, handler: Handler, msg: ChannelMessage) -> None:
+    """Run the handler on one message and send its answer as the threaded reply."""
+    account = channel.config.account
+    try:
+        answer = await handler(msg)
+        if answer is None:
+            log_event(log, logging.INFO, "handler.no_reply", account=account, message_id=msg.id)
+            return
+        await channel.send(msg.reply(answer))
+        log_event(log, logging.INFO, "handler.replied", account=account, message_id=msg.id)
+    except asyncio.CancelledError:
+        log_event(
+            log,
+            logging.WARNING,
+            "handler.cancelled",
+            account=account,
+            message_id=msg.id,
+            code="shutdown",
+        )
+        raise
+    except Exception as exc:
+        # One bad message must not stop the bot; the error is logged with its id.
+        log_event(log, logging.ERROR, "handler.failed", exc=exc, account=account, message_id=msg.id)
+
+
+async def serve(
+    channel: EmailChannel,
+    handler: Handler,
+    stop: asyncio.Event,
+    *,
+    drain_secs: float = DRAIN_SECS,
+) -> None:
+    """Feed every inbound message to ``handler`` until ``stop`` is set or listening fails.
+
+    On stop: listening ends first (no new mail is taken), then messages already on
+    the queue and handlers already running get ``drain_secs`` to finish. Replies
+    not yet accepted by SMTP stay in the durable outbox for the next start.
+    """
+    queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+    listener = asyncio.create_task(channel.listen(queue), name="email-listen")
+    running: set[asyncio.Task[None]] = set()
+    stopper = asyncio.create_task(stop.wait())
+    problem: BaseException | None = None
+
+    def dispatch(msg: ChannelMessage) -> None:
+        task = asyncio.create_task(_answer(channel, handler, msg))
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    try:
+        while True:
+            getter = asyncio.create_task(queue.get())
+            done, _ = await asyncio.wait(
+                {getter, listener, stopper}, return_when=asyncio.FIRST_COMPLETED
+            )
+            if getter in done:
+                dispatch(getter.result())
+                continue
+            getter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await getter
+            break
+    finally:
+        stopper.cancel()
+        if not listener.done():
+            listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            (problem,) = await asyncio.gather(listener, return_exceptions=True)
+        while not queue.empty():
+            dispatch(queue.get_nowait())
+        if running:
+            _, late = await asyncio.wait(set(running), timeout=drain_secs)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5)
+    if isinstance(problem, BaseException) and not isinstance(problem, asyncio.CancelledError):
+        raise problem
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, stop.set)
+
+
+async def _run(config: EmailConfig, handler: Handler) -> None:
+    stop = asyncio.Event()
+    _install_stop(stop)
+    async with EmailChannel(config) as channel:
+        senders = ", ".join(config.allowed_senders) or "nobody (allowed_senders is empty)"
+        err.print(
+            f"[green]listening[/] on {escape(config.account)} folder {escape(config.imap_folder)}; "
+            f"answering {escape(senders)}. Ctrl-C stops."
+        )
+        await serve(channel, handler, stop)
+    err.print("stopped; unsent replies stay queued for the next start.")
+
+
+# --------------------------------------------------------------------------- doctor output
+
+
+_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skip": "dim"}
+_MARK = {"pass": "PASS", "warn": "WARN", "fail": "FAIL", "skip": "skip"}
+
+
+def render_report(report: DoctorReport, console: Console) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column("status", no_wrap=True)
+    table.add_column("check", no_wrap=True)
+    table.add_column("detail", overflow="fold")
+    for check in report.checks:
+        style = _STYLE[check.status]
+        detail = escape(check.detail)
+        if check.fix and check.status in ("fail", "warn"):
+            detail += f"\n[{style}]fix:[/] {escape(check.fix)}"
+        table.add_row(f"[{style}]{_MARK[check.status]}[/]", escape(check.name), detail)
+    console.print(table)
+    failed, warned = len(report.failed), len(report.warnings)
+    if report.config_invalid:
+        console.print("[bold red]The configuration is invalid[/] (exit 2).")
+    elif failed:
+        console.print(f"[bold red]{failed} check(s) failed[/], {warned} warning(s) (exit 1).")
+    else:
+        console.print(f"[green]All checks passed[/] with {warned} warning(s).")
+
+
+def _doctor(config_path: Path | None, as_json: bool, send_test: str | None, budget: float) -> int:
+    shown = str(resolve_path(config_path))
+
+    async def go() -> DoctorReport:
+        if as_json or not err.is_terminal:
+            return await doctor(config_path, send_test=send_test, check_timeout=budget)
+        with err.status(f"checking {escape(shown)} ...") as status:
+
+            def progress(text: str) -> None:
+                status.update(f"checking: {escape(text)}")
+
+            return await doctor(
+                config_path, send_test=send_test, check_timeout=budget, progress=progress
+            )
+
+    report = asyncio.run(go())
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        out.print(f"prx-email doctor: {escape(shown)}")
+        render_report(report, out)
+    return report.exit_code
+
+
+# --------------------------------------------------------------------------- send
+
+
+async def _send(
+    config: EmailConfig, to: str, subject: str | None, text: str, attach: list[Path]
+) -> tuple[str, bool]:
+    """Send through the outbox; returns (Message-ID, whether the server accepted it now)."""
+    async with EmailChannel(config) as channel:
+        message_id = await channel.send_message(
+            SendMessage(content=text, recipient=to, subject=subject, attachments=attach)
+        )
+        return message_id, channel.metrics.get("outbound.sent") > 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _show_message(msg: ChannelMessage, console: Console) -> None:
+    table = Table(title="normalized incoming message (ChannelMessage)", show_header=False)
+    table.add_column("field", style="cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for key, value in msg.model_dump(mode="json").items():
+        table.add_row(key, escape(repr(value) if not isinstance(value, str) else value))
+    console.print(table)
+
+
+def _show_reply(raw: bytes, console: Console) -> None:
+    parsed = email.message_from_bytes(raw, policy=email.policy.default)
+    table = Table(title="the threaded reply, as it arrived in the user's inbox", show_header=False)
+    table.add_column("header", style="cyan", no_wrap=True)
+    table.add_column("value", overflow="fold")
+    for name in ("From", "To", "Subject", "Message-ID", "In-Reply-To", "References"):
+        table.add_row(name, escape(str(parsed.get(name, ""))))
+    body = parsed.get_body(preferencelist=("plain",))
+    text = body.get_content() if body is not None else ""
+    table.add_row("body", escape(str(text).strip()))
+    console.print(table)
+
+
+async def run_demo(
+    *,
+    keep_running: bool = False,
+    console: Console | None = None,
+    state_dir: Path | None = None,
+    within: float = DEMO_SECS,
+) -> int:
+    """Sandbox server + echo bot on the real EmailChannel + one sample email. Returns 0/1."""
+    from .sandbox import MailSandbox
+
+    console = console or out
+    seen: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+
+    async def demo_handler(msg: ChannelMessage) -> str | None:
+        await seen.put(msg)
+        return await echo(msg)
+
+    async with MailSandbox() as sandbox:
+        tmp = None
+        if state_dir is None:
+            tmp = await asyncio.to_thread(tempfile.mkdtemp, prefix="prx-email-demo-")
+            state_dir = Path(tmp)
+        config = sandbox.channel_config(state_dir)
+        console.print(
+            f"[bold]sandbox mail server[/] on {sandbox.host}: IMAP {sandbox.imap_port} "
+            f"(IDLE), SMTP {sandbox.smtp_port}; the bot is {sandbox.bot.address}"
+        )
+        stop = asyncio.Event()
+        _install_stop(stop)
+        async with EmailChannel(config) as channel:
+            bot = asyncio.create_task(serve(channel, demo_handler, stop, drain_secs=10))
+            try:
+                await sandbox.send_as_user(
+                    "Hello bot", "Hi! Can you hear me?\n\nThanks,\nAlice\n\n-- \nAlice Example\n"
+                )
+                console.print(f"{sandbox.user.address} sent 'Hello bot' to the bot ...")
+                try:
+                    msg = await _first(seen, bot, within)
+                    _show_message(msg, console)
+                    reply = await _first_mail(sandbox, bot, within)
+                except TimeoutError:
+                    console.print(
+                        f"[bold red]no reply within {within:g} s[/]; run with --debug for logs."
+                    )
+                    return EXIT_FAILED
+                _show_reply(reply, console)
+                console.print("[green]the echo bot answered in the same thread.[/]")
+                if keep_running:
+                    config_file = state_dir / "sandbox.toml"
+                    await asyncio.to_thread(config_file.write_text, sandbox.config_toml(state_dir))
+                    _print_keep_running(sandbox, console, config_file)
+                    await stop.wait()
+            finally:
+                stop.set()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await bot
+    return EXIT_OK
+
+
+async def _first(
+    queue: asyncio.Queue[ChannelMessage], bot: asyncio.Task[None], within: float
+) -> ChannelMessage:
+    getter = asyncio.create_task(queue.get())
+    done, _ = await asyncio.wait({getter, bot}, timeout=within, return_when="FIRST_COMPLETED")
+    if getter in done:
+        return getter.result()
+    getter.cancel()
+    if bot in done:
+        bot.result()  # raises the channel's error
+    raise TimeoutError
+
+
+async def _first_mail(sandbox: Any, bot: asyncio.Task[None], within: float) -> bytes:
+    waiter = asyncio.create_task(sandbox.wait_for_mail(sandbox.user.address, within=within))
+    done, _ = await asyncio.wait({waiter, bot}, return_when="FIRST_COMPLETED")
+    if waiter in done:
+        return cast(bytes, waiter.result())
+    waiter.cancel()
+    bot.result()
+    raise TimeoutError
+
+
+def _print_keep_running(sandbox: Any, console: Console, config_file: Path) -> None:
+    host, port = sandbox.host, sandbox.smtp_port
+    user, bot = sandbox.user.address, sandbox.bot.address
+    console.print("\n[bold]The sandbox keeps running.[/] Send it more mail:")
+    for line in sandbox.describe():
+        console.print("  " + escape(line))
+    one_liner = (
+        f"python -c \"import smtplib; s = smtplib.SMTP('{host}', {port}); "
+        f"s.sendmail('{user}', ['{bot}'], "
+        f"'From: {user}\\\\nSubject: again\\\\n\\\\nhello once more'); s.quit()\""
+    )
+    console.print(
+        "\n  For example (only sandbox users get mail):\n"
+        f"    {escape(one_liner)}\n"
+        f"  or: swaks --server {host}:{port} --from {user} --to {bot}\n"
+        f"  Read the replies over IMAP as {user} / {sandbox.user.password}\n"
+        f"  The bot's settings: {escape(str(config_file))}  "
+        f"(try: prx-email doctor --config {escape(str(config_file))})\n"
+        "  Ctrl-C stops.",
+        soft_wrap=True,
+    )
+
+
+# --------------------------------------------------------------------------- commands
+
+HELP = """The email channel for agent frameworks: IMAP IDLE in, threaded SMTP replies out.
+
+Start with [bold]prx-email demo[/] (no account needed), then write a config.toml
+(see config.toml.example) and check it with [bold]prx-email doctor[/].
+"""
+
+app = typer.Typer(
+    name="prx-email",
+    help=HELP,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    config: ConfigOpt = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the report as JSON (for scripts).")
+    ] = False,
+    send_test: Annotated[
+        str | None,
+        typer.Option(
+            "--send-test",
+            metavar="ADDRESS",
+            help="Also send one test message to ADDRESS. Without it nothing is sent.",
+        ),
+    ] = None,
+    check_timeout: Annotated[
+        float, typer.Option("--timeout", min=1.0, help="Seconds allowed for each check.")
+    ] = 10.0,
+    debug: DebugOpt = False,
+) -> None:
+    """Check the whole mail setup and say how to fix what is wrong.
+
+    Checks the config, DNS, TCP, TLS (certificate, host name, expiry), the IMAP
+    greeting, login, IDLE, the folder, sender-verification headers, SMTP EHLO,
+    STARTTLS and AUTH, the From address, allowed_senders and the directories.
+
+    Exit status: 0 nothing failed (warnings allowed), 1 a check failed,
+    2 the config is invalid.
+    """
+    _logging(debug, quiet=True)
+    with _guard(debug):
+        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout))
+
+
+@app.command("run")
+def run_cmd(
+    handler: Annotated[
+        str,
+        typer.Argument(
+            help="[bold]echo[/], or [bold]module:function[/] naming "
+            "'async def handle(msg: ChannelMessage) -> str | None'; "
+            "the returned text is sent as the threaded reply (None: no reply)."
+        ),
+    ] = "echo",
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Run the channel: answer every allowed email with HANDLER until Ctrl-C / SIGTERM.
+
+    On shutdown, listening stops first, running handlers get 30 s to finish,
+    and replies not yet sent stay queued for the next start.
+    """
+    _logging(debug)
+    with _guard(debug):
+        cfg = _load(config)
+        func = load_handler(handler)
+        asyncio.run(_run(cfg, func))
+
+
+@app.command("send")
+def send_cmd(
+    text: Annotated[str, typer.Argument(help="The message text (Markdown); '-' reads stdin.")],
+    to: Annotated[str, typer.Option("--to", help="Recipient address.")],
+    subject: Annotated[
+        str | None, typer.Option("--subject", "-s", help="Default: default_subject.")
+    ] = None,
+    attach: Annotated[
+        list[Path] | None, typer.Option("--attach", "-a", help="A file to attach (repeatable).")
+    ] = None,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Send one message (to test a setup). Goes through the durable outbox."""
+    _logging(debug, quiet=True)
+    with _guard(debug):
+        cfg = _load(config)
+        body = sys.stdin.read() if text == "-" else text
+        message_id, accepted = asyncio.run(_send(cfg, to, subject, body, list(attach or [])))
+        if not accepted:
+            _fail(
+                f"the SMTP server did not take {message_id} yet (a temporary failure; see the "
+                "log above). It stays queued and is retried the next time the channel runs "
+                "(prx-email run). Check the setup with: prx-email doctor"
+            )
+        out.print(f"sent {escape(message_id)} to {escape(to)}")
+
+
+@app.command("demo")
+def demo_cmd(
+    keep_running: Annotated[
+        bool,
+        typer.Option(
+            "--keep-running", help="Leave the sandbox and bot up, and print how to mail it."
+        ),
+    ] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """See the bot answer an email in a minute: no account, no config needed.
+
+    Starts a local sandbox mail server in this process (IMAP with IDLE + SMTP),
+    runs the echo bot on it through the real EmailChannel, sends it an email
+    from a user, and shows the normalized message and the threaded reply.
+    """
+    _logging(debug, quiet=not debug)
+    with _guard(debug):
+        raise typer.Exit(asyncio.run(run_demo(keep_running=keep_running)))
+
+
+@app.command("config")
+def config_cmd(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Validate the config and print it with secrets masked. Exit 2 when invalid."""
+    with _guard(debug):
+        cfg = _load(config)
+        data = cfg.redacted()
+        if as_json:
+            print(json.dumps(data, indent=2, default=str))
+            return
+        out.print(f"# {escape(str(resolve_path(config)))}: valid")
+        out.print("[channels_config.email]")
+        for key, value in data.items():
+            out.print(f"{key} = {escape(json.dumps(value, default=str))}")
+
+
+# ---- the host framework's spelling: prx channel doctor email / prx channel run email
+
+prx_app = typer.Typer(
+    name="prx",
+    help="Host-framework commands provided by prx-channel-email.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+channel_app = typer.Typer(help="Channel commands.", no_args_is_help=True)
+channel_doctor = typer.Typer(help="Check a channel's setup.", no_args_is_help=True)
+channel_run = typer.Typer(help="Run a channel with a handler.", no_args_is_help=True)
+prx_app.add_typer(channel_app, name="channel")
+channel_app.add_typer(channel_doctor, name="doctor")
+channel_app.add_typer(channel_run, name="run")
+channel_doctor.command("email")(doctor_cmd)
+channel_run.command("email")(run_cmd)
+
+
+def main() -> None:
+    """Entry point of ``prx-email``."""
+    app()
+
+
+def prx_main() -> None:
+    """Entry point of ``prx`` (``prx channel doctor email``, ``prx channel run email``)."""
+    prx_app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

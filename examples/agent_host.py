@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import email
 import email.policy
+import logging
 import signal
 import sys
 import tempfile
@@ -139,7 +140,13 @@ def main() -> int:
     parser.add_argument("--config", help="config.toml (default: $PRX_CONFIG or ./config.toml)")
     parser.add_argument("--sandbox", action="store_true", help="run on the demo mail server")
     parser.add_argument("--once", action="store_true", help="with --sandbox: one conversation")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the channel does")
     args = parser.parse_args()
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # the sandbox SMTP server's chatter
 
     async def go() -> int:
         stop = asyncio.Event()

@@ -336,6 +336,10 @@ class MailSandbox:
             "initial_sync": "unseen",
             "state_dir": str(state_dir),
             "poll_interval_secs": 5,
+            # pymap's in-memory IDLE can miss a wake-up when mail lands right as a
+            # session re-enters IDLE; each keepalive cycle also searches for new mail,
+            # so a short one bounds that miss to seconds instead of minutes.
+            "keepalive_secs": 3,
             "connect_timeout_secs": 5,
             "command_timeout_secs": 15,
         }

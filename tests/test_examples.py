@@ -11,7 +11,8 @@ from tests.operator_helpers import ROOT, subprocess_env
 
 def _run(script: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "--sandbox", "--once"],
+        # --verbose: when a run fails, its log says which step stalled.
+        [sys.executable, str(ROOT / "examples" / script), "--sandbox", "--once", "--verbose"],
         capture_output=True,
         text=True,
         timeout=120,

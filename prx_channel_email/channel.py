@@ -37,6 +37,7 @@ class EmailChannel(Channel):
         self.outbox = Outbox(config, self.store, self.metrics)
         self._started = False
         self._start_lock = asyncio.Lock()
+        self._listeners: set[asyncio.Task[object]] = set()
 
     async def start(self) -> EmailChannel:
         async with self._start_lock:
@@ -59,7 +60,14 @@ class EmailChannel(Channel):
 
     async def listen(self, queue: asyncio.Queue[ChannelMessage]) -> None:
         await self.start()
-        await self.sync.run(queue)
+        task = asyncio.current_task()
+        if task is not None:
+            self._listeners.add(task)
+        try:
+            await self.sync.run(queue)
+        finally:
+            if task is not None:
+                self._listeners.discard(task)
 
     async def send(self, message: SendMessage) -> None:
         await self.start()
@@ -83,8 +91,18 @@ class EmailChannel(Channel):
         return self._started and not self.sync.status.auth_failed and self.outbox.healthy
 
     async def close(self) -> None:
+        """Stop listening (a ledger write in flight completes), stop the outbox, close the store."""
+        await self._stop_listeners()
         async with self._start_lock:
             if self._started:
                 self._started = False
                 await self.outbox.close()
                 await self.store.close()
+
+    async def _stop_listeners(self) -> None:
+        # A listen() task still running would otherwise find its store closed under it.
+        others = [t for t in self._listeners if t is not asyncio.current_task()]
+        for task in others:
+            task.cancel()
+        if others:
+            await asyncio.wait(others)

@@ -62,3 +62,29 @@ async def test_received_mail_is_answered_in_its_thread(
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
     assert len(smtp_server.messages) == 2
+
+
+async def test_close_while_listening_stops_the_listener_and_keeps_the_ledger(
+    tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
+) -> None:
+    """A framework that closes the channel without cancelling listen() first: the
+    listener ends cleanly, and what it handed on is not handed on again."""
+    config = dovecot_config(
+        tmp_path, smtp_server, dovecot, account, allowed_senders=[ANN], initial_sync="unseen"
+    )
+    queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+    channel = EmailChannel(config)
+    listener = asyncio.create_task(channel.listen(queue))
+    dovecot.deliver(account, human_mail("<c1@people.example>", "One", "first"), mail_from=ANN)
+    assert (await asyncio.wait_for(queue.get(), timeout=30)).id == "<c1@people.example>"
+    await asyncio.wait_for(channel.close(), timeout=30)
+    assert listener.done() and listener.cancelled()
+
+    dovecot.deliver(account, human_mail("<c2@people.example>", "Two", "second"), mail_from=ANN)
+    async with EmailChannel(config) as again:
+        listener = asyncio.create_task(again.listen(queue))
+        try:
+            assert (await asyncio.wait_for(queue.get(), timeout=30)).id == "<c2@people.example>"
+        finally:
+            listener.cancel()
+    assert queue.empty()

@@ -231,20 +231,12 @@ class EmailConfig(BaseSettings):
     @model_validator(mode="after")
     def _security(self) -> EmailConfig:
         problems: list[str] = []
-        if (
-            self.imap_security == "plain"
-            and not is_loopback(self.imap_host)
-            and not self.allow_insecure
-        ):
+        if self.imap_security == "plain" and not self.plaintext_allowed(self.imap_host):
             problems.append(
                 "imap_security: 'plain' sends the password unencrypted to "
                 f"{self.imap_host}; use 'tls' or 'starttls', or set allow_insecure = true"
             )
-        if (
-            self.smtp_effective_security == "plain"
-            and not is_loopback(self.smtp_host)
-            and not self.allow_insecure
-        ):
+        if self.smtp_effective_security == "plain" and not self.plaintext_allowed(self.smtp_host):
             problems.append(
                 "smtp_security: plaintext SMTP to "
                 f"{self.smtp_host} is refused; use port 465/587 with TLS, "
@@ -255,6 +247,10 @@ class EmailConfig(BaseSettings):
         return self
 
     # --- derived values ---
+    def plaintext_allowed(self, host: str) -> bool:
+        """Plaintext may carry the password only on this machine, or by explicit opt-in."""
+        return is_loopback(host) or self.allow_insecure
+
     @property
     def smtp_effective_security(self) -> Literal["tls", "starttls", "plain"]:
         """Resolve ``smtp_security = "auto"`` from the reference fields smtp_port/smtp_tls."""

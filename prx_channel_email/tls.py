@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ssl
 
-from .config import EmailConfig, is_loopback
+from .config import EmailConfig
 from .errors import InsecureConnectionError
 
 
@@ -19,7 +19,7 @@ def ssl_context(config: EmailConfig) -> ssl.SSLContext:
 
 def check_plaintext_allowed(config: EmailConfig, host: str) -> None:
     """Refuse a plaintext connection that would carry the password off this machine."""
-    if not is_loopback(host) and not config.allow_insecure:
+    if not config.plaintext_allowed(host):
         raise InsecureConnectionError(
             f"refusing a plaintext connection to {host}: the password would travel unencrypted. "
             "Use TLS or STARTTLS, or set allow_insecure = true if you accept the risk."

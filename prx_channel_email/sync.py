@@ -39,6 +39,15 @@ log = logging.getLogger("prx_channel_email.sync")
 
 # Bytes of message bodies fetched in one UID FETCH (bounds memory during a backlog).
 FETCH_BYTES_BUDGET = 8 * 1024 * 1024
+# A message listed by SEARCH but missing from the FETCH answer (some servers do this
+# while they sync internally) is fetched again this many times before it is skipped.
+MISSING_BODY_RETRIES = 3
+
+
+class _RefetchNeeded(Exception):
+    """A listed message came back without its body: stop before it, sync again."""
+
+
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 
@@ -83,6 +92,7 @@ class SyncEngine:
         self.auth_backoff = auth_backoff or Backoff(base=30.0, cap=1800.0)
         self._open = session_factory
         self._idle_refused = False  # the server advertised IDLE but refused it: poll instead
+        self._missing: dict[int, int] = {}  # uid -> FETCHes that came back without it
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
 
     # --- the outer loop: connect, serve, back off ---
@@ -203,7 +213,8 @@ class SyncEngine:
                 unseen = await session.uid_search("UNSEEN")
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
                           folder=self.folder, mode="unseen", count=len(unseen))  # fmt: skip
-                await self._handle(session, uv, unseen, queue)
+                if not await self._handle(session, uv, unseen, queue):
+                    return  # stopped before a message it must fetch again: no baseline yet
             else:
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
                           folder=self.folder, mode="new", baseline=info.uidnext - 1)  # fmt: skip
@@ -239,10 +250,10 @@ class SyncEngine:
         log_event(log, logging.WARNING, "inbound.uidvalidity_changed", account=self.account,
                   folder=self.folder, old=old.uidvalidity, new=info.uidvalidity,
                   rechecked=len(uids), code="uidvalidity_changed")  # fmt: skip
-        await self._handle(session, info.uidvalidity, uids, queue)
-        await self.store.set_cursor(
-            self.account, self.folder, Cursor(info.uidvalidity, info.uidnext - 1)
-        )
+        if await self._handle(session, info.uidvalidity, uids, queue):
+            await self.store.set_cursor(
+                self.account, self.folder, Cursor(info.uidvalidity, info.uidnext - 1)
+            )
 
     # --- handing messages on ---
 
@@ -252,12 +263,18 @@ class SyncEngine:
         uv: int,
         uids: list[int],
         queue: asyncio.Queue[ChannelMessage],
-    ) -> None:
-        """Hand on ``uids`` in ascending order, in bounded windows."""
+    ) -> bool:
+        """Hand on ``uids`` in ascending order, in bounded windows.
+
+        False when it stopped early at a message it must fetch again (the cursor
+        then sits just before that message, and a new pass follows at once).
+        """
         uids = sorted(uids)
         window = self.config.fetch_batch_size * 10
         for start in range(0, len(uids), window):
-            await self._handle_window(session, uv, uids[start : start + window], queue)
+            if not await self._handle_window(session, uv, uids[start : start + window], queue):
+                return False
+        return True
 
     async def _handle_window(
         self,
@@ -265,7 +282,7 @@ class SyncEngine:
         uv: int,
         uids: list[int],
         queue: asyncio.Queue[ChannelMessage],
-    ) -> None:
+    ) -> bool:
         """Sizes and Message-IDs first, then bodies: the next chunk downloads while
         this one is handed on, and each ledger write overlaps the next message."""
         meta = await session.fetch_meta(uids)
@@ -281,6 +298,7 @@ class SyncEngine:
         )
         hand = _Handoff(self, uv, queue, header_ids)
         ahead: asyncio.Task[dict[int, bytes]] | None = None
+        complete = True
         try:
             for i, step in enumerate(steps):
                 if ahead is None:
@@ -290,12 +308,16 @@ class SyncEngine:
                 if i + 1 < len(steps):
                     ahead = asyncio.create_task(self._download(session, steps[i + 1]))
                 await self._process_step(step, data, meta, hand)
+        except _RefetchNeeded:
+            complete = False
+            session.changed.set()  # the serve loop syncs again at once, from the cursor
         finally:
             if ahead is not None:
                 ahead.cancel()
             await _to_completion(hand.flush())
         if hand.delivered:
             await self._after_handoff(session, hand.delivered)
+        return complete
 
     async def _download(self, session: ImapSession, step: _Step) -> dict[int, bytes]:
         kind, uids = step
@@ -322,12 +344,28 @@ class SyncEngine:
                 continue
             raw = data.get(uid)
             if raw is None:
-                continue  # expunged meanwhile
+                self._body_missing(uid, header_id)  # raises unless it is time to give up
+                continue
+            self._missing.pop(uid, None)
             if kind == "oversized":
                 outcome = await self._judge_oversized(uid, raw, meta[uid].size or 0, header_id)
             else:
                 outcome = await self._judge(uid, raw, header_id)
             await hand.apply(outcome, uid)
+
+    def _body_missing(self, uid: int, header_id: str | None) -> None:
+        """Never let the cursor pass a message we did not get: stop here and fetch it
+        again. Expunged meanwhile, it is no longer listed and the next pass moves on;
+        still listed after MISSING_BODY_RETRIES passes, it is skipped with an error."""
+        tries = self._missing.get(uid, 0) + 1
+        if tries < MISSING_BODY_RETRIES:
+            self._missing[uid] = tries
+            raise _RefetchNeeded(uid)
+        self._missing.pop(uid, None)
+        self.metrics.inc("inbound.errors")
+        log_event(log, logging.ERROR, "inbound.body_missing", account=self.account,
+                  folder=self.folder, uid=uid, message_id=header_id, tries=tries,
+                  code="body_missing")  # fmt: skip
 
     async def _judge(self, uid: int, raw: bytes, header_id: str | None) -> Outcome:
         try:

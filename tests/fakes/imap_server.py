@@ -48,6 +48,8 @@ class FakeImapServer:
         self.refuse_idle = refuse_idle
         self.folders: dict[str, FakeMailbox] = {"INBOX": FakeMailbox(), "Done": FakeMailbox()}
         self.commands: list[str] = []
+        # uid -> how many more body FETCHes leave it out (a server syncing internally)
+        self.omit_body: dict[int, int] = {}
         self.logins = 0
         self.idling = asyncio.Event()
         self.port = 0
@@ -168,6 +170,10 @@ class FakeImapServer:
             uid_part, _, items = args.partition(" ")
             for uid in _select(uid_part, uids):
                 raw = box.messages[uid]
+                is_body = "BODY.PEEK[]" in items or "BODY[]" in items
+                if is_body and self.omit_body.get(uid, 0) > 0:
+                    self.omit_body[uid] -= 1
+                    continue
                 header = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
                 seq = uids.index(uid) + 1
                 if "HEADER.FIELDS" in items:

@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import Header
-from email.utils import encode_rfc2231, format_datetime, formataddr, parseaddr
+from email.utils import encode_rfc2231, format_datetime, formataddr, getaddresses
 from pathlib import Path
 
 from markdown_it import MarkdownIt
@@ -32,6 +32,7 @@ from .message_ids import mint_message_id, normalize_id, parse_id_list
 MAX_REFERENCES = 20
 
 _FORBIDDEN = ("\r", "\n", "\x00")
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # C0 controls (but tab) and DEL
 # Reply prefixes in common languages (Re, AW = German, SV = Nordic, Antw = Dutch,
 # Odp = Polish, Vs = Finnish, RIF = Italian); "Fwd:" is deliberately not one.
 _REPLY_PREFIX = re.compile(
@@ -162,15 +163,26 @@ def thread_references(parent: Parent, limit: int = MAX_REFERENCES) -> list[str]:
     return unique
 
 
+# Longer ids are left out of In-Reply-To/References: they cannot be folded, and a
+# header line over 998 characters makes servers refuse the whole reply.
+MAX_ID_CHARS = 900
+
+
 def _is_ascii_id(mid: str) -> bool:
-    return mid.isascii() and parse_id_list(mid) == [mid]
+    return mid.isascii() and len(mid) <= MAX_ID_CHARS and parse_id_list(mid) == [mid]
 
 
 def parse_recipient(value: str) -> str:
-    """The bare address of ``value`` (``a@b`` or ``Name <a@b>``), or SendError."""
+    """The bare address of ``value`` (``a@b`` or ``Name <a@b>``), or SendError.
+
+    Exactly one address, taken as written: the parser's habit of quietly dropping
+    control characters or everything after a comma must not change who gets the mail.
+    """
     check_header_value("recipient", value)
-    _name, addr = parseaddr(value.strip())
-    addr = addr.strip()
+    found = getaddresses([value.strip()])
+    addr = found[0][1].strip() if len(found) == 1 else ""
+    if _CONTROL_RE.search(value) or addr not in value:
+        addr = ""
     if not addr or not is_address(addr):
         raise SendError(
             f"recipient {value!r} is not a valid email address",
@@ -245,6 +257,11 @@ def compose(
 ) -> Composed:
     """Build the whole message. Raises SendError for bad input; does file I/O (run in a thread)."""
     rcpt = parse_recipient(recipient)
+    for field, text in (("content", content), ("subject", subject or "")):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate, e.g. from truncated model output
+            raise SendError(f"{field} is not valid Unicode text", code="bad_input") from None
     if subject is not None:
         check_header_value("subject", subject)
     if config.from_name is not None:
@@ -256,8 +273,9 @@ def compose(
             code="bad_from_address",
         )
     if subject is None:
-        if parent is not None and parent.subject.strip():
-            subject = reply_subject(" ".join(parent.subject.split()))
+        inherited = _CONTROL_RE.sub("", parent.subject) if parent is not None else ""
+        if inherited.strip():
+            subject = reply_subject(" ".join(inherited.split()))
         else:
             subject = config.default_subject
     mid = message_id or mint_message_id(config.from_address)

@@ -12,6 +12,7 @@ import ipaddress
 import json
 import os
 import re
+import ssl
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -47,9 +48,13 @@ DEFAULT_ATTACHMENT_TYPES = [
 
 
 def is_loopback(host: str) -> bool:
-    """True for hosts that never leave this machine (plaintext is allowed there)."""
+    """True for hosts that never leave this machine (plaintext is allowed there).
+
+    Only ``localhost`` and loopback IP literals: a name like ``x.localhost`` may be
+    sent to a DNS server (nsswitch "files dns"), and then anywhere.
+    """
     name = host.strip().strip("[]").lower()
-    if name == "localhost" or name.endswith(".localhost"):
+    if name == "localhost":
         return True
     try:
         return ipaddress.ip_address(name).is_loopback
@@ -174,8 +179,6 @@ class EmailConfig(BaseSettings):
         value = value.strip()
         if not value:
             raise ValueError("must not be empty")
-        if any(ch in value for ch in "\r\n\x00"):
-            raise ValueError("must not contain line breaks or NUL")
         return value
 
     @field_validator("password")
@@ -183,6 +186,17 @@ class EmailConfig(BaseSettings):
     def _password(cls, value: SecretStr | None) -> SecretStr | None:
         if value is None or not value.get_secret_value():
             raise ValueError(f"required (set it in the file or in {ENV_PREFIX}PASSWORD)")
+        return value
+
+    @field_validator(
+        "imap_host", "smtp_host", "username", "imap_folder",
+        "default_subject", "from_name", "sent_folder", "move_to_folder",
+    )  # fmt: skip
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        # These end up in mail headers or protocol commands: a line break would inject.
+        if value is not None and any(ch in value for ch in "\r\n\x00"):
+            raise ValueError("must not contain line breaks or NUL")
         return value
 
     @field_validator("from_address")
@@ -224,9 +238,18 @@ class EmailConfig(BaseSettings):
     @field_validator("ca_file")
     @classmethod
     def _ca_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.expanduser().is_file():
+        if value is None:
+            return None
+        path = value.expanduser()
+        if not path.is_file():
             raise ValueError(f"file {str(value)!r} does not exist")
-        return value.expanduser() if value is not None else None
+        try:  # fail here, with the file named, rather than at every connection
+            ssl.create_default_context().load_verify_locations(cafile=str(path))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(
+                f"file {str(value)!r} holds no usable PEM certificate ({exc.__class__.__name__})"
+            ) from None
+        return path
 
     @model_validator(mode="after")
     def _security(self) -> EmailConfig:

@@ -30,6 +30,7 @@ from typing import Any, Literal
 
 import aiosmtplib
 
+from .compose import parse_recipient
 from .config import EmailConfig, is_loopback, load_config, resolve_path
 from .errors import (
     AuthenticationError,
@@ -902,6 +903,12 @@ async def run_doctor(
     report.checks.extend(_local_checks(config))
     report.checks.extend(await _dir_checks(config, check_timeout))
     results: dict[str, Check] = {}
+    bad_send_test: str | None = None
+    if send_test is not None:
+        try:
+            send_test = parse_recipient(send_test)
+        except ChannelError as exc:
+            bad_send_test, send_test = exc.message, None
 
     def add(name: str, status: Status, detail: str, fix: str | None) -> None:
         results[name] = Check(name, status, detail, fix)
@@ -921,6 +928,10 @@ async def run_doctor(
     for names, outcome in zip((IMAP_CHECKS, SMTP_CHECKS), outcomes, strict=True):
         if isinstance(outcome, BaseException):
             _mark_out_of_time(results, names, chain_budget, outcome)
+    if bad_send_test is not None:
+        results["send test"] = Check(
+            "send test", "fail", bad_send_test, "give --send-test exactly one email address."
+        )
     report.checks.extend(results[n] for n in (*IMAP_CHECKS, *SMTP_CHECKS) if n in results)
     return report
 
@@ -928,9 +939,24 @@ async def run_doctor(
 def _mark_out_of_time(
     results: dict[str, Check], names: tuple[str, ...], budget: float, exc: BaseException
 ) -> None:
-    """The step that was running when a chain ran out of time is the one that failed."""
+    """The step that was running when a chain stopped is the one that failed.
+
+    A chain ends early by running out of time, or (a bug) by an error no check
+    expected: either way the report names the step, instead of a traceback.
+    """
     if not isinstance(exc, TimeoutError):
-        raise exc
+        if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt | SystemExit):
+            raise exc
+        for name in names:
+            if name not in results or results[name].status == "skip":
+                results[name] = Check(
+                    name,
+                    "fail",
+                    f"unexpected {type(exc).__name__}: {exc}",
+                    "run again with --debug for details, and please report it.",
+                )
+                return
+        return
     for name in names:
         check = results.get(name)
         if check is not None and check.status == "skip":

@@ -6,6 +6,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from prx_channel_email.compose import (
     MAX_REFERENCES,
@@ -160,10 +161,13 @@ def test_header_injection_is_rejected(tmp_path: Path, field: str, kwargs: dict[s
 
 
 def test_display_name_injection_is_rejected(tmp_path: Path) -> None:
+    injected = "Bot\r\nBcc: v@x.example"
+    with pytest.raises(ValidationError, match="line breaks"):  # refused when the config loads
+        cfg(tmp_path, from_name=injected)
+    # ... and by compose itself, for a config built without validation.
+    unchecked = cfg(tmp_path).model_copy(update={"from_name": injected})
     with pytest.raises(SendError) as info:
-        compose(
-            cfg(tmp_path, from_name="Bot\r\nBcc: v@x.example"), content="c", recipient="a@x.example"
-        )
+        compose(unchecked, content="c", recipient="a@x.example")
     assert info.value.code == "header_injection"
 
 
@@ -247,3 +251,50 @@ def test_non_ascii_attachment_name_survives(tmp_path: Path) -> None:
     assert part.get_filename() == name
     assert part.get_content_type() == "application/pdf"
     assert part.get_content() == b"%PDF-1.4 fake"
+
+
+def test_an_overlong_message_id_is_left_out_instead_of_breaking_the_reply(
+    tmp_path: Path,
+) -> None:
+    """A header line over 998 characters makes servers refuse the whole message."""
+    huge = "<" + "x" * 1500 + "@people.example>"
+    parent = Parent(
+        message_id=huge,
+        subject="Long",
+        references=["<p0@people.example>", huge],
+        reply_target="ann@people.example",
+    )
+    out = compose(cfg(tmp_path), content="ok", recipient="ann@people.example", parent=parent)
+    assert all(len(line) <= 998 for line in out.raw.split(b"\r\n"))
+    assert parse(out.raw)["Subject"] == "Re: Long"
+    # A parent whose own id is usable still threads, without the overlong reference.
+    parent2 = Parent("<p2@people.example>", "Long", ["<p0@people.example>", huge], "a@p.example")
+    msg = parse(compose(cfg(tmp_path), content="ok", recipient="a@p.example", parent=parent2).raw)
+    assert parse_id_list(msg["References"]) == ["<p0@people.example>", "<p2@people.example>"]
+
+
+@pytest.mark.parametrize(
+    "recipient",
+    ["ann@people.example, evil@attacker.example", "a\x01nn@people.example", "ann"],
+)
+def test_recipient_must_be_exactly_one_address_as_written(tmp_path: Path, recipient: str) -> None:
+    with pytest.raises(SendError) as info:
+        compose(cfg(tmp_path), content="hi", recipient=recipient)
+    assert info.value.code == "bad_recipient"
+
+
+def test_display_name_with_comma_is_one_recipient(tmp_path: Path) -> None:
+    out = compose(cfg(tmp_path), content="hi", recipient='"Doe, Jane" <jane@people.example>')
+    assert out.recipient == "jane@people.example"
+
+
+def test_lone_surrogate_is_a_send_error_not_a_crash(tmp_path: Path) -> None:
+    with pytest.raises(SendError) as info:
+        compose(cfg(tmp_path), content="truncated \ud83d", recipient="ann@people.example")
+    assert info.value.code == "bad_input"
+
+
+def test_control_characters_of_the_parent_subject_are_not_copied(tmp_path: Path) -> None:
+    parent = Parent("<p2@people.example>", "Lun\x00ch\x1b[31m?", [], "ann@people.example")
+    out = compose(cfg(tmp_path), content="ok", recipient="ann@people.example", parent=parent)
+    assert parse(out.raw)["Subject"] == "Re: Lunch[31m?"

@@ -209,3 +209,27 @@ def test_plaintext_allowed_to_loopback() -> None:
 def test_ca_file_must_exist(tmp_path: Path) -> None:
     err = error_for(tmp_path, GOOD + 'ca_file = "/nonexistent/ca.pem"\n')
     assert err.problems[0].startswith("ca_file:")
+
+
+@pytest.mark.parametrize("field", ["default_subject", "from_name", "sent_folder", "imap_folder"])
+def test_line_breaks_in_header_bound_fields_are_refused(tmp_path: Path, field: str) -> None:
+    # default_subject = "Hi\r\nBcc: victim@evil.example" would add a real Bcc header.
+    err = error_for(tmp_path, GOOD + f'{field} = "Hello\\r\\nBcc: victim@evil.example"\n')
+    assert err.problems == [f"{field}: must not contain line breaks or NUL"]
+
+
+def test_ca_file_that_is_not_a_certificate_is_refused(tmp_path: Path) -> None:
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("this is not a certificate\n")
+    err = error_for(tmp_path, GOOD + f'ca_file = "{bogus}"\n')
+    assert err.problems[0].startswith("ca_file:")
+    assert "no usable PEM certificate" in err.problems[0]
+
+
+def test_only_localhost_and_loopback_literals_count_as_loopback() -> None:
+    from prx_channel_email.config import is_loopback
+
+    assert is_loopback("localhost") and is_loopback("127.0.0.2") and is_loopback("[::1]")
+    # A *.localhost name may be resolved through DNS, i.e. off this machine.
+    assert not is_loopback("mail.localhost")
+    assert not is_loopback("localhost.example.com")

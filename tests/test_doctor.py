@@ -260,6 +260,17 @@ async def test_send_test_sends_exactly_one_message(
     assert received.message()["Subject"].startswith("prx-email doctor")
 
 
+@pytest.mark.parametrize("address", ["a@x.example, b@y.example", "a@x.example\r\nBcc: c@z"])
+async def test_send_test_to_anything_but_one_address_sends_nothing(
+    base: dict[str, Any], smtp_server: SmtpServer, address: str
+) -> None:
+    report = await diagnose(base, send_test=address)
+    assert report.exit_code == 1
+    assert status_of(report)["send test"] == "fail"
+    assert status_of(report)["smtp auth"] == "pass"  # the rest of the report is still there
+    smtp_server.assert_no_more_messages(0, within=0.5)
+
+
 async def test_invalid_config_file_exits_2(tmp_path: Path) -> None:
     path = tmp_path / "config.toml"
     path.write_text('[channels_config.email]\nimap_host = "x"\nimap_port = "many"\n')

@@ -8,15 +8,21 @@ Both share one state store (store.py) and one set of counters.
 from __future__ import annotations
 
 import asyncio
+import logging
 from types import TracebackType
 
 from .config import EmailConfig
 from .inbound import InboundPipeline
 from .models import Channel, ChannelMessage, SendMessage
-from .observability import Metrics
+from .observability import Metrics, log_event
 from .outbox import Outbox
 from .store import StateStore
 from .sync import SyncEngine, SyncStatus
+
+log = logging.getLogger(__name__)
+
+# How long close() waits for a cancelled listen() to finish its last ledger write.
+LISTENER_STOP_SECS = 15.0
 
 
 class EmailChannel(Channel):
@@ -105,4 +111,7 @@ class EmailChannel(Channel):
         for task in others:
             task.cancel()
         if others:
-            await asyncio.wait(others)
+            _done, stuck = await asyncio.wait(others, timeout=LISTENER_STOP_SECS)
+            if stuck:
+                log_event(log, logging.WARNING, "channel.listener_stop_timeout",
+                          account=self.config.account, code="stop_timeout")  # fmt: skip

@@ -41,6 +41,8 @@ CLIENT_ID = {"name": "prx-channel-email", "version": "0.1.0"}
 _CRLF = b"\r\n"
 _LITERAL_RE = re.compile(rb".*\{(?P<size>\d+)\}$")
 _FETCH_START_RE = re.compile(rb"^(\d+) FETCH \(")
+# The slowest link a body download is expected to survive: 25 MB in about 400 s.
+MIN_FETCH_BYTES_PER_SEC = 64 * 1024
 _UID_RE = re.compile(rb"\bUID (\d+)")
 _SIZE_RE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 _EXISTS_RE = re.compile(rb"^\* \d+ EXISTS\b", re.IGNORECASE)
@@ -502,14 +504,22 @@ class ImapSession:
         out: dict[int, bytes] = {}
         for batch in _chunks(uids, self.config.fetch_batch_size):
             for uid, msg in (await self.uid_fetch(batch, "(UID BODY.PEEK[HEADER])")).items():
-                out[uid] = msg.data or b""
+                if msg.data is not None:  # no data is "missing", never an empty message
+                    out[uid] = msg.data
         return out
 
-    async def fetch_bodies(self, uids: list[int]) -> dict[int, bytes]:
-        """Whole messages with ``BODY.PEEK[]`` (never sets ``\\Seen``), one batch."""
-        limit = self.config.command_timeout_secs * (1 + len(uids) // 10)
+    async def fetch_bodies(self, uids: list[int], total_bytes: int = 0) -> dict[int, bytes]:
+        """Whole messages with ``BODY.PEEK[]`` (never sets ``\\Seen``), one batch.
+
+        The deadline grows with the bytes expected, so a big message on a slow link
+        is not cut off (and fetched again, forever) by a fixed command timeout.
+        """
+        limit = (
+            self.config.command_timeout_secs * (1 + len(uids) // 10)
+            + total_bytes / MIN_FETCH_BYTES_PER_SEC
+        )
         fetched = await self.uid_fetch(uids, "(UID BODY.PEEK[])", limit=limit)
-        return {uid: msg.data or b"" for uid, msg in fetched.items()}
+        return {uid: msg.data for uid, msg in fetched.items() if msg.data is not None}
 
     async def store_flags(self, uids: list[int], flags: str = "(\\Seen)") -> None:
         resp = await self._execute("UID STORE", uid_set(uids), "+FLAGS.SILENT", flags)
@@ -618,8 +628,14 @@ class ImapSession:
                 await self._run(
                     self._proto.logout(), "LOGOUT", min(5.0, self.config.command_timeout_secs)
                 )
-        except (ChannelError, OSError, asyncio.CancelledError, _aio.AioImapException):
+        except (ChannelError, OSError, _aio.AioImapException):
             pass
+        except asyncio.CancelledError:
+            # aioimaplib cancels its own futures when the link drops: that is not ours
+            # to keep. A cancellation of this task (close(), shutdown) must go on.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
         finally:
             self.abort()
 
@@ -731,10 +747,14 @@ def _parse_fetch(lines: list[Any]) -> dict[int, FetchedMessage]:
         uid = _UID_RE.search(joined)
         if uid:
             size = _SIZE_RE.search(joined)
-            out[int(uid.group(1))] = FetchedMessage(
-                uid=int(uid.group(1)),
-                size=int(size.group(1)) if size else None,
-                data=literal,
+            key = int(uid.group(1))
+            earlier = out.get(key)
+            # A second, body-less answer for the same UID (an unsolicited FLAGS update
+            # that carries the UID) must not replace the body we already have.
+            out[key] = FetchedMessage(
+                uid=key,
+                size=int(size.group(1)) if size else (earlier.size if earlier else None),
+                data=literal if literal is not None else (earlier.data if earlier else None),
             )
 
     for line in lines:

@@ -271,10 +271,15 @@ class StateStore:
         item = Decided(cursor, message_id, outcome, reason, uid, entry)
         await self.record_many(account, folder, [item])
 
-    async def record_many(self, account: str, folder: str, items: list[Decided]) -> None:
+    async def record_many(
+        self, account: str, folder: str, items: list[Decided], *, move_cursor: bool = True
+    ) -> None:
         """Record several decisions and cursor moves in one transaction (one fsync).
 
         Items without a ``message_id`` only move the cursor (a skipped duplicate).
+        ``move_cursor=False`` writes the ledger rows only: during a first start or a
+        re-baseline the cursor must not exist half-way, or the next start would
+        continue from it instead of finishing that pass.
         """
 
         def tx(conn: sqlite3.Connection) -> None:
@@ -286,7 +291,7 @@ class StateStore:
                     " received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
-            for cursor in _cursor_moves(items):
+            for cursor in _cursor_moves(items) if move_cursor else ():
                 _write_cursor(conn, account, folder, cursor)
 
         await self.run(tx)

@@ -39,13 +39,21 @@ log = logging.getLogger("prx_channel_email.sync")
 
 # Bytes of message bodies fetched in one UID FETCH (bounds memory during a backlog).
 FETCH_BYTES_BUDGET = 8 * 1024 * 1024
-# A message listed by SEARCH but missing from the FETCH answer (some servers do this
-# while they sync internally) is fetched again this many times before it is skipped.
+# A message listed by SEARCH but missing from a FETCH answer (some servers do this
+# while they sync internally) is fetched again, after 1 s, 2 s, 4 s ... (at most 30 s),
+# and skipped with an error only once it has been missing for MISSING_GIVE_UP_SECS
+# and MISSING_BODY_RETRIES fetches. Meanwhile the cursor waits in front of it.
 MISSING_BODY_RETRIES = 3
+MISSING_GIVE_UP_SECS = 300.0
+MISSING_RETRY_BASE_SECS = 1.0
 
 
 class _RefetchNeeded(Exception):
     """A listed message came back without its body: stop before it, sync again."""
+
+    def __init__(self, uid: int, delay: float) -> None:
+        super().__init__(uid)
+        self.delay = delay
 
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
@@ -92,7 +100,8 @@ class SyncEngine:
         self.auth_backoff = auth_backoff or Backoff(base=30.0, cap=1800.0)
         self._open = session_factory
         self._idle_refused = False  # the server advertised IDLE but refused it: poll instead
-        self._missing: dict[int, int] = {}  # uid -> FETCHes that came back without it
+        self._missing: dict[int, tuple[int, float]] = {}  # uid -> (misses, first miss)
+        self._resync_in: float | None = None  # fetch again after this long (a missing body)
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
 
     # --- the outer loop: connect, serve, back off ---
@@ -163,6 +172,10 @@ class SyncEngine:
             self.synced.set()
             if session.changed.is_set():
                 continue  # mail was announced while we synced
+            if self._resync_in is not None:
+                delay, self._resync_in = self._resync_in, None
+                await asyncio.sleep(delay)  # give the server a moment, then ask again
+                continue
             if self.status.mode == "idle":
                 await self._idle_once(session)
             else:
@@ -213,7 +226,7 @@ class SyncEngine:
                 unseen = await session.uid_search("UNSEEN")
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
                           folder=self.folder, mode="unseen", count=len(unseen))  # fmt: skip
-                if not await self._handle(session, uv, unseen, queue):
+                if not await self._handle(session, uv, unseen, queue, move_cursor=False):
                     return  # stopped before a message it must fetch again: no baseline yet
             else:
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
@@ -250,7 +263,7 @@ class SyncEngine:
         log_event(log, logging.WARNING, "inbound.uidvalidity_changed", account=self.account,
                   folder=self.folder, old=old.uidvalidity, new=info.uidvalidity,
                   rechecked=len(uids), code="uidvalidity_changed")  # fmt: skip
-        if await self._handle(session, info.uidvalidity, uids, queue):
+        if await self._handle(session, info.uidvalidity, uids, queue, move_cursor=False):
             await self.store.set_cursor(
                 self.account, self.folder, Cursor(info.uidvalidity, info.uidnext - 1)
             )
@@ -263,6 +276,8 @@ class SyncEngine:
         uv: int,
         uids: list[int],
         queue: asyncio.Queue[ChannelMessage],
+        *,
+        move_cursor: bool = True,
     ) -> bool:
         """Hand on ``uids`` in ascending order, in bounded windows.
 
@@ -272,7 +287,8 @@ class SyncEngine:
         uids = sorted(uids)
         window = self.config.fetch_batch_size * 10
         for start in range(0, len(uids), window):
-            if not await self._handle_window(session, uv, uids[start : start + window], queue):
+            chunk = uids[start : start + window]
+            if not await self._handle_window(session, uv, chunk, queue, move_cursor):
                 return False
         return True
 
@@ -282,6 +298,7 @@ class SyncEngine:
         uv: int,
         uids: list[int],
         queue: asyncio.Queue[ChannelMessage],
+        move_cursor: bool = True,
     ) -> bool:
         """Sizes and Message-IDs first, then bodies: the next chunk downloads while
         this one is handed on, and each ledger write overlaps the next message."""
@@ -296,21 +313,21 @@ class SyncEngine:
             self.config.max_message_bytes,
             self.config.fetch_batch_size,
         )
-        hand = _Handoff(self, uv, queue, header_ids)
+        hand = _Handoff(self, uv, queue, header_ids, move_cursor)
         ahead: asyncio.Task[dict[int, bytes]] | None = None
         complete = True
         try:
             for i, step in enumerate(steps):
                 if ahead is None:
-                    ahead = asyncio.create_task(self._download(session, step))
+                    ahead = asyncio.create_task(self._download(session, step, meta))
                 data = await ahead
                 ahead = None
                 if i + 1 < len(steps):
-                    ahead = asyncio.create_task(self._download(session, steps[i + 1]))
+                    ahead = asyncio.create_task(self._download(session, steps[i + 1], meta))
                 await self._process_step(step, data, meta, hand)
-        except _RefetchNeeded:
+        except _RefetchNeeded as need:
             complete = False
-            session.changed.set()  # the serve loop syncs again at once, from the cursor
+            self._resync_in = need.delay  # the serve loop syncs again, from the cursor
         finally:
             if ahead is not None:
                 ahead.cancel()
@@ -319,10 +336,13 @@ class SyncEngine:
             await self._after_handoff(session, hand.delivered)
         return complete
 
-    async def _download(self, session: ImapSession, step: _Step) -> dict[int, bytes]:
+    async def _download(
+        self, session: ImapSession, step: _Step, meta: dict[int, FetchedMessage]
+    ) -> dict[int, bytes]:
         kind, uids = step
         if kind == "bodies":
-            bodies = await session.fetch_bodies(uids)
+            expected = sum(meta[u].size or 0 for u in uids if u in meta)
+            bodies = await session.fetch_bodies(uids, total_bytes=expected)
             self.metrics.inc("inbound.fetched", len(bodies))
             return bodies
         if kind == "oversized":
@@ -343,7 +363,7 @@ class SyncEngine:
                 hand.skip(uid, header_id or "")
                 continue
             raw = data.get(uid)
-            if raw is None:
+            if raw is None:  # kind "missing", or a FETCH answer that left it out
                 self._body_missing(uid, header_id)  # raises unless it is time to give up
                 continue
             self._missing.pop(uid, None)
@@ -355,12 +375,19 @@ class SyncEngine:
 
     def _body_missing(self, uid: int, header_id: str | None) -> None:
         """Never let the cursor pass a message we did not get: stop here and fetch it
-        again. Expunged meanwhile, it is no longer listed and the next pass moves on;
-        still listed after MISSING_BODY_RETRIES passes, it is skipped with an error."""
-        tries = self._missing.get(uid, 0) + 1
-        if tries < MISSING_BODY_RETRIES:
-            self._missing[uid] = tries
-            raise _RefetchNeeded(uid)
+        again, backing off. Expunged meanwhile, it is no longer listed and the next pass
+        moves on; still listed after the give-up time, it is skipped with an error."""
+        misses, first = self._missing.get(uid, (0, time.monotonic()))
+        misses += 1
+        waited = time.monotonic() - first
+        if misses < MISSING_BODY_RETRIES or waited < MISSING_GIVE_UP_SECS:
+            self._missing[uid] = (misses, first)
+            delay = min(MISSING_RETRY_BASE_SECS * 2 ** (misses - 1), 30.0)
+            log_event(log, logging.WARNING, "inbound.fetch_incomplete", account=self.account,
+                      folder=self.folder, uid=uid, message_id=header_id, misses=misses,
+                      retry_in=f"{delay:.1f}s", code="fetch_incomplete")  # fmt: skip
+            raise _RefetchNeeded(uid, delay)
+        tries = misses
         self._missing.pop(uid, None)
         self.metrics.inc("inbound.errors")
         log_event(log, logging.ERROR, "inbound.body_missing", account=self.account,
@@ -428,11 +455,13 @@ class _Handoff:
         uv: int,
         queue: asyncio.Queue[ChannelMessage],
         header_ids: dict[int, str | None],
+        move_cursor: bool = True,
     ) -> None:
         self.engine = engine
         self.uv = uv
         self.queue = queue
         self.header_ids = header_ids
+        self.move_cursor = move_cursor
         self.delivered: list[int] = []
         self._handled: set[str] = set()
         self._pending: list[Decided] = []
@@ -449,7 +478,7 @@ class _Handoff:
         e = self.engine
         while self._pending:
             items, self._pending = self._pending, []
-            await e.store.record_many(e.account, e.folder, items)
+            await e.store.record_many(e.account, e.folder, items, move_cursor=self.move_cursor)
 
     async def flush(self) -> None:
         while self._writer is not None:
@@ -515,8 +544,12 @@ def _plan(
     pending_bytes = 0
     for uid in uids:
         m = meta.get(uid)
-        if m is None:
-            continue  # expunged between SEARCH and FETCH
+        if m is None:  # expunged since SEARCH, or left out: find out by asking again
+            if pending:
+                steps.append(("bodies", pending))
+                pending, pending_bytes = [], 0
+            steps.append(("missing", [uid]))
+            continue
         mid = header_ids.get(uid)
         size = m.size or 0
         kind = "bodies"

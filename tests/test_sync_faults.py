@@ -9,9 +9,17 @@ from typing import Any
 
 import pytest
 
+from prx_channel_email import sync
+from prx_channel_email.channel import EmailChannel
 from prx_channel_email.config import EmailConfig
+from prx_channel_email.models import ChannelMessage
 from tests.fakes.imap_server import FakeImapServer
 from tests.fakes.pipeline import mail, mid, running_engine
+
+
+@pytest.fixture(autouse=True)
+def _quick_refetch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sync, "MISSING_RETRY_BASE_SECS", 0.01)
 
 
 @pytest.fixture
@@ -147,14 +155,73 @@ async def test_a_body_missing_while_idling_is_fetched_again(
 
 
 async def test_a_body_that_never_comes_is_skipped_with_an_error_after_retries(
-    fake: FakeImapServer, tmp_path: Path
+    fake: FakeImapServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     box = fake.folders["INBOX"]
     box.add(mail(1))
     stuck = box.add(mail(2))
     box.add(mail(3))
     fake.omit_body[stuck] = 1000
+    monkeypatch.setattr(sync, "MISSING_GIVE_UP_SECS", 0.0)
     async with running_engine(fake_config(fake, tmp_path, initial_sync="unseen")) as run:
         assert await run.take(2) == [mid(1), mid(3)]
         assert run.metrics.get("inbound.errors") == 1
         assert fake.omit_body[stuck] == 1000 - 3  # fetched three times before giving up
+
+
+async def test_close_is_not_held_up_by_a_server_that_never_answers_logout(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    """A cancel arriving while the engine logs out (after an error) must stop it;
+    swallowing it kept the listener reconnecting and close() waiting forever."""
+    fake.answer_logout = False
+    channel = EmailChannel(fake_config(fake, tmp_path, imap_folder="Missing"))
+    queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+    listener = asyncio.create_task(channel.listen(queue))
+    await asyncio.wait_for(fake.logout_seen.wait(), 10)  # in logout() after folder_missing
+    await asyncio.wait_for(channel.close(), 5)
+    assert listener.done() and listener.cancelled()
+
+
+async def test_a_message_missing_from_the_size_fetch_is_not_passed_over(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    box = fake.folders["INBOX"]
+    box.add(mail(1))
+    second = box.add(mail(2))
+    box.add(mail(3))
+    fake.omit_meta[second] = 2
+    async with running_engine(fake_config(fake, tmp_path, initial_sync="unseen")) as run:
+        assert await run.take(3) == [mid(1), mid(2), mid(3)]
+        assert run.metrics.get("inbound.errors") == 0
+
+
+async def test_a_briefly_missing_body_is_not_given_up_after_a_few_quick_passes(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    """Giving up takes both tries and time: five quick misses are still retried."""
+    box = fake.folders["INBOX"]
+    box.add(mail(1))
+    late = box.add(mail(2))
+    fake.omit_body[late] = 5
+    async with running_engine(fake_config(fake, tmp_path, initial_sync="unseen")) as run:
+        assert await run.take(2) == [mid(1), mid(2)]
+        assert run.metrics.get("inbound.errors") == 0
+
+
+async def test_an_interrupted_unseen_first_start_never_hands_on_read_mail(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    """The first pass stops at a body it must fetch again; the next pass must still be
+    a first start (unseen mail only), not a resume from a half-way cursor."""
+    box = fake.folders["INBOX"]
+    uids = [box.add(mail(n)) for n in range(1, 11)]
+    for uid in uids:
+        if uid not in (3, 8):
+            box.flags[uid].add("\\Seen")
+    fake.omit_body[8] = 1
+    async with running_engine(fake_config(fake, tmp_path, initial_sync="unseen")) as run:
+        assert await run.take(2) == [mid(3), mid(8)]
+        run.engine.synced.clear()
+        await run.wait_for(run.engine.synced.is_set)
+        assert run.queue.empty(), "read mail was handed on"

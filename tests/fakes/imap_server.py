@@ -50,6 +50,9 @@ class FakeImapServer:
         self.commands: list[str] = []
         # uid -> how many more body FETCHes leave it out (a server syncing internally)
         self.omit_body: dict[int, int] = {}
+        self.omit_meta: dict[int, int] = {}  # the same, for the size/Message-ID FETCH
+        self.answer_logout = True  # False: a slow server that never answers LOGOUT
+        self.logout_seen = asyncio.Event()
         self.logins = 0
         self.idling = asyncio.Event()
         self.port = 0
@@ -140,6 +143,10 @@ class FakeImapServer:
                     self.commands.append(done.decode().strip())
                     send(f"{tag} OK idle done")
                 elif cmd == "LOGOUT":
+                    self.logout_seen.set()
+                    if not self.answer_logout:
+                        await reader.read()  # hold the line, say nothing
+                        return
                     send("* BYE bye")
                     send(f"{tag} OK done")
                     await writer.drain()
@@ -171,8 +178,9 @@ class FakeImapServer:
             for uid in _select(uid_part, uids):
                 raw = box.messages[uid]
                 is_body = "BODY.PEEK[]" in items or "BODY[]" in items
-                if is_body and self.omit_body.get(uid, 0) > 0:
-                    self.omit_body[uid] -= 1
+                omit = self.omit_body if is_body else self.omit_meta
+                if ("HEADER.FIELDS" in items or is_body) and omit.get(uid, 0) > 0:
+                    omit[uid] -= 1
                     continue
                 header = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
                 seq = uids.index(uid) + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ssl
 
 from .config import EmailConfig
@@ -10,9 +11,16 @@ from .errors import InsecureConnectionError
 
 def ssl_context(config: EmailConfig) -> ssl.SSLContext:
     """The system trust store, plus ``ca_file`` for self-signed servers. Never unverified."""
+    return _context(str(config.ca_file) if config.ca_file is not None else None)
+
+
+@functools.lru_cache(maxsize=16)
+def _context(ca_file: str | None) -> ssl.SSLContext:
+    # Reading the system trust store takes tens of milliseconds: once per CA file,
+    # not once per connection on the event loop. A context is safe to share.
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    if config.ca_file is not None:
-        ctx.load_verify_locations(cafile=str(config.ca_file))
+    if ca_file is not None:
+        ctx.load_verify_locations(cafile=ca_file)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 

@@ -144,7 +144,7 @@ class EmailConfig(BaseSettings):
 
     # --- outbound ---
     from_name: str | None = None
-    send_max_attempts: Annotated[int, Field(ge=1, le=100)] = 8
+    send_max_attempts: Annotated[int, Field(ge=1, le=100)] = 40
     send_retry_max_secs: PositiveInt = 900
     max_outbound_attachment_bytes: PositiveInt = 20 * 1024 * 1024
     save_sent: bool = False

@@ -9,10 +9,21 @@ What a crash at each step means:
 
 - before the row is written: nothing was sent, ``send()`` had not returned;
 - after the row is written, before or during SMTP: the lease expires and the
-  worker (this run or the next) sends it;
+  worker of the next run (or of another process on the same state) sends it;
 - after the server accepted, before ``sent`` is recorded: it is sent again with
   the same Message-ID (a duplicate at the SMTP level, one message in the client);
 - after ``sent`` is recorded: never sent again.
+
+Leases are for rows of a process that died. A live process never takes back a
+row it is still working on: every row that a ``send()`` or the worker is
+attempting, or that was accepted but is not yet recorded as sent, is in an
+in-process set the worker's claim skips, however long the attempt takes. The
+lease is also renewed when an attempt actually starts (after waiting its turn).
+
+Attempts are serialised by the outbox (the transport has one connection
+anyway), and the auth hold-off is checked when an attempt starts: after one
+refused login, replies that were already queued fail at once (``auth_failed``)
+instead of each trying the bad password again.
 """
 
 from __future__ import annotations
@@ -20,11 +31,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import os
 import signal
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -46,8 +59,9 @@ log = logging.getLogger(__name__)
 #: before the outbox records it as sent (used by tests/outbox_kill_child.py).
 KILL_AFTER_ACCEPT_ENV = "PRX_EMAIL_TEST_KILL_AFTER_ACCEPT"
 
-#: Replies with more text than this (or with attachments) are composed in a thread.
-INLINE_COMPOSE_CHARS = 20_000
+#: Replies with more text than this (or with attachments) are composed in a thread:
+#: adversarial Markdown renders in super-linear time (20,000 chars took 0.4 s).
+INLINE_COMPOSE_CHARS = 2_000
 
 #: At most this long passes between the server accepting a reply and "sent" on disk
 #: (unless another write carries it sooner).
@@ -55,6 +69,13 @@ SENT_FLUSH_DELAY_SECS = 0.2
 
 #: The longest the worker sleeps without looking at the table again.
 MAX_IDLE_WAIT_SECS = 60.0
+
+#: After a failed "sent" write, the next try comes this much later.
+SENT_FLUSH_RETRY_SECS = 1.0
+
+#: ``last_error`` of a row that failed because its attempts ran out (every one of
+#: them transient) starts with this; :meth:`Outbox.requeue_failed` revives those.
+EXHAUSTED_PREFIX = "gave up after "
 
 
 class SentFolder(Protocol):
@@ -118,11 +139,22 @@ class Outbox:
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
+        # Rows this process is attempting (or holds for an attempt): id -> lease end.
+        # The worker never claims them, whatever their lease says.
+        self._active: dict[int, float] = {}
+        # Accepted by the server, "sent" not yet on disk ...
         self._unrecorded: dict[int, _Row] = {}
+        # ... and those whose "sent" write is under way.
+        self._recording: dict[int, _Row] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._to_store: list[tuple[Composed, asyncio.Future[int]]] = []
         self._committer: asyncio.Task[None] | None = None
+        # One attempt at a time; the auth hold-off is checked once it is our turn.
+        self._attempt_lock = asyncio.Lock()
         self._closing = False
+        self._inflight = 0  # send() calls under way
+        self._settled = asyncio.Event()
+        self._settled.set()
         self._worker: asyncio.Task[None] | None = None
 
     # --- lifecycle ---
@@ -131,6 +163,7 @@ class Outbox:
         """Start the background worker; it also sends what an earlier run left pending."""
         if self._worker is not None:
             return
+        self._closing = False
         account = self.config.account
         now = time.time()
 
@@ -165,22 +198,30 @@ class Outbox:
         self._worker = asyncio.create_task(self._run(), name="prx-email-outbox")
 
     async def close(self) -> None:
-        """Stop the worker; pending items stay in the store for the next start.
+        """Stop sending; what is not sent stays in the store for the next start.
 
-        A send in flight may finish (bounded by the SMTP timeouts) so that an
-        accepted message is recorded as sent rather than sent again next time.
+        In order: new ``send()`` calls are refused (``SendError``, code
+        ``closed``); queued replies whose SMTP attempt has not started stay
+        queued (their ``send()`` returns normally: they are durably queued);
+        the SMTP exchanges under way (foreground or worker) get up to
+        ``connect_timeout_secs + command_timeout_secs`` to finish, so an
+        accepted message is recorded as sent rather than sent again next time;
+        then "sent" is written and the worker stopped.
+
+        An exchange still running when that bound expires keeps its row in
+        ``sending``: the next start sends it again, with the same Message-ID
+        (one message in the recipient's client, two at the SMTP level).
         """
+        self._closing = True
+        self._wake.set()
         worker, self._worker = self._worker, None
+        grace = self.config.connect_timeout_secs + self.config.command_timeout_secs
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settle(worker), timeout=grace)
         if worker is not None:
-            self._closing = True
-            self._wake.set()
-            grace = self.config.connect_timeout_secs + self.config.command_timeout_secs
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(worker), timeout=grace)
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
-            self._closing = False
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -191,6 +232,17 @@ class Outbox:
         if self.sent_folder is not None:
             await self.sent_folder.close()
         await self.transport.close()
+        # transport.close() waited for an exchange past the bound; if it was accepted
+        # meanwhile, record it now (the store is still open).
+        await self._flush_sent()
+
+    async def _settle(self, worker: asyncio.Task[None] | None) -> None:
+        """Wait for the worker to stop and for every ``send()`` under way to return."""
+        if worker is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(worker)
+        while self._inflight:
+            await self._settled.wait()
 
     async def wait_idle(self) -> None:
         """Return once nothing is waiting to be sent (sent or failed for good).
@@ -208,23 +260,62 @@ class Outbox:
     async def send(self, message: SendMessage) -> str:
         """Compose, store, and try to send; returns the Message-ID. Raises SendError.
 
-        Returns after the server accepted the message, or after a transient
-        failure once the message is durably queued for the worker.
+        Returns after the server accepted the message, or once the message is
+        durably queued for the worker (after a transient failure, or when
+        :meth:`close` began before its attempt started).
+
+        Raises ``SendError`` for bad input, a permanent refusal, a refused login
+        (also ``auth_failed`` for replies queued behind the refused one, and
+        for every reply during the hold-off that follows), and with code
+        ``closed`` once :meth:`close` has begun; in all these cases the reply
+        will not be sent.
+
+        Cancelling (e.g. ``asyncio.wait_for`` timing out) does NOT withdraw the
+        reply once it was stored: the worker still delivers it. If the
+        cancellation came before the SMTP exchange started, the row is made due
+        at once and the worker sends it promptly; if it came during the
+        exchange, the server may already have it, and the worker resends it
+        (same Message-ID) only after the lease expires. Only a cancellation
+        before the row is written means "not sent". So a caller that retries a
+        cancelled send creates a second, different message.
         """
-        if time.monotonic() < self._auth_failed_until:
+        if self._closing:
             raise SendError(
-                f"not sending: the SMTP server {self.config.smtp_host} refused our login "
-                "recently; fix the credentials and restart the channel",
-                code="auth_failed",
+                "not sending: the email channel is closing or closed",
+                code="closed",
                 recipient=message.recipient,
             )
+        self._inflight += 1
+        self._settled.clear()
+        try:
+            return await self._send(message)
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._settled.set()
+
+    def _holdoff_error(self, recipient: str, message_id: str | None = None) -> SendError:
+        return SendError(
+            f"not sending: the SMTP server {self.config.smtp_host} refused our login "
+            "recently; fix the credentials and restart the channel",
+            code="auth_failed",
+            recipient=recipient,
+            message_id=message_id,
+        )
+
+    async def _send(self, message: SendMessage) -> str:
+        if time.monotonic() < self._auth_failed_until:
+            raise self._holdoff_error(message.recipient)
         recipient = parse_recipient(message.recipient)
         parent = await self._find_parent(message, recipient)
         build = functools.partial(
             compose,
             self.config,
             content=message.content,
-            recipient=parent.reply_target if parent and parent.reply_target else recipient,
+            # Always the caller's recipient: the parent only threads the reply. (msg.reply()
+            # already addresses its reply target; a Reply-To must not redirect a
+            # message the framework addressed to someone explicitly.)
+            recipient=recipient,
             subject=message.subject,
             parent=parent,
             attachments=list(message.attachments),
@@ -253,34 +344,52 @@ class Outbox:
         self._to_store.append((composed, done))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit_new())
-        return await done
+        try:
+            return await done
+        except asyncio.CancelledError:
+            if done.done() and not done.cancelled() and done.exception() is None:
+                # Stored, then cancelled before the attempt: hand it to the worker now.
+                self._active.pop(done.result(), None)
+                self._release_soon([done.result()])
+            raise
 
     async def _commit_new(self) -> None:
         while self._to_store:
-            batch, self._to_store = self._to_store, []
+            # A send cancelled before its row was written stores nothing.
+            batch = [(c, done) for c, done in self._to_store if not done.done()]
+            self._to_store = []
+            if not batch:
+                continue
             recorded = self._take_unrecorded()
             rows = [c for c, _ in batch]
             try:
-                ids = await self.store.run(
+                ids, until = await self.store.run(
                     functools.partial(self._insert_rows, rows=rows, recorded=recorded)
                 )
             except BaseException as exc:
-                self._unrecorded.update((r.id, r) for r in recorded)
+                self._recorded(recorded, ok=False)
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
                 if not isinstance(exc, Exception):
                     raise
                 continue
+            self._recorded(recorded, ok=True)
             if recorded:
                 self._changed.set()
+            orphans: list[int] = []
             for (_, done), row_id in zip(batch, ids, strict=True):
-                if not done.done():
+                if done.done():  # cancelled while the row was written: nobody will attempt it
+                    orphans.append(row_id)
+                else:
+                    self._active[row_id] = until
                     done.set_result(row_id)
+            if orphans:
+                self._release_soon(orphans)
 
     def _insert_rows(
         self, conn: sqlite3.Connection, *, rows: list[Composed], recorded: list[_Row]
-    ) -> list[int]:
+    ) -> tuple[list[int], float]:
         self._mark_sent(conn, recorded)
         now = time.time()
         ids: list[int] = []
@@ -303,7 +412,7 @@ class Outbox:
             )
             assert cur.lastrowid is not None
             ids.append(cur.lastrowid)
-        return ids
+        return ids, now + self.lease_secs
 
     async def _find_parent(self, message: SendMessage, recipient: str) -> Parent | None:
         """The message this reply answers: explicit ids first, else the sender's latest."""
@@ -327,11 +436,46 @@ class Outbox:
         return parent_from_ids(reply_id, thread, recipient)
 
     async def _attempt(self, row: _Row, *, foreground: bool) -> None:
+        """One SMTP attempt for a row this process holds (in ``_active``).
+
+        Waits its turn on the attempt lock; then, before any SMTP, looks again at
+        the close flag and the auth hold-off (either may have changed while it
+        waited) and renews the lease.
+        """
+        in_smtp = False
+        failure: SmtpFailure | None = None
         try:
-            await self.transport.send(row.mail_from, row.recipient, row.raw)
-        except SmtpFailure as failure:
-            await self._failed_attempt(row, failure, foreground=foreground)
-            return
+            async with self._attempt_lock:
+                if self._closing:
+                    await self._release([row.id])  # durably queued for the next start
+                    return
+                if time.monotonic() < self._auth_failed_until:
+                    await self._held_off(row, foreground=foreground)
+                    return
+                await self._renew_lease(row)
+                in_smtp = True
+                try:
+                    await self.transport.send(row.mail_from, row.recipient, row.raw)
+                except SmtpFailure as exc:
+                    failure = exc
+                    if exc.auth:  # before the next queued attempt gets the lock
+                        self._auth_failed_until = time.monotonic() + self._auth_holdoff_secs
+                else:
+                    self._accepted(row)
+            if failure is not None:
+                await self._failed_attempt(row, failure, foreground=foreground)
+        except asyncio.CancelledError:
+            if not in_smtp:
+                # Cancelled before the exchange began: the worker sends it now, not
+                # after the lease. (During the exchange the server may have it; the
+                # lease then decides.)
+                self._release_soon([row.id])
+            raise
+        finally:
+            self._active.pop(row.id, None)
+
+    def _accepted(self, row: _Row) -> None:
+        """The server took the row's message; synchronous, so nothing can come between."""
         if os.environ.get(KILL_AFTER_ACCEPT_ENV) == "1":
             os.kill(os.getpid(), signal.SIGKILL)
         self.healthy = True
@@ -339,8 +483,7 @@ class Outbox:
         # so a burst costs one fsync per reply. Dying before it lands means one resend
         # with the same Message-ID: the same as dying just before recording it.
         self._unrecorded[row.id] = row
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_sent_soon())
+        self._schedule_flush(SENT_FLUSH_DELAY_SECS)
         self.metrics.inc("outbound.sent")
         self._log_row(
             logging.INFO,
@@ -353,22 +496,142 @@ class Outbox:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    async def _renew_lease(self, row: _Row) -> None:
+        """Push the lease out when the attempt starts, if waiting used much of it.
+
+        Only other processes look at leases (this one skips ``_active`` rows), so
+        a failed write is logged and the attempt goes ahead.
+        """
+        now = time.time()
+        if self._active.get(row.id, 0.0) - now >= self.lease_secs / 2:
+            return
+        until = now + self.lease_secs
+        recorded = self._take_unrecorded()
+
+        def renew(conn: sqlite3.Connection) -> None:
+            self._mark_sent(conn, recorded)
+            conn.execute(
+                "UPDATE outbox SET lease_until=?, updated_at=? WHERE id=? AND state='sending'",
+                (until, now, row.id),
+            )
+
+        try:
+            await self.store.run(renew)
+        except Exception as exc:
+            self._recorded(recorded, ok=False)
+            self._log_row(
+                logging.WARNING, "outbox.lease_renew_failed", row, error=str(exc), code="outbox"
+            )
+            return
+        except BaseException:
+            self._recorded(recorded, ok=False)
+            raise
+        self._recorded(recorded, ok=True)
+        if recorded:
+            self._changed.set()
+        self._active[row.id] = until
+
+    async def _release(self, ids: list[int]) -> None:
+        """Rows held but not attempted go back to ``pending``, due now, attempts unchanged."""
+        now = time.time()
+        await self.store.run(
+            lambda conn: conn.executemany(
+                "UPDATE outbox SET state='pending', lease_until=NULL, next_attempt_at=?,"
+                " updated_at=? WHERE id=? AND state='sending'",
+                [(now, now, i) for i in ids],
+            )
+        )
+        self._changed.set()
+        self._wake.set()
+
+    def _release_soon(self, ids: list[int]) -> None:
+        """:meth:`_release` in a task of its own (the caller is being cancelled)."""
+
+        async def release() -> None:
+            try:
+                await self._release(ids)
+            except Exception as exc:  # the lease expires; the worker sends it then
+                log_event(
+                    log,
+                    logging.ERROR,
+                    "outbox.release_failed",
+                    exc,
+                    account=self.config.account,
+                    code="outbox_record_failed",
+                )
+
+        task = asyncio.create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _held_off(self, row: _Row, *, foreground: bool) -> None:
+        """Our turn came during the auth hold-off: no login attempt, no attempt counted.
+
+        A ``send()`` fails like the refused one did (its row is marked failed, and
+        :meth:`requeue_failed` leaves it alone); a worker row goes back to pending
+        and waits out the hold-off.
+        """
+        if not foreground:
+            await self._release([row.id])
+            return
+        error = self._holdoff_error(row.recipient, row.message_id)
+        now = time.time()
+        await self.store.run(
+            lambda conn: conn.execute(
+                "UPDATE outbox SET state='failed', lease_until=NULL, last_error=?,"
+                " smtp_code=NULL, updated_at=? WHERE id=?",
+                (str(error), now, row.id),
+            )
+        )
+        self._changed.set()
+        self.metrics.inc("outbound.failed")
+        self._log_row(
+            logging.ERROR,
+            "outbound.failed",
+            row,
+            attempt=row.attempts,
+            code="auth_failed",
+            error=str(error),
+        )
+        raise error
+
+    def _held_ids(self) -> list[int]:
+        """Rows this process holds: the worker must not claim them."""
+        return [*self._active, *self._unrecorded, *self._recording]
+
     def _take_unrecorded(self) -> list[_Row]:
+        """Rows to mark sent in the next write; give them back with :meth:`_recorded`."""
         rows = list(self._unrecorded.values())
         self._unrecorded.clear()
+        self._recording.update((r.id, r) for r in rows)
         return rows
+
+    def _recorded(self, rows: list[_Row], *, ok: bool) -> None:
+        """The write carrying ``rows`` committed (``ok``) or failed: then retry them later."""
+        for r in rows:
+            self._recording.pop(r.id, None)
+        if not ok and rows:
+            self._unrecorded.update((r.id, r) for r in rows)
+            self._schedule_flush(SENT_FLUSH_RETRY_SECS)
+
+    def _schedule_flush(self, delay: float) -> None:
+        if self._closing and self._worker is None:
+            return  # close() flushes itself
+        flusher = self._flusher
+        if flusher is None or flusher.done() or flusher is asyncio.current_task():
+            self._flusher = asyncio.create_task(self._flush_sent_soon(delay))
 
     @staticmethod
     def _mark_sent(conn: sqlite3.Connection, rows: list[_Row]) -> None:
         now = time.time()
         conn.executemany(
             "UPDATE outbox SET state='sent', attempts=attempts+1, lease_until=NULL,"
-            " last_error=NULL, smtp_code=250, updated_at=? WHERE id=?",
+            " last_error=NULL, smtp_code=250, updated_at=? WHERE id=? AND state!='sent'",
             [(now, r.id) for r in rows],
         )
 
-    async def _flush_sent_soon(self) -> None:
-        await asyncio.sleep(SENT_FLUSH_DELAY_SECS)
+    async def _flush_sent_soon(self, delay: float) -> None:
+        await asyncio.sleep(delay)
         await self._flush_sent()
 
     async def _flush_sent(self) -> None:
@@ -377,7 +640,8 @@ class Outbox:
             return
         try:
             await self.store.run(lambda conn: self._mark_sent(conn, rows))
-        except Exception as exc:  # the leases expire and they are resent with the same ids
+        except Exception as exc:  # kept, and written with the next write that works
+            self._recorded(rows, ok=False)
             log_event(
                 log,
                 logging.ERROR,
@@ -388,21 +652,29 @@ class Outbox:
                 code="outbox_record_failed",
             )
             return
+        except BaseException:
+            self._recorded(rows, ok=False)
+            raise
+        self._recorded(rows, ok=True)
         self._changed.set()
 
     async def _failed_attempt(self, row: _Row, failure: SmtpFailure, *, foreground: bool) -> None:
         attempts = row.attempts + 1
         now = time.time()
-        if failure.auth:
-            self._auth_failed_until = time.monotonic() + self._auth_holdoff_secs
         final = failure.permanent or attempts >= self.config.send_max_attempts
         if final:
             self.healthy = self.healthy and not failure.auth
+            # The prefix marks "only transient failures, attempts ran out": requeue_failed().
+            error = (
+                str(failure)
+                if failure.permanent
+                else f"{EXHAUSTED_PREFIX}{attempts} attempt(s): {failure}"
+            )
             await self.store.run(
                 lambda conn: conn.execute(
                     "UPDATE outbox SET state='failed', attempts=?, lease_until=NULL,"
                     " last_error=?, smtp_code=?, updated_at=? WHERE id=?",
-                    (attempts, str(failure), failure.smtp_code, now, row.id),
+                    (attempts, error, failure.smtp_code, now, row.id),
                 )
             )
             self._changed.set()
@@ -418,13 +690,8 @@ class Outbox:
                 error=str(failure),
             )
             if foreground:
-                reason = (
-                    str(failure)
-                    if failure.permanent
-                    else f"gave up after {attempts} attempt(s): {failure}"
-                )
                 raise SendError(
-                    reason,
+                    error,
                     code=code,
                     smtp_code=failure.smtp_code,
                     recipient=row.recipient,
@@ -496,12 +763,23 @@ class Outbox:
                 if self._closing:
                     return
                 recorded = self._take_unrecorded()
-                row = await self.store.run(functools.partial(self._claim_due, recorded=recorded))
+                claim = functools.partial(
+                    self._claim_due, recorded=recorded, exclude=self._held_ids()
+                )
+                try:
+                    claimed = await self.store.run(claim)
+                except BaseException:
+                    self._recorded(recorded, ok=False)
+                    raise
+                self._recorded(recorded, ok=True)
                 if recorded:
                     self._changed.set()
-                if row is None:
-                    await self._sleep(await self.store.run(self._next_due_in))
+                if claimed is None:
+                    due_in = functools.partial(self._next_due_in, exclude=self._held_ids())
+                    await self._sleep(await self.store.run(due_in))
                     continue
+                row, until = claimed
+                self._active[row.id] = until
                 await self._attempt(row, foreground=False)
             except asyncio.CancelledError:
                 raise
@@ -520,7 +798,10 @@ class Outbox:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=min(seconds, MAX_IDLE_WAIT_SECS))
 
-    def _claim_due(self, conn: sqlite3.Connection, *, recorded: list[_Row]) -> _Row | None:
+    def _claim_due(
+        self, conn: sqlite3.Connection, *, recorded: list[_Row], exclude: Iterable[int]
+    ) -> tuple[_Row, float] | None:
+        """The next due row and its lease end; never one of ``exclude`` (held here)."""
         # Record what was sent first: a short lease must not make it look abandoned.
         self._mark_sent(conn, recorded)
         now = time.time()
@@ -528,26 +809,58 @@ class Outbox:
             f"SELECT {_COLUMNS} FROM outbox WHERE account=? AND ("
             " (state='pending' AND next_attempt_at<=?)"
             " OR (state='sending' AND lease_until<=?))"
+            " AND id NOT IN (SELECT value FROM json_each(?))"
             " ORDER BY next_attempt_at, id LIMIT 1",
-            (self.config.account, now, now),
+            (self.config.account, now, now, json.dumps(list(exclude))),
         ).fetchone()
         if values is None:
             return None
+        until = now + self.lease_secs
         conn.execute(
             "UPDATE outbox SET state='sending', lease_until=?, updated_at=? WHERE id=?",
-            (now + self.lease_secs, now, values[0]),
+            (until, now, values[0]),
         )
-        return _row(values)
+        return _row(values), until
 
-    def _next_due_in(self, conn: sqlite3.Connection) -> float:
+    def _next_due_in(self, conn: sqlite3.Connection, *, exclude: Iterable[int] = ()) -> float:
         (due,) = conn.execute(
             "SELECT min(CASE state WHEN 'pending' THEN next_attempt_at ELSE lease_until END)"
-            " FROM outbox WHERE account=? AND state IN ('pending','sending')",
-            (self.config.account,),
+            " FROM outbox WHERE account=? AND state IN ('pending','sending')"
+            " AND id NOT IN (SELECT value FROM json_each(?))",
+            (self.config.account, json.dumps(list(exclude))),
         ).fetchone()
         if due is None:
             return MAX_IDLE_WAIT_SECS
         return max(0.0, float(due) - time.time())
+
+    async def requeue_failed(self) -> int:
+        """Give replies that failed only because their attempts ran out a fresh start.
+
+        Moves them back to ``pending`` (due now, attempt count reset) and returns
+        how many. A row counts as "ran out" when its last error was recorded as
+        such (``last_error`` starts with :data:`EXHAUSTED_PREFIX`) or, for rows
+        written before that marker existed, when its last SMTP code was a 4xx
+        (always transient). Permanent failures (5xx, refused login, TLS) and
+        replies refused during the auth hold-off stay failed. Same Message-ID and
+        bytes as before, so a copy the server did get earlier threads as one.
+        """
+        now = time.time()
+        account = self.config.account
+        n = await self.store.run(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE outbox SET state='pending', attempts=0, lease_until=NULL,"
+                    " next_attempt_at=?, updated_at=? WHERE account=? AND state='failed'"
+                    " AND (substr(last_error, 1, ?)=? OR smtp_code BETWEEN 400 AND 499)",
+                    (now, now, account, len(EXHAUSTED_PREFIX), EXHAUSTED_PREFIX),
+                ).rowcount
+            )
+        )
+        if n:
+            log_event(log, logging.INFO, "outbox.requeued", account=account, requeued=n)
+            self._changed.set()
+            self._wake.set()
+        return int(n)
 
     async def pending(self) -> int:
         """How many messages are waiting to be sent (queued or in flight)."""

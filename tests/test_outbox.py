@@ -7,6 +7,7 @@ import json
 import os
 import sqlite3
 import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from prx_channel_email import outbox as outbox_module
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import SendError
 from prx_channel_email.message_ids import parse_id_list
@@ -122,7 +124,31 @@ async def test_content_and_recipient_only_threads_onto_latest_from_them(
     msg = smtp_server.messages[0].message()
     assert msg["In-Reply-To"] == "<new@p.example>"
     assert msg["Subject"] == "Re: New"
-    assert smtp_server.messages[0].rcpt_tos == (ANN,)
+    assert [r.lower() for r in smtp_server.messages[0].rcpt_tos] == [ANN]
+
+
+async def test_an_explicit_recipient_is_never_redirected_by_a_reply_to(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    """A parent's Reply-To (written by its sender) threads the reply but must not
+    change who receives a message the framework addressed explicitly."""
+    config = smtp_config(tmp_path, smtp_server)
+    async with running_outbox(config) as outbox:
+        await seed_ledger(
+            outbox.store,
+            config,
+            message_id="<p@p.example>",
+            sender=ANN,
+            reply_target="harvest@attacker.example",
+            subject="Invoice",
+        )
+        await outbox.send(SendMessage(content="one", recipient=ANN))
+        carol = "carol@people.example"
+        await outbox.send(SendMessage(content="two", recipient=carol, in_reply_to="<p@p.example>"))
+    first, second = smtp_server.messages
+    assert first.rcpt_tos == (ANN,) and first.message()["To"] == ANN
+    assert first.message()["In-Reply-To"] == "<p@p.example>"
+    assert second.rcpt_tos == ("carol@people.example",)  # not the parent's sender either
 
 
 async def test_thread_ts_threads_onto_latest_in_that_conversation(
@@ -391,3 +417,221 @@ async def test_attachment_goes_through_the_outbox(tmp_path: Path, smtp_server: S
     [part] = list(smtp_server.messages[0].message().iter_attachments())
     assert part.get_filename() == "chart.png"
     assert part.get_content() == chart.read_bytes()
+
+
+# --- the outbox's own concurrency: leases, close, records, auth hold-off, cancellation ---
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait (bounded) for a condition on state the test cannot get an event for (the DB)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(f"condition not met within {timeout}s")
+        await asyncio.sleep(0.01)
+
+
+def states(config: EmailConfig) -> list[str]:
+    return [r["state"] for r in rows(config)]
+
+
+def via_proxy(
+    tmp_path: Path, smtp_server: SmtpServer, proxy: Callable[[str, int], TcpProxy], **kw: Any
+) -> tuple[EmailConfig, TcpProxy]:
+    """A config whose SMTP traffic goes through a proxy the test can freeze mid-exchange."""
+    p = proxy("127.0.0.1", smtp_server.tls_port)
+    return smtp_config(tmp_path, smtp_server, smtp_port=p.port, **kw), p
+
+
+async def test_exchange_outliving_the_lease_is_not_taken_back_and_sent_twice(
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    proxy: Callable[[str, int], TcpProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A live process never reclaims its own rows: not the one in a slow SMTP
+    exchange, nor those queued behind it, however long past their lease."""
+    monkeypatch.setattr(outbox_module, "MAX_IDLE_WAIT_SECS", 0.05)  # the worker looks often
+    config, p = via_proxy(tmp_path, smtp_server, proxy)
+    async with running_outbox(config, lease_secs=0.2) as outbox:
+        p.freeze()  # the server stalls mid-exchange
+        sends = [
+            asyncio.create_task(outbox.send(SendMessage(content=f"n{i}", recipient=ANN)))
+            for i in range(3)
+        ]
+        await p.await_connections(1, timeout=5)
+        await until(lambda: len(rows(config)) == 3)
+        await asyncio.sleep(0.6)  # three leases pass; the worker is free to look
+        p.thaw()
+        ids = await asyncio.wait_for(asyncio.gather(*sends), timeout=10)
+        await asyncio.wait_for(outbox.wait_idle(), timeout=10)
+        await asyncio.to_thread(smtp_server.assert_no_more_messages, 3, 0.3)
+    assert sorted(m.message()["Message-ID"] for m in smtp_server.messages) == sorted(ids)
+    assert [(r["state"], r["attempts"]) for r in rows(config)] == [("sent", 1)] * 3
+
+
+async def test_close_waits_for_the_exchange_in_flight_and_records_it(
+    tmp_path: Path, smtp_server: SmtpServer, proxy: Callable[[str, int], TcpProxy]
+) -> None:
+    config, p = via_proxy(tmp_path, smtp_server, proxy)
+    async with StateStore(config.state_dir) as store:
+        outbox = Outbox(config, store, Metrics(), retry_base_secs=0.02, lease_secs=0.5)
+        await outbox.start()
+        p.freeze()
+        first = asyncio.create_task(outbox.send(SendMessage(content="in flight", recipient=ANN)))
+        await p.await_connections(1, timeout=5)
+        second = asyncio.create_task(outbox.send(SendMessage(content="queued", recipient=ANN)))
+        await until(lambda: len(rows(config)) == 2)
+        closing = asyncio.create_task(outbox.close())
+        await asyncio.sleep(0)  # close() has begun
+        p.thaw()
+        in_flight = await asyncio.wait_for(first, timeout=10)
+        queued = await asyncio.wait_for(second, timeout=10)  # durably queued: no error
+        await asyncio.wait_for(closing, timeout=10)
+        # Right after close(): the accepted one is recorded, the other waits for next time.
+        assert states(config) == ["sent", "pending"]
+    assert [m.message()["Message-ID"] for m in smtp_server.messages] == [in_flight]
+    async with running_outbox(config) as outbox:
+        await asyncio.wait_for(outbox.wait_idle(), timeout=10)
+        await asyncio.to_thread(smtp_server.assert_no_more_messages, 2, 0.3)
+    assert [m.message()["Message-ID"] for m in smtp_server.messages] == [in_flight, queued]
+    assert states(config) == ["sent", "sent"]
+
+
+async def test_send_after_close_is_refused(tmp_path: Path, smtp_server: SmtpServer) -> None:
+    config = smtp_config(tmp_path, smtp_server)
+    async with running_outbox(config) as outbox:
+        await outbox.close()
+        with pytest.raises(SendError) as info:
+            await outbox.send(SendMessage(content="too late", recipient=ANN))
+        assert info.value.code == "closed"
+    assert rows(config) == []
+    assert smtp_server.messages == []
+
+
+async def test_failed_sent_record_is_kept_and_not_resent(
+    tmp_path: Path, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = smtp_config(tmp_path, smtp_server)
+    real = Outbox._mark_sent
+    failures = [sqlite3.OperationalError("database is locked")]
+
+    def flaky(conn: sqlite3.Connection, rows: list[Any]) -> None:
+        if rows and failures:
+            raise failures.pop()
+        real(conn, rows)
+
+    monkeypatch.setattr(Outbox, "_mark_sent", staticmethod(flaky))
+    async with running_outbox(config, lease_secs=0.2) as outbox:
+        await outbox.send(SendMessage(content="once", recipient=ANN))
+        await outbox.pending()  # writes "sent": fails this once
+        assert failures == []
+        # Leases run out several times over; the row must not look abandoned.
+        await asyncio.to_thread(smtp_server.assert_no_more_messages, 1, 0.8)
+        await asyncio.wait_for(outbox.wait_idle(), timeout=5)
+    assert [(r["state"], r["attempts"]) for r in rows(config)] == [("sent", 1)]
+
+
+async def test_concurrent_sends_with_a_bad_password_log_in_once(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config = smtp_config(tmp_path, smtp_server, password="not-the-password")
+    async with running_outbox(config) as outbox:
+        results = await asyncio.gather(
+            *(outbox.send(SendMessage(content=f"x{i}", recipient=ANN)) for i in range(5)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, SendError) and r.code == "auth_failed" for r in results)
+        assert len(smtp_server.auth_attempts) == 1
+        assert await outbox.requeue_failed() == 0  # refused logins stay failed
+    assert smtp_server.messages == []
+    got = sorted((r["state"], r["attempts"], r["smtp_code"]) for r in rows(config))
+    # One real attempt (535); the others never tried, so they used no attempt.
+    assert got == [("failed", 0, None)] * 4 + [("failed", 1, 535)]
+
+
+async def test_worker_row_during_auth_holdoff_uses_no_attempt(
+    tmp_path: Path, smtp_server: SmtpServer, proxy: Callable[[str, int], TcpProxy]
+) -> None:
+    config, p = via_proxy(tmp_path, smtp_server, proxy, password="not-the-password")
+    async with running_outbox(config) as outbox:
+        p.freeze()
+        first = asyncio.create_task(outbox.send(SendMessage(content="a", recipient=ANN)))
+        await p.await_connections(1, timeout=5)
+
+        def queue_earlier_reply(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            conn.execute(
+                "INSERT INTO outbox (account, message_id, mail_from, recipient, raw, state,"
+                " attempts, next_attempt_at, created_at, updated_at)"
+                " VALUES (?, '<b@x.example>', ?, ?, ?, 'pending', 0, ?, ?, ?)",
+                (
+                    config.account,
+                    config.from_address,
+                    ANN,
+                    b"Subject: b\r\n\r\nb\r\n",
+                    now,
+                    now,
+                    now,
+                ),
+            )
+
+        await outbox.store.run(queue_earlier_reply)
+        outbox._wake.set()
+        # The worker claims it and waits for its turn behind the stalled login.
+        await until(lambda: states(config)[-1] == "sending")
+        p.thaw()
+        with pytest.raises(SendError) as info:
+            await asyncio.wait_for(first, timeout=10)
+        assert info.value.code == "auth_failed"
+        await until(lambda: states(config)[-1] == "pending")
+    assert len(smtp_server.auth_attempts) == 1
+    row = rows(config)[-1]
+    assert row["message_id"] == "<b@x.example>" and row["attempts"] == 0
+
+
+async def test_requeue_failed_revives_only_exhausted_replies(
+    tmp_path: Path, smtp_server: SmtpServer
+) -> None:
+    config = smtp_config(tmp_path, smtp_server, send_max_attempts=2)
+    smtp_server.script_rcpt(["451 4.3.0 try later"] * 2)
+    smtp_server.reject_recipient("gone@people.example", "550 5.1.1 mailbox unavailable")
+    async with running_outbox(config) as outbox:
+        mid = await outbox.send(SendMessage(content="outage", recipient=ANN))
+        await asyncio.wait_for(outbox.wait_idle(), timeout=10)
+        with pytest.raises(SendError):
+            await outbox.send(SendMessage(content="x", recipient="gone@people.example"))
+        [exhausted, permanent] = rows(config)
+        assert exhausted["state"] == "failed" and exhausted["attempts"] == 2
+        assert exhausted["last_error"].startswith("gave up after 2 attempt(s)")
+        assert permanent["state"] == "failed" and permanent["smtp_code"] == 550
+        assert smtp_server.messages == []
+
+        assert await outbox.requeue_failed() == 1
+        await asyncio.wait_for(outbox.wait_idle(), timeout=10)
+    [got] = smtp_server.messages
+    assert got.message()["Message-ID"] == mid
+    assert states(config) == ["sent", "failed"]
+
+
+async def test_send_cancelled_before_its_attempt_is_delivered_promptly(
+    tmp_path: Path, smtp_server: SmtpServer, proxy: Callable[[str, int], TcpProxy]
+) -> None:
+    """A cancelled send() is still delivered (see its docstring), soon, not after the lease."""
+    config, p = via_proxy(tmp_path, smtp_server, proxy)
+    async with running_outbox(config, lease_secs=60) as outbox:
+        p.freeze()
+        first = asyncio.create_task(outbox.send(SendMessage(content="a", recipient=ANN)))
+        await p.await_connections(1, timeout=5)
+        second = asyncio.create_task(outbox.send(SendMessage(content="b", recipient=ANN)))
+        await until(lambda: len(rows(config)) == 2)  # stored, waiting for its turn
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        p.thaw()
+        await asyncio.wait_for(first, timeout=10)
+        await smtp_server.await_messages(2, timeout=5)
+        await asyncio.wait_for(outbox.wait_idle(), timeout=5)
+        await asyncio.to_thread(smtp_server.assert_no_more_messages, 2, 0.2)
+    assert states(config) == ["sent", "sent"]

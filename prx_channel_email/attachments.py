@@ -73,9 +73,20 @@ def type_allowed(content_type: str, allowed: Iterable[str]) -> bool:
     return False
 
 
-def message_dir(base: Path, message_id: str) -> Path:
-    """The per-message directory: derived from the Message-ID, so a re-run overwrites."""
-    return base / hashlib.sha256(message_id.encode("utf-8", "replace")).hexdigest()[:32]
+def message_key(raw: bytes) -> str:
+    """What names a message's attachment directory: a hash of its raw bytes.
+
+    The same bytes processed again get the same directory (their files are
+    overwritten, not duplicated). A different message gets a different one even
+    when it claims the same Message-ID, so it can never replace the files of the
+    message that really owns that id.
+    """
+    return hashlib.sha256(raw).hexdigest()
+
+
+def message_dir(base: Path, key: str) -> Path:
+    """The per-message directory for ``key`` (see :func:`message_key`)."""
+    return base / hashlib.sha256(key.encode("utf-8", "replace")).hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -127,8 +138,11 @@ def _inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root)
 
 
-def save(base: Path, message_id: str, planned: list[Planned]) -> list[Attachment]:
+def save(base: Path, key: str, planned: list[Planned]) -> list[Attachment]:
     """Write the accepted attachments (blocking: call it on a thread).
+
+    ``key`` is the message's :func:`message_key` (a hash of its raw bytes, never
+    its Message-ID): files go to ``message_dir(base, key)``.
 
     Writes go to a temporary name and are renamed into place, so a crash leaves
     either the old file or the new one. Nothing is written unless the resolved
@@ -142,7 +156,7 @@ def save(base: Path, message_id: str, planned: list[Planned]) -> list[Attachment
     try:
         base.mkdir(parents=True, exist_ok=True)
         root = base.resolve()
-        target_dir = message_dir(root, message_id)
+        target_dir = message_dir(root, key)
         if target_dir.is_symlink():
             target_dir.unlink()
         target_dir.mkdir(mode=0o700, exist_ok=True)

@@ -9,9 +9,16 @@ cannot be understood becomes a ``quarantine`` outcome with a logged reason, so
 one bad message never stops the listener.
 
 Crash safety: the pipeline keeps no durable state of its own. Attachments are
-written (atomically, to a directory derived from the Message-ID) before the
-outcome is returned; if the process dies before the sync engine records the
-outcome, the message is processed again and the same files are overwritten.
+written (atomically, to a directory derived from a hash of the raw message
+bytes) before the outcome is returned; if the process dies before the sync
+engine records the outcome, the message is processed again and the same files
+are overwritten. The directory is not derived from the Message-ID: a different
+message claiming the same id (a forgery, or one the transport only later drops
+as a duplicate) must never overwrite the files of the message that owns it.
+
+Big messages (above THREAD_THRESHOLD) are handled on a worker thread from the
+first step on, header reading included, so the event loop never does work
+proportional to a hostile message's size.
 """
 
 from __future__ import annotations
@@ -71,6 +78,13 @@ class _Parsed:
     full_text: str
     content: str
     planned: list[att.Planned]
+    key: str = ""  # att.message_key of the raw bytes: names the attachment directory
+
+
+def read_envelope(raw: bytes, arrival: float) -> tuple[tuple[bytes, bytes], Envelope]:
+    """Split off and read the (capped) header block (CPU only: thread-safe)."""
+    split = split_header_block(raw)
+    return split, envelope(Headers.from_block(split[0]), raw, arrival)
 
 
 def analyze_body(
@@ -79,7 +93,14 @@ def analyze_body(
     """Parse, extract text, strip quotes and plan attachments (CPU only: thread-safe)."""
     msg = parse_message(raw, split)
     body: Body = read_body(msg)
-    return _Parsed(body.full_text, new_text(body.full_text), att.plan(body.attachments, config))
+    planned = att.plan(body.attachments, config)
+    key = att.message_key(raw) if any(p.data is not None for p in planned) else ""
+    return _Parsed(body.full_text, new_text(body.full_text), planned, key)
+
+
+def _read_oversized(header_block: bytes, size: int, arrival: float) -> Envelope:
+    block, _ = split_header_block(header_block)
+    return envelope(Headers.from_block(block), block + str(size).encode(), arrival)
 
 
 class InboundPipeline:
@@ -100,8 +121,11 @@ class InboundPipeline:
         when = self.clock() if arrival is None else arrival
         env: Envelope | None = None
         try:
-            split = split_header_block(raw)
-            env = envelope(Headers.from_block(split[0]), raw, when)
+            if len(raw) > THREAD_THRESHOLD:
+                split, env_ = await asyncio.to_thread(read_envelope, raw, when)
+            else:
+                split, env_ = read_envelope(raw, when)
+            env = env_
             decision = self.policy.decide(env)
             if decision.reason is not None:
                 return self._reject(env, decision)
@@ -129,8 +153,11 @@ class InboundPipeline:
         when = self.clock() if arrival is None else arrival
         env: Envelope | None = None
         try:
-            block, _ = split_header_block(header_block)
-            env = envelope(Headers.from_block(block), block + str(size).encode(), when)
+            if len(header_block) > THREAD_THRESHOLD:
+                env_ = await asyncio.to_thread(_read_oversized, header_block, size, when)
+            else:
+                env_ = _read_oversized(header_block, size, when)
+            env = env_
             decision = self.policy.decide(env)
             if decision.reason is not None:
                 return self._reject(env, decision)
@@ -159,7 +186,7 @@ class InboundPipeline:
         files = [p.meta for p in parsed.planned]
         if any(p.data is not None for p in parsed.planned):
             files = await asyncio.to_thread(
-                att.save, self.config.attachments_path, env.message_id, parsed.planned
+                att.save, self.config.attachments_path, parsed.key, parsed.planned
             )
         for meta in files:
             if meta.skipped_reason is not None:

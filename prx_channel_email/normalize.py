@@ -26,6 +26,7 @@ from .message_ids import normalize_id, parse_id_list, synthetic_message_id
 
 MAX_HEADER_BYTES = 64 * 1024  # the whole header block handed to any decoder
 MAX_FIELD_BYTES = 8 * 1024  # one header field (a 560 KB Subject took 33 s to decode)
+MAX_HEADER_SCAN = 1024 * 1024  # header bytes even split into fields; the rest is ignored
 MAX_MULTIPARTS = 100  # multipart containers in one message (nesting and fan-out)
 MAX_BOUNDARY_LINES = 2000  # lines starting with "--": an upper bound on the part count
 MAX_DEPTH = 40  # how deep the text walk follows nested parts
@@ -56,6 +57,9 @@ _ESSENTIAL = frozenset(
         "authentication-results",
     }
 )
+# Fields whose truncation could change whose mail it is or who vouched for it.
+_IDENTITY = frozenset({"from", "sender", "reply-to", "authentication-results"})
+_FROM_FIELD_RE = re.compile(rb"^from[ \t]*:", re.IGNORECASE | re.MULTILINE)
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _BLANK_RUN_RE = re.compile(r"\n{3,}")
 _QUOTE_LINE_RE = re.compile(r"^[ \t]*>")
@@ -144,16 +148,34 @@ _MAX_SIGNATURE_LINES = 6
 _MAX_SIGNATURE_LINE = 72
 
 
+def _closing_window(text: str, end: int) -> int:
+    """Where a closing salutation that may count can start, in ``text[:end]``.
+
+    What follows the salutation (leading and trailing whitespace stripped) must
+    be 1-6 lines, so it starts within the last 6 lines; the salutation is the
+    last non-blank line above that, or one of those lines. Only this window is
+    scanned, which keeps the cut linear in the text's length.
+    """
+    stop = len(text[:end].rstrip())
+    start = stop
+    for _ in range(_MAX_SIGNATURE_LINES):  # back to the start of the 6th-last line
+        start = text.rfind("\n", 0, max(start - 1, 0)) + 1 if start > 0 else 0
+    above = len(text[:start].rstrip())  # the last non-blank line above the window
+    return text.rfind("\n", 0, above) + 1 if above > 0 else 0
+
+
 def _cut_signature(text: str) -> str | None:
     """``text`` without its trailing signature, or None when none was found."""
     cut: int | None = None
     marker = _SIGNATURE_START_RE.search(text)
     if marker is not None and text[: marker.start()].strip():
         cut = marker.start()
-    for closing in _CLOSING_RE.finditer(text, 0, cut if cut is not None else len(text)):
+    end = cut if cut is not None else len(text)
+    first = len(text) - len(text.lstrip())  # the first non-blank character
+    for closing in _CLOSING_RE.finditer(text, _closing_window(text, end), end):
         tail = text[closing.end() : cut].strip().splitlines()
         if (
-            text[: closing.start()].strip()
+            first < closing.start()  # some text above it
             and 1 <= len(tail) <= _MAX_SIGNATURE_LINES  # a name below it, nothing long
             and all(len(line) <= _MAX_SIGNATURE_LINE for line in tail)
         ):
@@ -282,31 +304,60 @@ def cap_header_block(block: bytes) -> bytes:
 
     Over budget, non-essential fields are dropped; essential ones (who sent it,
     how the body is encoded, the loop-guard and authenticity headers) are kept
-    truncated, so policy still sees them.
+    truncated, so policy still sees them. Only the first MAX_HEADER_SCAN bytes
+    are split into fields at all (cut at a line end): no real header block comes
+    near that, and splitting megabytes of one-byte lines would cost seconds.
+
+    The fields that say who sent the mail and who vouched for it are never
+    truncated into a different meaning (``alice@victim.example <padding>
+    <eve@evil.example>`` cut short would read as alice): an oversized one is kept
+    with an empty value, and one dropped for budget, or found only beyond the
+    scan limit (From), leaves an empty field in its place, so a second From is
+    still seen as a second From.
     """
+    late_from = False
+    if len(block) > MAX_HEADER_SCAN:
+        end = block.rfind(b"\n", 0, MAX_HEADER_SCAN)
+        cut_at = end + 1 if end >= 0 else MAX_HEADER_SCAN
+        late_from = _FROM_FIELD_RE.search(block, cut_at) is not None  # C speed
+        block = block[:cut_at]
     if b"\x00" in block:
         block = block.replace(b"\x00", b"")
-    if len(block) <= MAX_FIELD_BYTES or (
-        len(block) <= MAX_HEADER_BYTES and all(len(f) <= MAX_FIELD_BYTES for f in _fields(block))
+    if not late_from and (
+        len(block) <= MAX_FIELD_BYTES
+        or (
+            len(block) <= MAX_HEADER_BYTES
+            and all(len(f) <= MAX_FIELD_BYTES for f in _fields(block))
+        )
     ):
         return block
     kept: list[bytes] = []
     total = 0
+    placeholders: dict[str, int] = {}
     for fld in _fields(block):
         if not fld.strip():
             continue
-        name = fld.split(b":", 1)[0].strip().lower().decode("ascii", "replace")
+        raw_name = fld.split(b":", 1)[0]
+        name = raw_name.strip().lower().decode("ascii", "replace")
         if len(fld) > MAX_FIELD_BYTES:
-            cut = fld[:MAX_FIELD_BYTES]
-            # Never leave half an encoded word behind: cut at the last whitespace.
-            space = max(cut.rfind(b" "), cut.rfind(b"\t"))
-            fld = (cut[:space] if space > len(name) + 1 else cut).rstrip() + b"\r\n"
-        if total + len(fld) > MAX_HEADER_BYTES and name not in _ESSENTIAL:
-            continue
-        if total + len(fld) > 2 * MAX_HEADER_BYTES:
-            continue
+            if name in _IDENTITY:
+                fld = raw_name + b":\r\n"  # unreadable, never misread
+            else:
+                cut = fld[:MAX_FIELD_BYTES]
+                # Never leave half an encoded word behind: cut at the last whitespace.
+                space = max(cut.rfind(b" "), cut.rfind(b"\t"))
+                fld = (cut[:space] if space > len(name) + 1 else cut).rstrip() + b"\r\n"
+        if (total + len(fld) > MAX_HEADER_BYTES and name not in _ESSENTIAL) or (
+            total + len(fld) > 2 * MAX_HEADER_BYTES
+        ):
+            if name not in _IDENTITY or placeholders.get(name, 0) >= 2:
+                continue
+            placeholders[name] = placeholders.get(name, 0) + 1
+            fld = raw_name + b":\r\n"
         kept.append(fld if fld.endswith(b"\n") else fld + b"\r\n")
         total += len(fld)
+    if late_from:
+        kept.append(b"From:\r\n")
     return b"".join(kept) + b"\r\n"
 
 
@@ -380,22 +431,219 @@ class Headers:
 # --- the header-derived fields ----------------------------------------------
 
 
-def _addresses(value: str | None) -> list[tuple[str | None, str]]:
+# --- addresses (RFC 5322 mailbox lists, read strictly) --------------------------
+
+# Why a From field yields no sender (also policy reason codes).
+NO_SENDER = "no_sender"  # missing, empty, or not a readable mailbox
+AMBIGUOUS_SENDER = "ambiguous_sender"  # more than one mailbox, or text beside the address
+
+_ATEXT = r"[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~\u0080-\U0010ffff]+"
+_DOT_ATOM_RE = re.compile(rf"^{_ATEXT}(?:\.{_ATEXT})*$")
+_ATOM_STOP = frozenset('"()<>,:;\\')
+
+# One word of an address: its segments, each (text, was quoted).
+_Segments = list[tuple[str, bool]]
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str  # "word", "comment", "ws", or one of the specials "<", ">", ",", ":", ";"
+    text: str = ""  # a word's text (quotes removed), a comment's content
+    segments: tuple[tuple[str, bool], ...] = ()  # a word's pieces: (text, was quoted)
+
+
+class _BadAddress(ValueError):
+    pass
+
+
+def _word(segments: _Segments) -> _Tok:
+    return _Tok("word", "".join(t for t, _ in segments), tuple(segments))
+
+
+def _address_tokens(text: str) -> Iterator[_Tok]:
+    """Tokens of an address header: words, comments, whitespace and the specials
+    "<", ">", ",", ":", ";". Quoted strings and comments (nested, with escapes)
+    are read whole; an unterminated one raises _BadAddress."""
+    i, n = 0, len(text)
+    word: _Segments = []
+    while i < n:
+        ch = text[i]
+        if ch == '"':
+            j, buf = i + 1, []
+            while j < n and text[j] != '"':
+                if text[j] == "\\" and j + 1 < n:
+                    j += 1
+                buf.append(text[j])
+                j += 1
+            if j >= n:
+                raise _BadAddress("unterminated quoted string")
+            word.append(("".join(buf), True))
+            i = j + 1
+            continue
+        if ch not in _ATOM_STOP and not ch.isspace():
+            j = i
+            while j < n and text[j] not in _ATOM_STOP and not text[j].isspace():
+                j += 1
+            word.append((text[i:j], False))
+            i = j
+            continue
+        if word:
+            yield _word(word)
+            word = []
+        if ch == "(":
+            depth, j, buf = 0, i, []
+            while j < n:
+                c = text[j]
+                if c == "\\" and j + 1 < n:
+                    buf.append(text[j + 1])
+                    j += 2
+                    continue
+                depth += (c == "(") - (c == ")")
+                if depth == 0:
+                    break
+                buf.append(c)
+                j += 1
+            if j >= n:
+                raise _BadAddress("unterminated comment")
+            yield _Tok("comment", "".join(buf)[1:])
+            i = j + 1
+        elif ch.isspace():
+            yield _Tok("ws")
+            i += 1
+        elif ch == "\\":
+            raise _BadAddress("stray backslash")
+        else:
+            yield _Tok(ch)
+            i += 1
+    if word:
+        yield _word(word)
+
+
+def _addr_spec(tok: _Tok) -> str:
+    """``local@domain`` from one word, lower-cased; a quoted local part is accepted
+    only when it is plain dot-atom text, so the result is always a simple address."""
+    word = list(tok.segments)
+    at = max((k for k, (text, quoted) in enumerate(word) if not quoted and "@" in text), default=-1)
+    if at < 0:
+        raise _BadAddress("no @")
+    text, _ = word[at]
+    head, _, domain = text.rpartition("@")
+    local_parts = [*word[:at], (head, False)] if head else word[:at]
+    domain_parts = [(domain, False), *word[at + 1 :]]
+    if any(quoted for _, quoted in domain_parts):
+        raise _BadAddress("quoted domain")
+    domain = "".join(t for t, _ in domain_parts)
+    if len(local_parts) == 1 and local_parts[0][1]:
+        local = local_parts[0][0]  # "john.doe"@example.com is john.doe@example.com
+    elif any(quoted for _, quoted in local_parts):
+        raise _BadAddress("partly quoted local part")
+    else:
+        local = "".join(t for t, _ in local_parts)
+    if not _DOT_ATOM_RE.match(local) or not _DOT_ATOM_RE.match(domain):
+        raise _BadAddress("not a simple address")
+    return f"{local}@{domain}".lower()
+
+
+def _phrase(tokens: list[_Tok]) -> str | None:
+    words = [t.text for t in tokens if t.kind == "word"]
+    text = decode_words(" ".join(words)).strip().strip('"').strip()
+    return text or None
+
+
+def _mailbox(tokens: list[_Tok]) -> tuple[str | None, str]:
+    """One element of a mailbox list: ``[display-name] <addr-spec>`` or ``addr-spec``.
+
+    Raises ValueError(AMBIGUOUS_SENDER) when the element holds more than one
+    address-like part, _BadAddress when it holds no readable address.
+    """
+    kinds = [t.kind for t in tokens]
+    if ":" in kinds or ";" in kinds:
+        raise _BadAddress("group syntax")
+    if "<" in kinds or ">" in kinds:
+        if kinds.count("<") != 1 or kinds.count(">") != 1:
+            raise ValueError(AMBIGUOUS_SENDER)
+        lt, gt = kinds.index("<"), kinds.index(">")
+        if gt < lt:
+            raise _BadAddress("'>' before '<'")
+        if any(k not in ("ws", "comment") for k in kinds[gt + 1 :]):
+            raise ValueError(AMBIGUOUS_SENDER)  # <alice@victim.example>eve@evil.example
+        inner = [t for t in tokens[lt + 1 : gt] if t.kind not in ("comment", "ws")]
+        if len(inner) != 1 or inner[0].kind != "word":
+            raise _BadAddress("not one address inside <>")
+        # The display name is only a name, whatever it looks like: in
+        # 'alice@victim.example <eve@evil.example>' the mailbox is eve's.
+        return _phrase(tokens[:lt]), _addr_spec(inner[0])
+    words = [t for t in tokens if t.kind == "word"]
+    if len(words) != 1:
+        if sum("@" in w.text for w in words) > 1:
+            raise ValueError(AMBIGUOUS_SENDER)
+        raise _BadAddress("not one address")
+    comments = [t.text for t in tokens if t.kind == "comment" and t.text.strip()]
+    display = decode_words(comments[-1]).strip().strip('"').strip() if comments else ""
+    return display or None, _addr_spec(words[0])
+
+
+def parse_mailboxes(value: str | None) -> list[tuple[str | None, str] | str]:
+    """The elements of a mailbox-list field: (display name, address) for each
+    readable mailbox, or a reason code (NO_SENDER / AMBIGUOUS_SENDER) for each
+    element that is not one. Empty elements are skipped. Encoded words are
+    decoded only inside display names, never before the structure is read."""
     if not value:
         return []
-    raw = _unescape(value.replace("\r\n", " ").replace("\n", " "))
-    out: list[tuple[str | None, str]] = []
+    text = _CONTROL_RE.sub("", _unescape(value.replace("\r\n", " ").replace("\n", " ")))
     try:
-        pairs = email.utils.getaddresses([raw])
-    except Exception:
-        pairs = []
-    for name, addr in pairs:
-        addr = _CONTROL_RE.sub("", addr).strip().strip("<>").strip().lower()
-        if not addr or "@" not in addr or " " in addr:
+        tokens = list(_address_tokens(text.replace("\r", " ")))
+    except _BadAddress:
+        return [NO_SENDER]
+    elements: list[list[_Tok]] = [[]]
+    depth = 0  # a "," inside <...> does not separate
+    for tok in tokens:
+        if tok.kind == "<":
+            depth += 1
+        elif tok.kind == ">":
+            depth -= 1
+        if tok.kind == "," and depth <= 0:
+            elements.append([])
+        else:
+            elements[-1].append(tok)
+    out: list[tuple[str | None, str] | str] = []
+    for element in elements:
+        if all(t.kind in ("ws", "comment") for t in element):
             continue
-        display = decode_words(name).strip().strip('"').strip() or None
-        out.append((display, addr))
+        try:
+            out.append(_mailbox(element))
+        except _BadAddress:
+            out.append(NO_SENDER)
+        except ValueError as exc:
+            out.append(str(exc))
     return out
+
+
+def _addresses(value: str | None) -> list[tuple[str | None, str]]:
+    """The readable mailboxes of a field (Reply-To), unreadable elements left out."""
+    return [m for m in parse_mailboxes(value) if isinstance(m, tuple)]
+
+
+def sender_of(headers: Headers) -> tuple[str | None, str, str | None]:
+    """(display name, address, problem) of the one From mailbox.
+
+    Exactly one From field holding exactly one well-formed mailbox, or the
+    problem (NO_SENDER, AMBIGUOUS_SENDER) and an empty address. Sender is never
+    used instead: it names whoever submitted the mail, not its author, and mail
+    whose From cannot be read is not trusted to anyone's name.
+    """
+    fields = headers.get_all("from")
+    if len(fields) > 1:
+        return None, "", AMBIGUOUS_SENDER
+    found = parse_mailboxes(fields[0]) if fields else []
+    if not found:
+        return None, "", NO_SENDER
+    if len(found) > 1:
+        return None, "", AMBIGUOUS_SENDER
+    only = found[0]
+    if isinstance(only, str):
+        return None, "", only
+    return only[0], only[1], None
 
 
 def parse_timestamp(value: str | None, arrival: float) -> int:
@@ -425,6 +673,8 @@ class Envelope:
     in_reply_to: str | None
     references: list[str]
     headers: Headers = field(repr=False, compare=False)
+    # Why ``sender`` is empty: NO_SENDER or AMBIGUOUS_SENDER (None when it is set).
+    sender_problem: str | None = None
 
 
 def envelope(headers: Headers, id_source: bytes, arrival: float) -> Envelope:
@@ -432,8 +682,7 @@ def envelope(headers: Headers, id_source: bytes, arrival: float) -> Envelope:
     message_id = normalize_id(decode_words(headers.get("message-id"))) or synthetic_message_id(
         id_source
     )
-    senders = _addresses(headers.get("from")) or _addresses(headers.get("sender"))
-    display, sender = senders[0] if senders else (None, "")
+    display, sender, problem = sender_of(headers)
     reply_to = _addresses(headers.get("reply-to"))
     references = parse_id_list(decode_words(headers.get("references")))
     in_reply_to = next(iter(parse_id_list(decode_words(headers.get("in-reply-to")))), None)
@@ -449,6 +698,7 @@ def envelope(headers: Headers, id_source: bytes, arrival: float) -> Envelope:
         in_reply_to=in_reply_to,
         references=references,
         headers=headers,
+        sender_problem=problem,
     )
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 from .config import EmailConfig
 from .message_ids import is_minted
+from .normalize import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
+from .normalize import NO_SENDER as NO_SENDER
 from .normalize import Envelope, Headers, decode_words
 
 # Reason codes (also the metric suffix: inbound.skipped.<reason>).
@@ -24,7 +26,7 @@ AUTO_SUBMITTED = "auto_submitted"
 AUTO_REPLY = "auto_reply"
 PRECEDENCE = "precedence_bulk"
 LIST_MAIL = "list_mail"
-NO_SENDER = "no_sender"
+# NO_SENDER ("no_sender") and AMBIGUOUS_SENDER ("ambiguous_sender") come from normalize.
 NOT_ALLOWED = "not_allowed"
 UNVERIFIED = "unverified_sender"
 RATE_LIMITED = "rate_limited"
@@ -33,9 +35,6 @@ _BULK_PRECEDENCE = frozenset({"bulk", "list", "junk", "auto_reply", "auto-reply"
 _BOUNCE_LOCALPARTS = frozenset({"mailer-daemon", "postmaster"})
 _AUTO_HEADERS = ("x-autoreply", "x-autorespond", "x-auto-response-suppress", "x-autoresponder")
 _LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post")
-_COMMENT_RE = re.compile(r"\([^()]*\)")
-_RESULT_RE = re.compile(r"^\s*([a-z0-9_-]+)\s*=\s*([a-z0-9_-]+)(.*)$", re.I | re.S)
-_PROP_RE = re.compile(r"\b(header\.from|header\.d|header\.i|smtp\.mailfrom|smtp\.from)\s*=\s*(\S+)")
 
 
 def sender_allowed(sender: str, allowed: Iterable[str]) -> bool:
@@ -86,15 +85,209 @@ def loop_reason(env: Envelope, own_addresses: Iterable[str]) -> str | None:
 
 # --- sender authenticity (RFC 8601 Authentication-Results) ---------------------
 
+# A trusted server's field echoes sender-chosen text (envelope sender, HELO name,
+# header.from) inside quoted strings and comments. It is therefore tokenized, not
+# searched: comments are skipped (nesting, backslash escapes), quoted strings stay
+# one opaque piece (escapes resolved), and only a top-level ";" ends a clause.
+_METHOD_RE = re.compile(r"^([a-z0-9_-]+)(?:/[0-9]+)?$", re.I)
+_KEYWORD_RE = re.compile(r"^[a-z0-9_-]+$", re.I)
+_FAILING = frozenset({"fail", "permerror"})
+_VERIFYING_KEYS = {"spf": ("smtp.mailfrom", "smtp.from"), "dkim": ("header.d", "header.i")}
+
+# One word of a clause: its text (quoted parts unquoted) and the index of its
+# first "=" that was not inside quotes (-1: none).
+_Word = tuple[str, int]
+
+
+class _Malformed(ValueError):
+    pass
+
+
+def _skip_comment(text: str, i: int, quotes: bool) -> int:
+    """Index just past the comment opening at ``text[i]`` (nested, escapes honoured).
+
+    With ``quotes`` a double quote inside the comment also opens a quoted run in
+    which parentheses do not count (not RFC 5322, but what a server that echoes a
+    quoted address into a comment means).
+    """
+    depth, i, n = 0, i, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        elif ch == '"' and quotes:
+            i = _skip_quoted(text, i)[0]
+            continue
+        i += 1
+    raise _Malformed("unterminated comment")
+
+
+def _skip_quoted(text: str, i: int) -> tuple[int, str]:
+    """(index past the quoted string at ``text[i]``, its content with escapes resolved)."""
+    out: list[str] = []
+    i, n = i + 1, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\" and i + 1 < n:
+            out.append(text[i + 1])
+            i += 2
+            continue
+        if ch == '"':
+            return i + 1, "".join(out)
+        out.append(ch)
+        i += 1
+    raise _Malformed("unterminated quoted string")
+
+
+def _clauses(value: str, quotes_in_comments: bool) -> list[list[_Word]]:
+    """The ``;``-separated clauses of a field value, each a list of words."""
+    text = value.replace("\r", " ").replace("\n", " ")
+    clauses: list[list[_Word]] = [[]]
+    word: list[str] = []
+    eq = -1
+    started = False
+
+    def flush() -> None:
+        nonlocal word, eq, started
+        if started:
+            clauses[-1].append(("".join(word), eq))
+        word, eq, started = [], -1, False
+
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "(":
+            flush()
+            i = _skip_comment(text, i, quotes_in_comments)
+            continue
+        if ch == ")":
+            raise _Malformed("unbalanced ')'")
+        if ch == '"':
+            i, content = _skip_quoted(text, i)
+            word.append(content)
+            started = True
+            continue
+        if ch == ";":
+            flush()
+            clauses.append([])
+        elif ch.isspace():
+            flush()
+        else:
+            if ch == "=" and eq < 0:
+                eq = sum(len(w) for w in word)
+            word.append(ch)
+            started = True
+        i += 1
+    flush()
+    return clauses
+
+
+def _pairs(words: list[_Word]) -> list[tuple[str, str | None]]:
+    """``key=value`` pairs (whitespace allowed around "="), bare words as (word, None).
+
+    Only the first unquoted "=" of a word separates: an address's local part may
+    hold "=" too (``smtp.mailfrom=victim.com=x@evil.example`` is about evil.example).
+    """
+    out: list[tuple[str, str | None]] = []
+    i = 0
+    while i < len(words):
+        text, eq = words[i]
+        i += 1
+        if eq < 0 and i < len(words) and words[i][1] == 0:  # "key =value" / "key = value"
+            key, value = text, words[i][0][1:]
+            i += 1
+        elif eq < 0:
+            out.append((text, None))
+            continue
+        else:
+            key, value = text[:eq], text[eq + 1 :]
+        if not value and i < len(words):  # "key= value"
+            value = words[i][0]
+            i += 1
+        out.append((key, value))
+    return out
+
+
+@dataclass(frozen=True)
+class AuthResult:
+    method: str  # lower case: "dmarc", "spf", "dkim", ...
+    result: str  # lower case: "pass", "fail", ...
+    props: dict[str, str]  # lower-case property names; a repeated one is left out
+
+
+@dataclass(frozen=True)
+class ParsedAuthResults:
+    authserv_id: str  # lower case; "" when the field has none (Microsoft's style)
+    results: tuple[AuthResult, ...]
+
+
+def _parse(value: str, quotes_in_comments: bool) -> ParsedAuthResults:
+    clauses = _clauses(value, quotes_in_comments)
+    authserv_id = ""
+    first = clauses[0]
+    if first and not any(eq >= 0 or text.startswith("=") for text, eq in first):
+        authserv_id = first[0][0].lower()  # authserv-id [version]
+        clauses = clauses[1:]
+    results: list[AuthResult] = []
+    for clause in clauses:
+        pairs = _pairs(clause)
+        if not pairs or pairs[0][1] is None:
+            continue  # "none", or an empty clause
+        method, result = pairs[0]
+        m = _METHOD_RE.match(method)
+        if m is None or result is None or not _KEYWORD_RE.match(result):
+            continue
+        props: dict[str, str] = {}
+        repeated: set[str] = set()
+        for key, val in pairs[1:]:
+            if val is None:
+                continue
+            key = key.lower()
+            if key in props:
+                repeated.add(key)
+            props[key] = val
+        for key in repeated:
+            del props[key]
+        results.append(AuthResult(m.group(1).lower(), result.lower(), props))
+    return ParsedAuthResults(authserv_id, tuple(results))
+
+
+def parse_auth_results(value: str) -> ParsedAuthResults | None:
+    """One Authentication-Results field value, or None when it cannot be read unambiguously.
+
+    Encoded words are *not* decoded (RFC 8601 has none; decoding would turn echoed
+    ``=?utf-8?q?=3B?=`` into a clause separator). The value is tokenized twice:
+    once by RFC 5322 rules, once also treating double quotes inside comments as
+    quoting. A field on which the two disagree, or that is malformed (an
+    unterminated comment or quoted string, a stray ``)``), was made ambiguous by
+    echoed text and is not read at all.
+    """
+    try:
+        strict = _parse(value, quotes_in_comments=False)
+        lenient = _parse(value, quotes_in_comments=True)
+    except _Malformed:
+        return None
+    return strict if strict == lenient else None
+
 
 def authserv_id_of(value: str) -> tuple[str, str]:
     """Split a header value into (authserv-id, rest). Microsoft omits the id: ("", value)."""
-    text = _COMMENT_RE.sub(" ", decode_words(value))
-    head, sep, rest = text.partition(";")
-    token = head.strip().split()[0].lower() if head.strip() else ""
-    if "=" in token or (not sep and "=" in head):
-        return "", text  # no authserv-id: the value starts with a result
-    return token, rest
+    parsed = parse_auth_results(value)
+    if parsed is not None:
+        authserv_id = parsed.authserv_id
+    else:  # unreadable: the first word, for display only (never trusted for a verdict)
+        head = value.split(";", 1)[0].split()
+        authserv_id = head[0].lower() if head and "=" not in head[0] else ""
+    if not authserv_id:
+        return "", value
+    return authserv_id, value.split(";", 1)[1] if ";" in value else ""
 
 
 def authserv_id_trusted(authserv_id: str, trusted: Iterable[str]) -> bool:
@@ -110,17 +303,18 @@ def authserv_id_trusted(authserv_id: str, trusted: Iterable[str]) -> bool:
     return False
 
 
+def _domain_of(value: str) -> str:
+    return value.strip().strip("<>").rpartition("@")[2].strip(".").lower()
+
+
 def _aligned(domain: str, from_domain: str) -> bool:
     """Relaxed alignment, approximated without the Public Suffix List: the same
     domain, or one a subdomain of the other (never a bare TLD like ``com``)."""
-    d = domain.strip().strip("<>").rpartition("@")[2].strip(".").lower()
+    d = _domain_of(domain)
     f = from_domain.lower()
     if d == f:
         return bool(d)
     return ("." in d and f.endswith("." + d)) or ("." in f and d.endswith("." + f))
-
-
-# Older names, still imported by doctor.py.
 
 
 @dataclass(frozen=True)
@@ -141,47 +335,67 @@ def sender_verified(headers: Headers, from_address: str, trusted: Iterable[str])
     authserv-id (Microsoft's style) is trusted only when ``trusted`` contains the
     entry ``"@none"``. An entry ``"*.example.net"`` trusts every subdomain.
 
-    In that field: a DMARC result of pass (for the From domain) or fail decides.
-    Otherwise SPF or DKIM passing for a domain aligned with the From domain
-    verifies. True: verified. False: the field reports results and none passes.
-    None: no trusted field on top, or it holds no DMARC/SPF/DKIM result.
+    In that field, per method, only a result the field states once counts: a
+    method stated twice (a server echoing sender text may have been made to
+    "say" a second result) can never verify. Then:
+
+    * DMARC ``fail``/``permerror`` (not about another domain) → False;
+    * DMARC ``pass`` whose ``header.from`` is present and is the From domain → True;
+    * SPF or DKIM ``pass`` for a domain aligned with the From domain → True;
+    * SPF or DKIM ``fail``/``permerror`` for an aligned domain → False;
+    * anything else (``none``, ``neutral``, ``softfail``, ``temperror``, passes for
+      other domains, a field that cannot be read unambiguously) → None.
+
+    True: verified. False: a trusted server said the check failed. None: no
+    trusted server said either.
     """
     trusted = [t.strip().lower() for t in trusted if t.strip()]
     fields = headers.get_all("authentication-results")
     if not trusted or not fields or "@" not in from_address:
         return AuthVerdict(None)
-    authserv_id, rest = authserv_id_of(fields[0])
+    parsed = parse_auth_results(fields[0])
+    if parsed is None:
+        aid = authserv_id_of(fields[0])[0] or None
+        return AuthVerdict(None, aid, "unreadable Authentication-Results")
+    authserv_id = parsed.authserv_id
     if not (authserv_id and authserv_id_trusted(authserv_id, trusted)) and not (
         not authserv_id and "@none" in trusted
     ):
         return AuthVerdict(None)
     used = authserv_id or "@none"
     from_domain = from_address.rpartition("@")[2].lower()
-    results: dict[str, list[tuple[str, dict[str, str]]]] = {}
-    for clause in rest.split(";"):
-        m = _RESULT_RE.match(clause)
-        if m and m.group(1).lower() in ("dmarc", "spf", "dkim"):
-            props = {k.lower(): v.strip(";,") for k, v in _PROP_RE.findall(m.group(3))}
-            results.setdefault(m.group(1).lower(), []).append((m.group(2).lower(), props))
-    if not results:
+    by_method: dict[str, list[AuthResult]] = {}
+    for res in parsed.results:
+        if res.method in ("dmarc", "spf", "dkim"):
+            by_method.setdefault(res.method, []).append(res)
+    if not by_method:
         return AuthVerdict(None, used)
-    for result, props in results.get("dmarc", []):
-        hfrom = props.get("header.from")
-        if hfrom is not None and not _aligned(hfrom, from_domain):
-            continue  # a verdict about some other domain
-        if result == "pass":
+    dmarc = by_method.get("dmarc", [])
+    for res in dmarc:
+        hfrom = res.props.get("header.from")
+        if res.result in _FAILING and (hfrom is None or _domain_of(hfrom) == from_domain):
+            return AuthVerdict(False, used, f"dmarc={res.result}")
+    if len(dmarc) == 1 and dmarc[0].result == "pass":
+        hfrom = dmarc[0].props.get("header.from")
+        if hfrom is not None and _domain_of(hfrom) == from_domain:
             return AuthVerdict(True, used, "dmarc=pass")
-        if result == "fail":
-            return AuthVerdict(False, used, "dmarc=fail")
-    for method, keys in (
-        ("spf", ("smtp.mailfrom", "smtp.from")),
-        ("dkim", ("header.d", "header.i")),
-    ):
-        for result, props in results.get(method, []):
-            dom = next((props[k] for k in keys if k in props), None)
-            if result == "pass" and dom and _aligned(dom, from_domain):
+    failed = ""
+    for method, keys in _VERIFYING_KEYS.items():
+        found = by_method.get(method, [])
+        for res in found:
+            dom = next((res.props[k] for k in keys if k in res.props), None)
+            if not dom or not _aligned(dom, from_domain):
+                continue
+            if res.result == "pass" and len(found) == 1:
                 return AuthVerdict(True, used, f"{method}=pass aligned")
-    return AuthVerdict(False, used, "no aligned pass")
+            if res.result in _FAILING and not failed:
+                failed = f"{method}={res.result} aligned"
+    if failed:
+        return AuthVerdict(False, used, failed)
+    ambiguous = sorted(m for m, found in by_method.items() if len(found) > 1)
+    if ambiguous:
+        return AuthVerdict(None, used, "repeated results: " + ", ".join(ambiguous))
+    return AuthVerdict(None, used, "no verifying result")
 
 
 class RateLimiter:
@@ -234,6 +448,8 @@ class Policy:
         reason = loop_reason(env, self.own)
         if reason is not None:
             return Decision(reason)
+        if env.sender_problem is not None:
+            return Decision(env.sender_problem)
         if not env.sender:
             return Decision(NO_SENDER)
         if not sender_allowed(env.sender, self.config.allowed_senders):

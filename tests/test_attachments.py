@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import os
 from pathlib import Path
 
 import pytest
 
-from prx_channel_email.attachments import message_dir, plan, safe_filename, save, type_allowed
+from prx_channel_email.attachments import (
+    message_dir,
+    message_key,
+    plan,
+    safe_filename,
+    save,
+    type_allowed,
+)
 from prx_channel_email.inbound import InboundPipeline
 from prx_channel_email.normalize import RawAttachment
 from tests.inbound_helpers import ARRIVAL, corpus_raw, inbound_config
@@ -82,7 +90,8 @@ async def test_hostile_names_are_saved_inside_the_directory_only(tmp_path: Path)
     assert len(saved) == 4
     for att in saved:
         assert att.path is not None
-        assert att.path.resolve().parent == message_dir(root, outcome.message.id)
+        key = message_key(corpus_raw("hostile_attachments"))
+        assert att.path.resolve().parent == message_dir(root, key)
         assert att.path.read_bytes()  # really written
     written = {p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file()}
     assert all(p.parts[0] == "attachments" for p in written)
@@ -142,3 +151,37 @@ def test_unwritable_directory_marks_save_failed_and_keeps_metadata(tmp_path: Pat
     result = save(base, "<m@x>", planned)
     assert result[0].path is None and result[0].skipped_reason == "save_failed"
     assert result[0].filename == "a.txt" and result[0].size == 4
+
+
+def _invoice(sender: str, message_id: str, payload: bytes) -> bytes:
+    return (
+        f"From: {sender}\r\nTo: bot@example.net\r\nSubject: invoice\r\n"
+        f"Message-ID: {message_id}\r\nMIME-Version: 1.0\r\n"
+        "Content-Type: multipart/mixed; boundary=B\r\n\r\n"
+        "--B\r\nContent-Type: text/plain\r\n\r\nPlease pay the attached invoice.\r\n"
+        "--B\r\nContent-Type: text/plain\r\n"
+        "Content-Disposition: attachment; filename=invoice.txt\r\n"
+        f"Content-Transfer-Encoding: base64\r\n\r\n{base64.b64encode(payload).decode()}\r\n"
+        "--B--\r\n"
+    ).encode()
+
+
+async def test_same_message_id_never_overwrites_another_messages_files(tmp_path: Path) -> None:
+    # The reviewer's demo: a second message hides the victim's Message-ID in an
+    # encoded word (so the transport's early duplicate check misses it); it is
+    # dropped as a duplicate only after the pipeline ran, which then already
+    # saved its attachment. It must land in its own directory.
+    config = inbound_config(tmp_path, allowed_senders=["*"])
+    victim_id = "<inv-42@boss.example>"
+    real = _invoice("boss@boss.example", victim_id, b"real invoice IBAN DE00 1111")
+    coded = "=?utf-8?q?" + victim_id.replace("=", "=3D") + "?="
+    fake = _invoice("mallory@evil.example", coded, b"fake invoice IBAN XX99 6666")
+    first = await InboundPipeline(config).process(real, arrival=ARRIVAL)
+    second = await InboundPipeline(config).process(fake, arrival=ARRIVAL)
+    assert first.message is not None and second.message is not None
+    assert first.message.id == second.message.id == victim_id
+    (mine,), (theirs,) = first.message.attachments, second.message.attachments
+    assert mine.path is not None and theirs.path is not None
+    assert mine.path != theirs.path
+    assert mine.path.read_bytes() == b"real invoice IBAN DE00 1111"
+    assert mine.path.parent == message_dir(config.attachments_path.resolve(), message_key(real))

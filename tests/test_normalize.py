@@ -18,6 +18,7 @@ from prx_channel_email.message_ids import synthetic_message_id
 from prx_channel_email.normalize import (
     MAX_FIELD_BYTES,
     MAX_HEADER_BYTES,
+    MAX_HEADER_SCAN,
     Headers,
     cap_header_block,
     decode_bytes,
@@ -207,6 +208,127 @@ async def test_big_message_is_parsed_on_a_worker_thread(tmp_path: Path) -> None:
     assert outcome.message is not None
     assert outcome.message.full_text.count("line of text") == 220_000
     assert seen and seen[0] != loop_thread
+
+
+async def test_header_reading_of_big_mail_runs_on_a_worker_thread(tmp_path: Path) -> None:
+    # Megabytes of one-byte header lines (the reviewer's 3.4 s stall): reading the
+    # header block of big mail must not happen on the event loop either.
+    raw = b"From: mallory@evil.example\r\nMessage-ID: <x@y>\r\n" + b"X:\r\n" * 600_000
+    loop_thread = threading.get_ident()
+    seen: list[int] = []
+    real = inbound.envelope
+
+    def spy(*args: Any) -> Any:
+        seen.append(threading.get_ident())
+        return real(*args)
+
+    pipeline = InboundPipeline(inbound_config(tmp_path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inbound, "envelope", spy)
+        outcome = await pipeline.process(raw + b"\r\nbody\r\n", arrival=ARRIVAL)
+        oversized = await pipeline.process_oversized(raw + b"\r\n", 50_000_000, arrival=ARRIVAL)
+        small = await pipeline.process(raw[:2000] + b"\r\n\r\nbody\r\n", arrival=ARRIVAL)
+    assert [o.reason for o in (outcome, oversized, small)] == ["not_allowed"] * 3
+    assert len(seen) == 3
+    assert seen[0] != loop_thread and seen[1] != loop_thread
+    assert seen[2] == loop_thread  # small mail stays inline
+
+
+def test_header_block_is_split_into_fields_only_up_to_the_scan_limit() -> None:
+    block = b"From: a@example.com\r\n" + b"X:\r\n" * (MAX_HEADER_SCAN // 2)
+    late = block + b"Auto-Submitted: auto-replied\r\n"
+    scanned: list[int] = []
+    real = normalize._fields
+
+    def spy(data: bytes) -> Any:
+        scanned.append(len(data))
+        return real(data)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(normalize, "_fields", spy)
+        headers = Headers.from_block(late)
+    assert scanned and max(scanned) <= MAX_HEADER_SCAN
+    assert headers.get("from") == "a@example.com"
+    assert headers.get("auto-submitted") is None  # beyond the limit: never read
+
+
+def _sender(block: bytes) -> tuple[str, str | None]:
+    env = envelope(Headers.from_block(block), block, ARRIVAL)
+    return env.sender, env.sender_problem
+
+
+def test_capping_never_changes_whose_mail_it_is() -> None:
+    # Cut at 8 KB, 'alice@victim.example <padding> <eve@evil.example>' read as alice's.
+    padded = b"From: alice@victim.example" + b" " * MAX_FIELD_BYTES + b"<eve@evil.example>\r\n"
+    assert _sender(padded + b"Subject: x\r\n") == ("", "no_sender")
+    # A second From pushed beyond the header budget, or beyond the scan limit.
+    refs = b"".join(b"References: <%d@x> %s\r\n" % (i, b"r" * 7000) for i in range(25))
+    second = b"From: eve@evil.example\r\n"
+    first = b"From: alice@victim.example\r\n"
+    assert _sender(first + refs + second) == ("", "ambiguous_sender")
+    junk = b"X:\r\n" * (MAX_HEADER_SCAN // 4)
+    assert _sender(first + junk + second) == ("", "ambiguous_sender")
+    assert _sender(b"Subject: a\r\n" + junk + second) == ("", "no_sender")
+    assert _sender(first + junk + b"Subject: b\r\n") == ("alice@victim.example", None)
+    # An oversized topmost Authentication-Results is not read as a shorter verdict.
+    verdict = b"Authentication-Results: mx.example.net; dkim=pass header.d=victim.example"
+    ar = verdict + b" " * MAX_FIELD_BYTES + b"; dmarc=fail header.from=victim.example\r\n"
+    headers = Headers.from_block(ar + first)
+    assert headers.get_all("authentication-results") == [""]
+
+
+def _reference_cut_signature(text: str) -> str | None:
+    """The earlier (quadratic) rule, which the windowed one must match exactly."""
+    cut: int | None = None
+    marker = normalize._SIGNATURE_START_RE.search(text)
+    if marker is not None and text[: marker.start()].strip():
+        cut = marker.start()
+    for closing in normalize._CLOSING_RE.finditer(text, 0, cut if cut is not None else len(text)):
+        tail = text[closing.end() : cut].strip().splitlines()
+        if (
+            text[: closing.start()].strip()
+            and 1 <= len(tail) <= 6
+            and all(len(line) <= 72 for line in tail)
+        ):
+            cut = closing.start()
+            break
+    return text[:cut].rstrip() if cut is not None else None
+
+
+class _ScanRecorder:
+    def __init__(self, pattern: Any) -> None:
+        self.pattern = pattern
+        self.spans: list[int] = []
+
+    def finditer(self, text: str, pos: int = 0, endpos: int = 2**62) -> Any:
+        self.spans.append(min(endpos, len(text)) - pos)
+        return self.pattern.finditer(text, pos, endpos)
+
+
+def test_closing_salutation_scan_is_bounded_to_the_tail() -> None:
+    # The reviewer's 5 s stall: 250 KB of "LG\nx" lines (every line pair a candidate).
+    text = "Hello\n" + "LG\nx\n" * 36_000
+    recorder = _ScanRecorder(normalize._CLOSING_RE)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(normalize, "_CLOSING_RE", recorder)
+        got = normalize._cut_signature(text)
+    assert recorder.spans and max(recorder.spans) < 100
+    # The topmost salutation followed by at most 6 lines: the third "LG" from the end.
+    assert got == ("Hello\n" + "LG\nx\n" * 35_997).rstrip()
+    # Blank lines between the salutation and the name still count as before.
+    spaced = "Hi,\nsee below.\n\nThanks," + "\n" * 500 + "Bob\nExample Corp"
+    assert normalize._cut_signature(spaced) == "Hi,\nsee below."
+
+
+_SIGNATURE_LINES = ["Thanks,", "LG", "Best regards", "Bob", "", "  ", "x" * 80, "words here"]
+_SIGNATURE_LINES += ["-- ", "Sent from my phone", "> Cheers", "\u2028", "Grüße", " Tom", "\t"]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(_SIGNATURE_LINES), max_size=16), st.sampled_from(["", "\n\n"]))
+def test_windowed_signature_cut_matches_the_reference(lines: list[str], end: str) -> None:
+    text = "\n".join(lines) + end
+    assert normalize._cut_signature(text) == _reference_cut_signature(text)
 
 
 _FRAGMENTS = [

@@ -7,12 +7,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from prx_channel_email.inbound import InboundPipeline
 from prx_channel_email.message_ids import mint_message_id
-from prx_channel_email.normalize import Headers
+from prx_channel_email.normalize import Headers, envelope
 from prx_channel_email.observability import Metrics
-from prx_channel_email.policy import sender_allowed, sender_verified
+from prx_channel_email.policy import (
+    authserv_id_of,
+    parse_auth_results,
+    sender_allowed,
+    sender_verified,
+)
 from tests.inbound_helpers import ARRIVAL, BOT, inbound_config
 
 _counter = iter(range(1_000_000))
@@ -197,14 +204,16 @@ def test_aligned_spf_or_dkim_pass_verifies() -> None:
 
 
 def test_unaligned_pass_does_not_verify() -> None:
+    # A pass for another domain says nothing about the From domain: not verified,
+    # but not "failed" either (False is kept for a server saying the check failed).
     assert (
         auth("mx.example.net; spf=pass smtp.mailfrom=evil.example; dkim=pass header.d=evil.example")
-        is False
+        is None
     )
 
 
 def test_a_pass_for_a_bare_top_level_domain_is_not_aligned() -> None:
-    assert auth("mx.example.net; dkim=pass header.d=com", sender="ceo@example.com") is False
+    assert auth("mx.example.net; dkim=pass header.d=com", sender="ceo@example.com") is None
 
 
 def test_dmarc_fail_wins_over_spf_pass() -> None:
@@ -256,6 +265,201 @@ def test_wildcard_and_id_less_entries() -> None:
     h = Headers.from_block(microsoft)
     assert sender_verified(h, "a@example.com", ["@none"]).verified is True
     assert sender_verified(h, "a@example.com", ["mx.example.net"]).verified is None
+
+
+# --- Authentication-Results is tokenized, not searched (RFC 8601) ---
+
+VICTIM = "ceo@victim.com"
+
+
+def auth_v(value: str, sender: str = VICTIM) -> Any:
+    block = f"Authentication-Results: {value}\r\nFrom: {sender}\r\n".encode()
+    return sender_verified(Headers.from_block(block), sender, TRUSTED)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        # The reviewer's inputs: the trusted server faithfully echoes an attacker's
+        # envelope sender, whose quoted local part may hold ";" (RFC 5321).
+        'mx.example.net; spf=pass smtp.mailfrom="x;dmarc=pass header.from=victim.com;"@evil.com;'
+        " dmarc=none header.from=victim.com",
+        'mx.example.net; spf=pass (mx.example.net: domain of "x);dmarc=pass header.from=victim.com;'
+        '"@evil.com designates 192.0.2.1 as permitted sender) smtp.mailfrom=evil.com;'
+        " dmarc=none header.from=victim.com",
+        # The same, with the quote balanced so the RFC 5322 reading is well-formed.
+        'mx.example.net; spf=pass (domain of "x);dmarc=pass header.from=victim.com;(\\""@evil.com'
+        " designates 192.0.2.1) smtp.mailfrom=evil.com; dmarc=none header.from=victim.com",
+        # An escaped quote inside the quoted local part.
+        'mx.example.net; spf=pass smtp.mailfrom="x\\";dmarc=pass header.from=victim.com;"@evil.com',
+        # Encoded words are not decoded (RFC 8601 has none).
+        "mx.example.net; spf=pass smtp.mailfrom==?utf-8?q?x=3Bdmarc=3Dpass_header.from=3D"
+        "victim.com?=@evil.com",
+        # An "=" in an unquoted local part is not a property separator.
+        "mx.example.net; spf=pass smtp.mailfrom=victim.com=x@evil.com",
+        # A comment that never closes, a stray ")".
+        "mx.example.net; spf=pass (x smtp.mailfrom=victim.com",
+        "mx.example.net; spf=pass x) smtp.mailfrom=victim.com",
+    ],
+)
+def test_echoed_sender_text_cannot_forge_a_pass(value: str) -> None:
+    assert auth_v(value).verified is not True
+
+
+def test_a_method_stated_twice_is_ambiguous_and_never_verifies() -> None:
+    # A HELO name echoed into a comment can close it and "say" a clause (both
+    # readings agree here): the injected result, before or after the real one,
+    # must not count.
+    injected = "dmarc=pass header.from=victim.com"
+    real = "dmarc=none header.from=victim.com"
+    assert auth_v(f"mx.example.net; spf=none (helo x);{injected};(y); {real}").verified is None
+    assert auth_v(f"mx.example.net; {real}; spf=none (helo x);{injected};(y)").verified is None
+    dkim = "dkim=pass header.d=victim.com"
+    assert auth_v(f"mx.example.net; {dkim}; dkim=none; dmarc=none").verified is None
+    # A real DMARC fail is not hidden by an injected pass.
+    failed = f"mx.example.net; {injected}; dmarc=fail header.from=victim.com"
+    assert auth_v(failed).verified is False
+    # Two DKIM signatures are fine when DMARC itself passes.
+    two = f"mx.example.net; {dkim}; dkim=pass header.d=esp.example; {injected}"
+    assert auth_v(two).verified is True
+
+
+def test_comments_nest_and_escape_and_quoted_strings_stay_whole() -> None:
+    nested = (
+        "mx.example.net (a (nested) comment \\) still); dkim=pass (sig (ok)) header.d=victim.com"
+    )
+    assert auth_v(nested).verified is True
+    assert auth_v('mx.example.net; spf=pass smtp.mailfrom="a;b"@victim.com').verified is True
+    assert auth_v("mx.example.net; dmarc = pass header.from = victim.com").verified is True
+    assert auth_v("mx.example.net; dkim/1=pass header.d=victim.com").verified is True
+    assert authserv_id_of("mx.example.net (x; y) 1; dmarc=pass")[0] == "mx.example.net"
+    assert authserv_id_of("spf=pass smtp.mailfrom=x")[0] == ""
+
+
+@pytest.mark.parametrize(
+    ("value", "verified"),
+    [
+        ("dmarc=pass header.from=victim.com", True),
+        # header.from is optional in RFC 8601: without it the pass is about nobody known.
+        ("dmarc=pass", None),
+        ("dmarc=pass header.from=other.example", None),
+        ("dmarc=pass header.from=sub.victim.com", None),  # must equal, not be aligned
+        ("dmarc=pass header.from=victim.com header.from=victim.com", None),  # repeated
+        ("dmarc=pass header.from=other.example; spf=pass smtp.mailfrom=victim.com", True),
+    ],
+)
+def test_dmarc_pass_needs_header_from_equal_to_the_from_domain(
+    value: str, verified: bool | None
+) -> None:
+    assert auth_v(f"mx.example.net; {value}").verified is verified
+
+
+@pytest.mark.parametrize(
+    ("value", "verified"),
+    [
+        # False means a trusted server said the check failed ...
+        ("dmarc=fail header.from=victim.com", False),
+        ("dmarc=permerror header.from=victim.com", False),
+        ("dmarc=fail", False),
+        ("spf=fail smtp.mailfrom=victim.com; dmarc=none", False),
+        ("dkim=permerror header.d=victim.com", False),
+        # ... and nothing else does.
+        ("dmarc=none header.from=victim.com", None),
+        ("dmarc=temperror header.from=victim.com", None),
+        ("spf=softfail smtp.mailfrom=victim.com; dmarc=none", None),
+        ("spf=neutral smtp.mailfrom=victim.com", None),
+        ("spf=temperror smtp.mailfrom=victim.com; dkim=none", None),
+        ("spf=fail smtp.mailfrom=evil.example; dmarc=none", None),  # another domain failed
+        ("dmarc=fail header.from=other.example", None),
+        # An aligned pass outweighs a broken second route (as in DMARC).
+        ("spf=fail smtp.mailfrom=victim.com; dkim=pass header.d=victim.com", True),
+        ("spf=pass smtp.mailfrom=victim.com; dmarc=temperror", True),
+    ],
+)
+def test_false_only_when_a_trusted_server_says_the_check_failed(
+    value: str, verified: bool | None
+) -> None:
+    assert auth_v(f"mx.example.net; {value}").verified is verified
+
+
+_AR_ALPHABET = st.sampled_from([*list('ab;=()"\\ .@/-'), "dmarc", "pass", "header.from"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_AR_ALPHABET, max_size=40).map("".join))
+def test_any_authentication_results_text_is_read_or_refused_without_raising(text: str) -> None:
+    parsed = parse_auth_results(text)
+    if parsed is not None:
+        assert all(r.method and r.result for r in parsed.results)
+    auth_v(f"mx.example.net; {text}")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from([*list('ab<>,;:()"\\ .@'), "=?utf-8?q?x?="]), max_size=30))
+def test_any_from_text_yields_at_most_one_sender_without_raising(chars: list[str]) -> None:
+    raw = ("From: " + "".join(chars) + "\r\n").encode()
+    env = envelope(Headers.from_block(raw), raw, ARRIVAL)
+    assert (env.sender == "") == (env.sender_problem is not None)
+    assert env.sender.count("@") <= 1
+
+
+# --- the From mailbox ---
+
+
+@pytest.mark.parametrize(
+    ("from_lines", "reason", "sender"),
+    [
+        # An unquoted display name that looks like an address is still only a name.
+        (["alice@victim.com <eve@evil.com>"], "not_allowed", "eve@evil.com"),
+        (['"alice@victim.com" <eve@evil.com>'], "not_allowed", "eve@evil.com"),
+        (["=?utf-8?q?alice=40victim.com?= <eve@evil.com>"], "not_allowed", "eve@evil.com"),
+        # Text beside the address, or two mailboxes: whose mail is it? Nobody's.
+        (["<alice@victim.com>eve@evil.com"], "ambiguous_sender", ""),
+        (["<alice@victim.com> <eve@evil.com>"], "ambiguous_sender", ""),
+        (["alice@victim.com, eve@evil.com"], "ambiguous_sender", ""),
+        (["Alice <alice@victim.com>, Eve <eve@evil.com>"], "ambiguous_sender", ""),
+        (["alice@victim.com eve@evil.com"], "ambiguous_sender", ""),
+        (["alice@victim.com", "eve@evil.com"], "ambiguous_sender", ""),  # two From fields
+        # Nothing readable.
+        ([], "no_sender", ""),
+        ([""], "no_sender", ""),
+        (["Alice"], "no_sender", ""),
+        (["undisclosed-recipients:;"], "no_sender", ""),
+        (["=?utf-8?b?PGFsaWNlQHZpY3RpbS5jb20+?="], "no_sender", ""),  # "<alice@victim.com>"
+        (['"alice@victim.com"@evil.com'], "no_sender", ""),
+        (["<alice@victim.com"], "ambiguous_sender", ""),
+    ],
+)
+async def test_exactly_one_well_formed_from_mailbox(
+    tmp_path: Path, from_lines: list[str], reason: str, sender: str
+) -> None:
+    p = pipeline(tmp_path, allowed_senders=["alice@victim.com"])
+    lines = [f"From: {v}" for v in from_lines]
+    lines += ["Sender: alice@victim.com", "To: bot@example.net", "Message-ID: <f@x>"]
+    raw = ("\r\n".join(lines) + "\r\n\r\nhello\r\n").encode()
+    outcome = await p.process(raw, arrival=ARRIVAL)
+    assert (outcome.decision, outcome.reason) == ("reject", reason)
+    env = envelope(Headers.from_block(raw.split(b"\r\n\r\n")[0] + b"\r\n"), raw, ARRIVAL)
+    assert env.sender == sender
+    assert p.metrics.get(f"inbound.skipped.{reason}") == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "sender", "display"),
+    [
+        ('"boss@example.com" <evil@attacker.example>', "evil@attacker.example", "boss@example.com"),
+        ("Anna <Anna@Example.COM>", "anna@example.com", "Anna"),
+        ("anna@example.com (Anna B)", "anna@example.com", "Anna B"),
+        ('"Miller, Tom" <tom.miller@example.com>', "tom.miller@example.com", "Miller, Tom"),
+        ('"anna"@example.com', "anna@example.com", None),
+        (" < anna@example.com > ", "anna@example.com", None),
+        ("Anna <anna@example.com>,", "anna@example.com", "Anna"),
+    ],
+)
+def test_well_formed_from_forms(value: str, sender: str, display: str | None) -> None:
+    raw = f"From: {value}\r\n".encode()
+    env = envelope(Headers.from_block(raw), raw, ARRIVAL)
+    assert (env.sender, env.sender_display, env.sender_problem) == (sender, display, None)
 
 
 FORGED = "Authentication-Results: mx.example.net; dmarc=fail header.from=example.com"

@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any
 
 from .config import EmailConfig, config_from_table
+from .errors import ChannelError
 
 DOMAIN = "sandbox.localhost"
 HOST = "127.0.0.1"
@@ -47,8 +48,10 @@ class _Inbox:
     arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
-class SandboxError(RuntimeError):
+class SandboxError(ChannelError):
     """The sandbox could not start (pymap or aiosmtpd missing, no free port)."""
+
+    code = "sandbox_unavailable"
 
 
 def _pymap() -> Any:

@@ -23,6 +23,7 @@ from mailparser_reply.parser import EmailMessage
 
 from .html_text import html_to_text
 from .message_ids import normalize_id, parse_id_list, synthetic_message_id
+from .rfc5322 import Unterminated, read_comment, read_quoted
 
 MAX_HEADER_BYTES = 64 * 1024  # the whole header block handed to any decoder
 MAX_FIELD_BYTES = 8 * 1024  # one header field (a 560 KB Subject took 33 s to decode)
@@ -463,22 +464,14 @@ def _word(segments: _Segments) -> _Tok:
 def _address_tokens(text: str) -> Iterator[_Tok]:
     """Tokens of an address header: words, comments, whitespace and the specials
     "<", ">", ",", ":", ";". Quoted strings and comments (nested, with escapes)
-    are read whole; an unterminated one raises _BadAddress."""
+    are read whole; an unterminated one raises rfc5322.Unterminated."""
     i, n = 0, len(text)
     word: _Segments = []
     while i < n:
         ch = text[i]
         if ch == '"':
-            j, buf = i + 1, []
-            while j < n and text[j] != '"':
-                if text[j] == "\\" and j + 1 < n:
-                    j += 1
-                buf.append(text[j])
-                j += 1
-            if j >= n:
-                raise _BadAddress("unterminated quoted string")
-            word.append(("".join(buf), True))
-            i = j + 1
+            i, content = read_quoted(text, i)
+            word.append((content, True))
             continue
         if ch not in _ATOM_STOP and not ch.isspace():
             j = i
@@ -491,22 +484,8 @@ def _address_tokens(text: str) -> Iterator[_Tok]:
             yield _word(word)
             word = []
         if ch == "(":
-            depth, j, buf = 0, i, []
-            while j < n:
-                c = text[j]
-                if c == "\\" and j + 1 < n:
-                    buf.append(text[j + 1])
-                    j += 2
-                    continue
-                depth += (c == "(") - (c == ")")
-                if depth == 0:
-                    break
-                buf.append(c)
-                j += 1
-            if j >= n:
-                raise _BadAddress("unterminated comment")
-            yield _Tok("comment", "".join(buf)[1:])
-            i = j + 1
+            i, content = read_comment(text, i)
+            yield _Tok("comment", content)
         elif ch.isspace():
             yield _Tok("ws")
             i += 1
@@ -593,7 +572,7 @@ def parse_mailboxes(value: str | None) -> list[tuple[str | None, str] | str]:
     text = _CONTROL_RE.sub("", _unescape(value.replace("\r\n", " ").replace("\n", " ")))
     try:
         tokens = list(_address_tokens(text.replace("\r", " ")))
-    except _BadAddress:
+    except (_BadAddress, Unterminated):
         return [NO_SENDER]
     elements: list[list[_Tok]] = [[]]
     depth = 0  # a "," inside <...> does not separate
@@ -612,7 +591,7 @@ def parse_mailboxes(value: str | None) -> list[tuple[str | None, str] | str]:
             continue
         try:
             out.append(_mailbox(element))
-        except _BadAddress:
+        except (_BadAddress, Unterminated):
             out.append(NO_SENDER)
         except ValueError as exc:
             out.append(str(exc))

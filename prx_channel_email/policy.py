@@ -17,6 +17,7 @@ from .message_ids import is_minted
 from .normalize import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
 from .normalize import NO_SENDER as NO_SENDER
 from .normalize import Envelope, Headers, decode_words
+from .rfc5322 import Unterminated, read_comment, read_quoted
 
 # Reason codes (also the metric suffix: inbound.skipped.<reason>).
 OWN_ADDRESS = "own_address"
@@ -103,49 +104,6 @@ class _Malformed(ValueError):
     pass
 
 
-def _skip_comment(text: str, i: int, quotes: bool) -> int:
-    """Index just past the comment opening at ``text[i]`` (nested, escapes honoured).
-
-    With ``quotes`` a double quote inside the comment also opens a quoted run in
-    which parentheses do not count (not RFC 5322, but what a server that echoes a
-    quoted address into a comment means).
-    """
-    depth, i, n = 0, i, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-            if depth == 0:
-                return i + 1
-        elif ch == '"' and quotes:
-            i = _skip_quoted(text, i)[0]
-            continue
-        i += 1
-    raise _Malformed("unterminated comment")
-
-
-def _skip_quoted(text: str, i: int) -> tuple[int, str]:
-    """(index past the quoted string at ``text[i]``, its content with escapes resolved)."""
-    out: list[str] = []
-    i, n = i + 1, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\" and i + 1 < n:
-            out.append(text[i + 1])
-            i += 2
-            continue
-        if ch == '"':
-            return i + 1, "".join(out)
-        out.append(ch)
-        i += 1
-    raise _Malformed("unterminated quoted string")
-
-
 def _clauses(value: str, quotes_in_comments: bool) -> list[list[_Word]]:
     """The ``;``-separated clauses of a field value, each a list of words."""
     text = value.replace("\r", " ").replace("\n", " ")
@@ -165,12 +123,12 @@ def _clauses(value: str, quotes_in_comments: bool) -> list[list[_Word]]:
         ch = text[i]
         if ch == "(":
             flush()
-            i = _skip_comment(text, i, quotes_in_comments)
+            i = read_comment(text, i, quotes=quotes_in_comments)[0]
             continue
         if ch == ")":
             raise _Malformed("unbalanced ')'")
         if ch == '"':
-            i, content = _skip_quoted(text, i)
+            i, content = read_quoted(text, i)
             word.append(content)
             started = True
             continue
@@ -272,7 +230,7 @@ def parse_auth_results(value: str) -> ParsedAuthResults | None:
     try:
         strict = _parse(value, quotes_in_comments=False)
         lenient = _parse(value, quotes_in_comments=True)
-    except _Malformed:
+    except (_Malformed, Unterminated):
         return None
     return strict if strict == lenient else None
 

@@ -37,9 +37,9 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .backoff import Backoff
 from .compose import Composed, Parent, compose, parent_from_ids, parse_recipient
@@ -52,6 +52,7 @@ from .sent_folder import ImapSentFolder
 from .smtp import SmtpFailure, SmtpTransport
 from .store import LedgerEntry, StateStore
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 #: Test hook, no effect unless set: with ``PRX_EMAIL_TEST_KILL_AFTER_ACCEPT=1`` the
@@ -360,23 +361,18 @@ class Outbox:
             self._to_store = []
             if not batch:
                 continue
-            recorded = self._take_unrecorded()
             rows = [c for c, _ in batch]
             try:
-                ids, until = await self.store.run(
-                    functools.partial(self._insert_rows, rows=rows, recorded=recorded)
+                ids, until = await self._write_with_sent_marks(
+                    functools.partial(self._insert_rows, rows=rows)
                 )
             except BaseException as exc:
-                self._recorded(recorded, ok=False)
                 for _, done in batch:
                     if not done.done():
                         done.set_exception(exc)
                 if not isinstance(exc, Exception):
                     raise
                 continue
-            self._recorded(recorded, ok=True)
-            if recorded:
-                self._changed.set()
             orphans: list[int] = []
             for (_, done), row_id in zip(batch, ids, strict=True):
                 if done.done():  # cancelled while the row was written: nobody will attempt it
@@ -506,9 +502,8 @@ class Outbox:
         if self._active.get(row.id, 0.0) - now >= self.lease_secs / 2:
             return
         until = now + self.lease_secs
-        recorded = self._take_unrecorded()
 
-        def renew(conn: sqlite3.Connection) -> None:
+        def renew(conn: sqlite3.Connection, *, recorded: list[_Row]) -> None:
             self._mark_sent(conn, recorded)
             conn.execute(
                 "UPDATE outbox SET lease_until=?, updated_at=? WHERE id=? AND state='sending'",
@@ -516,19 +511,12 @@ class Outbox:
             )
 
         try:
-            await self.store.run(renew)
+            await self._write_with_sent_marks(renew)
         except Exception as exc:
-            self._recorded(recorded, ok=False)
             self._log_row(
                 logging.WARNING, "outbox.lease_renew_failed", row, error=str(exc), code="outbox"
             )
             return
-        except BaseException:
-            self._recorded(recorded, ok=False)
-            raise
-        self._recorded(recorded, ok=True)
-        if recorded:
-            self._changed.set()
         self._active[row.id] = until
 
     async def _release(self, ids: list[int]) -> None:
@@ -598,6 +586,21 @@ class Outbox:
     def _held_ids(self) -> list[int]:
         """Rows this process holds: the worker must not claim them."""
         return [*self._active, *self._unrecorded, *self._recording]
+
+    async def _write_with_sent_marks(self, fn: Callable[..., T]) -> T:
+        """Run ``fn(conn, recorded=rows)`` as one transaction; ``fn`` also marks those
+        accepted, not yet recorded rows sent (riding on a write saves an fsync per
+        reply). If it fails, the rows are kept and recorded by a later write."""
+        recorded = self._take_unrecorded()
+        try:
+            result = await self.store.run(functools.partial(fn, recorded=recorded))
+        except BaseException:
+            self._recorded(recorded, ok=False)
+            raise
+        self._recorded(recorded, ok=True)
+        if recorded:
+            self._changed.set()
+        return result
 
     def _take_unrecorded(self) -> list[_Row]:
         """Rows to mark sent in the next write; give them back with :meth:`_recorded`."""
@@ -762,18 +765,10 @@ class Outbox:
                     continue
                 if self._closing:
                     return
-                recorded = self._take_unrecorded()
-                claim = functools.partial(
-                    self._claim_due, recorded=recorded, exclude=self._held_ids()
+                held = self._held_ids()
+                claimed = await self._write_with_sent_marks(
+                    functools.partial(self._claim_due, exclude=held)
                 )
-                try:
-                    claimed = await self.store.run(claim)
-                except BaseException:
-                    self._recorded(recorded, ok=False)
-                    raise
-                self._recorded(recorded, ok=True)
-                if recorded:
-                    self._changed.set()
                 if claimed is None:
                     due_in = functools.partial(self._next_due_in, exclude=self._held_ids())
                     await self._sleep(await self.store.run(due_in))

@@ -18,11 +18,12 @@ TLS passes through untouched (it is just bytes), so clients connect to
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import threading
 from collections.abc import Coroutine
 from types import TracebackType
 from typing import Any
+
+from .loop_thread import LoopThread
 
 _CHUNK = 64 * 1024
 
@@ -38,8 +39,7 @@ class TcpProxy:
         self._cond = threading.Condition()
         self._accepted = 0
         self._active = 0
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("tcp-proxy")
         self._server: asyncio.AbstractServer | None = None
         self._flowing: asyncio.Event | None = None
         self._frozen = False
@@ -62,17 +62,7 @@ class TcpProxy:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the loop thread and the listener; return once it accepts."""
-        if self._thread is not None:
-            return
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="tcp-proxy", daemon=True)
-        self._thread.start()
-        try:
-            self._call(self._start(), timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self._runner.start(self._start, timeout, self._shutdown)
 
     async def _start(self) -> None:
         self._flowing = asyncio.Event()
@@ -82,17 +72,7 @@ class TcpProxy:
 
     def stop(self) -> None:
         """Close the listener and every connection, and stop the loop thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-        with contextlib.suppress(Exception):
-            self._call(self._shutdown(), 10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        if not thread.is_alive():
-            loop.close()
-        self._loop = None
-        self._thread = None
+        self._runner.stop(self._shutdown)
 
     async def _shutdown(self) -> None:
         if self._server is not None:
@@ -104,9 +84,7 @@ class TcpProxy:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _call(self, coro: Coroutine[Any, Any, None], timeout: float = 10.0) -> None:
-        assert self._loop is not None, "proxy not started"
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
-        future.result(timeout)
+        self._runner.call(coro, timeout)
 
     # ------------------------------------------------------------------ controls
 

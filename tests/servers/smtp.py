@@ -21,7 +21,6 @@ right after a message was accepted, before the client sees the 250
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email
 import email.policy
 import threading
@@ -36,6 +35,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from .certs import TestPKI
+from .loop_thread import LoopThread
 
 DEFAULT_USERNAME = "sender@example.test"
 DEFAULT_PASSWORD = "smtp-pass-word"
@@ -214,8 +214,7 @@ class SmtpServer:
         self._drops = 0
         self._relay: Callable[[ReceivedMessage], None] | None = None
         self._relay_errors: list[BaseException] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._runner = LoopThread("smtp-fixture")
         self._servers: list[asyncio.AbstractServer] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -239,18 +238,7 @@ class SmtpServer:
 
     def start(self, timeout: float = 10.0) -> None:
         """Start the loop thread and both listeners; return once they accept."""
-        if self._thread is not None:
-            return
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        self._thread = threading.Thread(target=loop.run_forever, name="smtp-fixture", daemon=True)
-        self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(self._start_servers(), loop)
-        try:
-            future.result(timeout)
-        except BaseException:
-            self.stop()
-            raise
+        self._runner.start(self._start_servers, timeout, self._shutdown)
 
     async def _start_servers(self) -> None:
         tls_server = await asyncio.get_running_loop().create_server(
@@ -285,30 +273,19 @@ class SmtpServer:
 
     def stop(self) -> None:
         """Close the listeners and all connections, and stop the loop thread."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None:
-            return
-
-        async def shutdown() -> None:
-            for server in self._servers:
-                server.close()
-                if hasattr(server, "close_clients"):  # Python >= 3.12
-                    server.close_clients()
-            current = asyncio.current_task()
-            tasks = [t for t in asyncio.all_tasks() if t is not current]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        if not thread.is_alive():
-            loop.close()
-        self._loop = None
-        self._thread = None
+        self._runner.stop(self._shutdown)
         self._servers = []
+
+    async def _shutdown(self) -> None:
+        for server in self._servers:
+            server.close()
+            if hasattr(server, "close_clients"):  # Python >= 3.12
+                server.close_clients()
+        current = asyncio.current_task()
+        tasks = [t for t in asyncio.all_tasks() if t is not current]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ------------------------------------------------------------------ auth
 

@@ -656,11 +656,17 @@ class Envelope:
     sender_problem: str | None = None
 
 
+def header_message_id(value: str | None) -> str | None:
+    """The Message-ID a Message-ID header value names (encoded words decoded), or None.
+
+    The transport's early duplicate check uses it too: both must read the same id.
+    """
+    return normalize_id(decode_words(value))
+
+
 def envelope(headers: Headers, id_source: bytes, arrival: float) -> Envelope:
     """The header-derived ChannelMessage fields; ``id_source`` seeds a missing Message-ID."""
-    message_id = normalize_id(decode_words(headers.get("message-id"))) or synthetic_message_id(
-        id_source
-    )
+    message_id = header_message_id(headers.get("message-id")) or synthetic_message_id(id_source)
     display, sender, problem = sender_of(headers)
     reply_to = _addresses(headers.get("reply-to"))
     references = parse_id_list(decode_words(headers.get("references")))

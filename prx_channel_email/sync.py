@@ -30,8 +30,9 @@ from .config import EmailConfig
 from .errors import AuthenticationError, ChannelError, FolderNotFoundError, TransportError
 from .imap import FetchedMessage, ImapSession, SelectInfo, open_session
 from .inbound import InboundPipeline, Outcome
-from .message_ids import normalize_id, synthetic_message_id
+from .message_ids import synthetic_message_id
 from .models import ChannelMessage
+from .normalize import header_message_id
 from .observability import Metrics, log_event
 from .store import Cursor, Decided, StateStore
 
@@ -579,7 +580,7 @@ def _header_id(block: bytes | None) -> str | None:
     if not block:
         return None
     value = _HEADER_PARSER.parsebytes(block).get("Message-ID")
-    return normalize_id(str(value)) if value is not None else None
+    return header_message_id(str(value)) if value is not None else None
 
 
 async def _to_completion(aw: Awaitable[None]) -> None:

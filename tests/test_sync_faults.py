@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -225,3 +226,23 @@ async def test_an_interrupted_unseen_first_start_never_hands_on_read_mail(
         run.engine.synced.clear()
         await run.wait_for(run.engine.synced.is_set)
         assert run.queue.empty(), "read mail was handed on"
+
+
+async def test_a_duplicate_hiding_its_message_id_in_an_encoded_word_is_not_downloaded(
+    fake: FakeImapServer, tmp_path: Path
+) -> None:
+    """The early duplicate check reads the Message-ID as the pipeline does (encoded
+    words decoded), so a copy that disguises an id already handed on is skipped before
+    its body is fetched: it never reaches the pipeline, and saves no attachments."""
+    encoded = "=?utf-8?b?" + base64.b64encode(mid(1).encode()).decode() + "?="
+    disguised = mail(2).replace(f"Message-ID: {mid(2)}".encode(), f"Message-ID: {encoded}".encode())
+    async with running_engine(fake_config(fake, tmp_path)) as run:
+        await run.wait_for(fake.idling.is_set)
+        fake.deliver(mail(1))
+        assert await run.take(1) == [mid(1)]
+        await run.wait_for(fake.idling.is_set)  # back in IDLE: the next pushes are seen
+        fake.deliver(disguised)
+        fake.deliver(mail(3))
+        assert await run.take(1) == [mid(3)]
+        assert run.metrics.get("inbound.skipped.duplicate") == 1
+        assert run.metrics.get("inbound.fetched") == 2

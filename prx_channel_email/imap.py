@@ -136,13 +136,10 @@ class _Protocol(_aio.IMAP4ClientProtocol):  # type: ignore[misc]
         super().__init__(loop, self._lost)
         self.closed = asyncio.Event()
         self.changed = asyncio.Event()
-        self.exists_count = 0
         self.greeting = ""
         self.bye: str | None = None
-        self.lost_exc: BaseException | None = None
 
     def _lost(self, exc: BaseException | None) -> None:
-        self.lost_exc = exc
         self.closed.set()
 
     def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
@@ -151,7 +148,6 @@ class _Protocol(_aio.IMAP4ClientProtocol):  # type: ignore[misc]
                 self.greeting = line.decode(errors="replace")
             if line.startswith(b"* "):
                 if _EXISTS_RE.match(line):
-                    self.exists_count += 1
                     self.changed.set()
                 elif _BYE_RE.match(line):
                     self.bye = line[6:].decode(errors="replace").strip()
@@ -233,7 +229,6 @@ class ImapSession:
         self.port = port
         self.greeting: str = protocol.greeting
         self.capabilities: frozenset[str] = frozenset()
-        self.selected: str | None = None
         self._idle_task: asyncio.Future[Any] | None = None
         self._refresh_caps()
 
@@ -456,7 +451,6 @@ class ImapSession:
                 raise FolderNotFoundError(folder, folders)
             raise ChannelError(f"SELECT {folder!r} failed: {_text(resp)}", code="select_failed")
         self._proto.state = _aio.SELECTED
-        self.selected = folder
         self._proto.changed.clear()  # the EXISTS of the SELECT answer is not news
         joined = b"\n".join(x for x in resp.lines if isinstance(x, bytes))
         return SelectInfo(

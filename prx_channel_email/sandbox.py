@@ -240,10 +240,6 @@ class MailSandbox:
             box.messages.append(raw)
             box.arrived.notify_all()
 
-    def received(self, address: str) -> list[bytes]:
-        """Every message delivered to ``address`` so far, oldest first."""
-        return list(self._inboxes[address.lower()].messages)
-
     async def wait_for_mail(self, address: str, *, count: int = 1, within: float = 30) -> bytes:
         """Wait until ``address`` has at least ``count`` messages; return the newest."""
         box = self._inboxes[address.lower()]

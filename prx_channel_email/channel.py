@@ -14,6 +14,7 @@ from types import TracebackType
 from .config import EmailConfig
 from .inbound import InboundPipeline
 from .models import Channel, ChannelMessage, SendMessage
+from .oauth import TokenManager, TokenProvider, attach, auth_backoff
 from .observability import Metrics, log_event
 from .outbox import Outbox
 from .store import StateStore
@@ -34,12 +35,18 @@ class EmailChannel(Channel):
 
     name = "email"
 
-    def __init__(self, config: EmailConfig) -> None:
+    def __init__(self, config: EmailConfig, *, token_provider: TokenProvider | None = None) -> None:
+        # OAuth: one token manager for IMAP, SMTP and the Sent copy rides on the config.
+        self.tokens: TokenManager | None = None
+        if config.auth_method == "oauth2" or token_provider is not None:
+            config, self.tokens = attach(config, token_provider)
         self.config = config
         self.metrics = Metrics()
         self.store = StateStore(config.state_dir)
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
-        self.sync = SyncEngine(config, self.store, self.pipeline, self.metrics)
+        self.sync = SyncEngine(
+            config, self.store, self.pipeline, self.metrics, auth_backoff=auth_backoff(config)
+        )
         self.outbox = Outbox(config, self.store, self.metrics)
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -94,7 +101,12 @@ class EmailChannel(Channel):
 
     async def health_check(self) -> bool:
         """True unless authentication failed or the outbox cannot reach its server."""
-        return self._started and not self.sync.status.auth_failed and self.outbox.healthy
+        return (
+            self._started
+            and not self.sync.status.auth_failed
+            and self.outbox.healthy
+            and not (self.tokens is not None and self.tokens.reauth_required)
+        )
 
     async def close(self) -> None:
         """Stop listening (a ledger write in flight completes), stop the outbox, close the store."""

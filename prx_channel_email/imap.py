@@ -55,7 +55,7 @@ _TRANSIENT_LOGIN = (b"[UNAVAILABLE]", b"[SERVERBUG]", b"[INUSE]", b"[LIMIT]")
 def _no_login_lines(record: logging.LogRecord) -> bool:
     """aioimaplib's debug log masks the password only verbatim, not once quoted and
     escaped; drop its record of the LOGIN line altogether."""
-    return " LOGIN " not in str(record.msg)
+    return " LOGIN " not in str(record.msg) and " AUTHENTICATE " not in str(record.msg)
 
 
 _aio.log.addFilter(_no_login_lines)
@@ -141,6 +141,43 @@ class _Protocol(_aio.IMAP4ClientProtocol):  # type: ignore[misc]
 
     def _lost(self, exc: BaseException | None) -> None:
         self.closed.set()
+
+    async def authenticate(
+        self, mechanism: str, initial_response: str, *, sasl_ir: bool, abort_reply: str = ""
+    ) -> tuple[Any, list[str]]:
+        """AUTHENTICATE with a base64 initial response; error challenges are answered
+        with ``abort_reply`` so the server sends its tagged NO (aioimaplib would hang)."""
+        self._sasl: tuple[list[str], str, list[str]] | None = (
+            [] if sasl_ir else [initial_response],
+            abort_reply,
+            [],
+        )
+        args = (mechanism, initial_response) if sasl_ir else (mechanism,)
+        cmd = _aio.Command("AUTHENTICATE", self.new_tag(), *args, loop=self.loop)
+        try:
+            async with self.state_condition:
+                resp = await self.execute(cmd, scrub=initial_response)
+                if resp.result == "OK":
+                    self.state = _aio.AUTH
+                self.state_condition.notify_all()
+        finally:
+            challenges = self._sasl[2] if self._sasl is not None else []
+            self._sasl = None
+        return resp, challenges
+
+    def _continuation(self, line: bytes) -> Any:
+        pending = self.pending_sync_command
+        sasl = getattr(self, "_sasl", None)
+        if sasl is not None and pending is not None and pending.name == "AUTHENTICATE":
+            responses, abort_reply, challenges = sasl
+            if responses:
+                reply = responses.pop(0)
+            else:
+                challenges.append(line[1:].strip().decode(errors="replace"))
+                reply = abort_reply
+            self.transport.write(reply.encode() + _CRLF)
+            return None
+        return super()._continuation(line)
 
     def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
         if line:
@@ -377,8 +414,52 @@ class ImapSession:
         return await self._run(proto.execute(cmd), name, limit)
 
     async def login(self) -> None:
-        """LOGIN, then CAPABILITY and ID. Raises AuthenticationError on NO/BAD."""
+        """LOGIN (or OAuth's AUTHENTICATE), then CAPABILITY and ID. Raises
+        AuthenticationError on NO/BAD."""
         user, password = self.config.imap_login
+        if self.config.auth_method == "oauth2":
+            from .oauth import imap_login
+
+            await imap_login(self.config, self, user)
+        else:
+            await self._login_password(user, password)
+        await self._capability()
+        if "ID" in self.capabilities:
+            # Some providers refuse clients that do not identify; the answer does not matter.
+            fields = " ".join(f"{quote(k)} {quote(v)}" for k, v in CLIENT_ID.items())
+            try:
+                await self._execute("ID", f"({fields})")
+            except TransportError:
+                if not self.is_open:
+                    raise
+
+    async def sasl(
+        self, mechanism: str, initial_response: str, *, abort_reply: str = ""
+    ) -> tuple[bool, str, list[str]]:
+        """One AUTHENTICATE exchange: (accepted, the server's text, error challenges).
+
+        Raises TransportError when the server says to try again later.
+        """
+        resp, challenges = await self._run(
+            self._proto.authenticate(
+                mechanism,
+                initial_response,
+                sasl_ir="SASL-IR" in self.capabilities,
+                abort_reply=abort_reply,
+            ),
+            "AUTHENTICATE",
+        )
+        text = _text(resp)
+        if resp.result != "OK" and any(code in text.encode() for code in _TRANSIENT_LOGIN):
+            raise TransportError(
+                f"{self.host} cannot log in right now: {text}",
+                host=self.host,
+                port=self.port,
+                code="server_unavailable",
+            )
+        return resp.result == "OK", text, challenges
+
+    async def _login_password(self, user: str, password: str) -> None:
         if "LOGINDISABLED" in self.capabilities:
             raise AuthenticationError(
                 f"{self.host} refuses LOGIN on this connection (LOGINDISABLED); use TLS",
@@ -398,15 +479,6 @@ class ImapSession:
             raise AuthenticationError(
                 f"{self.host} refused the login for {user}: {text}", server=self.host
             )
-        await self._capability()
-        if "ID" in self.capabilities:
-            # Some providers refuse clients that do not identify; the answer does not matter.
-            fields = " ".join(f"{quote(k)} {quote(v)}" for k, v in CLIENT_ID.items())
-            try:
-                await self._execute("ID", f"({fields})")
-            except TransportError:
-                if not self.is_open:
-                    raise
 
     async def list_folders(self) -> list[str]:
         return [name for name, _ in await self._list()]
@@ -647,6 +719,11 @@ class ImapSession:
 
 async def open_session(config: EmailConfig) -> ImapSession:
     """Connect and log in; the session is closed again if login fails."""
+    if config.auth_method == "oauth2":
+        from .oauth import token_source
+
+        # No usable grant: fail before connecting (a retry then costs no network).
+        await token_source(config).token()
     session = await ImapSession.connect(config)
     try:
         await session.login()

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .outbox_table import OUTBOX_SCHEMA
+
 T = TypeVar("T")
 
 DB_NAME = "state.sqlite3"
@@ -66,25 +68,10 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE INDEX IF NOT EXISTS ledger_by_sender ON ledger (account, sender, received_at);
 CREATE INDEX IF NOT EXISTS ledger_by_thread ON ledger (account, thread_ts, received_at);
--- Outbound mail. state: pending -> sending (leased) -> sent | failed.
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    account TEXT NOT NULL,
-    message_id TEXT NOT NULL UNIQUE,
-    mail_from TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    raw BLOB NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    lease_until REAL,
-    last_error TEXT,
-    smtp_code INTEGER,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (account, state, next_attempt_at);
 """
+
+#: Every table this store creates; the outbox owns its own DDL (outbox_table.py).
+SCHEMAS = (SCHEMA, OUTBOX_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -186,7 +173,8 @@ class StateStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
+        for ddl in SCHEMAS:
+            conn.executescript(ddl)
         conn.execute(
             "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
             (str(SCHEMA_VERSION),),

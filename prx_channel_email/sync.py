@@ -28,12 +28,12 @@ from enum import Enum
 
 from .backoff import Backoff
 from .config import EmailConfig
+from .envelope import header_message_id
 from .errors import AuthenticationError, ChannelError, FolderNotFoundError, TransportError
 from .imap import FetchedMessage, ImapSession, SelectInfo, open_session
 from .inbound import InboundPipeline, Outcome, message_identity
 from .ledger import LedgerLookup, LedgerWriter
 from .models import ChannelMessage
-from .normalize import header_message_id
 from .observability import Metrics, log_event
 from .store import Cursor, StateStore
 

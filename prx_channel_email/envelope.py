@@ -77,7 +77,7 @@ def header_message_id(value: str | None) -> str | None:
 
 
 def envelope(
-    headers: Headers, id_source: bytes, arrival: float, *, message_id: str | None = None
+    headers: Headers, id_source: bytes, arrival: float, message_id: str | None = None
 ) -> Envelope:
     """The header-derived ChannelMessage fields; ``id_source`` seeds a missing Message-ID.
 

@@ -98,7 +98,7 @@ def read_envelope(
 ) -> tuple[tuple[bytes, bytes], Envelope]:
     """Split off and read the (capped) header block (CPU only: thread-safe)."""
     split = split_header_block(raw)
-    return split, envelope(Headers.from_block(split[0]), raw, arrival, message_id=message_id)
+    return split, envelope(Headers.from_block(split[0]), raw, arrival, message_id)
 
 
 def analyze_body(
@@ -116,9 +116,7 @@ def _read_oversized(
     header_block: bytes, size: int, arrival: float, message_id: str | None = None
 ) -> Envelope:
     block, _ = split_header_block(header_block)
-    return envelope(
-        Headers.from_block(block), block + str(size).encode(), arrival, message_id=message_id
-    )
+    return envelope(Headers.from_block(block), block + str(size).encode(), arrival, message_id)
 
 
 class InboundPipeline:

@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # store.py imports this module's schema
     from .store import StateStore
 
-#: The outbox's DDL; store.py applies it when it opens the state (with its own tables).
-OUTBOX_SCHEMA = """
+#: The outbox table as the first release wrote it (part of store.py's "base" step). Never
+#: edit it: a change is a new named step in OUTBOX_MIGRATIONS, which store.py appends.
+OUTBOX_SCHEMA_V1 = """
 -- Outbound mail. state: pending -> sending (leased) -> sent | failed.
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY AUTOINCREMENT,

@@ -70,6 +70,8 @@ CREATE INDEX IF NOT EXISTS ledger_by_thread ON ledger (account, thread_ts, recei
     + OUTBOX_SCHEMA_V1
 )  # the outbox owns its DDL (outbox_table.py)
 
+SCHEMA = BASE_SCHEMA  # the name before migrations existed (tests build v1 tables with it)
+
 Step = Callable[[sqlite3.Connection], None]
 
 

@@ -108,7 +108,7 @@ def _logging(debug: bool, quiet: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("aioimaplib", "mail.log", "asyncio"):
+    for noisy in ("aioimaplib", "mail.log", "asyncio", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 

@@ -723,7 +723,7 @@ async def open_session(config: EmailConfig) -> ImapSession:
         from .oauth import token_source
 
         # No usable grant: fail before connecting (a retry then costs no network).
-        await token_source(config).token()
+        await token_source(config).check_grant()
     session = await ImapSession.connect(config)
     try:
         await session.login()

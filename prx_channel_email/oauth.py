@@ -318,6 +318,27 @@ class TokenManager:
         # Shielded: one caller being cancelled must not cancel the others' refresh.
         return await asyncio.shield(self._inflight)
 
+    async def check_grant(self) -> None:
+        """Raise now, before any connection, when no token can be had (OAuthReauthRequired
+        costs a stat() of the store then). A host's provider is left for the login."""
+        if self._host_provider is None:
+            await self.token()
+
+    async def refresh_now(self) -> AccessToken:
+        """A real refresh, whatever the cache holds (the doctor's check)."""
+        if self._host_provider is not None:
+            return await self._from_host()
+        await self._current()
+        if self._inflight is None or self._inflight.done():
+            self._inflight = asyncio.ensure_future(self._refresh())
+        return await asyncio.shield(self._inflight)
+
+    def now(self) -> float:
+        return self._clock()
+
+    def granted_scope(self) -> str | None:
+        return self._record.scope if self._record is not None else None
+
     def refused(self, token: AccessToken) -> None:
         """A server refused ``token`` as invalid: the next :meth:`token` refreshes."""
         self._refused.add(fingerprint(token.value))
@@ -498,8 +519,10 @@ def authlib_client_class() -> Any:
 
     authlib 1.9 warns that it prefers the httpx2 package over httpx; either works.
     """
+    import authlib.deprecate  # its import adds an "always" filter: let it, then override
+
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", authlib.deprecate.AuthlibDeprecationWarning)
         from authlib.integrations.httpx_client import AsyncOAuth2Client
     return AsyncOAuth2Client
 

@@ -199,7 +199,8 @@ async def login_device(
     client = oauth_client(config)
     async with client:
         try:
-            resp = await client.post(
+            resp = await client.request(
+                "POST",
                 provider.device_url,
                 data={"client_id": config.oauth_client_id, "scope": " ".join(provider.scopes)},
                 withhold_token=True,

@@ -152,7 +152,7 @@ async def test_channel_receives_and_replies_with_short_lived_tokens(
         assert await channel.health_check()
     sent = smtp_oauth.wait_for_messages(4)
     assert sorted(m.message()["Subject"] for m in sent) == [f"Re: n{i}" for i in range(4)]
-    assert oauth_server.token_requests["refresh_token"] >= 4
+    assert oauth_server.token_requests["refresh_token"] >= 3  # start + two dropped
     record = TokenStore(config.state_dir).load()
     assert record is not None
     secrets = [record.refresh_token, record.access_token]

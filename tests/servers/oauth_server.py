@@ -127,6 +127,19 @@ class OAuthServer:
             grant = _Grant(user=user, scope=scope, client_id=CLIENT_ID)
             return self._new_refresh(grant)
 
+    def access_token_for(self, refresh_token: str) -> str:
+        """Refresh in-process (what a host that manages tokens itself would do)."""
+        with self._lock:
+            status, answer = self._token(
+                {
+                    "grant_type": "refresh_token",
+                    "refresh_token": refresh_token,
+                    "client_id": CLIENT_ID,
+                }
+            )
+        assert status == 200, answer
+        return str(answer["access_token"])
+
     def fail_next(self, count: int, status: int = 503) -> None:
         """Answer the next ``count`` token requests with HTTP ``status``."""
         with self._lock:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from . import deferred_table
+
 T = TypeVar("T")
 
 DB_NAME = "state.sqlite3"
@@ -102,6 +104,7 @@ def ddl(script: str) -> Step:
 # state file from before migrations existed (schema_version 1) opens and moves on.
 MIGRATIONS: list[tuple[str, Step]] = [
     ("base", ddl(BASE_SCHEMA)),
+    ("deferred_mail", deferred_table.migrate),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -170,6 +173,8 @@ class Decided:
     reason: str | None = None
     uid: int | None = None
     entry: LedgerEntry | None = None
+    # More writes that belong in the same transaction (a deferred message's row).
+    also: Callable[[sqlite3.Connection], None] | None = None
 
 
 class ParentLookup(Protocol):
@@ -344,6 +349,9 @@ class StateStore:
                     " received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
+            for item in items:
+                if item.also is not None:
+                    item.also(conn)
             for cursor in _cursor_moves(items) if move_cursor else ():
                 _write_cursor(conn, account, folder, cursor)
 

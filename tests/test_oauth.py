@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from prx_channel_email import EmailChannel
-from prx_channel_email.errors import AuthenticationError, OAuthReauthRequired
+from prx_channel_email.errors import OAuthReauthRequired, OAuthUnavailable, SendError
 from prx_channel_email.imap import ImapSession, open_session
-from prx_channel_email.models import ChannelMessage
+from prx_channel_email.models import ChannelMessage, SendMessage
 from prx_channel_email.oauth import TOKEN_FILE, TokenStore, token_source
 from prx_channel_email.smtp import SmtpTransport
 from tests.oauth_helpers import ANN, human_mail, oauth_config
@@ -107,7 +107,7 @@ async def test_token_endpoint_outage_backs_off_then_recovers(
     oauth_server.fail_next(1, 503)
     manager = token_source(config)
     for _ in range(5):
-        with pytest.raises(AuthenticationError.__mro__[1]) as info:  # TransportError
+        with pytest.raises(OAuthUnavailable) as info:
             await manager.token()
         assert info.value.code == "oauth_token_unavailable"
     assert oauth_server.token_requests["refresh_token"] == 1  # backed off, not hammered
@@ -160,3 +160,19 @@ async def test_channel_receives_and_replies_with_short_lived_tokens(
         assert not any(s and s in line for s in secrets)
     text = (config.state_dir / TOKEN_FILE).read_text()
     assert json.loads(text)["refresh_token"] == record.refresh_token
+
+
+async def test_send_with_a_revoked_grant_raises_reauth_required(
+    tmp_path: Path, oauth_server: OAuthServer, dovecot_oauth: DovecotServer, smtp_oauth: SmtpServer
+) -> None:
+    account = dovecot_oauth.add_user()
+    config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
+    oauth_server.revoke_all(account.username)
+    async with EmailChannel(config) as channel:
+        for _ in range(3):
+            with pytest.raises(SendError) as info:
+                await channel.send(SendMessage(content="hi", recipient=ANN, subject="s"))
+            assert info.value.code == "oauth_reauth_required"
+        assert not await channel.health_check()
+    assert oauth_server.token_requests["refresh_token"] == 1
+    assert smtp_oauth.messages == []

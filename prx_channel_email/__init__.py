@@ -5,6 +5,7 @@ IMAP IDLE turns mail from allow-listed senders into :class:`ChannelMessage`;
 outbox. See the README for setup and the security model.
 """
 
+from ._version import __version__
 from .channel import EmailChannel
 from .config import EmailConfig, load_config
 from .errors import ChannelError, ConfigError, SendError
@@ -20,7 +21,6 @@ __all__ = [
     "EmailConfig",
     "SendError",
     "SendMessage",
+    "__version__",
     "load_config",
 ]
-
-__version__ = "0.1.0"

@@ -32,21 +32,14 @@ from typing import Any, Literal
 
 from . import attachments as att
 from .config import EmailConfig
+from .envelope import Envelope, envelope
+from .headers import Headers, split_header_block
 from .message_ids import synthetic_message_id
+from .mime_body import Body, TooComplex, parse_message, read_body
 from .models import ChannelMessage
-from .normalize import (
-    Body,
-    Envelope,
-    Headers,
-    TooComplex,
-    envelope,
-    new_text,
-    parse_message,
-    read_body,
-    split_header_block,
-)
 from .observability import Metrics, log_event
 from .policy import Decision, Policy
+from .reply_text import new_text
 from .store import LedgerEntry
 
 logger = logging.getLogger("prx_channel_email.inbound")

@@ -12,12 +12,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from .addresses import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
+from .addresses import NO_SENDER as NO_SENDER
+from .addresses import Unterminated, read_comment, read_quoted
+from .charsets import decode_words
 from .config import EmailConfig
+from .envelope import Envelope
+from .headers import Headers
 from .message_ids import is_minted
-from .normalize import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
-from .normalize import NO_SENDER as NO_SENDER
-from .normalize import Envelope, Headers, decode_words
-from .rfc5322 import Unterminated, read_comment, read_quoted
 
 # Reason codes (also the metric suffix: inbound.skipped.<reason>).
 OWN_ADDRESS = "own_address"
@@ -27,7 +29,7 @@ AUTO_SUBMITTED = "auto_submitted"
 AUTO_REPLY = "auto_reply"
 PRECEDENCE = "precedence_bulk"
 LIST_MAIL = "list_mail"
-# NO_SENDER ("no_sender") and AMBIGUOUS_SENDER ("ambiguous_sender") come from normalize.
+# NO_SENDER ("no_sender") and AMBIGUOUS_SENDER ("ambiguous_sender") come from addresses.
 NOT_ALLOWED = "not_allowed"
 UNVERIFIED = "unverified_sender"
 RATE_LIMITED = "rate_limited"

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 
 from .backoff import Backoff
 from .config import EmailConfig
+from .envelope import header_message_id
 from .errors import AuthenticationError, ChannelError, FolderNotFoundError, TransportError
 from .imap import FetchedMessage, ImapSession, SelectInfo, open_session
 from .inbound import InboundPipeline, Outcome
 from .message_ids import synthetic_message_id
 from .models import ChannelMessage
-from .normalize import header_message_id
 from .observability import Metrics, log_event
 from .store import Cursor, Decided, StateStore
 

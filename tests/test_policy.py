@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prx_channel_email.envelope import envelope
+from prx_channel_email.headers import Headers
 from prx_channel_email.inbound import InboundPipeline
 from prx_channel_email.message_ids import mint_message_id
-from prx_channel_email.normalize import Headers, envelope
 from prx_channel_email.observability import Metrics
 from prx_channel_email.policy import (
     authserv_id_of,

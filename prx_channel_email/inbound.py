@@ -38,7 +38,7 @@ from .message_ids import synthetic_message_id
 from .mime_body import Body, TooComplex, parse_message, read_body
 from .models import ChannelMessage
 from .observability import Metrics, log_event
-from .policy import Decision, Policy
+from .policy import UNVERIFIED, Decision, Policy
 from .reply_text import new_text
 from .store import LedgerEntry
 
@@ -57,6 +57,9 @@ class Outcome:
     ``deliver``: ``message`` goes on the framework's queue and ``entry`` into the ledger.
     ``reject``: the policy refused it (``reason`` says why); the server copy is left alone.
     ``quarantine``: it could not be understood at all; logged with ``reason``.
+
+    A rejection also carries who sent it and its subject (so a host's
+    ``on_rejected`` can say what was refused) and the policy's ``detail``.
     """
 
     decision: Literal["deliver", "reject", "quarantine"]
@@ -64,6 +67,9 @@ class Outcome:
     reason: str | None = None
     message: ChannelMessage | None = None
     entry: LedgerEntry | None = None
+    sender: str | None = None
+    subject: str | None = None
+    detail: str | None = None
 
 
 @dataclass(frozen=True)
@@ -228,15 +234,29 @@ class InboundPipeline:
     def _reject(self, env: Envelope, decision: Decision) -> Outcome:
         reason = decision.reason or "rejected"
         self.metrics.inc(f"inbound.skipped.{reason}")
+        # A refusal that repeats for every mail of a sender (unverified) is
+        # explained once per sender; the repeats are logged at debug level.
+        level = logging.INFO
+        if not decision.first_for_sender:
+            level = logging.DEBUG
+        elif reason == UNVERIFIED:
+            level = logging.WARNING
         self._log(
-            logging.INFO,
+            level,
             "inbound.rejected",
             message_id=env.message_id,
             sender=env.sender or None,
             code=reason,
             detail=decision.detail or None,
         )
-        return Outcome("reject", env.message_id, reason=reason)
+        return Outcome(
+            "reject",
+            env.message_id,
+            reason=reason,
+            sender=env.sender or None,
+            subject=env.subject,
+            detail=decision.detail or None,
+        )
 
     def _quarantine(
         self, raw: bytes, env: Envelope | None, reason: str, exc: BaseException

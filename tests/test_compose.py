@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
 
 from prx_channel_email.compose import (
     MAX_REFERENCES,
@@ -17,7 +16,7 @@ from prx_channel_email.compose import (
     thread_references,
 )
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.errors import SendError
+from prx_channel_email.errors import ConfigError, SendError
 from prx_channel_email.message_ids import is_minted, parse_id_list
 from tests.outbound_helpers import parse
 
@@ -162,7 +161,7 @@ def test_header_injection_is_rejected(tmp_path: Path, field: str, kwargs: dict[s
 
 def test_display_name_injection_is_rejected(tmp_path: Path) -> None:
     injected = "Bot\r\nBcc: v@x.example"
-    with pytest.raises(ValidationError, match="line breaks"):  # refused when the config loads
+    with pytest.raises(ConfigError, match="line breaks"):  # refused when the config loads
         cfg(tmp_path, from_name=injected)
     # ... and by compose itself, for a config built without validation.
     unchecked = cfg(tmp_path).model_copy(update={"from_name": injected})

@@ -83,6 +83,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (account, state, next_attempt_at);
 """
 
+SCHEMA = BASE_SCHEMA  # the name before migrations existed (tests build v1 tables with it)
+
 Step = Callable[[sqlite3.Connection], None]
 
 

@@ -309,6 +309,7 @@ class TokenManager:
         record = await self._current()
         if self._unsaved is not None:
             await self._save(self._unsaved)  # never use a token whose refresh is not on disk
+            record = self._record
         if record is not None and record.access_token and record.expires_at is not None:
             left = record.expires_at - self._clock()
             if left > self.margin(record) and fingerprint(record.access_token) not in self._refused:

@@ -57,6 +57,17 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     )
 
 
+def start_login(path: Path, flag: str) -> subprocess.Popen[str]:
+    """``prx-email auth login FLAG`` in a child process, its output readable as it comes."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "prx_channel_email.cli", "auth", "login", flag, "-c", str(path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+    )
+
+
 def secrets_of(store: TokenStore) -> list[str]:
     record = store.load()
     assert record is not None
@@ -69,14 +80,7 @@ def test_browser_login_status_doctor_and_logout(
     account = dovecot_oauth.add_user()
     oauth_server.user = account.username
     path = config_file(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prx_channel_email.cli", "auth", "login", "--no-browser",
-         "-c", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )  # fmt: skip
+    proc = start_login(path, "--no-browser")
     with reaped(proc):
         assert proc.stdout is not None
         shown = read_until(proc.stdout, "Waiting for the sign-in", within=30)
@@ -119,14 +123,7 @@ def test_device_login_headless(
 ) -> None:
     account = dovecot_oauth.add_user()
     path = config_file(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prx_channel_email.cli", "auth", "login", "--device",
-         "-c", str(path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=subprocess_env(),
-    )  # fmt: skip
+    proc = start_login(path, "--device")
     with reaped(proc):
         assert proc.stdout is not None
         shown = read_until(proc.stdout, "enter the code", within=30)

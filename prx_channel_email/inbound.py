@@ -74,21 +74,23 @@ class _Parsed:
     key: str = ""  # att.message_key of the raw bytes: names the attachment directory
 
 
-def read_envelope(raw: bytes, arrival: float) -> tuple[tuple[bytes, bytes], Envelope]:
-    """Split off and read the (capped) header block (CPU only: thread-safe)."""
-    split = split_header_block(raw)
-    return split, envelope(Headers.from_block(split[0]), raw, arrival)
+def read_envelope(raw: bytes, arrival: float) -> tuple[bytes, Envelope]:
+    """Split off and read the (capped) header block (CPU only: thread-safe).
+
+    Returns the body bytes too: the header block is read here once, and the body
+    parser is never given it again.
+    """
+    block, body = split_header_block(raw)
+    return body, envelope(Headers.from_block(block), raw, arrival)
 
 
-def analyze_body(
-    raw: bytes, config: EmailConfig, split: tuple[bytes, bytes] | None = None
-) -> _Parsed:
+def analyze_body(raw: bytes, config: EmailConfig, env: Envelope, body: bytes) -> _Parsed:
     """Parse, extract text, strip quotes and plan attachments (CPU only: thread-safe)."""
-    msg = parse_message(raw, split)
-    body: Body = read_body(msg)
-    planned = att.plan(body.attachments, config)
+    msg = parse_message(env.headers, body)
+    found: Body = read_body(msg)
+    planned = att.plan(found.attachments, config)
     key = att.message_key(raw) if any(p.data is not None for p in planned) else ""
-    return _Parsed(body.full_text, new_text(body.full_text), planned, key)
+    return _Parsed(found.full_text, new_text(found.full_text), planned, key)
 
 
 def _read_oversized(header_block: bytes, size: int, arrival: float) -> Envelope:
@@ -115,17 +117,17 @@ class InboundPipeline:
         env: Envelope | None = None
         try:
             if len(raw) > THREAD_THRESHOLD:
-                split, env_ = await asyncio.to_thread(read_envelope, raw, when)
+                body, env_ = await asyncio.to_thread(read_envelope, raw, when)
             else:
-                split, env_ = read_envelope(raw, when)
+                body, env_ = read_envelope(raw, when)
             env = env_
             decision = self.policy.decide(env)
             if decision.reason is not None:
                 return self._reject(env, decision)
             if len(raw) > THREAD_THRESHOLD:
-                parsed = await asyncio.to_thread(analyze_body, raw, self.config, split)
+                parsed = await asyncio.to_thread(analyze_body, raw, self.config, env, body)
             else:
-                parsed = analyze_body(raw, self.config, split)
+                parsed = analyze_body(raw, self.config, env, body)
             return await self._deliver(env, decision, parsed, when)
         except asyncio.CancelledError:
             raise

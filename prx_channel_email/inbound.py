@@ -39,7 +39,7 @@ from .mime_body import Body, TooComplex, parse_message, read_body
 from .models import ChannelMessage
 from .observability import Metrics, log_event
 from .policy import Decision, Policy
-from .reply_text import new_text
+from .reply_text import STRIP_BUDGET_SECS, StripBudgetExceeded, new_text
 from .store import LedgerEntry
 
 logger = logging.getLogger("prx_channel_email.inbound")
@@ -72,6 +72,7 @@ class _Parsed:
     content: str
     planned: list[att.Planned]
     key: str = ""  # att.message_key of the raw bytes: names the attachment directory
+    strip_timed_out: bool = False  # stripping ran out of time: content is full_text
 
 
 def read_envelope(raw: bytes, arrival: float) -> tuple[bytes, Envelope]:
@@ -90,7 +91,11 @@ def analyze_body(raw: bytes, config: EmailConfig, env: Envelope, body: bytes) ->
     found: Body = read_body(msg)
     planned = att.plan(found.attachments, config)
     key = att.message_key(raw) if any(p.data is not None for p in planned) else ""
-    return _Parsed(found.full_text, new_text(found.full_text), planned, key)
+    try:
+        content, timed_out = new_text(found.full_text, budget=STRIP_BUDGET_SECS), False
+    except StripBudgetExceeded:
+        content, timed_out = found.full_text.strip(), True
+    return _Parsed(found.full_text, content, planned, key, timed_out)
 
 
 def _read_oversized(header_block: bytes, size: int, arrival: float) -> Envelope:
@@ -178,6 +183,15 @@ class InboundPipeline:
     async def _deliver(
         self, env: Envelope, decision: Decision, parsed: _Parsed, when: float
     ) -> Outcome:
+        if parsed.strip_timed_out:
+            self.metrics.inc("inbound.strip_budget_exceeded")
+            self._log(
+                logging.WARNING,
+                "inbound.strip_budget_exceeded",
+                message_id=env.message_id,
+                code="strip_budget_exceeded",
+                chars=len(parsed.full_text),
+            )
         files = [p.meta for p in parsed.planned]
         if any(p.data is not None for p in parsed.planned):
             files = await asyncio.to_thread(

@@ -9,13 +9,14 @@ from __future__ import annotations
 import binascii
 import email.parser
 import email.policy
+import email.utils
 import itertools
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
 
-from .charsets import decode_bytes, decode_words, tidy
+from .charsets import decode_bytes, decode_words, tidy, unescape_header
 from .headers import Headers
 from .html_text import html_to_text
 
@@ -98,11 +99,23 @@ def parse_message(headers: Headers, body: bytes) -> Message:
     try:
         return _split_tree(top, body)
     except _Unusual:
-        pass
+        return _parse_unusual(top + b"\r\n" + body)
+
+
+def _parse_unusual(data: bytes) -> Message:
+    """The edge path: MIME the fast split steps aside for (broken boundaries, bare CR,
+    message/* parts) goes through mail-parser, the parser this project names, which
+    runs the standard compat32 parser under a recursion guard. Imported here, so a
+    listening channel that never meets such mail never loads it."""
+    import mailparser
+
     try:
-        return _PARSER.parsebytes(top + b"\r\n" + body)
-    except RecursionError as exc:  # a nesting the pre-count missed ("mUltipart")
-        raise TooComplex("MIME nesting too deep") from exc
+        msg = mailparser.parse_from_bytes(data).message
+    except (RecursionError, mailparser.exceptions.MailParserRecursionError) as exc:
+        raise TooComplex("MIME nesting too deep") from exc  # a nesting the pre-count missed
+    if not isinstance(msg, Message):
+        raise TooComplex("mail-parser returned no message")
+    return msg
 
 
 class _Unusual(Exception):
@@ -251,18 +264,28 @@ def _disposition(part: Message) -> str:
 
 
 def _filename(part: Message) -> str | None:
+    """The part's file name: RFC 2231 (``filename*=utf-8''...``), encoded words, or raw
+    8-bit bytes (read as UTF-8, else windows-1252; the standard library would turn
+    each such byte into U+FFFD)."""
+    view = Message()
+    for name, value in part.raw_items():
+        if name.lower() in ("content-disposition", "content-type"):
+            view[name] = unescape_header(str(value))
     try:
-        name = part.get_filename()
+        found = view.get_filename()
     except Exception:
-        name = None
-    if name is None:
+        found = None
+    if found is None:
         try:
-            name = part.get_param("name")  # type: ignore[assignment]
+            param = view.get_param("name")
         except Exception:
-            name = None
-        if not isinstance(name, str):
+            param = None
+        if isinstance(param, tuple):  # an RFC 2231 value not collapsed by get_param
+            param = email.utils.collapse_rfc2231_value(param)
+        if not isinstance(param, str):
             return None
-    return decode_words(name) or None
+        found = param
+    return decode_words(found) or None
 
 
 def _is_attachment(part: Message, ctype: str) -> bool:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from .outbox_table import OUTBOX_SCHEMA_V1
+from .outbox_table import OUTBOX_SCHEMA_V1, add_idempotency_key
 
 T = TypeVar("T")
 
@@ -91,6 +91,7 @@ def ddl(script: str) -> Step:
 # state file from before migrations existed (schema_version 1) opens and moves on.
 MIGRATIONS: list[tuple[str, Step]] = [
     ("base", ddl(BASE_SCHEMA)),
+    ("outbox_idempotency_key", add_idempotency_key),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -67,6 +67,9 @@ INLINE_COMPOSE_CHARS = 2_000
 #: Longer idempotency keys are refused (bad_input): a key is an id, not a payload.
 MAX_KEY_CHARS = 512
 
+#: How often the worker drops the text of sent replies past their retention.
+PRUNE_EVERY_SECS = 3600.0
+
 #: The longest the worker sleeps without looking at the table again.
 MAX_IDLE_WAIT_SECS = 60.0
 
@@ -179,6 +182,7 @@ class Outbox:
         self._settled = asyncio.Event()
         self._settled.set()
         self._worker: asyncio.Task[None] | None = None
+        self._next_prune = 0.0
 
     # --- lifecycle ---
 
@@ -189,6 +193,7 @@ class Outbox:
         self._closing = False
         self.marks.start_timer()
         expired, pending = await self.table.recover()
+        await self._prune()
         if pending:
             log_event(
                 log,
@@ -307,6 +312,18 @@ class Outbox:
             raise SendError(
                 f"idempotency_key must be 1 to {MAX_KEY_CHARS} characters",
                 code="bad_input",
+                recipient=message.recipient,
+            )
+        size = len(message.content)
+        if size > self.config.max_outbound_bytes or (
+            4 * size > self.config.max_outbound_bytes
+            and len(message.content.encode("utf-8", "surrogatepass"))
+            > self.config.max_outbound_bytes
+        ):
+            raise SendError(
+                f"the reply text is larger than max_outbound_bytes "
+                f"({self.config.max_outbound_bytes} bytes); shorten it or attach it as a file",
+                code="too_large",
                 recipient=message.recipient,
             )
         recipient = parse_recipient(message.recipient)
@@ -686,6 +703,8 @@ class Outbox:
                     continue
                 if self._closing:
                     return
+                if time.monotonic() >= self._next_prune:
+                    await self._prune()
                 claimed = await self.marks.write_with(
                     functools.partial(self.table.claim_due, self._held_ids(), self.lease_secs)
                 )
@@ -708,6 +727,30 @@ class Outbox:
                     code="outbox_worker_error",
                 )
                 await self._sleep(1.0)
+
+    async def _prune(self) -> None:
+        """Drop the stored text of replies sent longer ago than ``outbox_retention_days``.
+
+        The row stays (Message-ID, idempotency key, state): a repeated send still
+        finds it. Failed rows keep their text (``prx-email outbox retry`` needs it).
+        """
+        self._next_prune = time.monotonic() + PRUNE_EVERY_SECS
+        cutoff = time.time() - self.config.outbox_retention_days * 86400
+        try:
+            pruned = await self.table.prune_sent(cutoff)
+        except Exception as exc:  # retried at the next interval; nothing depends on it
+            log_event(
+                log,
+                logging.WARNING,
+                "outbox.prune_failed",
+                exc,
+                account=self.config.account,
+                code=getattr(exc, "code", "storage_error"),
+            )
+            return
+        if pruned:
+            log_event(log, logging.INFO, "outbox.pruned", account=self.config.account,
+                      pruned=pruned)  # fmt: skip
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -398,6 +398,26 @@ class OutboxTable:
         )
         return int(n)
 
+    async def prune_sent(self, before: float) -> int:
+        """Empty the text of rows sent before ``before`` (Unix time); returns how many.
+
+        ``secure_delete`` makes SQLite overwrite the freed bytes: the text must be
+        gone from the file, not merely unreachable.
+        """
+        account = self.account
+
+        def tx(conn: sqlite3.Connection) -> int:
+            conn.execute("PRAGMA secure_delete=ON")
+            return int(
+                conn.execute(
+                    "UPDATE outbox SET raw=x'' WHERE account=? AND state='sent'"
+                    " AND updated_at<? AND length(raw)>0",
+                    (account, before),
+                ).rowcount
+            )
+
+        return await self.store.run(tx)
+
     async def entries(self, states: Sequence[str] = (), limit: int = 100) -> list[OutboxEntry]:
         """The newest rows first (optionally only in ``states``), without their bodies."""
         account = self.account

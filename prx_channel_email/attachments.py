@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import EmailConfig
+from .mime_body import RawAttachment
 from .models import Attachment
-from .normalize import RawAttachment
 
 TOO_LARGE = "too_large"
 TYPE_NOT_ALLOWED = "type_not_allowed"

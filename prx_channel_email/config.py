@@ -34,6 +34,24 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 _ADDRESS_RE = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;.]+$|^[^@\s<>,;]+@localhost$")
 _DOMAIN_RE = re.compile(r"^@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$")
 
+# Providers whose Authentication-Results authserv-id is known and stable, by IMAP
+# host. Used only when the config does not set trusted_authserv_ids itself.
+# Gmail stamps "mx.google.com"; Microsoft (Outlook.com, Microsoft 365) writes
+# the field without an authserv-id, which the entry "@none" stands for. Others
+# stamp per-host names that are not documented as stable, so they are not preset.
+PROVIDER_AUTHSERV_IDS: dict[str, tuple[str, ...]] = {
+    "imap.gmail.com": ("mx.google.com",),
+    "imap.googlemail.com": ("mx.google.com",),
+    "outlook.office365.com": ("@none",),
+    "imap-mail.outlook.com": ("@none",),
+}
+
+
+def provider_authserv_ids(imap_host: str) -> list[str]:
+    """The preset trusted authserv-ids for a known provider's IMAP host ([] if unknown)."""
+    return list(PROVIDER_AUTHSERV_IDS.get(imap_host.strip().rstrip(".").lower(), ()))
+
+
 DEFAULT_ATTACHMENT_TYPES = [
     "text/plain",
     "text/csv",
@@ -131,10 +149,15 @@ class EmailConfig(BaseSettings):
 
     # --- inbound policy ---
     trusted_authserv_ids: StrList = Field(default_factory=list)
-    sender_auth: Literal["off", "flag", "enforce"] = "flag"
+    sender_auth: Literal["off", "flag", "enforce"] = "enforce"
     own_addresses: StrList = Field(default_factory=list)
-    rate_limit_count: PositiveInt = 20
+    # Rate limits defer, never drop (ratelimit.py; README "Rate limits and loops").
+    rate_limit_count: PositiveInt = 30
     rate_limit_window_secs: PositiveInt = 3600
+    domain_rate_limit_count: PositiveInt = 100
+    loop_reply_secs: PositiveFloat = 30.0
+    loop_max_quick_replies: PositiveInt = 3
+    loop_window_secs: PositiveInt = 3600
 
     # --- attachments ---
     attachments_dir: Path | None = None
@@ -161,6 +184,18 @@ class EmailConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment first: it overrides the file (secrets live there).
         return (env_settings, init_settings)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_trust(cls, data: Any) -> Any:
+        # A known provider's id is trusted unless the config says otherwise
+        # (an explicit list, even an empty one, wins).
+        if isinstance(data, dict) and "trusted_authserv_ids" not in data:
+            host = data.get("imap_host")
+            preset = provider_authserv_ids(host) if isinstance(host, str) else []
+            if preset:
+                data = {**data, "trusted_authserv_ids": preset}
+        return data
 
     @field_validator(
         "allowed_senders",

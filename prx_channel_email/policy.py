@@ -12,12 +12,14 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from .addresses import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
+from .addresses import NO_SENDER as NO_SENDER
+from .addresses import Unterminated, read_comment, read_quoted
+from .charsets import decode_words
 from .config import EmailConfig
+from .envelope import Envelope
+from .headers import Headers
 from .message_ids import is_minted
-from .normalize import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
-from .normalize import NO_SENDER as NO_SENDER
-from .normalize import Envelope, Headers, decode_words
-from .rfc5322 import Unterminated, read_comment, read_quoted
 
 # Reason codes (also the metric suffix: inbound.skipped.<reason>).
 OWN_ADDRESS = "own_address"
@@ -27,7 +29,7 @@ AUTO_SUBMITTED = "auto_submitted"
 AUTO_REPLY = "auto_reply"
 PRECEDENCE = "precedence_bulk"
 LIST_MAIL = "list_mail"
-# NO_SENDER ("no_sender") and AMBIGUOUS_SENDER ("ambiguous_sender") come from normalize.
+# NO_SENDER ("no_sender") and AMBIGUOUS_SENDER ("ambiguous_sender") come from addresses.
 NOT_ALLOWED = "not_allowed"
 UNVERIFIED = "unverified_sender"
 RATE_LIMITED = "rate_limited"
@@ -387,6 +389,15 @@ class Decision:
     reason: str | None  # None: deliver
     sender_verified: bool | None = None
     detail: str = ""
+    # For refusals that repeat for every mail of a sender (unverified): True the
+    # first time this sender is refused for it, so the log explains it once.
+    first_for_sender: bool = True
+
+
+NOTHING_TRUSTED = (
+    "sender_auth is 'enforce' but trusted_authserv_ids is empty, so no sender can be"
+    " verified: run `prx-email doctor` for the line to paste, or set sender_auth = 'flag'"
+)
 
 
 class Policy:
@@ -396,6 +407,16 @@ class Policy:
         self.config = config
         self.own = [config.from_address.lower(), *config.own_addresses]
         self.rate = RateLimiter(config.rate_limit_count, config.rate_limit_window_secs, clock)
+        self._refused_unverified: set[str] = set()
+
+    def _first_refusal(self, sender: str) -> bool:
+        """True the first time ``sender`` is refused as unverified (bounded memory)."""
+        if sender in self._refused_unverified:
+            return False
+        if len(self._refused_unverified) >= 10_000:
+            self._refused_unverified.clear()
+        self._refused_unverified.add(sender)
+        return True
 
     def decide(self, env: Envelope) -> Decision:
         """Loop guards, then the allow-list, then authenticity, then the rate limit.
@@ -417,12 +438,15 @@ class Policy:
         if self.config.sender_auth != "off":
             verdict = sender_verified(env.headers, env.sender, self.config.trusted_authserv_ids)
             verified, detail = verdict.verified, verdict.detail
-            if (
-                self.config.sender_auth == "enforce"
-                and self.config.trusted_authserv_ids
-                and verified is not True
-            ):
-                return Decision(UNVERIFIED, verified, detail or "no trusted result")
+            if self.config.sender_auth == "enforce" and verified is not True:
+                if not self.config.trusted_authserv_ids:
+                    detail = NOTHING_TRUSTED
+                return Decision(
+                    UNVERIFIED,
+                    verified,
+                    detail or "no trusted result",
+                    first_for_sender=self._first_refusal(env.sender),
+                )
         if not self.rate.allows(env.sender):
             return Decision(RATE_LIMITED, verified)
         return Decision(None, verified, detail)

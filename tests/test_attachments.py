@@ -17,7 +17,7 @@ from prx_channel_email.attachments import (
     type_allowed,
 )
 from prx_channel_email.inbound import InboundPipeline
-from prx_channel_email.normalize import RawAttachment
+from prx_channel_email.mime_body import RawAttachment
 from tests.inbound_helpers import ARRIVAL, corpus_raw, inbound_config
 
 

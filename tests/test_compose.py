@@ -30,6 +30,7 @@ def cfg(tmp_path: Path, **kw: object) -> EmailConfig:
         "password": "pw",
         "from_address": "bot@bots.example",
         "state_dir": tmp_path,
+        "sender_auth": "flag",
     }
     fields.update(kw)
     return EmailConfig(**fields)  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ def make_table(
         "allowed_senders": ["alice@example.test"],
         "ca_file": str(dovecot.ca_file),
         "state_dir": str(tmp_path / "state"),
+        "sender_auth": "flag",
     }
     table.update(overrides)
     return table

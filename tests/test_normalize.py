@@ -10,24 +10,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prx_channel_email import inbound, normalize
+from prx_channel_email import headers as header_block
+from prx_channel_email import inbound, reply_text
+from prx_channel_email.charsets import decode_bytes, decode_words
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.html_text import html_to_text
-from prx_channel_email.inbound import InboundPipeline
-from prx_channel_email.message_ids import synthetic_message_id
-from prx_channel_email.normalize import (
+from prx_channel_email.envelope import envelope, parse_timestamp
+from prx_channel_email.headers import (
     MAX_FIELD_BYTES,
     MAX_HEADER_BYTES,
     MAX_HEADER_SCAN,
     Headers,
     cap_header_block,
-    decode_bytes,
-    decode_words,
-    envelope,
-    new_text,
-    parse_timestamp,
     split_header_block,
 )
+from prx_channel_email.html_text import html_to_text
+from prx_channel_email.inbound import InboundPipeline
+from prx_channel_email.message_ids import synthetic_message_id
+from prx_channel_email.reply_text import new_text
 from tests.inbound_helpers import (
     ARRIVAL,
     corpus_expected,
@@ -238,14 +237,14 @@ def test_header_block_is_split_into_fields_only_up_to_the_scan_limit() -> None:
     block = b"From: a@example.com\r\n" + b"X:\r\n" * (MAX_HEADER_SCAN // 2)
     late = block + b"Auto-Submitted: auto-replied\r\n"
     scanned: list[int] = []
-    real = normalize._fields
+    real = header_block._fields
 
     def spy(data: bytes) -> Any:
         scanned.append(len(data))
         return real(data)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(normalize, "_fields", spy)
+        mp.setattr(header_block, "_fields", spy)
         headers = Headers.from_block(late)
     assert scanned and max(scanned) <= MAX_HEADER_SCAN
     assert headers.get("from") == "a@example.com"
@@ -280,10 +279,10 @@ def test_capping_never_changes_whose_mail_it_is() -> None:
 def _reference_cut_signature(text: str) -> str | None:
     """The earlier (quadratic) rule, which the windowed one must match exactly."""
     cut: int | None = None
-    marker = normalize._SIGNATURE_START_RE.search(text)
+    marker = reply_text._SIGNATURE_START_RE.search(text)
     if marker is not None and text[: marker.start()].strip():
         cut = marker.start()
-    for closing in normalize._CLOSING_RE.finditer(text, 0, cut if cut is not None else len(text)):
+    for closing in reply_text._CLOSING_RE.finditer(text, 0, cut if cut is not None else len(text)):
         tail = text[closing.end() : cut].strip().splitlines()
         if (
             text[: closing.start()].strip()
@@ -308,16 +307,16 @@ class _ScanRecorder:
 def test_closing_salutation_scan_is_bounded_to_the_tail() -> None:
     # The reviewer's 5 s stall: 250 KB of "LG\nx" lines (every line pair a candidate).
     text = "Hello\n" + "LG\nx\n" * 36_000
-    recorder = _ScanRecorder(normalize._CLOSING_RE)
+    recorder = _ScanRecorder(reply_text._CLOSING_RE)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(normalize, "_CLOSING_RE", recorder)
-        got = normalize._cut_signature(text)
+        mp.setattr(reply_text, "_CLOSING_RE", recorder)
+        got = reply_text._cut_signature(text)
     assert recorder.spans and max(recorder.spans) < 100
     # The topmost salutation followed by at most 6 lines: the third "LG" from the end.
     assert got == ("Hello\n" + "LG\nx\n" * 35_997).rstrip()
     # Blank lines between the salutation and the name still count as before.
     spaced = "Hi,\nsee below.\n\nThanks," + "\n" * 500 + "Bob\nExample Corp"
-    assert normalize._cut_signature(spaced) == "Hi,\nsee below."
+    assert reply_text._cut_signature(spaced) == "Hi,\nsee below."
 
 
 _SIGNATURE_LINES = ["Thanks,", "LG", "Best regards", "Bob", "", "  ", "x" * 80, "words here"]
@@ -328,7 +327,7 @@ _SIGNATURE_LINES += ["-- ", "Sent from my phone", "> Cheers", "\u2028", "Grüße
 @given(st.lists(st.sampled_from(_SIGNATURE_LINES), max_size=16), st.sampled_from(["", "\n\n"]))
 def test_windowed_signature_cut_matches_the_reference(lines: list[str], end: str) -> None:
     text = "\n".join(lines) + end
-    assert normalize._cut_signature(text) == _reference_cut_signature(text)
+    assert reply_text._cut_signature(text) == _reference_cut_signature(text)
 
 
 _FRAGMENTS = [
@@ -361,8 +360,8 @@ _FRAGMENTS = [
 )
 def test_reply_header_prefilter_never_skips_a_real_header(parts: list[tuple[str, str]]) -> None:
     text = "\n".join(getattr(p, case)() if case != "keep" else p for p, case in parts)
-    if normalize._PROTOTYPE.HEADER_REGEX.search(text):
-        assert normalize.may_have_reply_header(text)
+    if reply_text._PROTOTYPE.HEADER_REGEX.search(text):
+        assert reply_text.may_have_reply_header(text)
 
 
 @pytest.mark.parametrize(

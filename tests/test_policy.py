@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prx_channel_email.config import EmailConfig
+from prx_channel_email.envelope import envelope
+from prx_channel_email.headers import Headers
 from prx_channel_email.inbound import InboundPipeline
 from prx_channel_email.message_ids import mint_message_id
-from prx_channel_email.normalize import Headers, envelope
 from prx_channel_email.observability import Metrics
 from prx_channel_email.policy import (
     authserv_id_of,
@@ -475,7 +477,8 @@ PASSED = "Authentication-Results: mx.example.net; dmarc=pass header.from=example
         ("enforce", TRUSTED, FORGED, "reject", None),
         ("enforce", TRUSTED, PASSED, "deliver", True),
         ("enforce", TRUSTED, None, "reject", None),  # trusted ids set, but no trusted verdict
-        ("enforce", [], FORGED, "deliver", None),  # no trusted ids: nothing dropped
+        ("enforce", [], FORGED, "reject", None),  # nothing trusted: nothing verifies
+        ("enforce", [], PASSED, "reject", None),  # nothing trusted: nothing verifies
     ],
 )
 async def test_sender_auth_modes(
@@ -526,3 +529,62 @@ async def test_oversized_mail_is_judged_on_headers(tmp_path: Path) -> None:
     stranger = mail("x@evil.example").split(b"\r\n\r\n")[0] + b"\r\n\r\n"
     rejected = await p.process_oversized(stranger, 50_000_000, arrival=ARRIVAL)
     assert (rejected.decision, rejected.reason) == ("reject", "not_allowed")
+
+
+# --- secure defaults (issue 11) ---
+
+
+def test_default_is_enforce_and_known_providers_are_preset(tmp_path: Path) -> None:
+    base = {
+        "smtp_host": "smtp.example.test",
+        "username": "bot",
+        "password": "pw",
+        "from_address": "bot@example.test",
+        "state_dir": tmp_path,
+    }
+
+    def ids(**kw: Any) -> list[str]:
+        config = EmailConfig(**{**base, **kw})
+        assert config.sender_auth == "enforce"
+        return config.trusted_authserv_ids
+
+    assert ids(imap_host="imap.gmail.com") == ["mx.google.com"]
+    assert ids(imap_host="IMAP.GMAIL.COM.") == ["mx.google.com"]
+    assert ids(imap_host="outlook.office365.com") == ["@none"]
+    assert ids(imap_host="imap-mail.outlook.com") == ["@none"]
+    assert ids(imap_host="imap.example.test") == []
+    # An explicit list wins over the preset, even an empty one.
+    assert ids(imap_host="imap.gmail.com", trusted_authserv_ids=[]) == []
+    assert ids(imap_host="imap.gmail.com", trusted_authserv_ids=["mx.example.test"]) == [
+        "mx.example.test"
+    ]
+
+
+async def test_nothing_trusted_refuses_and_says_why_once_per_sender(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = pipeline(tmp_path, sender_auth="enforce", trusted_authserv_ids=[])
+    caplog.set_level(logging.DEBUG, logger="prx_channel_email")
+    outcomes = [await p.process(mail("ceo@example.com", PASSED)) for _ in range(3)]
+    outcomes.append(await p.process(mail("juergen@example.de")))
+    assert [(o.decision, o.reason) for o in outcomes] == [("reject", "unverified_sender")] * 4
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.prx["sender"] for r in warnings] == ["ceo@example.com", "juergen@example.de"]
+    assert "trusted_authserv_ids is empty" in warnings[0].prx["detail"]
+    # The repeats are still recorded, one debug line each.
+    repeats = [
+        r for r in caplog.records if r.levelno == logging.DEBUG and "rejected" in r.msg % r.args
+    ]
+    assert len(repeats) == 2
+
+
+async def test_reject_outcome_carries_sender_subject_reason_and_id(tmp_path: Path) -> None:
+    p = pipeline(tmp_path)
+    outcome = await p.process(mail("eve@evil.test", mid="<x1@evil.test>"))
+    assert outcome.decision == "reject"
+    assert (outcome.message_id, outcome.sender, outcome.subject, outcome.reason) == (
+        "<x1@evil.test>",
+        "eve@evil.test",
+        "hi",
+        "not_allowed",
+    )

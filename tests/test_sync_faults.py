@@ -46,6 +46,7 @@ def fake_config(server: FakeImapServer, tmp_path: Path, **kw: Any) -> EmailConfi
         "command_timeout_secs": 2.0,
         "keepalive_secs": 30,
         "initial_sync": "unseen",
+        "sender_auth": "flag",
     }
     fields.update(kw)
     return EmailConfig(**fields)

@@ -34,6 +34,7 @@ from gateway.platforms.base import (
 
 from ..errors import ChannelError, ConfigError
 from ..models import ChannelMessage
+from ..observability import log_event
 from ._bridge import (
     PERMANENT_CODES,
     EmailBridge,
@@ -72,6 +73,7 @@ class PrxEmailAdapter(BasePlatformAdapter):
     def __init__(self, config: PlatformConfig) -> None:
         super().__init__(config, Platform(NAME))
         self._bridge: EmailBridge | None = None
+        self._account: str | None = None
         # Read by hermes' authorization: "allowlist" means our allowed_senders decided.
         self._dm_policy = "allowlist"
 
@@ -96,6 +98,7 @@ class PrxEmailAdapter(BasePlatformAdapter):
             self._set_fatal_error(exc.code, f"{exc.code}: {exc}", retryable=retryable)
             return False
         self._bridge = bridge
+        self._account = config.account
         self._mark_connected()
         return True
 
@@ -199,6 +202,20 @@ class PrxEmailAdapter(BasePlatformAdapter):
             return SendResult(success=False, error=f"{exc.code}: {exc}", retryable=False)
         return SendResult(success=True, message_id=message_id)
 
+    async def send_private_notice(
+        self,
+        chat_id: str,
+        user_id: str | None,
+        content: str,
+        reply_to: str | None = None,
+        metadata: dict[str, Any] | None = None,
+    ) -> SendResult:
+        # hermes' operational notices ("no home channel is set, type /sethome", ...) are
+        # chat UI for an operator; mailed, they would reach every person starting a thread.
+        log_event(log, logging.INFO, "hermes.notice_not_mailed", account=self._account,
+                  notice=content[:80])  # fmt: skip
+        return SendResult(success=True)
+
     async def get_chat_info(self, chat_id: str) -> dict[str, Any]:
         return {"name": chat_id, "type": "dm", "chat_id": chat_id}
 
@@ -211,6 +228,15 @@ def _configured(platform: PlatformConfig) -> bool:
     return True
 
 
+def _yaml_defaults(yaml_cfg: dict[str, Any], platform_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Seed ``extra`` from config.yaml: notices go the "private" way (see send_private_notice)."""
+    extra = platform_cfg.get("extra")
+    chosen = "notice_delivery" in platform_cfg or (
+        isinstance(extra, dict) and "notice_delivery" in extra
+    )
+    return {} if chosen else {"notice_delivery": "private"}
+
+
 def register(ctx: Any) -> None:
     """hermes plugin entry point: register the ``prx_email`` platform."""
     ctx.register_platform(
@@ -219,6 +245,7 @@ def register(ctx: Any) -> None:
         adapter_factory=PrxEmailAdapter,
         check_fn=lambda: True,
         is_connected=_configured,
+        apply_yaml_config_fn=_yaml_defaults,
         install_hint='pip install "prx-channel-email[hermes]"',
         emoji="📧",
         platform_hint=(

@@ -55,6 +55,7 @@ async def test_hermes_gateway_answers_email_in_the_thread_and_keeps_the_session(
 ) -> None:
     home = tmp_path / "hermes"
     home.mkdir()
+    extra = host_table(tmp_path, smtp_server, dovecot, account)
     config = {
         "model": {
             "provider": "custom",
@@ -64,10 +65,7 @@ async def test_hermes_gateway_answers_email_in_the_thread_and_keeps_the_session(
             "context_length": 131072,  # known, so hermes does not look the model up online
         },
         "plugins": {"enabled": ["prx_email"]},
-        "platforms": {
-            "prx_email": {"enabled": True, "extra": host_table(tmp_path, smtp_server, dovecot,
-                                                                account)},  # fmt: skip
-        },
+        "platforms": {"prx_email": {"enabled": True, "extra": extra}},
     }
     (home / "config.yaml").write_text(yaml.safe_dump(config))
     log = tmp_path / "gateway.log"
@@ -97,11 +95,8 @@ async def test_hermes_gateway_answers_email_in_the_thread_and_keeps_the_session(
         body2 = reply2.get_body(("plain",)).get_content()
         assert body2.startswith("echo:") and "Noon works." in body2
         # hermes sent the model the first mail along with the second: one session.
-        turns = [chat_model.user_texts(i) for i in range(len(chat_model.requests))]
-        assert any(
-            any("Are you free today?" in t for t in texts) and any("Noon works." in t for t in texts)
-            for texts in turns
-        )
+        turns = ["\n".join(chat_model.user_texts(i)) for i in range(len(chat_model.requests))]
+        assert any("Are you free today?" in t and "Noon works." in t for t in turns)
     finally:
         proc.send_signal(signal.SIGINT)  # Ctrl+C: hermes' planned foreground stop
         try:

@@ -109,4 +109,5 @@ class EchoChatModel:
         """The user messages the host sent with request number ``request``."""
         with self._lock:
             body = self.requests[request]
-        return [_text(m.get("content")) for m in body.get("messages", []) if m.get("role") == "user"]
+        messages = body.get("messages", [])
+        return [_text(m.get("content")) for m in messages if m.get("role") == "user"]

@@ -27,13 +27,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from . import deferred_table
+from .outbox_table import OUTBOX_SCHEMA_V1
+
 T = TypeVar("T")
 
 DB_NAME = "state.sqlite3"
 
 # The schema as the first release wrote it (schema_version 1). Never edit it: a
 # change to a table is a new named step appended to MIGRATIONS below.
-BASE_SCHEMA = """
+BASE_SCHEMA = (
+    """
 -- Per account and folder: the UIDVALIDITY we know and the highest UID handed on.
 CREATE TABLE IF NOT EXISTS cursor (
     account TEXT NOT NULL,
@@ -63,25 +67,9 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE INDEX IF NOT EXISTS ledger_by_sender ON ledger (account, sender, received_at);
 CREATE INDEX IF NOT EXISTS ledger_by_thread ON ledger (account, thread_ts, received_at);
--- Outbound mail. state: pending -> sending (leased) -> sent | failed.
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    account TEXT NOT NULL,
-    message_id TEXT NOT NULL UNIQUE,
-    mail_from TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    raw BLOB NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    lease_until REAL,
-    last_error TEXT,
-    smtp_code INTEGER,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (account, state, next_attempt_at);
 """
+    + OUTBOX_SCHEMA_V1
+)  # the outbox owns its DDL (outbox_table.py)
 
 SCHEMA = BASE_SCHEMA  # the name before migrations existed (tests build v1 tables with it)
 
@@ -104,6 +92,7 @@ def ddl(script: str) -> Step:
 # state file from before migrations existed (schema_version 1) opens and moves on.
 MIGRATIONS: list[tuple[str, Step]] = [
     ("base", ddl(BASE_SCHEMA)),
+    ("deferred_mail", deferred_table.migrate),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -172,6 +161,8 @@ class Decided:
     reason: str | None = None
     uid: int | None = None
     entry: LedgerEntry | None = None
+    # More writes that belong in the same transaction (a deferred message's row).
+    also: Callable[[sqlite3.Connection], None] | None = None
 
 
 class ParentLookup(Protocol):
@@ -346,6 +337,9 @@ class StateStore:
                     " received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
+            for item in items:
+                if item.also is not None:
+                    item.also(conn)
             for cursor in _cursor_moves(items) if move_cursor else ():
                 _write_cursor(conn, account, folder, cursor)
 

@@ -137,6 +137,9 @@ def imap_config(
         "poll_interval_secs": 1,
         # Fixture mail carries no Authentication-Results: verification is not under test.
         "sender_auth": "flag",
+        # Transport tests send hundreds of mails from one sender: rate limits are not
+        # under test here (tests/test_ratelimit*.py pass their own).
+        "rate_limit_count": 1_000_000,
     }
     fields.update(overrides)
     return EmailConfig(**fields)

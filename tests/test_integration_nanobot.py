@@ -20,6 +20,7 @@ pytest.importorskip(
 )
 
 from nanobot.bus.events import InboundMessage, OutboundMessage
+from nanobot.bus.outbound_events import ProgressEvent
 from nanobot.bus.queue import MessageBus
 from nanobot.bus.runtime_events import RuntimeEventContext, TurnCompleted
 from nanobot.channels.manager import ChannelManager
@@ -157,7 +158,7 @@ async def test_email_thread_is_one_session_with_threaded_echo_replies(
     assert [m.rcpt_tos for m in smtp_server.messages] == [(ANN,)] * 3
 
 
-async def test_a_refused_recipient_is_not_retried_by_the_manager(
+async def test_a_refused_recipient_is_not_retried_and_progress_is_not_mailed(
     tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
 ) -> None:
     register()
@@ -169,6 +170,10 @@ async def test_a_refused_recipient_is_not_retried_by_the_manager(
     assert not channel.should_retry_send_error(SendError("550 no such user", code="rejected"))
     async with running(manager):
         await wait_until(lambda: status(manager)["state"] == "running")
+        # Progress lines and tool hints are chat UI: never mailed, even with sendProgress on.
+        await bus.publish_event(ProgressEvent(content="thinking..."), channel=NAME, chat_id=ANN)
+        await bus.publish_event(ProgressEvent(content='read_file("x")', tool_hint=True),
+                                channel=NAME, chat_id=ANN)  # fmt: skip
         smtp_server.script_rcpt(["550 5.1.1 no such user"])  # the next RCPT only
         await bus.publish_outbound(OutboundMessage(channel=NAME, chat_id=ANN, content="first"))
         await bus.publish_outbound(OutboundMessage(channel=NAME, chat_id=ANN, content="second"))

@@ -27,9 +27,16 @@ from gateway.status import read_runtime_status
 from hermes_cli.plugins import discover_plugins
 
 from prx_channel_email.integrations.hermes import NAME, PrxEmailAdapter
-from prx_channel_email.message_ids import parse_id_list
-from tests.integration_helpers import STRANGER, host_table, mail
-from tests.outbound_helpers import ANN, parse
+from tests.integration_helpers import (
+    STRANGER,
+    assert_threaded,
+    host_table,
+    mail,
+    nth_mail,
+    our_pending_tasks,
+    plain_body,
+)
+from tests.outbound_helpers import ANN
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import SmtpServer
 
@@ -98,11 +105,10 @@ async def test_email_thread_is_one_hermes_session_with_threaded_echo_replies(
         assert first.source.chat_id == ANN and first.source.user_id == ANN
         assert first.metadata["sender_verified"] is None
 
-        (sent1,) = await smtp_server.await_messages(1)
-        reply1 = parse(sent1.raw)
-        assert reply1["In-Reply-To"] == "<h1@people.example>"
+        reply1 = await nth_mail(smtp_server, 1)
+        assert_threaded(reply1, parent="<h1@people.example>", references=["<h1@people.example>"])
         assert reply1["Subject"] == "Re: Budget"
-        assert "echo: What is left?" in reply1.get_body(("plain",)).get_content()
+        assert "echo: What is left?" in plain_body(reply1)
 
         refs = ["<h1@people.example>", reply1["Message-ID"]]
         dovecot.deliver(account, mail("<h2@people.example>", "Re: Budget", "And next month?",
@@ -113,19 +119,20 @@ async def test_email_thread_is_one_hermes_session_with_threaded_echo_replies(
         assert build_session_key(second.source) == build_session_key(first.source)
         assert not second.text.startswith("Subject:")
         assert [Path(p).read_bytes() for p in second.media_urls] == [b"plan\n"]
-        (_, sent2) = await smtp_server.await_messages(2)
-        reply2 = parse(sent2.raw)
-        assert parse_id_list(reply2["References"]) == [*refs, "<h2@people.example>"]
+        reply2 = await nth_mail(smtp_server, 2)
+        assert_threaded(
+            reply2, parent="<h2@people.example>", references=[*refs, "<h2@people.example>"]
+        )
 
         # A proactive send (cron, send_message tool): no reply_to, threads onto the
         # latest mail, and the SendResult carries the new Message-ID.
         result = await adapter.send(ANN, "Reminder: budget review on Friday")
         assert result.success
-        sent3 = (await smtp_server.await_messages(3))[2]
-        reply3 = parse(sent3.raw)
+        reply3 = await nth_mail(smtp_server, 3)
         assert result.message_id == reply3["Message-ID"]
-        assert reply3["In-Reply-To"] == "<h2@people.example>"
-        assert parse_id_list(reply3["References"]) == [*refs, "<h2@people.example>"]
+        assert_threaded(
+            reply3, parent="<h2@people.example>", references=[*refs, "<h2@people.example>"]
+        )
 
         # A refused recipient is a failed, non-retryable SendResult.
         smtp_server.script_rcpt(["550 5.1.1 no such user"])
@@ -137,6 +144,7 @@ async def test_email_thread_is_one_hermes_session_with_threaded_echo_replies(
         await asyncio.wait_for(adapter.disconnect(), timeout=30)
     # Stop is clean: disconnected, no fatal error, nothing left running.
     assert not adapter.is_connected and not adapter.has_fatal_error
+    assert our_pending_tasks() == []
     assert len(smtp_server.messages) == 3
 
 

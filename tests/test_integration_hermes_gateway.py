@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,22 +19,11 @@ pytest.importorskip(
 
 import yaml
 
-from prx_channel_email.message_ids import parse_id_list
 from tests.fakes.chat_model import EchoChatModel
-from tests.integration_helpers import host_table, mail
+from tests.integration_helpers import host_process, host_table, lunch_conversation
 from tests.operator_helpers import subprocess_env
-from tests.outbound_helpers import ANN, parse
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import SmtpServer
-
-
-@pytest.fixture
-def chat_model() -> Iterator[EchoChatModel]:
-    model = EchoChatModel().start()
-    try:
-        yield model
-    finally:
-        model.stop()
 
 
 def hermes_command() -> str:
@@ -68,44 +55,16 @@ async def test_hermes_gateway_answers_email_in_the_thread_and_keeps_the_session(
         "platforms": {"prx_email": {"enabled": True, "extra": extra}},
     }
     (home / "config.yaml").write_text(yaml.safe_dump(config))
+    env = {**subprocess_env(), "HERMES_HOME": str(home), "HOME": str(tmp_path)}
     log = tmp_path / "gateway.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [hermes_command(), "gateway", "run"],
-            env={**subprocess_env(), "HERMES_HOME": str(home), "HOME": str(tmp_path)},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        dovecot.deliver(account, mail("<k1@people.example>", "Lunch", "Are you free today?"),
-                        mail_from=ANN)  # fmt: skip
-        (sent1,) = await smtp_server.await_messages(1, timeout=120)
-        reply1 = parse(sent1.raw)
-        assert reply1["In-Reply-To"] == "<k1@people.example>"
-        assert reply1["Subject"] == "Re: Lunch"
-        body1 = reply1.get_body(("plain",)).get_content()
-        assert body1.startswith("echo:") and "Are you free today?" in body1
-
-        refs = ["<k1@people.example>", reply1["Message-ID"]]
-        dovecot.deliver(account, mail("<k2@people.example>", "Re: Lunch", "Noon works.",
-                                      refs=refs), mail_from=ANN)  # fmt: skip
-        (_, sent2) = await smtp_server.await_messages(2, timeout=120)
-        reply2 = parse(sent2.raw)
-        assert parse_id_list(reply2["References"]) == [*refs, "<k2@people.example>"]
-        body2 = reply2.get_body(("plain",)).get_content()
-        assert body2.startswith("echo:") and "Noon works." in body2
+    # SIGINT (Ctrl+C) is hermes' planned foreground stop.
+    with host_process([hermes_command(), "gateway", "run"], env, log, signal.SIGINT) as proc:
+        await lunch_conversation(dovecot, account, smtp_server, timeout=120)
         # hermes sent the model the first mail along with the second: one session.
         turns = ["\n".join(chat_model.user_texts(i)) for i in range(len(chat_model.requests))]
         assert any("Are you free today?" in t and "Noon works." in t for t in turns)
-    finally:
-        proc.send_signal(signal.SIGINT)  # Ctrl+C: hermes' planned foreground stop
-        try:
-            code = proc.wait(timeout=90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    output = log.read_text(errors="replace")
     gateway_log = (home / "logs" / "gateway.log").read_text(errors="replace")
-    assert code == 0, output[-3000:]
+    assert proc.returncode == 0, log.read_text(errors="replace")[-3000:]
     assert "prx_email connected" in gateway_log
     assert "prx_email disconnected" in gateway_log
+    assert len(smtp_server.messages) == 2  # hermes' "set a home channel" prompt was not mailed

@@ -28,9 +28,17 @@ from nanobot.config.schema import Config
 
 from prx_channel_email.errors import SendError
 from prx_channel_email.integrations.nanobot import NAME, PrxEmailChannel, register
-from prx_channel_email.message_ids import parse_id_list
-from tests.integration_helpers import STRANGER, host_table, mail, wait_until
-from tests.outbound_helpers import ANN, parse
+from tests.integration_helpers import (
+    STRANGER,
+    assert_threaded,
+    host_table,
+    mail,
+    nth_mail,
+    our_pending_tasks,
+    plain_body,
+    wait_until,
+)
+from tests.outbound_helpers import ANN
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import SmtpServer
 
@@ -69,10 +77,13 @@ class EchoAgent:
         return await asyncio.wait_for(self.seen.get(), timeout=30)
 
 
-def nanobot_config(table: dict[str, Any]) -> Config:
+def nanobot_manager(bus: MessageBus, tmp_path: Path, table: dict[str, Any]) -> ChannelManager:
+    """nanobot's ChannelManager for a config whose channels table holds ``table``."""
+    register()
     section = {"enabled": True, "allowFrom": ["*"], "sendProgress": True, **table}
     # websocket is nanobot's default-on channel; these tests run the email channel alone.
-    return Config.model_validate({"channels": {NAME: section, "websocket": {"enabled": False}}})
+    config = Config.model_validate({"channels": {NAME: section, "websocket": {"enabled": False}}})
+    return ChannelManager(config, bus, config_path=tmp_path / "config.json")
 
 
 @contextlib.asynccontextmanager
@@ -93,10 +104,8 @@ def status(manager: ChannelManager) -> dict[str, Any]:
 async def test_email_thread_is_one_session_with_threaded_echo_replies(
     tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
 ) -> None:
-    register()
     bus = MessageBus()
-    table = host_table(tmp_path, smtp_server, dovecot, account)
-    manager = ChannelManager(nanobot_config(table), bus, config_path=tmp_path / "config.json")
+    manager = nanobot_manager(bus, tmp_path, host_table(tmp_path, smtp_server, dovecot, account))
     assert isinstance(manager.get_channel(NAME), PrxEmailChannel)
     agent = EchoAgent(bus, send_back_media=True)
     try:
@@ -116,11 +125,12 @@ async def test_email_thread_is_one_session_with_threaded_echo_replies(
             assert first.metadata["thread_ts"] == "<m1@people.example>"
             assert "sender_verified" in first.metadata
 
-            (sent1,) = await smtp_server.await_messages(1)
-            reply1 = parse(sent1.raw)
-            assert reply1["In-Reply-To"] == "<m1@people.example>"
+            reply1 = await nth_mail(smtp_server, 1)
+            assert_threaded(
+                reply1, parent="<m1@people.example>", references=["<m1@people.example>"]
+            )
             assert reply1["Subject"] == "Re: Weekly report"
-            assert "echo: Can you send it?" in reply1.get_body(("plain",)).get_content()
+            assert "echo: Can you send it?" in plain_body(reply1)
 
             # The answer, with a file: same session, no subject line, the file as media.
             refs = ["<m1@people.example>", reply1["Message-ID"]]
@@ -131,10 +141,10 @@ async def test_email_thread_is_one_session_with_threaded_echo_replies(
             assert second.session_key == first.session_key
             assert not second.content.startswith("Subject:")
             assert len(second.media) == 1 and Path(second.media[0]).read_bytes() == b"numbers\n"
-            (_, sent2) = await smtp_server.await_messages(2)
-            reply2 = parse(sent2.raw)
-            assert reply2["In-Reply-To"] == "<m2@people.example>"
-            assert parse_id_list(reply2["References"]) == [*refs, "<m2@people.example>"]
+            reply2 = await nth_mail(smtp_server, 2)
+            assert_threaded(
+                reply2, parent="<m2@people.example>", references=[*refs, "<m2@people.example>"]
+            )
             attached = [p.get_filename() for p in reply2.iter_attachments()]
             assert attached == ["notes.txt"]
 
@@ -142,16 +152,17 @@ async def test_email_thread_is_one_session_with_threaded_echo_replies(
             # onto Ann's latest mail.
             await bus.publish_outbound(OutboundMessage(channel=NAME, chat_id=ANN,
                                                        content="Reminder: report due"))  # fmt: skip
-            sent3 = (await smtp_server.await_messages(3))[2]
-            reply3 = parse(sent3.raw)
-            assert reply3["In-Reply-To"] == "<m2@people.example>"
-            assert parse_id_list(reply3["References"]) == [*refs, "<m2@people.example>"]
+            reply3 = await nth_mail(smtp_server, 3)
+            assert_threaded(
+                reply3, parent="<m2@people.example>", references=[*refs, "<m2@people.example>"]
+            )
             assert agent.seen.empty()  # the stranger never reached the bus
 
         # Stop is clean: the manager's start task ended, the channel reports stopped.
         assert started.done() and not started.cancelled()
         assert status(manager)["state"] == "stopped"
         assert not manager.get_channel(NAME).is_running  # type: ignore[union-attr]
+        assert our_pending_tasks() == []
     finally:
         agent.task.cancel()
         await asyncio.gather(agent.task, return_exceptions=True)
@@ -161,10 +172,8 @@ async def test_email_thread_is_one_session_with_threaded_echo_replies(
 async def test_a_refused_recipient_is_not_retried_and_progress_is_not_mailed(
     tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
 ) -> None:
-    register()
     bus = MessageBus()
-    table = host_table(tmp_path, smtp_server, dovecot, account)
-    manager = ChannelManager(nanobot_config(table), bus, config_path=tmp_path / "config.json")
+    manager = nanobot_manager(bus, tmp_path, host_table(tmp_path, smtp_server, dovecot, account))
     channel = manager.get_channel(NAME)
     assert channel is not None
     assert not channel.should_retry_send_error(SendError("550 no such user", code="rejected"))
@@ -179,17 +188,15 @@ async def test_a_refused_recipient_is_not_retried_and_progress_is_not_mailed(
         await bus.publish_outbound(OutboundMessage(channel=NAME, chat_id=ANN, content="second"))
         # The manager sends one chat's messages in order: had it retried "first", the
         # retry (which the server would now accept) would arrive before "second".
-        (only,) = await smtp_server.await_messages(1)
-        assert "second" in parse(only.raw).get_body(("plain",)).get_content()
+        assert "second" in plain_body(await nth_mail(smtp_server, 1))
     assert len(smtp_server.messages) == 1
 
 
 async def test_a_wrong_password_shows_as_a_failed_channel(
     tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
 ) -> None:
-    register()
     table = {**host_table(tmp_path, smtp_server, dovecot, account), "password": "wrong"}
-    manager = ChannelManager(nanobot_config(table), MessageBus(), config_path=tmp_path / "c.json")
+    manager = nanobot_manager(MessageBus(), tmp_path, table)
     async with running(manager) as started:
         await asyncio.wait_for(asyncio.shield(started), timeout=60)
         state = status(manager)
@@ -201,9 +208,8 @@ async def test_a_wrong_password_shows_as_a_failed_channel(
 async def test_a_bad_table_fails_start_with_every_bad_field_named(
     tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
 ) -> None:
-    register()
     table = {**host_table(tmp_path, smtp_server, dovecot, account), "imapPrt": 1, "smtpPort": "x"}
-    manager = ChannelManager(nanobot_config(table), MessageBus(), config_path=tmp_path / "c.json")
+    manager = nanobot_manager(MessageBus(), tmp_path, table)
     async with running(manager) as started:
         await asyncio.wait_for(asyncio.shield(started), timeout=30)
         error = status(manager)["error"]

@@ -10,6 +10,7 @@ import pytest
 
 from prx_channel_email.config import config_from_table
 from prx_channel_email.doctor import DoctorReport, authserv_ids, doctor, run_doctor
+from tests.config_builder import config_table
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.dovecot import free_ports as _free_ports
 from tests.servers.smtp import SmtpServer
@@ -20,23 +21,18 @@ BOUND = 60.0  # generous upper bound for a whole run; the doctor's own budget is
 def make_table(
     dovecot: DovecotServer, account: Account, smtp: SmtpServer, tmp_path: Path, **overrides: Any
 ) -> dict[str, Any]:
-    table: dict[str, Any] = {
-        "imap_host": "localhost",
-        "imap_port": dovecot.imaps_port,
-        "imap_security": "tls",
-        "smtp_host": "localhost",
-        "smtp_port": smtp.tls_port,
-        "smtp_security": "tls",
-        "username": account.username,
-        "password": account.password,
-        "smtp_username": smtp.username,
-        "smtp_password": smtp.password,
-        "from_address": account.address,
-        "allowed_senders": ["alice@example.test"],
-        "ca_file": str(dovecot.ca_file),
-        "state_dir": str(tmp_path / "state"),
-        "sender_auth": "flag",
-    }
+    """A TOML-able table (plain strings for paths) on the fixture servers."""
+    table = config_table(
+        str(tmp_path / "state"),
+        dovecot=dovecot,
+        account=account,
+        smtp=smtp,
+        host="localhost",
+        imap_security="tls",
+        from_address=account.address,
+        allowed_senders=["alice@example.test"],
+    )
+    table["ca_file"] = str(table["ca_file"])
     table.update(overrides)
     return table
 

@@ -13,6 +13,7 @@ from types import TracebackType
 
 from .config import EmailConfig
 from .inbound import InboundPipeline
+from .ledger import LedgerLookup
 from .models import Channel, ChannelMessage, SendMessage
 from .observability import Metrics, log_event
 from .outbox import Outbox
@@ -38,9 +39,11 @@ class EmailChannel(Channel):
         self.config = config
         self.metrics = Metrics()
         self.store = StateStore(config.state_dir)
+        # Shared by the hand-off (which writes) and the outbox (which finds reply parents).
+        self.ledger = LedgerLookup(self.store)
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
-        self.sync = SyncEngine(config, self.store, self.pipeline, self.metrics)
-        self.outbox = Outbox(config, self.store, self.metrics)
+        self.sync = SyncEngine(config, self.store, self.pipeline, self.metrics, lookup=self.ledger)
+        self.outbox = Outbox(config, self.store, self.metrics, parents=self.ledger)
         self._started = False
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()

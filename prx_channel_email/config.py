@@ -151,8 +151,13 @@ class EmailConfig(BaseSettings):
     trusted_authserv_ids: StrList = Field(default_factory=list)
     sender_auth: Literal["off", "flag", "enforce"] = "enforce"
     own_addresses: StrList = Field(default_factory=list)
-    rate_limit_count: PositiveInt = 20
+    # Rate limits defer, never drop (ratelimit.py; README "Rate limits and loops").
+    rate_limit_count: PositiveInt = 30
     rate_limit_window_secs: PositiveInt = 3600
+    domain_rate_limit_count: PositiveInt = 100
+    loop_reply_secs: PositiveFloat = 30.0
+    loop_max_quick_replies: PositiveInt = 3
+    loop_window_secs: PositiveInt = 3600
 
     # --- attachments ---
     attachments_dir: Path | None = None

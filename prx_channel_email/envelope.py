@@ -76,9 +76,18 @@ def header_message_id(value: str | None) -> str | None:
     return normalize_id(decode_words(value))
 
 
-def envelope(headers: Headers, id_source: bytes, arrival: float) -> Envelope:
-    """The header-derived ChannelMessage fields; ``id_source`` seeds a missing Message-ID."""
-    message_id = header_message_id(headers.get("message-id")) or synthetic_message_id(id_source)
+def envelope(
+    headers: Headers, id_source: bytes, arrival: float, message_id: str | None = None
+) -> Envelope:
+    """The header-derived ChannelMessage fields; ``id_source`` seeds a missing Message-ID.
+
+    ``message_id``: the identity the transport already decided on; used as is.
+    """
+    message_id = (
+        message_id
+        or header_message_id(headers.get("message-id"))
+        or synthetic_message_id(id_source)
+    )
     display, sender, problem = sender_of(headers)
     reply_to = readable_mailboxes(headers.get("reply-to"))
     references = parse_id_list(decode_words(headers.get("references")))

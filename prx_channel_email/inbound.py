@@ -80,10 +80,31 @@ class _Parsed:
     key: str = ""  # att.message_key of the raw bytes: names the attachment directory
 
 
-def read_envelope(raw: bytes, arrival: float) -> tuple[tuple[bytes, bytes], Envelope]:
+def message_identity(
+    raw: bytes, header_id: str | None, *, oversized_size: int | None = None
+) -> str:
+    """The id a message is known by: its header Message-ID, else a hash of its bytes.
+
+    ``raw`` is the whole message, or only its header block when it was too large to
+    download (``oversized_size``); the size then seeds the hash too.
+    """
+    if header_id is not None:
+        return header_id
+    if oversized_size is not None:
+        return synthetic_message_id(_oversized_id_source(raw, oversized_size))
+    return synthetic_message_id(raw)
+
+
+def _oversized_id_source(header_block: bytes, size: int) -> bytes:
+    return split_header_block(header_block)[0] + str(size).encode()
+
+
+def read_envelope(
+    raw: bytes, arrival: float, message_id: str | None = None
+) -> tuple[tuple[bytes, bytes], Envelope]:
     """Split off and read the (capped) header block (CPU only: thread-safe)."""
     split = split_header_block(raw)
-    return split, envelope(Headers.from_block(split[0]), raw, arrival)
+    return split, envelope(Headers.from_block(split[0]), raw, arrival, message_id)
 
 
 def analyze_body(
@@ -97,9 +118,11 @@ def analyze_body(
     return _Parsed(body.full_text, new_text(body.full_text), planned, key)
 
 
-def _read_oversized(header_block: bytes, size: int, arrival: float) -> Envelope:
+def _read_oversized(
+    header_block: bytes, size: int, arrival: float, message_id: str | None = None
+) -> Envelope:
     block, _ = split_header_block(header_block)
-    return envelope(Headers.from_block(block), block + str(size).encode(), arrival)
+    return envelope(Headers.from_block(block), block + str(size).encode(), arrival, message_id)
 
 
 class InboundPipeline:
@@ -115,15 +138,21 @@ class InboundPipeline:
         self.clock = clock
         self.policy = Policy(config, clock)
 
-    async def process(self, raw: bytes, *, arrival: float | None = None) -> Outcome:
-        """Decide on one fetched message. Never raises (except cancellation)."""
+    async def process(
+        self, raw: bytes, *, arrival: float | None = None, message_id: str | None = None
+    ) -> Outcome:
+        """Decide on one fetched message. Never raises (except cancellation).
+
+        ``message_id``: the identity the caller already decided on (see
+        :func:`message_identity`); read from the headers when not given.
+        """
         when = self.clock() if arrival is None else arrival
         env: Envelope | None = None
         try:
             if len(raw) > THREAD_THRESHOLD:
-                split, env_ = await asyncio.to_thread(read_envelope, raw, when)
+                split, env_ = await asyncio.to_thread(read_envelope, raw, when, message_id)
             else:
-                split, env_ = read_envelope(raw, when)
+                split, env_ = read_envelope(raw, when, message_id)
             env = env_
             decision = self.policy.decide(env)
             if decision.reason is not None:
@@ -136,13 +165,18 @@ class InboundPipeline:
         except asyncio.CancelledError:
             raise
         except TooComplex as exc:
-            return self._quarantine(raw, env, QUARANTINE_TOO_COMPLEX, exc)
+            return self._quarantine(raw, env, QUARANTINE_TOO_COMPLEX, exc, message_id)
         except Exception as exc:
             code = QUARANTINE_PARSE_ERROR if env is not None else QUARANTINE_INTERNAL
-            return self._quarantine(raw, env, code, exc)
+            return self._quarantine(raw, env, code, exc, message_id)
 
     async def process_oversized(
-        self, header_block: bytes, size: int, *, arrival: float | None = None
+        self,
+        header_block: bytes,
+        size: int,
+        *,
+        arrival: float | None = None,
+        message_id: str | None = None,
     ) -> Outcome:
         """Decide on mail above ``max_message_bytes`` from its header block alone.
 
@@ -153,9 +187,11 @@ class InboundPipeline:
         env: Envelope | None = None
         try:
             if len(header_block) > THREAD_THRESHOLD:
-                env_ = await asyncio.to_thread(_read_oversized, header_block, size, when)
+                env_ = await asyncio.to_thread(
+                    _read_oversized, header_block, size, when, message_id
+                )
             else:
-                env_ = _read_oversized(header_block, size, when)
+                env_ = _read_oversized(header_block, size, when, message_id)
             env = env_
             decision = self.policy.decide(env)
             if decision.reason is not None:
@@ -169,7 +205,7 @@ class InboundPipeline:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            return self._quarantine(header_block, env, QUARANTINE_PARSE_ERROR, exc)
+            return self._quarantine(header_block, env, QUARANTINE_PARSE_ERROR, exc, message_id)
 
     # --- outcomes ---
 
@@ -259,9 +295,15 @@ class InboundPipeline:
         )
 
     def _quarantine(
-        self, raw: bytes, env: Envelope | None, reason: str, exc: BaseException
+        self,
+        raw: bytes,
+        env: Envelope | None,
+        reason: str,
+        exc: BaseException,
+        known_id: str | None = None,
     ) -> Outcome:
-        message_id = env.message_id if env is not None else synthetic_message_id(raw)
+        fallback = known_id or synthetic_message_id(raw)
+        message_id = env.message_id if env is not None else fallback
         self.metrics.inc("inbound.quarantined")
         self._log(
             logging.WARNING,

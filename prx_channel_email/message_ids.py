@@ -30,6 +30,21 @@ def is_minted(message_id: str | None) -> bool:
     return left.endswith(MINTED_MARKER)
 
 
+def minted_at(message_id: str | None) -> float | None:
+    """When this channel minted ``message_id`` (Unix seconds), or None when it did not.
+
+    The loop guard uses it to tell an answer that came back within seconds of our
+    reply (a robot) from one a person wrote, without looking anything up.
+    """
+    if not is_minted(message_id):
+        return None
+    stamp = str(message_id).strip().strip("<>").partition(".")[0]
+    try:
+        return int(stamp, 16) / 1000.0
+    except ValueError:
+        return None
+
+
 def synthetic_message_id(raw: bytes) -> str:
     """A stable stand-in for a missing Message-ID: the same bytes give the same id."""
     return f"<sha256-{hashlib.sha256(raw).hexdigest()[:32]}@prx-email.invalid>"

@@ -50,7 +50,7 @@ from .models import SendMessage
 from .observability import Metrics, log_event
 from .sent_folder import ImapSentFolder
 from .smtp import SmtpFailure, SmtpTransport
-from .store import LedgerEntry, StateStore
+from .store import LedgerEntry, ParentLookup, StateStore
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -121,9 +121,12 @@ class Outbox:
         retry_base_secs: float = 5.0,
         lease_secs: float | None = None,
         sent_folder: SentFolder | None = None,
+        parents: ParentLookup | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        # Where reply parents are looked up (the channel shares its ledger view).
+        self.parents: ParentLookup = parents or store
         self.metrics = metrics
         self.healthy = True
         self.transport = transport or SmtpTransport(config, metrics)
@@ -417,11 +420,11 @@ class Outbox:
         reply_id = normalize_id(message.in_reply_to)
         thread = normalize_id(message.thread_ts)
         if reply_id is not None:
-            entry = await self.store.find_message(account, reply_id)
+            entry = await self.parents.find_message(account, reply_id)
         elif thread is not None:
-            entry = await self.store.latest_in_thread(account, thread)
+            entry = await self.parents.latest_in_thread(account, thread)
         elif message.in_reply_to is None and message.thread_ts is None:
-            entry = await self.store.latest_from(account, recipient)
+            entry = await self.parents.latest_from(account, recipient)
         if entry is not None:
             return Parent(
                 message_id=entry.message_id,

@@ -25,18 +25,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
 DB_NAME = "state.sqlite3"
-SCHEMA_VERSION = 1
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
+# The schema as the first release wrote it (schema_version 1). Never edit it: a
+# change to a table is a new named step appended to MIGRATIONS below.
+BASE_SCHEMA = """
 -- Per account and folder: the UIDVALIDITY we know and the highest UID handed on.
 CREATE TABLE IF NOT EXISTS cursor (
     account TEXT NOT NULL,
@@ -86,6 +83,63 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (account, state, next_attempt_at);
 """
 
+SCHEMA = BASE_SCHEMA  # the name before migrations existed (tests build v1 tables with it)
+
+Step = Callable[[sqlite3.Connection], None]
+
+
+def ddl(script: str) -> Step:
+    """A migration step that runs the ``;``-separated statements of ``script``."""
+
+    def step(conn: sqlite3.Connection) -> None:
+        for statement in script.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+
+    return step
+
+
+# Applied in this order, each in its own transaction, each once (recorded by name in
+# schema_migrations). Append only; a name is never reused. "base" is idempotent, so a
+# state file from before migrations existed (schema_version 1) opens and moves on.
+MIGRATIONS: list[tuple[str, Step]] = [
+    ("base", ddl(BASE_SCHEMA)),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def migrate(conn: sqlite3.Connection, steps: list[tuple[str, Step]] | None = None) -> list[str]:
+    """Bring the schema up to date; returns the names of the steps applied now."""
+    steps = MIGRATIONS if steps is None else steps
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations"
+        " (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
+    )
+    applied: list[str] = []
+    for version, (name, step) in enumerate(steps, start=1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Checked inside the transaction: another process may have just applied it.
+            done = conn.execute("SELECT 1 FROM schema_migrations WHERE name=?", (name,)).fetchone()
+            if not done:
+                step(conn)
+                conn.execute(
+                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
+                    (name, time.time()),
+                )
+                applied.append(name)
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key)"
+                " DO UPDATE SET value=excluded.value WHERE CAST(value AS INTEGER) < ?",
+                (str(version), version),
+            )
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return applied
+
 
 @dataclass(frozen=True)
 class Cursor:
@@ -118,6 +172,14 @@ class Decided:
     reason: str | None = None
     uid: int | None = None
     entry: LedgerEntry | None = None
+
+
+class ParentLookup(Protocol):
+    """How the outbox finds the message a reply answers (StateStore, or LedgerLookup)."""
+
+    async def find_message(self, account: str, message_id: str) -> LedgerEntry | None: ...
+    async def latest_from(self, account: str, sender: str) -> LedgerEntry | None: ...
+    async def latest_in_thread(self, account: str, thread_ts: str) -> LedgerEntry | None: ...
 
 
 def _ledger_row(account: str, folder: str, item: Decided) -> tuple[Any, ...]:
@@ -156,9 +218,6 @@ class StateStore:
         self._synchronous = synchronous
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
-        # Delivered messages whose ledger rows wait for their group commit, by
-        # (account, message_id): reply lookups must see them at once (read-your-writes).
-        self._staged: dict[tuple[str, str], LedgerEntry] = {}
 
     async def open(self) -> StateStore:
         if self._executor is None:
@@ -186,11 +245,7 @@ class StateStore:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
-        conn.executescript(SCHEMA)
-        conn.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', ?)",
-            (str(SCHEMA_VERSION),),
-        )
+        migrate(conn)
         self._conn = conn
 
     def _disconnect(self) -> None:
@@ -295,42 +350,19 @@ class StateStore:
                 _write_cursor(conn, account, folder, cursor)
 
         await self.run(tx)
-        for item in items:
-            if item.message_id:
-                self._staged.pop((account, item.message_id), None)
-
-    def stage(self, account: str, entry: LedgerEntry) -> None:
-        """Make a delivered message visible to reply lookups before its row commits.
-
-        The sync engine puts a message on the framework's queue first and commits its
-        ledger row a moment later (group commit); an agent may answer in between.
-        Staging is memory only: after a crash the message is handed on again anyway.
-        """
-        self._staged[(account, entry.message_id)] = entry
-
-    def _newest_staged(
-        self, account: str, match: Callable[[LedgerEntry], bool]
-    ) -> LedgerEntry | None:
-        found = [e for (acc, _), e in self._staged.items() if acc == account and match(e)]
-        return max(found, key=lambda e: e.received_at) if found else None
 
     async def find_message(self, account: str, message_id: str) -> LedgerEntry | None:
-        staged = self._staged.get((account, message_id))
-        if staged is not None:
-            return staged
+        """The delivered message with this Message-ID (a reply's parent)."""
         return await self._one(account, "message_id=?", (message_id,))
 
     async def latest_from(self, account: str, sender: str) -> LedgerEntry | None:
         """The newest delivered message from ``sender`` (or whose reply target it is)."""
         addr = sender.strip().lower()
-        staged = self._newest_staged(account, lambda e: addr in (e.sender, e.reply_target))
-        stored = await self._one(account, "(sender=? OR reply_target=?)", (addr, addr))
-        return _newer(staged, stored)
+        return await self._one(account, "(sender=? OR reply_target=?)", (addr, addr))
 
     async def latest_in_thread(self, account: str, thread_ts: str) -> LedgerEntry | None:
-        staged = self._newest_staged(account, lambda e: thread_ts in (e.thread_ts, e.message_id))
-        stored = await self._one(account, "(thread_ts=? OR message_id=?)", (thread_ts, thread_ts))
-        return _newer(staged, stored)
+        """The newest delivered message of the conversation ``thread_ts``."""
+        return await self._one(account, "(thread_ts=? OR message_id=?)", (thread_ts, thread_ts))
 
     async def _one(self, account: str, where: str, args: tuple[Any, ...]) -> LedgerEntry | None:
         sql = (
@@ -354,12 +386,6 @@ class StateStore:
             )
 
         return await self.run(q)
-
-
-def _newer(staged: LedgerEntry | None, stored: LedgerEntry | None) -> LedgerEntry | None:
-    if staged is None or stored is None:
-        return staged or stored
-    return staged if staged.received_at >= stored.received_at else stored
 
 
 def _write_cursor(conn: sqlite3.Connection, account: str, folder: str, cursor: Cursor) -> None:

@@ -24,17 +24,18 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import Enum
 
 from .backoff import Backoff
 from .config import EmailConfig
 from .envelope import header_message_id
 from .errors import AuthenticationError, ChannelError, FolderNotFoundError, TransportError
 from .imap import FetchedMessage, ImapSession, SelectInfo, open_session
-from .inbound import InboundPipeline, Outcome
-from .message_ids import synthetic_message_id
+from .inbound import InboundPipeline, Outcome, message_identity
+from .ledger import LedgerLookup, LedgerWriter
 from .models import ChannelMessage
 from .observability import Metrics, log_event
-from .store import Cursor, Decided, StateStore
+from .store import Cursor, StateStore
 
 log = logging.getLogger("prx_channel_email.sync")
 
@@ -49,12 +50,33 @@ MISSING_GIVE_UP_SECS = 300.0
 MISSING_RETRY_BASE_SECS = 1.0
 
 
-class _RefetchNeeded(Exception):
-    """A listed message came back without its body: stop before it, sync again."""
+@dataclass(frozen=True)
+class PassResult:
+    """How a pass over some UIDs ended.
 
-    def __init__(self, uid: int, delay: float) -> None:
-        super().__init__(uid)
-        self.delay = delay
+    ``complete``: every UID was decided. Otherwise it stopped before a message whose
+    body did not come (the cursor sits just before it) and wants a new pass from the
+    cursor after ``resync_in`` seconds.
+    """
+
+    complete: bool = True
+    resync_in: float | None = None
+
+
+DONE = PassResult()
+
+
+class StepKind(Enum):
+    BODIES = "bodies"  # download whole messages, then decide
+    OVERSIZED = "oversized"  # above max_message_bytes: decide on the header alone
+    DUPLICATE = "duplicate"  # its Message-ID was handed on before: skip, move the cursor
+    MISSING = "missing"  # listed by SEARCH but absent from the size fetch: ask again
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    uids: list[int]
 
 
 _HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
@@ -87,6 +109,7 @@ class SyncEngine:
         backoff: Backoff | None = None,
         auth_backoff: Backoff | None = None,
         session_factory: Callable[[EmailConfig], Awaitable[ImapSession]] = open_session,
+        lookup: LedgerLookup | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -102,7 +125,7 @@ class SyncEngine:
         self._open = session_factory
         self._idle_refused = False  # the server advertised IDLE but refused it: poll instead
         self._missing: dict[int, tuple[int, float]] = {}  # uid -> (misses, first miss)
-        self._resync_in: float | None = None  # fetch again after this long (a missing body)
+        self.writer = LedgerWriter(store, self.account, self.folder, metrics, lookup=lookup)
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
 
     # --- the outer loop: connect, serve, back off ---
@@ -166,16 +189,15 @@ class SyncEngine:
         self.status.uidvalidity = info.uidvalidity
         while True:
             session.changed.clear()
-            await self._sync(session, info, queue)
+            result = await self._sync(session, info, queue)
             self.status.last_sync_at = time.time()
             self.status.last_error = self.status.last_error_code = None
             self.backoff.reset()  # the session is healthy: the next failure starts at 1 s
             self.synced.set()
             if session.changed.is_set():
                 continue  # mail was announced while we synced
-            if self._resync_in is not None:
-                delay, self._resync_in = self._resync_in, None
-                await asyncio.sleep(delay)  # give the server a moment, then ask again
+            if result.resync_in is not None:
+                await asyncio.sleep(result.resync_in)  # give the server a moment, then ask again
                 continue
             if self.status.mode == "idle":
                 await self._idle_once(session)
@@ -219,7 +241,7 @@ class SyncEngine:
         session: ImapSession,
         info: SelectInfo,
         queue: asyncio.Queue[ChannelMessage],
-    ) -> None:
+    ) -> PassResult:
         uv = info.uidvalidity
         cursor = await self.store.get_cursor(self.account, self.folder)
         if cursor is None:
@@ -227,22 +249,23 @@ class SyncEngine:
                 unseen = await session.uid_search("UNSEEN")
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
                           folder=self.folder, mode="unseen", count=len(unseen))  # fmt: skip
-                if not await self._handle(session, uv, unseen, queue, move_cursor=False):
-                    return  # stopped before a message it must fetch again: no baseline yet
+                result = await self._handle(session, uv, unseen, queue, move_cursor=False)
+                if not result.complete:
+                    return result  # stopped before a message it must fetch again: no baseline yet
             else:
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
                           folder=self.folder, mode="new", baseline=info.uidnext - 1)  # fmt: skip
             # UIDNEXT is from SELECT, so anything that arrived since is still above it.
             await self.store.set_cursor(self.account, self.folder, Cursor(uv, info.uidnext - 1))
-            return
+            return DONE
         if cursor.uidvalidity != uv:
-            await self._rebaseline(session, info, cursor, queue)
-            return
+            return await self._rebaseline(session, info, cursor, queue)
         uids = await session.uid_search("UID", f"{cursor.last_uid + 1}:*")
-        await self._handle(session, uv, [u for u in uids if u > cursor.last_uid], queue)
+        result = await self._handle(session, uv, [u for u in uids if u > cursor.last_uid], queue)
         if time.time() - cursor.updated_at > 3600:
             # Keep "last synced" fresh: a later UIDVALIDITY change rechecks mail since then.
             await self.store.set_cursor(self.account, self.folder, cursor)
+        return result
 
     async def _rebaseline(
         self,
@@ -250,7 +273,7 @@ class SyncEngine:
         info: SelectInfo,
         old: Cursor,
         queue: asyncio.Queue[ChannelMessage],
-    ) -> None:
+    ) -> PassResult:
         """UIDVALIDITY changed: our UIDs mean nothing now.
 
         Mail that arrived since the last sync (by date, with a day of slack for time
@@ -264,10 +287,12 @@ class SyncEngine:
         log_event(log, logging.WARNING, "inbound.uidvalidity_changed", account=self.account,
                   folder=self.folder, old=old.uidvalidity, new=info.uidvalidity,
                   rechecked=len(uids), code="uidvalidity_changed")  # fmt: skip
-        if await self._handle(session, info.uidvalidity, uids, queue, move_cursor=False):
+        result = await self._handle(session, info.uidvalidity, uids, queue, move_cursor=False)
+        if result.complete:
             await self.store.set_cursor(
                 self.account, self.folder, Cursor(info.uidvalidity, info.uidnext - 1)
             )
+        return result
 
     # --- handing messages on ---
 
@@ -279,28 +304,25 @@ class SyncEngine:
         queue: asyncio.Queue[ChannelMessage],
         *,
         move_cursor: bool = True,
-    ) -> bool:
+    ) -> PassResult:
         """Hand on ``uids`` in ascending order, in bounded windows.
 
-        False when it stopped early at a message it must fetch again (the cursor
-        then sits just before that message, and a new pass follows at once).
+        Stops early at a message it must fetch again (the cursor then sits just
+        before that message, and a new pass follows after ``resync_in``).
+        ``move_cursor=False`` (a first start, a re-baseline) writes ledger rows only.
         """
         uids = sorted(uids)
         window = self.config.fetch_batch_size * 10
         for start in range(0, len(uids), window):
-            chunk = uids[start : start + window]
-            if not await self._handle_window(session, uv, chunk, queue, move_cursor):
-                return False
-        return True
+            self.writer.begin(uv, move_cursor=move_cursor)
+            result = await self._handle_window(session, uids[start : start + window], queue)
+            if not result.complete:
+                return result
+        return DONE
 
     async def _handle_window(
-        self,
-        session: ImapSession,
-        uv: int,
-        uids: list[int],
-        queue: asyncio.Queue[ChannelMessage],
-        move_cursor: bool = True,
-    ) -> bool:
+        self, session: ImapSession, uids: list[int], queue: asyncio.Queue[ChannelMessage]
+    ) -> PassResult:
         """Sizes and Message-IDs first, then bodies: the next chunk downloads while
         this one is handed on, and each ledger write overlaps the next message."""
         meta = await session.fetch_meta(uids)
@@ -314,9 +336,9 @@ class SyncEngine:
             self.config.max_message_bytes,
             self.config.fetch_batch_size,
         )
-        hand = _Handoff(self, uv, queue, header_ids, move_cursor)
+        writer = self.writer
         ahead: asyncio.Task[dict[int, bytes]] | None = None
-        complete = True
+        result = DONE
         try:
             for i, step in enumerate(steps):
                 if ahead is None:
@@ -325,94 +347,114 @@ class SyncEngine:
                 ahead = None
                 if i + 1 < len(steps):
                     ahead = asyncio.create_task(self._download(session, steps[i + 1], meta))
-                await self._process_step(step, data, meta, hand)
-        except _RefetchNeeded as need:
-            complete = False
-            self._resync_in = need.delay  # the serve loop syncs again, from the cursor
+                result = await self._process_step(step, data, meta, header_ids, queue)
+                if not result.complete:
+                    break  # the serve loop syncs again, from the cursor
         finally:
             if ahead is not None:
                 ahead.cancel()
-            await _to_completion(hand.flush())
-        if hand.delivered:
-            await self._after_handoff(session, hand.delivered)
-        return complete
+            await _to_completion(writer.flush())
+        if writer.delivered:
+            await self._after_handoff(session, writer.delivered)
+        return result
 
     async def _download(
-        self, session: ImapSession, step: _Step, meta: dict[int, FetchedMessage]
+        self, session: ImapSession, step: Step, meta: dict[int, FetchedMessage]
     ) -> dict[int, bytes]:
-        kind, uids = step
-        if kind == "bodies":
-            expected = sum(meta[u].size or 0 for u in uids if u in meta)
-            bodies = await session.fetch_bodies(uids, total_bytes=expected)
+        if step.kind is StepKind.BODIES:
+            expected = sum(meta[u].size or 0 for u in step.uids if u in meta)
+            bodies = await session.fetch_bodies(step.uids, total_bytes=expected)
             self.metrics.inc("inbound.fetched", len(bodies))
             return bodies
-        if kind == "oversized":
-            return await session.fetch_headers(uids)
+        if step.kind is StepKind.OVERSIZED:
+            return await session.fetch_headers(step.uids)
         return {}
 
     async def _process_step(
         self,
-        step: _Step,
+        step: Step,
         data: dict[int, bytes],
         meta: dict[int, FetchedMessage],
-        hand: _Handoff,
-    ) -> None:
-        kind, uids = step
-        for uid in uids:
-            header_id = hand.header_ids.get(uid)
-            if kind == "duplicate":
-                hand.skip(uid, header_id or "")
+        header_ids: dict[int, str | None],
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> PassResult:
+        writer = self.writer
+        for uid in step.uids:
+            header_id = header_ids.get(uid)
+            if step.kind is StepKind.DUPLICATE:
+                writer.skip(uid, header_id or "")
                 continue
             raw = data.get(uid)
-            if raw is None:  # kind "missing", or a FETCH answer that left it out
-                self._body_missing(uid, header_id)  # raises unless it is time to give up
+            if raw is None:  # kind MISSING, or a FETCH answer that left it out
+                retry_in = self._body_missing(uid, header_id)
+                if retry_in is not None:
+                    return PassResult(complete=False, resync_in=retry_in)
                 continue
             self._missing.pop(uid, None)
-            if kind == "oversized":
-                outcome = await self._judge_oversized(uid, raw, meta[uid].size or 0, header_id)
+            oversized = step.kind is StepKind.OVERSIZED
+            size = meta[uid].size or 0
+            # The message's identity, decided once: the header's Message-ID, else a
+            # hash of the bytes. It is checked before the pipeline runs, so a copy
+            # never counts against a limit or writes attachments.
+            mid = message_identity(raw, header_id, oversized_size=size if oversized else None)
+            if writer.seen_in_pass(mid) or (
+                header_id is None and await self.store.seen_ids(self.account, [mid])
+            ):
+                writer.skip(uid, mid)
+                continue
+            if oversized:
+                outcome = await self._judge_oversized(uid, raw, size, mid)
             else:
-                outcome = await self._judge(uid, raw, header_id)
-            await hand.apply(outcome, uid)
+                outcome = await self._judge(uid, raw, mid)
+            if outcome.decision == "deliver" and outcome.message is not None:
+                await writer.hand_on(uid, outcome.message, outcome.entry, queue)
+            else:
+                kind = "rejected" if outcome.decision == "reject" else "quarantined"
+                writer.record(uid, mid, kind, outcome.reason or kind)
+            self.status.last_uid = uid
+        return DONE
 
-    def _body_missing(self, uid: int, header_id: str | None) -> None:
+    def _body_missing(self, uid: int, header_id: str | None) -> float | None:
         """Never let the cursor pass a message we did not get: stop here and fetch it
-        again, backing off. Expunged meanwhile, it is no longer listed and the next pass
-        moves on; still listed after the give-up time, it is skipped with an error."""
+        again, backing off (returns the delay). Expunged meanwhile, it is no longer
+        listed and the next pass moves on; still listed after the give-up time, it is
+        skipped with an error (returns None)."""
         misses, first = self._missing.get(uid, (0, time.monotonic()))
         misses += 1
         waited = time.monotonic() - first
         if misses < MISSING_BODY_RETRIES or waited < MISSING_GIVE_UP_SECS:
             self._missing[uid] = (misses, first)
-            delay = min(MISSING_RETRY_BASE_SECS * 2 ** (misses - 1), 30.0)
+            delay = float(min(MISSING_RETRY_BASE_SECS * 2 ** (misses - 1), 30.0))
             log_event(log, logging.WARNING, "inbound.fetch_incomplete", account=self.account,
                       folder=self.folder, uid=uid, message_id=header_id, misses=misses,
                       retry_in=f"{delay:.1f}s", code="fetch_incomplete")  # fmt: skip
-            raise _RefetchNeeded(uid, delay)
-        tries = misses
+            return delay
         self._missing.pop(uid, None)
         self.metrics.inc("inbound.errors")
         log_event(log, logging.ERROR, "inbound.body_missing", account=self.account,
-                  folder=self.folder, uid=uid, message_id=header_id, tries=tries,
+                  folder=self.folder, uid=uid, message_id=header_id, tries=misses,
                   code="body_missing")  # fmt: skip
+        return None
 
-    async def _judge(self, uid: int, raw: bytes, header_id: str | None) -> Outcome:
+    async def _judge(self, uid: int, raw: bytes, mid: str) -> Outcome:
         try:
-            return await self.pipeline.process(raw, arrival=time.time())
+            return await self.pipeline.process(raw, arrival=time.time(), message_id=mid)
         except Exception as exc:  # bad mail must not stop the listener
-            return self._pipeline_failed(exc, uid, header_id or synthetic_message_id(raw))
+            return self._pipeline_failed(exc, uid, mid)
 
-    async def _judge_oversized(
-        self, uid: int, header: bytes, size: int, header_id: str | None
-    ) -> Outcome:
-        """Too big to download: only the header goes to the policy, which may send a notice."""
+    async def _judge_oversized(self, uid: int, header: bytes, size: int, mid: str) -> Outcome:
+        """Too big to download: only the header goes to the policy (accepted mail is
+        handed on with a note instead of its body)."""
         self.metrics.inc("inbound.too_large")
         log_event(log, logging.WARNING, "inbound.too_large", account=self.account,
-                  folder=self.folder, uid=uid, message_id=header_id, size=size,
+                  folder=self.folder, uid=uid, message_id=mid, size=size,
                   limit=self.config.max_message_bytes, code="too_large")  # fmt: skip
         try:
-            return await self.pipeline.process_oversized(header, size, arrival=time.time())
+            return await self.pipeline.process_oversized(
+                header, size, arrival=time.time(), message_id=mid
+            )
         except Exception as exc:
-            return self._pipeline_failed(exc, uid, header_id or synthetic_message_id(header))
+            return self._pipeline_failed(exc, uid, mid)
 
     def _pipeline_failed(self, exc: Exception, uid: int, mid: str) -> Outcome:
         self.metrics.inc("inbound.errors")
@@ -437,100 +479,6 @@ class SyncEngine:
                       account=self.account, folder=self.folder, uid=uid_list(uids))  # fmt: skip
 
 
-_Step = tuple[str, list[int]]
-
-
-class _Handoff:
-    """Puts decided messages on the queue and writes their ledger rows, in UID order.
-
-    Ledger writes are group-committed: one writer runs at a time and takes every
-    row queued meanwhile into one transaction. A lone message commits at once;
-    during a backlog the next messages are parsed while the last ones commit.
-    Every row is queued only after its message is on the queue; ``flush`` waits
-    until all of them are on disk.
-    """
-
-    def __init__(
-        self,
-        engine: SyncEngine,
-        uv: int,
-        queue: asyncio.Queue[ChannelMessage],
-        header_ids: dict[int, str | None],
-        move_cursor: bool = True,
-    ) -> None:
-        self.engine = engine
-        self.uv = uv
-        self.queue = queue
-        self.header_ids = header_ids
-        self.move_cursor = move_cursor
-        self.delivered: list[int] = []
-        self._handled: set[str] = set()
-        self._pending: list[Decided] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    def _write(self, item: Decided) -> None:
-        self._pending.append(item)
-        if self._writer is None or self._writer.done():
-            if self._writer is not None and self._writer.exception() is not None:
-                return  # flush() raises it
-            self._writer = asyncio.ensure_future(self._commit())
-
-    async def _commit(self) -> None:
-        e = self.engine
-        while self._pending:
-            items, self._pending = self._pending, []
-            await e.store.record_many(e.account, e.folder, items, move_cursor=self.move_cursor)
-
-    async def flush(self) -> None:
-        while self._writer is not None:
-            writer = self._writer
-            await writer
-            if writer is self._writer and not self._pending:
-                self._writer = None
-            elif writer is self._writer:
-                self._writer = asyncio.ensure_future(self._commit())
-
-    def skip(self, uid: int, mid: str) -> None:
-        e = self.engine
-        self._write(Decided(Cursor(self.uv, uid), None))
-        e.metrics.inc("inbound.skipped.duplicate")
-        log_event(log, logging.INFO, "inbound.duplicate", account=e.account, folder=e.folder,
-                  uid=uid, message_id=mid, code="duplicate")  # fmt: skip
-
-    async def apply(self, outcome: Outcome, uid: int) -> None:
-        e = self.engine
-        mid = outcome.message_id
-        # The pipeline's id is what the ledger keys on; when it differs from the header
-        # id checked before the download (synthetic, normalized), check it now.
-        if mid in self._handled or (
-            mid != self.header_ids.get(uid) and await e.store.seen_ids(e.account, [mid])
-        ):
-            self.skip(uid, mid)
-            return
-        self._handled.add(mid)
-        cursor = Cursor(self.uv, uid)
-        if outcome.decision == "deliver" and outcome.message is not None:
-            if outcome.entry is not None:
-                e.store.stage(e.account, outcome.entry)
-            await self.queue.put(outcome.message)
-            # From here the message is the framework's: its ledger row must reach the
-            # disk even if we are cancelled now (flush runs to completion), or the
-            # next start would hand it on again.
-            self._write(Decided(cursor, mid, "delivered", None, uid, outcome.entry))
-            e.metrics.inc("inbound.handed_on")
-            self.delivered.append(uid)
-            log_event(log, logging.INFO, "inbound.handed_on", account=e.account,
-                      folder=e.folder, uid=uid, message_id=mid)  # fmt: skip
-        else:
-            kind = "rejected" if outcome.decision == "reject" else "quarantined"
-            reason = outcome.reason or kind
-            self._write(Decided(cursor, mid, kind, reason, uid))
-            # The pipeline counts its decisions (inbound.skipped.<reason>); we log the UID.
-            log_event(log, logging.DEBUG, f"inbound.recorded_{kind}", account=e.account,
-                      folder=e.folder, uid=uid, message_id=mid, code=reason)  # fmt: skip
-        e.status.last_uid = uid
-
-
 def _plan(
     uids: list[int],
     meta: dict[int, FetchedMessage],
@@ -538,37 +486,37 @@ def _plan(
     known: set[str],
     max_bytes: int,
     batch_size: int,
-) -> list[_Step]:
+) -> list[Step]:
     """Split UIDs, in order, into body fetches (bounded in count and bytes) and single steps."""
-    steps: list[_Step] = []
+    steps: list[Step] = []
     pending: list[int] = []
     pending_bytes = 0
     for uid in uids:
         m = meta.get(uid)
         if m is None:  # expunged since SEARCH, or left out: find out by asking again
             if pending:
-                steps.append(("bodies", pending))
+                steps.append(Step(StepKind.BODIES, pending))
                 pending, pending_bytes = [], 0
-            steps.append(("missing", [uid]))
+            steps.append(Step(StepKind.MISSING, [uid]))
             continue
         mid = header_ids.get(uid)
         size = m.size or 0
-        kind = "bodies"
+        kind = StepKind.BODIES
         if mid is not None and mid in known:
-            kind = "duplicate"
+            kind = StepKind.DUPLICATE
         elif size > max_bytes:
-            kind = "oversized"
+            kind = StepKind.OVERSIZED
         full = len(pending) >= batch_size or pending_bytes + size > FETCH_BYTES_BUDGET
-        if pending and (kind != "bodies" or full):
-            steps.append(("bodies", pending))
+        if pending and (kind is not StepKind.BODIES or full):
+            steps.append(Step(StepKind.BODIES, pending))
             pending, pending_bytes = [], 0
-        if kind == "bodies":
+        if kind is StepKind.BODIES:
             pending.append(uid)
             pending_bytes += size
         else:
-            steps.append((kind, [uid]))
+            steps.append(Step(kind, [uid]))
     if pending:
-        steps.append(("bodies", pending))
+        steps.append(Step(StepKind.BODIES, pending))
     return steps
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from prx_channel_email.ledger import LedgerLookup
 from prx_channel_email.store import Cursor, Decided, LedgerEntry, StateStore
 
 ACCOUNT, FOLDER = "bot@example.test@imap:993", "INBOX"
@@ -57,15 +58,16 @@ async def test_a_reply_finds_its_parent_before_the_ledger_row_commits(tmp_path: 
         await store.record(ACCOUNT, FOLDER, Cursor(1, 1), message_id="<old@x>", entry=old,
                            outcome="delivered")  # fmt: skip
         new = LedgerEntry("<new@x>", "a@example.test", "a@example.test", "new", "<t@x>", [], 2.0)
-        store.stage(ACCOUNT, new)
-        assert await store.find_message(ACCOUNT, "<new@x>") == new
-        assert await store.latest_from(ACCOUNT, "A@example.test") == new
-        assert await store.latest_in_thread(ACCOUNT, "<t@x>") == new
-        assert await store.latest_in_thread(ACCOUNT, "<old@x>") == old
+        lookup = LedgerLookup(store)  # the channel's view, shared by hand-off and outbox
+        lookup.stage(ACCOUNT, new)
+        assert await lookup.find_message(ACCOUNT, "<new@x>") == new
+        assert await lookup.latest_from(ACCOUNT, "A@example.test") == new
+        assert await lookup.latest_in_thread(ACCOUNT, "<t@x>") == new
+        assert await lookup.latest_in_thread(ACCOUNT, "<old@x>") == old
         # Staging is not the ledger: the message is not "seen" until its row commits.
         assert await store.seen_ids(ACCOUNT, ["<new@x>"]) == set()
         await store.record_many(
             ACCOUNT, FOLDER, [Decided(Cursor(1, 2), "<new@x>", "delivered", uid=2, entry=new)]
         )
-        assert await store.find_message(ACCOUNT, "<new@x>") == new
-        assert await store.latest_from(ACCOUNT, "a@example.test") == new
+        assert await lookup.find_message(ACCOUNT, "<new@x>") == new
+        assert await lookup.latest_from(ACCOUNT, "a@example.test") == new

@@ -43,9 +43,9 @@ class HeaderPipeline(InboundPipeline):
         self.reject = reject or set()
         self.oversized: list[tuple[bytes, int]] = []
 
-    def _outcome(self, raw: bytes, size: int | None = None) -> Outcome:
+    def _outcome(self, raw: bytes, size: int | None = None, known_id: str | None = None) -> Outcome:
         msg = email.message_from_bytes(raw, policy=email.policy.default)
-        mid = normalize_id(str(msg.get("Message-ID", ""))) or synthetic_message_id(raw)
+        mid = known_id or normalize_id(str(msg.get("Message-ID", ""))) or synthetic_message_id(raw)
         sender = email.utils.parseaddr(str(msg.get("From", "")))[1].lower()
         if sender in self.reject:
             return Outcome("reject", mid, reason="not_allowed")
@@ -63,14 +63,21 @@ class HeaderPipeline(InboundPipeline):
         entry = LedgerEntry(mid, sender, sender, subject, mid, [], time.time())
         return Outcome("deliver", mid, message=cm, entry=entry)
 
-    async def process(self, raw: bytes, *, arrival: float | None = None) -> Outcome:
-        return self._outcome(raw)
+    async def process(
+        self, raw: bytes, *, arrival: float | None = None, message_id: str | None = None
+    ) -> Outcome:
+        return self._outcome(raw, known_id=message_id)
 
     async def process_oversized(
-        self, header_block: bytes, size: int, *, arrival: float | None = None
+        self,
+        header_block: bytes,
+        size: int,
+        *,
+        arrival: float | None = None,
+        message_id: str | None = None,
     ) -> Outcome:
         self.oversized.append((header_block, size))
-        return self._outcome(header_block, size)
+        return self._outcome(header_block, size, known_id=message_id)
 
 
 async def make_pipeline(kind: str, config: EmailConfig, metrics: Metrics) -> InboundPipeline:

@@ -1,0 +1,226 @@
+"""The rate limits and the loop guard as pure rules (injected clock), and their table."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+from prx_channel_email.deferred_table import (
+    insert,
+    load,
+    mark_handed_on,
+    message,
+    migrate,
+    recent_handoffs,
+)
+from prx_channel_email.message_ids import MINTED_MARKER, mint_message_id, minted_at
+from prx_channel_email.models import ChannelMessage
+from prx_channel_email.ratelimit import LOOP_SUSPECTED, RATE_LIMITED, HandoffGate, Limits
+from prx_channel_email.store import SCHEMA
+from tests.inbound_helpers import inbound_config
+
+T0 = 1_700_000_000.0
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def gate(
+    clock: Clock,
+    *,
+    sender: int = 3,
+    domain: int = 100,
+    window: float = 60,
+    quick_secs: float = 30,
+    max_quick: int = 3,
+    loop_window: float = 600,
+) -> HandoffGate:
+    return HandoffGate(Limits(sender, domain, window, quick_secs, max_quick, loop_window), clock)
+
+
+def bot_reply_id(at: float) -> str:
+    """A Message-ID as the channel mints it, minted at ``at``."""
+    return f"<{format(int(at * 1000), 'x')}.00ff{MINTED_MARKER}@bot.example>"
+
+
+def test_minted_ids_carry_their_minting_time() -> None:
+    at = minted_at(mint_message_id("bot@example.net"))
+    assert at is not None and abs(at - time.time()) < 5
+    assert minted_at("<abc@example.com>") is None
+    assert minted_at(None) is None
+    assert minted_at(f"<zz.1{MINTED_MARKER}@x>") is None
+
+
+def test_over_the_limit_waits_and_goes_in_order_once_the_window_moves() -> None:
+    clock = Clock()
+    g = gate(clock)
+    verdicts = [g.judge(f"<m{i}@a>", "anna@example.com") for i in range(5)]
+    assert [v for v, _ in verdicts] == ["now", "now", "now", "defer", "defer"]
+    assert [w.reason for _, w in verdicts[3:] if w] == [RATE_LIMITED, RATE_LIMITED]
+    assert g.counts() == (2, 0)
+    # Another sender is not affected.
+    assert g.judge("<b@a>", "bob@example.com")[0] == "now"
+    assert g.due() == ([], [])
+    assert g.next_due() == T0 + 60
+    clock.now = T0 + 60
+    released, _ = g.due()
+    assert [w.message_id for w in released] == ["<m3@a>", "<m4@a>"]
+    for w in released:
+        g.released(w)
+    assert g.counts() == (0, 0) and g.next_due() is None
+
+
+def test_a_sender_with_mail_waiting_waits_behind_it() -> None:
+    clock = Clock()
+    g = gate(clock, sender=1)
+    assert g.judge("<1@a>", "anna@example.com")[0] == "now"
+    assert g.judge("<2@a>", "anna@example.com")[0] == "defer"
+    clock.now = T0 + 61  # the budget is back, but <2> has not been handed on yet
+    assert g.judge("<3@a>", "anna@example.com")[0] == "defer"
+    released, _ = g.due()
+    assert [w.message_id for w in released] == ["<2@a>"]
+    # The next one waits for the budget <2> used, not before it.
+    assert g.next_due() == clock.now + 60
+
+
+def test_a_failed_release_keeps_its_place_and_its_budget() -> None:
+    clock = Clock()
+    g = gate(clock, sender=1)
+    g.judge("<1@a>", "anna@example.com")
+    g.judge("<2@a>", "anna@example.com")
+    g.judge("<3@a>", "anna@example.com")
+    clock.now = T0 + 61
+    (w,), _ = g.due()
+    g.release_failed(w)
+    clock.now = T0 + 122
+    released, _ = g.due()
+    assert [x.message_id for x in released] == ["<2@a>"]
+
+
+def test_a_batch_of_25_goes_at_once_under_the_defaults(tmp_path: Path) -> None:
+    clock = Clock()
+    g = HandoffGate(Limits.from_config(inbound_config(tmp_path)), clock)
+    assert {g.judge(f"<{i}@a>", "anna@example.com")[0] for i in range(25)} == {"now"}
+
+
+def test_the_domain_limit_bounds_rotating_addresses() -> None:
+    clock = Clock()
+    g = gate(clock, sender=3, domain=5)
+    verdicts = [g.judge(f"<{i}@a>", f"responder{i}@example.com")[0] for i in range(7)]
+    assert verdicts == ["now"] * 5 + ["defer"] * 2
+    assert g.judge("<x@a>", "carol@other.example")[0] == "now"
+
+
+def test_the_limits_hold_across_a_restart_via_seeded_handoffs() -> None:
+    clock = Clock()
+    g = gate(clock, sender=3)
+    g.seed([("anna@example.com", T0 - 50), ("anna@example.com", T0 - 40)])
+    assert [g.judge(f"<{i}@a>", "anna@example.com")[0] for i in range(2)] == ["now", "defer"]
+    assert g.next_due() == T0 - 50 + 60
+
+
+def test_restored_mail_keeps_its_order_and_new_mail_queues_behind_it() -> None:
+    clock = Clock()
+    first = gate(clock, sender=1)
+    first.judge("<1@a>", "anna@example.com")
+    waiting = [first.judge(f"<{i}@a>", "anna@example.com")[1] for i in (2, 3)]
+    g = gate(clock, sender=1)
+    g.restore(reversed([w for w in waiting if w]))
+    assert g.judge("<4@a>", "anna@example.com")[0] == "defer"
+    order = []
+    for step in range(1, 4):
+        clock.now = T0 + 61 * step
+        released, _ = g.due()
+        order += [w.message_id for w in released]
+        for w in released:
+            g.released(w)
+    assert order == ["<2@a>", "<3@a>", "<4@a>"]
+
+
+def test_quick_answers_to_bot_replies_are_held_once_a_domain_loops() -> None:
+    clock = Clock()
+    g = gate(clock, sender=100, max_quick=3, quick_secs=30, loop_window=600)
+    verdicts = []
+    for i in range(5):
+        clock.now = T0 + 10 * i
+        parent = bot_reply_id(clock.now - 2)  # answered two seconds after the bot's reply
+        v, _ = g.judge(f"<r{i}@a>", f"responder{i}@example.com", parent, [parent])
+        verdicts.append(v)
+    assert verdicts == ["now", "now", "now", "hold", "hold"]
+    assert g.counts() == (0, 2)
+    assert g.loop_active("example.com")
+    # A person of that domain writing normally, or answering after a while, is not held.
+    assert g.judge("<p@a>", "person@example.com")[0] == "now"
+    late = bot_reply_id(clock.now - 120)
+    assert g.judge("<q@a>", "person@example.com", late)[0] == "now"
+    # Held mail keeps no one waiting, and stays held while the loop is recent.
+    clock.now += 599
+    assert g.due() == ([], [])
+    assert g.next_due() == T0 + 40 + 600
+    clock.now = T0 + 40 + 600
+    released, unheld = g.due()
+    assert [w.message_id for w in unheld] == ["<r3@a>", "<r4@a>"]
+    assert [w.message_id for w in released] == ["<r3@a>", "<r4@a>"]
+    assert not g.loop_active("example.com")
+
+
+def test_an_answer_to_an_old_bot_reply_or_to_a_person_is_not_quick() -> None:
+    clock = Clock()
+    g = gate(clock, max_quick=0)
+    assert g.judge("<1@a>", "a@example.com", bot_reply_id(T0 - 31))[0] == "now"
+    assert g.judge("<2@a>", "a@example.com", "<human@example.com>")[0] == "now"
+    # With max_quick=0 the first quick answer is already held.
+    v, w = g.judge("<3@a>", "b@example.com", None, [bot_reply_id(T0 - 1)])
+    assert v == "hold" and w is not None and w.reason == LOOP_SUSPECTED
+
+
+def _ledger_db() -> sqlite3.Connection:
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(SCHEMA)
+    return conn
+
+
+def test_deferred_table_round_trip_and_handoff_history() -> None:
+    conn = _ledger_db()
+    conn.execute("BEGIN")
+    migrate(conn)
+    migrate(conn)  # a step may run on a state that already has it
+    conn.execute("COMMIT")
+    clock = Clock()
+    g = gate(clock, sender=1)
+    g.judge("<1@a>", "anna@example.com")
+    _, w = g.judge("<2@a>", "anna@example.com")
+    assert w is not None
+    msg = ChannelMessage(
+        id="<2@a>",
+        sender="anna@example.com",
+        reply_target="anna@example.com",
+        subject="Ünïcode",
+        content="hi",
+        timestamp=int(T0),
+        thread_ts="<2@a>",
+        references=["<0@a>"],
+    )
+    for mid, outcome, at in (("<1@a>", "delivered", T0), ("<2@a>", "deferred", T0)):
+        conn.execute(
+            "INSERT INTO ledger (account, message_id, outcome, sender, received_at)"
+            " VALUES ('acc', ?, ?, 'anna@example.com', ?)",
+            (mid, outcome, at),
+        )
+    insert(conn, "acc", w, msg)
+    (loaded,) = load(conn, "acc")
+    assert (loaded.seq, loaded.message_id, loaded.held) == (w.seq, "<2@a>", False)
+    assert message(conn, "acc", "<2@a>") == msg
+    assert list(recent_handoffs(conn, "acc", T0 - 1)) == [("anna@example.com", T0)]
+    mark_handed_on(conn, "acc", "<2@a>", T0 + 61)
+    assert load(conn, "acc") == []
+    assert list(recent_handoffs(conn, "acc", T0 - 1)) == [
+        ("anna@example.com", T0),
+        ("anna@example.com", T0 + 61),
+    ]

@@ -60,8 +60,6 @@ class Composed:
     mail_from: str
     recipient: str
     raw: bytes
-    in_reply_to: str | None
-    subject: str
 
 
 def _fold_ids(name: str, value: str) -> str:
@@ -289,10 +287,8 @@ def compose(
         f"Date: {format_datetime(now or datetime.now(UTC))}",
         f"Message-ID: {mid}",
     ]
-    in_reply_to: str | None = None
     if parent is not None and _is_ascii_id(parent.message_id):
-        in_reply_to = parent.message_id
-        headers.append(f"In-Reply-To: {in_reply_to}")
+        headers.append(f"In-Reply-To: {parent.message_id}")
         headers.append(_fold_ids("References", " ".join(thread_references(parent))))
         headers.append("Auto-Submitted: auto-replied")
     else:
@@ -313,8 +309,6 @@ def compose(
         mail_from=config.from_address,
         recipient=rcpt,
         raw=raw,
-        in_reply_to=in_reply_to,
-        subject=subject,
     )
 
 

@@ -27,13 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from .outbox_table import OUTBOX_SCHEMA_V1
+
 T = TypeVar("T")
 
 DB_NAME = "state.sqlite3"
 
 # The schema as the first release wrote it (schema_version 1). Never edit it: a
 # change to a table is a new named step appended to MIGRATIONS below.
-BASE_SCHEMA = """
+BASE_SCHEMA = (
+    """
 -- Per account and folder: the UIDVALIDITY we know and the highest UID handed on.
 CREATE TABLE IF NOT EXISTS cursor (
     account TEXT NOT NULL,
@@ -63,25 +66,9 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE INDEX IF NOT EXISTS ledger_by_sender ON ledger (account, sender, received_at);
 CREATE INDEX IF NOT EXISTS ledger_by_thread ON ledger (account, thread_ts, received_at);
--- Outbound mail. state: pending -> sending (leased) -> sent | failed.
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    account TEXT NOT NULL,
-    message_id TEXT NOT NULL UNIQUE,
-    mail_from TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    raw BLOB NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    lease_until REAL,
-    last_error TEXT,
-    smtp_code INTEGER,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (account, state, next_attempt_at);
 """
+    + OUTBOX_SCHEMA_V1
+)  # the outbox owns its DDL (outbox_table.py)
 
 SCHEMA = BASE_SCHEMA  # the name before migrations existed (tests build v1 tables with it)
 

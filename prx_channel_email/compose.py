@@ -49,7 +49,6 @@ class Parent:
     message_id: str
     subject: str
     references: list[str]
-    reply_target: str
 
 
 @dataclass(frozen=True)
@@ -312,13 +311,11 @@ def compose(
     )
 
 
-def parent_from_ids(
-    in_reply_to: str | None, thread_ts: str | None, recipient: str
-) -> Parent | None:
+def parent_from_ids(in_reply_to: str | None, thread_ts: str | None) -> Parent | None:
     """A parent known only by its ids (not in the ledger): thread on them anyway."""
     mid = normalize_id(in_reply_to) or normalize_id(thread_ts)
     if mid is None:
         return None
     root = normalize_id(thread_ts)
     refs = [root] if root and root != mid else []
-    return Parent(message_id=mid, subject="", references=refs, reply_target=recipient)
+    return Parent(message_id=mid, subject="", references=refs)

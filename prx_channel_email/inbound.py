@@ -255,7 +255,6 @@ class InboundPipeline:
             **shared,
         )
         entry = LedgerEntry(message_id=env.message_id, received_at=when, **shared)
-        self.policy.delivered(env)
         self.metrics.inc("inbound.delivered")
         self._log(
             logging.INFO,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from collections.abc import Callable
 
 from .models import ChannelMessage
@@ -173,6 +174,47 @@ class LedgerWriter:
         self.delivered.append(uid)
         log_event(log, logging.INFO, "inbound.handed_on", account=self.account,
                   folder=self.folder, uid=uid, message_id=mid)  # fmt: skip
+
+    def defer(
+        self,
+        uid: int,
+        message: ChannelMessage,
+        entry: LedgerEntry | None,
+        reason: str,
+        store_step: Callable[[sqlite3.Connection], None],
+    ) -> None:
+        """Kept back by the rate limit or the loop guard (deferred.py): the ledger row
+        (outcome ``deferred``), the waiting message (``store_step``) and the cursor
+        move are one transaction; nothing is put on the queue now."""
+        self._handled.add(message.id)
+        cursor = Cursor(self.uidvalidity, uid)
+        self._write(Decided(cursor, message.id, "deferred", reason, uid, entry, store_step))
+
+    async def hand_on_released(
+        self,
+        message: ChannelMessage,
+        store_step: Callable[[sqlite3.Connection], None],
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Hand on a message that waited: commit "handed on" (``store_step``), then put.
+
+        Runs to completion once started, so a cancellation cannot leave a message
+        recorded as handed on but never put.
+        """
+
+        async def commit_then_put() -> None:
+            await self.store.run(store_step)
+            await queue.put(message)
+
+        task = asyncio.ensure_future(commit_then_put())
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await task
+            raise
+        self.metrics.inc("inbound.handed_on")
+        log_event(log, logging.INFO, "inbound.handed_on", account=self.account,
+                  folder=self.folder, message_id=message.id, deferred=True)  # fmt: skip
 
     def record(self, uid: int, message_id: str, kind: str, reason: str) -> None:
         """A message not handed on (``rejected`` / ``quarantined``), with why."""

@@ -329,9 +329,8 @@ class Outbox:
                 message_id=entry.message_id,
                 subject=entry.subject,
                 references=list(entry.references),
-                reply_target=entry.reply_target,
             )
-        return parent_from_ids(reply_id, thread, recipient)
+        return parent_from_ids(reply_id, thread)
 
     async def _attempt(self, row: OutboxRow, *, foreground: bool) -> None:
         """One SMTP attempt for a row this process holds (in ``_active``).

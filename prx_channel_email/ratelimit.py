@@ -55,7 +55,8 @@ class Limits:
     def from_config(cls, config: EmailConfig) -> Limits:
         return cls(
             sender_count=config.rate_limit_count,
-            domain_count=config.domain_rate_limit_count,
+            # A domain is never held tighter than one of its senders.
+            domain_count=max(config.domain_rate_limit_count, config.rate_limit_count),
             window=float(config.rate_limit_window_secs),
             loop_reply_secs=float(config.loop_reply_secs),
             loop_max_quick=config.loop_max_quick_replies,
@@ -73,6 +74,10 @@ class Waiting:
     arrived_at: float
     held: bool = False  # loop_suspected: waits for the loop to go quiet first
     releasing: bool = False  # taken by the scheduler, not yet on the queue
+    # False until its row is in the store (set from the store's thread, inside the
+    # defer transaction): until then it cannot be released, and its sender waits.
+    stored: bool = True
+    handed_at: float = 0.0  # when due() counted it against the limits
 
     @property
     def domain(self) -> str:
@@ -210,13 +215,14 @@ class HandoffGate:
                     continue  # held mail keeps no one else waiting
                 w.held = False
                 unheld.append(w)
-            if w.releasing or w.sender in blocked:
+            if w.releasing or not w.stored or w.sender in blocked:
                 blocked.add(w.sender)
                 continue
             if self._budget_at(w.sender, now) > now:
                 blocked.add(w.sender)
                 continue
             w.releasing = True
+            w.handed_at = now
             self._note(w.sender, now)
             released.append(w)
         return released, unheld
@@ -227,7 +233,8 @@ class HandoffGate:
         soonest: float | None = None
         seen: set[str] = set()
         for w in self._waiting.values():
-            if w.releasing:
+            if w.releasing or not w.stored:
+                seen.add(w.sender)  # the store_step wakes the scheduler when it is stored
                 continue
             if w.held:
                 at = self._quiet_since(w.domain) + self.limits.loop_window
@@ -256,7 +263,7 @@ class HandoffGate:
     # --- internals ---
 
     def _enqueue(self, message_id: str, sender: str, now: float, *, held: bool) -> Waiting:
-        w = Waiting(self._next_seq, message_id, sender, now, held=held)
+        w = Waiting(self._next_seq, message_id, sender, now, held=held, stored=False)
         self._next_seq += 1
         self._waiting[w.seq] = w
         return w

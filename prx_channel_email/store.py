@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from . import deferred_table
 from .outbox_table import OUTBOX_SCHEMA_V1
 
 T = TypeVar("T")
@@ -91,6 +92,7 @@ def ddl(script: str) -> Step:
 # state file from before migrations existed (schema_version 1) opens and moves on.
 MIGRATIONS: list[tuple[str, Step]] = [
     ("base", ddl(BASE_SCHEMA)),
+    ("deferred_mail", deferred_table.migrate),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -159,6 +161,8 @@ class Decided:
     reason: str | None = None
     uid: int | None = None
     entry: LedgerEntry | None = None
+    # More writes that belong in the same transaction (a deferred message's row).
+    also: Callable[[sqlite3.Connection], None] | None = None
 
 
 class ParentLookup(Protocol):
@@ -333,6 +337,9 @@ class StateStore:
                     " received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     rows,
                 )
+            for item in items:
+                if item.also is not None:
+                    item.also(conn)
             for cursor in _cursor_moves(items) if move_cursor else ():
                 _write_cursor(conn, account, folder, cursor)
 

@@ -11,12 +11,22 @@ import asyncio
 import logging
 from types import TracebackType
 
+from .backoff import Backoff
 from .config import EmailConfig
+from .errors import ChannelError
 from .inbound import InboundPipeline
 from .ledger import LedgerLookup
 from .models import Channel, ChannelMessage, SendMessage
 from .observability import Metrics, log_event
 from .outbox import Outbox
+from .smtp import SmtpTransport
+from .status import (
+    ChannelStatus,
+    StatusCallback,
+    StatusReporter,
+    failure_code,
+    is_permanent,
+)
 from .store import StateStore
 from .sync import SyncEngine, SyncStatus
 
@@ -35,18 +45,29 @@ class EmailChannel(Channel):
 
     name = "email"
 
-    def __init__(self, config: EmailConfig) -> None:
+    def __init__(self, config: EmailConfig, *, on_status: StatusCallback | None = None) -> None:
+        """``on_status`` is called (sync or async) with a :class:`ChannelStatus` on every
+        change of state: connected, reconnecting, failed (with its code), closed."""
         self.config = config
         self.metrics = Metrics()
+        self.reporter = StatusReporter(config.account, on_status)
         self.store = StateStore(config.state_dir)
         # Shared by the hand-off (which writes) and the outbox (which finds reply parents).
         self.ledger = LedgerLookup(self.store)
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
-        self.sync = SyncEngine(config, self.store, self.pipeline, self.metrics, lookup=self.ledger)
+        self.sync = SyncEngine(
+            config,
+            self.store,
+            self.pipeline,
+            self.metrics,
+            lookup=self.ledger,
+            reporter=self.reporter,
+        )
         self.outbox = Outbox(config, self.store, self.metrics, parents=self.ledger)
         self._started = False
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()
+        self._smtp_check: asyncio.Task[None] | None = None
 
     async def start(self) -> EmailChannel:
         async with self._start_lock:
@@ -68,7 +89,13 @@ class EmailChannel(Channel):
         await self.close()
 
     async def listen(self, queue: asyncio.Queue[ChannelMessage]) -> None:
-        await self.start()
+        try:
+            await self.start()
+        except ChannelError as exc:  # e.g. the state store cannot be opened
+            self.reporter.imap_failed(exc, None, permanent=True)
+            raise
+        if self._smtp_check is None:
+            self._smtp_check = asyncio.create_task(self._check_smtp())
         task = asyncio.current_task()
         if task is not None:
             self._listeners.add(task)
@@ -87,8 +114,22 @@ class EmailChannel(Channel):
         await self.start()
         return await self.outbox.send(message)
 
+    async def wait_ready(self, timeout: float) -> ChannelStatus:  # noqa: ASYNC109 (the contract)
+        """While :meth:`listen` runs: return once IMAP is logged in with the folder
+        selected and the SMTP login was checked. A permanent failure (``auth_failed``,
+        ``tls_verify_failed``, ``folder_missing``, ``oauth_reauth_required`` ...) raises
+        a ChannelError with that code at once; ``timeout`` seconds without either
+        raise NotReadyError (code ``timeout``, also a TimeoutError)."""
+        return await self.reporter.wait_ready(timeout)
+
+    @property
+    def state(self) -> ChannelStatus:
+        """The current :class:`ChannelStatus` (what ``on_status`` was last called with)."""
+        return self.reporter.current
+
     @property
     def status(self) -> SyncStatus:
+        """The IMAP side in detail (mode, cursor, last error): diagnostics."""
         return self.sync.status
 
     def stats(self) -> dict[str, int]:
@@ -101,12 +142,38 @@ class EmailChannel(Channel):
 
     async def close(self) -> None:
         """Stop listening (a ledger write in flight completes), stop the outbox, close the store."""
+        if self._smtp_check is not None:
+            self._smtp_check.cancel()
+            self._smtp_check = None
         await self._stop_listeners()
+        self.reporter.closed()
         async with self._start_lock:
             if self._started:
                 self._started = False
                 await self.outbox.close()
                 await self.store.close()
+
+    async def _check_smtp(self) -> None:
+        """Log in to SMTP once, so readiness covers replies too; retried until it passes
+        (slowly after a permanent failure: the server side may get fixed)."""
+        transient = Backoff(base=1.0, cap=300.0)
+        permanent = Backoff(base=300.0, cap=1800.0)
+        while True:
+            try:
+                await SmtpTransport(self.config, self.metrics).check_login()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # SmtpFailure, or a bug: neither may end the check
+                lasting = is_permanent(exc)
+                delay = (permanent if lasting else transient).next()
+                self.reporter.smtp_failed(exc, delay)
+                log_event(log, logging.ERROR if lasting else logging.WARNING,
+                          "smtp.check_failed", exc=exc, account=self.config.account,
+                          code=failure_code(exc), retry_in=f"{delay:.1f}s")  # fmt: skip
+                await asyncio.sleep(delay)
+                continue
+            self.reporter.smtp_ready()
+            return
 
     async def _stop_listeners(self) -> None:
         # A listen() task still running would otherwise find its store closed under it.

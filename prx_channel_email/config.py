@@ -201,6 +201,12 @@ class EmailConfig(BaseSettings):
     send_max_attempts: Annotated[int, Field(ge=1, le=100)] = 40
     send_retry_max_secs: PositiveInt = 900
     max_outbound_attachment_bytes: PositiveInt = 20 * 1024 * 1024
+    # Reply text (UTF-8 bytes) above this is refused: too_large. An echo of a huge
+    # mail must not cost gigabytes of memory and seconds of Markdown rendering.
+    max_outbound_bytes: PositiveInt = 1_000_000
+    # Sent replies keep their stored text this many days (idempotency needs only
+    # the key and the Message-ID, which stay). Pruned at start and hourly.
+    outbox_retention_days: Annotated[float, Field(ge=0)] = 7
     save_sent: bool = False
     sent_folder: str | None = None
 

@@ -106,7 +106,16 @@ class Policy:
     def __init__(self, config: EmailConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.own = [config.from_address.lower(), *config.own_addresses]
+        self.allowed_senders: list[str] = list(config.allowed_senders)
         self._refused_unverified: set[str] = set()
+
+    def set_runtime_senders(self, added: Iterable[str], removed: Iterable[str]) -> None:
+        """Replace the host's runtime changes (``allow_sender``/``remove_sender``):
+        the allow-list is the config's, minus ``removed``, plus ``added``."""
+        gone = set(removed)
+        merged = [e for e in self.config.allowed_senders if e not in gone]
+        merged += [e for e in added if e not in merged]
+        self.allowed_senders = merged
 
     def _first_refusal(self, sender: str) -> bool:
         """True the first time ``sender`` is refused as unverified (bounded memory)."""
@@ -126,7 +135,7 @@ class Policy:
             return Decision(env.sender_problem)
         if not env.sender:
             return Decision(NO_SENDER)
-        if not sender_allowed(env.sender, self.config.allowed_senders):
+        if not sender_allowed(env.sender, self.allowed_senders):
             return Decision(NOT_ALLOWED)
         verified: bool | None = None
         detail = ""

@@ -19,7 +19,7 @@ from .errors import (
     TransportError,
 )
 from .models import Attachment, Channel, ChannelMessage, SendMessage
-from .status import ChannelState, ChannelStatus
+from .status import ChannelState, ChannelStatus, RejectedMessage
 
 __all__ = [
     "Attachment",
@@ -35,6 +35,7 @@ __all__ = [
     "FolderNotFoundError",
     "InsecureConnectionError",
     "NotReadyError",
+    "RejectedMessage",
     "SendError",
     "SendMessage",
     "TransportError",

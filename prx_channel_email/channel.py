@@ -11,8 +11,9 @@ import asyncio
 import logging
 from types import TracebackType
 
+from . import senders_table
 from .backoff import Backoff
-from .config import EmailConfig
+from .config import EmailConfig, sender_entry
 from .errors import ChannelError
 from .inbound import InboundPipeline
 from .ledger import LedgerLookup
@@ -22,6 +23,7 @@ from .outbox import Outbox
 from .smtp import SmtpTransport
 from .status import (
     ChannelStatus,
+    RejectedCallback,
     StatusCallback,
     StatusReporter,
     failure_code,
@@ -45,12 +47,19 @@ class EmailChannel(Channel):
 
     name = "email"
 
-    def __init__(self, config: EmailConfig, *, on_status: StatusCallback | None = None) -> None:
+    def __init__(
+        self,
+        config: EmailConfig,
+        *,
+        on_status: StatusCallback | None = None,
+        on_rejected: RejectedCallback | None = None,
+    ) -> None:
         """``on_status`` is called (sync or async) with a :class:`ChannelStatus` on every
-        change of state: connected, reconnecting, failed (with its code), closed."""
+        change of state: connected, reconnecting, failed (with its code), closed.
+        ``on_rejected`` is called with a :class:`RejectedMessage` for each refused mail."""
         self.config = config
         self.metrics = Metrics()
-        self.reporter = StatusReporter(config.account, on_status)
+        self.reporter = StatusReporter(config.account, on_status, on_rejected)
         self.store = StateStore(config.state_dir)
         # Shared by the hand-off (which writes) and the outbox (which finds reply parents).
         self.ledger = LedgerLookup(self.store)
@@ -73,6 +82,7 @@ class EmailChannel(Channel):
         async with self._start_lock:
             if not self._started:
                 await self.store.open()
+                await self._apply_runtime_senders()
                 await self.outbox.start()
                 self._started = True
         return self
@@ -113,6 +123,43 @@ class EmailChannel(Channel):
         """Like :meth:`send`, but returns the Message-ID of the sent mail."""
         await self.start()
         return await self.outbox.send(message)
+
+    @property
+    def allowed_senders(self) -> list[str]:
+        """The allow-list in effect: the config's, with the host's runtime changes."""
+        return list(self.pipeline.policy.allowed_senders)
+
+    async def allow_sender(self, entry: str) -> None:
+        """Allow ``entry`` (an address, ``@domain`` or ``*``) from now on, and after a
+        restart: the change is on disk before this returns. Mail already refused
+        stays refused; the sender's next mail is handed on."""
+        await self._change_sender(entry, allow=True)
+
+    async def remove_sender(self, entry: str) -> None:
+        """Take ``entry`` off the allow-list (also an entry of the config's list), from
+        now on and after a restart. Only that entry: removing ``bob@x.org`` does not
+        refuse bob while ``@x.org`` is allowed."""
+        await self._change_sender(entry, allow=False)
+
+    async def _change_sender(self, entry: str, *, allow: bool) -> None:
+        item = sender_entry(entry)
+        if item is None:
+            raise ChannelError(
+                f"{entry!r} is neither an address, '@domain' nor '*'", code="invalid_argument"
+            )
+        await self.start()
+        account, in_config = self.config.account, item in self.config.allowed_senders
+        await self.store.run(
+            lambda conn: senders_table.change(conn, account, item, allow=allow, in_config=in_config)
+        )
+        await self._apply_runtime_senders()
+        event = "channel.sender_allowed" if allow else "channel.sender_removed"
+        log_event(log, logging.INFO, event, account=account, sender=item)
+
+    async def _apply_runtime_senders(self) -> None:
+        account = self.config.account
+        added, removed = await self.store.run(lambda conn: senders_table.load(conn, account))
+        self.pipeline.policy.set_runtime_senders(added, removed)
 
     async def wait_ready(self, timeout: float) -> ChannelStatus:  # noqa: ASYNC109 (the contract)
         """While :meth:`listen` runs: return once IMAP is logged in with the folder

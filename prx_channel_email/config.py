@@ -111,6 +111,15 @@ def is_address(value: str) -> bool:
     return bool(_ADDRESS_RE.match(value))
 
 
+def sender_entry(value: str) -> str | None:
+    """An ``allowed_senders`` entry in its stored form, or None when it is none of
+    an address, ``@domain`` or ``*`` (the config and ``allow_sender`` share this)."""
+    item = value.strip().lower()
+    if item == "*" or _DOMAIN_RE.match(item) or is_address(item):
+        return item
+    return None
+
+
 def _split_list(value: Any) -> Any:
     """Accept a JSON list or a comma-separated string (handy in env variables)."""
     if isinstance(value, str):
@@ -307,8 +316,8 @@ class EmailConfig(BaseSettings):
         cleaned: list[str] = []
         bad: list[str] = []
         for entry in value:
-            item = entry.strip().lower()
-            if item == "*" or _DOMAIN_RE.match(item) or is_address(item):
+            item = sender_entry(entry)
+            if item is not None:
                 cleaned.append(item)
             else:
                 bad.append(entry)

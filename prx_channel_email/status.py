@@ -1,4 +1,4 @@
-"""What state the channel is in, for a host that must show it or wait on it.
+"""What the channel tells its host: its state, and the mail it refused.
 
 The sync engine and the SMTP login check report transitions to one
 :class:`StatusReporter`; it keeps the current :class:`ChannelStatus`, calls the
@@ -7,6 +7,10 @@ answers ``wait_ready``. A failure is *permanent* when retrying cannot help
 without someone acting (a refused password, an untrusted certificate, a missing
 folder): ``wait_ready`` raises it at once instead of waiting for its timeout.
 The engine still retries, slowly, so a fix on the server side is picked up.
+
+``on_rejected`` receives a :class:`RejectedMessage` for each message the policy
+refused, so a host can run its own pairing flow ("a new person wrote; allow?")
+with ``allow_sender`` instead of keeping a second allow-list.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 from .errors import ChannelError, NotReadyError
 from .observability import log_event
 
 log = logging.getLogger("prx_channel_email.status")
+
+_E = TypeVar("_E")
 
 # Codes after which a retry does not help until someone acts.
 PERMANENT_CODES = frozenset(
@@ -81,6 +88,26 @@ class ChannelStatus:
 StatusCallback = Callable[[ChannelStatus], Awaitable[None] | None]
 
 
+@dataclass(frozen=True)
+class RejectedMessage:
+    """A message the policy refused (never handed on).
+
+    ``reason`` is the policy's code: ``not_allowed`` (the sender is not on the
+    allow-list), ``unverified`` (allowed, but no trusted server vouched for it),
+    ``auto_submitted``, ``mailing_list``, ... ; ``detail`` explains it. ``id`` is
+    the Message-ID, as ``ChannelMessage.id`` would have been.
+    """
+
+    id: str
+    sender: str
+    subject: str
+    reason: str
+    detail: str = ""
+
+
+RejectedCallback = Callable[[RejectedMessage], Awaitable[None] | None]
+
+
 def failure_code(exc: BaseException) -> str:
     return str(getattr(exc, "code", None) or type(exc).__name__)
 
@@ -93,9 +120,15 @@ def is_permanent(exc: BaseException) -> bool:
 class StatusReporter:
     """Collects the IMAP and SMTP sides' reports into one :class:`ChannelStatus`."""
 
-    def __init__(self, account: str, on_status: StatusCallback | None = None) -> None:
+    def __init__(
+        self,
+        account: str,
+        on_status: StatusCallback | None = None,
+        on_rejected: RejectedCallback | None = None,
+    ) -> None:
         self.account = account
         self._on_status = on_status
+        self._on_rejected = on_rejected
         self._status = ChannelStatus(since=time.time())
         self._changed = asyncio.Event()  # set and replaced on every change
         self._imap_failure: tuple[ChannelState, str, str, float | None] | None = None
@@ -131,6 +164,14 @@ class StatusReporter:
         state = ChannelState.FAILED if is_permanent(exc) else ChannelState.RECONNECTING
         self._smtp_failure = (state, failure_code(exc), str(exc), retry_in)
         self._update(smtp_ready=False)
+
+    def rejected(
+        self, message_id: str, sender: str | None, subject: str | None, reason: str, detail: str
+    ) -> None:
+        """The policy refused a message: tell the host (after a crash, maybe again)."""
+        if self._on_rejected is not None:
+            event = RejectedMessage(message_id, sender or "", subject or "", reason, detail)
+            self._dispatch(self._on_rejected, event, "channel.on_rejected_failed")
 
     def closed(self) -> None:
         self._imap_failure = self._smtp_failure = None
@@ -193,29 +234,28 @@ class StatusReporter:
                   state=new.state.value, code=new.code)  # fmt: skip
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
-        self._call_back(new)
+        if self._on_status is not None:
+            self._dispatch(self._on_status, new, "channel.on_status_failed")
 
-    def _call_back(self, status: ChannelStatus) -> None:
-        if self._on_status is None:
-            return
+    def _dispatch(
+        self, callback: Callable[[_E], Awaitable[None] | None], event: _E, what: str
+    ) -> None:
+        """Call the host's callback; an async one runs as a task. Its errors are logged:
+        a bug in the host must not stop the channel."""
         try:
-            result = self._on_status(status)
-        except Exception as exc:  # the host's bug must not stop the channel
-            log_event(log, logging.ERROR, "channel.on_status_failed", exc=exc,
-                      account=self.account, code="callback_error")  # fmt: skip
+            result = callback(event)
+        except Exception as exc:
+            log_event(log, logging.ERROR, what, exc=exc, account=self.account,
+                      code="callback_error")  # fmt: skip
             return
         if inspect.isawaitable(result):
-            self._spawn(_guarded(result, self.account))
+            task = asyncio.ensure_future(self._guarded(result, what))
+            self._callbacks.add(task)
+            task.add_done_callback(self._callbacks.discard)
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(coro)
-        self._callbacks.add(task)
-        task.add_done_callback(self._callbacks.discard)
-
-
-async def _guarded(result: Awaitable[None], account: str) -> None:
-    try:
-        await result
-    except Exception as exc:
-        log_event(log, logging.ERROR, "channel.on_status_failed", exc=exc,
-                  account=account, code="callback_error")  # fmt: skip
+    async def _guarded(self, result: Awaitable[None], what: str) -> None:
+        try:
+            await result
+        except Exception as exc:
+            log_event(log, logging.ERROR, what, exc=exc, account=self.account,
+                      code="callback_error")  # fmt: skip

@@ -438,6 +438,11 @@ class SyncEngine:
             else:
                 kind = "rejected" if outcome.decision == "reject" else "quarantined"
                 writer.record(uid, mid, kind, outcome.reason or kind)
+                if outcome.decision == "reject":
+                    reason = outcome.reason or kind
+                    self.reporter.rejected(
+                        mid, outcome.sender, outcome.subject, reason, outcome.detail or ""
+                    )
             self.status.last_uid = uid
         return DONE
 

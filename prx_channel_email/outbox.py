@@ -37,7 +37,7 @@ import os
 import signal
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -122,11 +122,15 @@ class Outbox:
         lease_secs: float | None = None,
         sent_folder: SentFolder | None = None,
         parents: ParentLookup | None = None,
+        on_reply_durable: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.store = store
         # Where reply parents are looked up (the channel shares its ledger view).
         self.parents: ParentLookup = parents or store
+        # Called with the parent's Message-ID once a reply's row is committed, before
+        # send() returns: the channel acknowledges the parent (handoff="ack").
+        self.on_reply_durable = on_reply_durable
         self.metrics = metrics
         self.healthy = True
         self.transport = transport or SmtpTransport(config, metrics)
@@ -332,6 +336,8 @@ class Outbox:
             composed = build()
         row_id = await self._store_new(composed)
         self.metrics.inc("outbound.queued")
+        if parent is not None and self.on_reply_durable is not None:
+            await self.on_reply_durable(parent.message_id)
         row = _Row(
             row_id, composed.message_id, composed.mail_from, composed.recipient, composed.raw, 0
         )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import email.parser
 import email.policy
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +30,13 @@ from enum import Enum
 from .backoff import Backoff
 from .config import EmailConfig
 from .envelope import header_message_id
-from .errors import AuthenticationError, ChannelError, FolderNotFoundError, TransportError
+from .errors import (
+    AuthenticationError,
+    ChannelError,
+    FolderNotFoundError,
+    StorageError,
+    TransportError,
+)
 from .imap import FetchedMessage, ImapSession, SelectInfo, open_session
 from .inbound import InboundPipeline, Outcome, message_identity
 from .ledger import LedgerLookup, LedgerWriter
@@ -94,6 +101,9 @@ class SyncStatus:
     last_sync_at: float | None = None
     reconnect_in_secs: float | None = None
     idling: bool = False  # in IDLE right now, waiting for a push
+    # storage_full / storage_readonly / storage_error while the hand-off is paused
+    # on a state write that failed (retried with backoff); None when writable.
+    storage_error: str | None = None
 
 
 class SyncEngine:
@@ -110,6 +120,7 @@ class SyncEngine:
         auth_backoff: Backoff | None = None,
         session_factory: Callable[[EmailConfig], Awaitable[ImapSession]] = open_session,
         lookup: LedgerLookup | None = None,
+        storage_backoff: Backoff | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -125,7 +136,17 @@ class SyncEngine:
         self._open = session_factory
         self._idle_refused = False  # the server advertised IDLE but refused it: poll instead
         self._missing: dict[int, tuple[int, float]] = {}  # uid -> (misses, first miss)
-        self.writer = LedgerWriter(store, self.account, self.folder, metrics, lookup=lookup)
+        self.writer = LedgerWriter(
+            store,
+            self.account,
+            self.folder,
+            metrics,
+            handoff=config.handoff,
+            lookup=lookup,
+            on_storage=self._storage_changed,
+            storage_backoff=storage_backoff,
+        )
+        self._redelivered = False  # what an earlier run left in flight went out again
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
 
     # --- the outer loop: connect, serve, back off ---
@@ -135,6 +156,9 @@ class SyncEngine:
             session: ImapSession | None = None
             delay: float
             try:
+                if not self._redelivered:
+                    await self.writer.redeliver(queue)
+                    self._redelivered = True
                 session = await self._open(self.config)
                 self.metrics.inc("imap.connects")
                 self.status.connected = True
@@ -153,6 +177,10 @@ class SyncEngine:
                 self.metrics.inc("imap.reconnects.network")
                 delay = self.backoff.next()
                 self._failed(exc, "imap.disconnected", logging.WARNING, delay)
+            except StorageError as exc:  # a read of the state failed (writes pause in place)
+                self._storage_changed(exc)
+                delay = self.backoff.next()
+                self._failed(exc, "storage.read_failed", logging.ERROR, delay)
             except ChannelError as exc:
                 self.metrics.inc("imap.reconnects.error")
                 delay = self.backoff.next()
@@ -174,6 +202,16 @@ class SyncEngine:
             await asyncio.sleep(delay)
             self.status.reconnect_in_secs = None
 
+    def _storage_changed(self, fault: StorageError | None) -> None:
+        self.status.storage_error = fault.code if fault is not None else None
+        if fault is not None:
+            self.status.last_error = str(fault)
+            self.status.last_error_code = fault.code
+
+    async def ack(self, message_id: str) -> bool:
+        """The host is done with ``message_id`` (see LedgerWriter.ack)."""
+        return await self.writer.ack(message_id)
+
     def _failed(self, exc: BaseException, event: str, level: int, delay: float) -> None:
         self.status.last_error = str(exc)
         self.status.last_error_code = getattr(exc, "code", None) or type(exc).__name__
@@ -192,7 +230,12 @@ class SyncEngine:
             result = await self._sync(session, info, queue)
             self.status.last_sync_at = time.time()
             self.status.last_error = self.status.last_error_code = None
+            self.status.storage_error = None  # a pass completes only once its writes did
             self.backoff.reset()  # the session is healthy: the next failure starts at 1 s
+            if self.config.handoff == "ack":
+                acked = self.writer.take_acked(info.uidvalidity)
+                if acked:
+                    await self._after_handoff(session, acked)
             self.synced.set()
             if session.changed.is_set():
                 continue  # mail was announced while we synced
@@ -256,7 +299,7 @@ class SyncEngine:
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
                           folder=self.folder, mode="new", baseline=info.uidnext - 1)  # fmt: skip
             # UIDNEXT is from SELECT, so anything that arrived since is still above it.
-            await self.store.set_cursor(self.account, self.folder, Cursor(uv, info.uidnext - 1))
+            await self._set_cursor(Cursor(uv, info.uidnext - 1))
             return DONE
         if cursor.uidvalidity != uv:
             return await self._rebaseline(session, info, cursor, queue)
@@ -264,7 +307,7 @@ class SyncEngine:
         result = await self._handle(session, uv, [u for u in uids if u > cursor.last_uid], queue)
         if time.time() - cursor.updated_at > 3600:
             # Keep "last synced" fresh: a later UIDVALIDITY change rechecks mail since then.
-            await self.store.set_cursor(self.account, self.folder, cursor)
+            await self._set_cursor(cursor)
         return result
 
     async def _rebaseline(
@@ -289,10 +332,13 @@ class SyncEngine:
                   rechecked=len(uids), code="uidvalidity_changed")  # fmt: skip
         result = await self._handle(session, info.uidvalidity, uids, queue, move_cursor=False)
         if result.complete:
-            await self.store.set_cursor(
-                self.account, self.folder, Cursor(info.uidvalidity, info.uidnext - 1)
-            )
+            await self._set_cursor(Cursor(info.uidvalidity, info.uidnext - 1))
         return result
+
+    async def _set_cursor(self, cursor: Cursor) -> None:
+        await self.writer.durable(
+            functools.partial(self.store.set_cursor, self.account, self.folder, cursor)
+        )
 
     # --- handing messages on ---
 
@@ -354,7 +400,7 @@ class SyncEngine:
             if ahead is not None:
                 ahead.cancel()
             await _to_completion(writer.flush())
-        if writer.delivered:
+        if writer.delivered and self.config.handoff == "queue":
             await self._after_handoff(session, writer.delivered)
         return result
 
@@ -463,7 +509,12 @@ class SyncEngine:
         return Outcome("quarantine", mid, reason=f"pipeline_error:{type(exc).__name__}")
 
     async def _after_handoff(self, session: ImapSession, uids: list[int]) -> None:
-        """Optional ``\\Seen`` / move, for delivered mail only (rejected mail stays as it was)."""
+        """Optional ``\\Seen`` / move, for handled mail only (rejected mail stays as it was).
+
+        Handled: on the queue (``handoff="queue"``), or acknowledged (``"ack"``; then
+        at the end of the next pass, in this run: a message acked after its run ended
+        stays as it is on the server).
+        """
         try:
             if self.config.mark_seen:
                 await session.store_flags(uids, "(\\Seen)")

@@ -41,6 +41,8 @@ def smtp_config(
         "command_timeout_secs": 5.0,
         # Fixture mail carries no Authentication-Results: verification is not under test.
         "sender_auth": "flag",
+        # What these tests were written for; test_handoff.py covers "ack".
+        "handoff": "queue",
     }
     fields.update(overrides)
     return EmailConfig(**fields)

@@ -47,6 +47,7 @@ def fake_config(server: FakeImapServer, tmp_path: Path, **kw: Any) -> EmailConfi
         "keepalive_secs": 30,
         "initial_sync": "unseen",
         "sender_auth": "flag",
+        "handoff": "queue",  # what these tests were written for
     }
     fields.update(kw)
     return EmailConfig(**fields)

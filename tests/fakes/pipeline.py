@@ -137,6 +137,8 @@ def imap_config(
         "poll_interval_secs": 1,
         # Fixture mail carries no Authentication-Results: verification is not under test.
         "sender_auth": "flag",
+        # What these tests were written for; test_handoff.py covers "ack".
+        "handoff": "queue",
     }
     fields.update(overrides)
     return EmailConfig(**fields)

@@ -93,7 +93,7 @@ def full(raws: list[bytes], policy: Policy, config: EmailConfig, split: dict[str
         policy.decide(env)
         t1 = clock()
         try:
-            msg = parse_message(raw, split_raw)
+            msg = parse_message(env.headers, split_raw[1])
         except ValueError:
             split["headers+policy"] += t1 - t0
             continue

@@ -139,7 +139,7 @@ async def main(count: int, concurrency: int) -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             config = make_config(Path(tmp) / "state", port)
-            parent = Parent("<parent@people.example>", "Benchmark thread", [], ANN)
+            parent = Parent("<parent@people.example>", "Benchmark thread", [])
             raws = [
                 compose(config, content=f"Reply **{i}**", recipient=ANN, parent=parent).raw
                 for i in range(count)

@@ -5,22 +5,34 @@ IMAP IDLE turns mail from allow-listed senders into :class:`ChannelMessage`;
 outbox. See the README for setup and the security model.
 """
 
+from ._version import __version__
 from .channel import EmailChannel
 from .config import EmailConfig, load_config
-from .errors import ChannelError, ConfigError, SendError
+from .errors import (
+    AuthenticationError,
+    ChannelError,
+    ConfigError,
+    FolderNotFoundError,
+    InsecureConnectionError,
+    SendError,
+    TransportError,
+)
 from .models import Attachment, Channel, ChannelMessage, SendMessage
 
 __all__ = [
     "Attachment",
+    "AuthenticationError",
     "Channel",
     "ChannelError",
     "ChannelMessage",
     "ConfigError",
     "EmailChannel",
     "EmailConfig",
+    "FolderNotFoundError",
+    "InsecureConnectionError",
     "SendError",
     "SendMessage",
+    "TransportError",
+    "__version__",
     "load_config",
 ]
-
-__version__ = "0.1.0"

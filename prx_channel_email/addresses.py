@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .charsets import CONTROL_RE, decode_words, unescape_header
+from .charsets import HEADER_CONTROL_RE, decode_words, unescape_header
 
 
 class Unterminated(ValueError):
@@ -198,7 +198,7 @@ def parse_mailboxes(value: str | None) -> list[tuple[str | None, str] | str]:
     decoded only inside display names, never before the structure is read."""
     if not value:
         return []
-    text = CONTROL_RE.sub("", unescape_header(value.replace("\r\n", " ").replace("\n", " ")))
+    text = HEADER_CONTROL_RE.sub("", unescape_header(value.replace("\r\n", " ").replace("\n", " ")))
     try:
         tokens = list(_address_tokens(text.replace("\r", " ")))
     except (_BadAddress, Unterminated):

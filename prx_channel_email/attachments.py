@@ -25,6 +25,10 @@ TYPE_NOT_ALLOWED = "type_not_allowed"
 MESSAGE_LIMIT = "message_total_too_large"
 SAVE_FAILED = "save_failed"
 
+# A file name's length in UTF-8 bytes (what file systems limit: 255 on most), with
+# room left for the " (2)" of a repeated name and the ".part" of the temporary file;
+# and, for readability, in characters.
+MAX_NAME_BYTES = 200
 MAX_NAME_CHARS = 120
 _RESERVED = frozenset(
     {"con", "prn", "aux", "nul", "clock$", "conin$", "conout$"}
@@ -58,8 +62,16 @@ def safe_filename(name: str | None, index: int, content_type: str) -> str:
             ext = guessed.lstrip(".")
     if stem.split(".")[0].strip().lower() in _RESERVED:
         stem = "_" + stem
-    stem = stem[: MAX_NAME_CHARS - len(ext) - 1].rstrip(". ") or f"attachment-{index}"
+    room = MAX_NAME_BYTES - (len(ext.encode()) + 1 if ext else 0)
+    stem = _cut_bytes(stem[: MAX_NAME_CHARS - len(ext) - 1], room)
+    stem = stem.rstrip(". ") or f"attachment-{index}"
     return f"{stem}.{ext}" if ext else stem
+
+
+def _cut_bytes(text: str, limit: int) -> str:
+    """The longest prefix of ``text`` whose UTF-8 form fits in ``limit`` bytes
+    (never half a character)."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 def type_allowed(content_type: str, allowed: Iterable[str]) -> bool:
@@ -154,12 +166,15 @@ def save(base: Path, key: str, planned: list[Planned]) -> list[Attachment]:
         return [p.meta for p in planned]
     results: list[Attachment] = []
     try:
-        base.mkdir(parents=True, exist_ok=True)
+        if not base.is_dir():
+            base.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(base, 0o700)  # whatever the umask
         root = base.resolve()
         target_dir = message_dir(root, key)
         if target_dir.is_symlink():
             target_dir.unlink()
         target_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(target_dir, 0o700)
         dir_ok = _inside(target_dir, root)
     except OSError:
         root = target_dir = base
@@ -188,6 +203,7 @@ def _write(target: Path, data: bytes) -> None:
         tmp.unlink()
     fd = os.open(tmp, flags, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # the umask may have taken bits off (or the file existed)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
     except BaseException:

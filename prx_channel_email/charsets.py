@@ -13,6 +13,13 @@ import email.header
 import re
 
 CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# In a header value also: C1 controls (U+0085 breaks lines for str.splitlines), the
+# Unicode line and paragraph separators, and the bidi embeddings, overrides and
+# isolates that make a display name or filename read differently than it is.
+HEADER_CONTROL_RE = re.compile(
+    "[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]"
+)
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 _BLANK_RUN_RE = re.compile(r"\n{3,}")
 
 # Labels that are routinely wrong or vague, mapped to the codec that real mail
@@ -68,8 +75,9 @@ def decode_bytes(data: bytes, label: str | None) -> str:
         tried.append(name)
         try:
             text = data.decode(name)
-            text.encode("utf-8")  # some codecs yield lone surrogates
         except (UnicodeError, LookupError):
+            continue
+        if _SURROGATE_RE.search(text):  # some codecs yield lone surrogates
             continue
         return text.replace("\x00", "")
     return data.decode(tried[0], "replace").encode("utf-8", "replace").decode().replace("\x00", "")
@@ -101,7 +109,7 @@ def decode_words(value: str | None) -> str:
             else:
                 out.append(chunk)
         text = "".join(out)
-    return CONTROL_RE.sub("", text).replace("\r", " ").replace("\n", " ").strip()
+    return HEADER_CONTROL_RE.sub("", text).replace("\r", " ").replace("\n", " ").strip()
 
 
 def tidy(text: str) -> str:
@@ -109,5 +117,26 @@ def tidy(text: str) -> str:
     no trailing blanks and at most one empty line in a row."""
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = CONTROL_RE.sub("", text).replace("\ufeff", "").replace("\u200b", "")
-    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = _rstrip_lines(text)
     return _BLANK_RUN_RE.sub("\n\n", text).strip()
+
+
+_CHUNK = 1 << 20  # characters: lines are trimmed a chunk at a time, to bound the list of lines
+
+
+def _rstrip_lines(text: str) -> str:
+    """Every line of ``text`` without trailing whitespace.
+
+    Big text is done in chunks cut at line ends: a list of every line of a 24 MB
+    body would cost several times the body's size.
+    """
+    if len(text) <= _CHUNK:
+        return "\n".join(line.rstrip() for line in text.split("\n"))
+    chunks: list[str] = []
+    start = 0
+    while start <= len(text):
+        end = text.find("\n", start + _CHUNK)
+        end = len(text) if end < 0 else end
+        chunks.append("\n".join(line.rstrip() for line in text[start:end].split("\n")))
+        start = end + 1
+    return "\n".join(chunks)

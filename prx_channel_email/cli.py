@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email
 import email.policy
 import importlib
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, cast
 
@@ -35,6 +37,8 @@ from .doctor import DoctorReport, doctor
 from .errors import ChannelError, ConfigError, SendError
 from .models import ChannelMessage, SendMessage
 from .observability import log_event
+from .outbox_table import OutboxEntry, OutboxTable
+from .store import DB_NAME, StateStore
 
 Handler = Callable[[ChannelMessage], Awaitable[str | None]]
 
@@ -336,6 +340,37 @@ async def _send(
         return message_id, channel.metrics.get("outbound.sent") > 0
 
 
+# --------------------------------------------------------------------------- outbox
+
+
+async def _outbox(config: EmailConfig, op: Callable[[OutboxTable], Awaitable[Any]]) -> Any:
+    """Run ``op`` on the outbox table of ``state_dir`` (no SMTP, no IMAP)."""
+    if not (config.state_dir / DB_NAME).is_file():
+        raise ChannelError(
+            f"no state in {config.state_dir} yet: nothing was ever sent with this config",
+            code="no_state",
+        )
+    async with StateStore(config.state_dir) as store:
+        return await op(OutboxTable(store, config.account))
+
+
+def _when(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _show_outbox(entries: list[OutboxEntry], console: Console) -> None:
+    """One line per row (long addresses and errors must not be cut), the error below it."""
+    width = max(len(str(e.id)) for e in entries)
+    for e in entries:
+        console.print(
+            f"{e.id:>{width}}  {e.state:<7}  attempts={e.attempts}  {escape(e.recipient)}"
+            f"  {escape(e.message_id)}  {_when(e.updated_at)}"
+        )
+        if e.last_error:
+            code = f"[{e.smtp_code}] " if e.smtp_code is not None else ""
+            console.print(f"{'':>{width}}  last error: {escape(code + e.last_error)}")
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -569,6 +604,82 @@ def send_cmd(
                 "(prx-email run). Check the setup with: prx-email doctor"
             )
         out.print(f"sent {escape(message_id)} to {escape(to)}")
+
+
+outbox_app = typer.Typer(
+    help="Look at the outbox (replies stored for sending) and retry failed ones.",
+    no_args_is_help=True,
+)
+app.add_typer(outbox_app, name="outbox")
+
+OUTBOX_STATES = ("pending", "sending", "sent", "failed")
+
+
+@outbox_app.command("list")
+def outbox_list_cmd(
+    state: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--state", help="Only rows in this state (repeatable): " + ", ".join(OUTBOX_STATES)
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="At most this many rows.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """The newest outbox rows: id, state, recipient, attempts, last error. Never the text."""
+    with _guard(debug):
+        wanted = list(state or [])
+        bad = [s for s in wanted if s not in OUTBOX_STATES]
+        if bad:
+            _fail(f"unknown state {', '.join(bad)}; use one of {', '.join(OUTBOX_STATES)}")
+        cfg = _load(config)
+        entries: list[OutboxEntry] = asyncio.run(
+            _outbox(cfg, lambda t: t.entries(wanted, max(1, limit)))
+        )
+        if as_json:
+            print(json.dumps([dataclasses.asdict(e) for e in entries], indent=2))
+        elif not entries:
+            out.print("the outbox is empty" if not wanted else "no rows in that state")
+        else:
+            _show_outbox(entries, out)
+
+
+@outbox_app.command("retry")
+def outbox_retry_cmd(
+    ids: Annotated[
+        list[int] | None,
+        typer.Argument(
+            help="Ids of failed rows to retry (see outbox list). Default: every row "
+            "that failed only because its attempts ran out."
+        ),
+    ] = None,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Put failed replies back in the queue; the running channel (or the next start) sends them.
+
+    Without ids: the replies that gave up after temporary failures (an outage).
+    With ids: exactly those failed rows, whatever the failure (after you fixed its cause).
+    Each goes out with the same Message-ID and bytes as before.
+    """
+    with _guard(debug):
+        cfg = _load(config)
+        wanted = list(ids or [])
+        if wanted:
+            n = asyncio.run(_outbox(cfg, lambda t: t.requeue_ids(wanted)))
+            if n < len(wanted):
+                err.print(
+                    f"{len(wanted) - n} of the given ids are not failed rows of "
+                    f"{escape(cfg.account)}; left alone"
+                )
+        else:
+            n = asyncio.run(_outbox(cfg, lambda t: t.requeue_exhausted()))
+        out.print(
+            f"requeued {n} repl{'y' if n == 1 else 'ies'}: a running channel sends "
+            "them within a minute, otherwise the next prx-email run does"
+        )
 
 
 @app.command("demo")

@@ -49,7 +49,6 @@ class Parent:
     message_id: str
     subject: str
     references: list[str]
-    reply_target: str
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,6 @@ class Composed:
     mail_from: str
     recipient: str
     raw: bytes
-    in_reply_to: str | None
-    subject: str
 
 
 def _fold_ids(name: str, value: str) -> str:
@@ -289,10 +286,8 @@ def compose(
         f"Date: {format_datetime(now or datetime.now(UTC))}",
         f"Message-ID: {mid}",
     ]
-    in_reply_to: str | None = None
     if parent is not None and _is_ascii_id(parent.message_id):
-        in_reply_to = parent.message_id
-        headers.append(f"In-Reply-To: {in_reply_to}")
+        headers.append(f"In-Reply-To: {parent.message_id}")
         headers.append(_fold_ids("References", " ".join(thread_references(parent))))
         headers.append("Auto-Submitted: auto-replied")
     else:
@@ -313,18 +308,14 @@ def compose(
         mail_from=config.from_address,
         recipient=rcpt,
         raw=raw,
-        in_reply_to=in_reply_to,
-        subject=subject,
     )
 
 
-def parent_from_ids(
-    in_reply_to: str | None, thread_ts: str | None, recipient: str
-) -> Parent | None:
+def parent_from_ids(in_reply_to: str | None, thread_ts: str | None) -> Parent | None:
     """A parent known only by its ids (not in the ledger): thread on them anyway."""
     mid = normalize_id(in_reply_to) or normalize_id(thread_ts)
     if mid is None:
         return None
     root = normalize_id(thread_ts)
     refs = [root] if root and root != mid else []
-    return Parent(message_id=mid, subject="", references=refs, reply_target=recipient)
+    return Parent(message_id=mid, subject="", references=refs)

@@ -1,19 +1,31 @@
 """Configuration: the ``[channels_config.email]`` table of a framework's config.toml.
 
-Values come from the TOML table; environment variables named ``PRX_EMAIL_<FIELD>``
-(e.g. ``PRX_EMAIL_PASSWORD``) override them, so secrets can stay out of the file.
-Every problem becomes one :class:`ConfigError` that names each bad field and the
-file, and never echoes a value back (a value might be a password).
+Three ways in, one validation:
+
+* ``load_config(path)`` reads the TOML table; environment variables named
+  ``PRX_EMAIL_<FIELD>`` (e.g. ``PRX_EMAIL_PASSWORD``) override it, so secrets can
+  stay out of the file;
+* ``EmailConfig.from_table(table)``: a host framework's own table (snake_case or
+  camelCase keys), with the environment overriding it the same way;
+* ``EmailConfig(**kwargs)``: values given in code win over the environment (what
+  a program says explicitly is not silently replaced); the environment still
+  fills the fields not given.
+
+Every problem becomes one :class:`ConfigError` that names each bad field (and the
+file), and never echoes a value back (a value might be a password).
 """
 
 from __future__ import annotations
 
+import contextvars
 import ipaddress
 import json
 import os
 import re
 import ssl
+import stat
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +36,16 @@ from .errors import ConfigError
 
 ENV_PREFIX = "PRX_EMAIL_"
 TABLE = ("channels_config", "email")
+# A config file is a few KB; anything bigger is a mistake (or /dev/zero).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+# While a table (file or host) is validated: the environment wins, errors name the file.
+_ENV_OVERRIDES: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "prx_email_env_overrides", default=False
+)
+_TABLE_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "prx_email_table_path", default=None
+)
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 PositiveInt = Annotated[int, Field(gt=0)]
@@ -185,8 +207,39 @@ class EmailConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment first: it overrides the file (secrets live there).
-        return (env_settings, init_settings)
+        # Earlier sources win. A table (file or host) yields to the environment,
+        # where the secrets live; arguments given in code win over it.
+        if _ENV_OVERRIDES.get():
+            return (env_settings, init_settings)
+        return (init_settings, env_settings)
+
+    def __init__(self, **values: Any) -> None:
+        """Validate; every problem (bad value, missing field, bad env override) is a ConfigError."""
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise _invalid(exc, _TABLE_PATH.get()) from None
+        except ValueError as exc:  # a malformed env override (pydantic-settings' SettingsError)
+            where = _TABLE_PATH.get()
+            shown = f" in {where}" if where else ""
+            raise ConfigError(f"invalid email configuration{shown}: {exc}", path=where) from None
+
+    @classmethod
+    def from_table(
+        cls, table: Mapping[str, Any], *, path: str | os.PathLike[str] | None = None
+    ) -> EmailConfig:
+        """Validate a host framework's table: snake_case or camelCase keys, the
+        environment overriding it as it overrides a file; ``path`` only names the
+        source in errors. Unknown keys are refused (a typo must not go unnoticed)."""
+        shown = str(path) if path is not None else None
+        data = _snake_keys(table, shown)
+        env_token = _ENV_OVERRIDES.set(True)
+        path_token = _TABLE_PATH.set(shown)
+        try:
+            return cls(**data)
+        finally:
+            _TABLE_PATH.reset(path_token)
+            _ENV_OVERRIDES.reset(env_token)
 
     @model_validator(mode="before")
     @classmethod
@@ -370,32 +423,106 @@ def _describe(err: dict[str, Any]) -> list[str]:
     return [f"{loc}: {msg}"]
 
 
-def config_from_table(table: dict[str, Any], *, path: str | None = None) -> EmailConfig:
-    """Validate a table (already read from TOML or built in code) into an EmailConfig."""
+def _invalid(exc: ValidationError, path: str | None) -> ConfigError:
+    problems = [line for e in exc.errors(include_input=False) for line in _describe(dict(e))]
     where = f" in {path}" if path else ""
-    try:
-        return EmailConfig(**table)
-    except ValidationError as exc:
-        problems = [line for e in exc.errors(include_input=False) for line in _describe(dict(e))]
+    return ConfigError(
+        f"invalid email configuration{where}:\n  - " + "\n  - ".join(problems),
+        path=path,
+        problems=problems,
+    )
+
+
+_CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _snake_keys(table: Mapping[str, Any], path: str | None) -> dict[str, Any]:
+    """``imapHost`` -> ``imap_host`` for known fields; other keys are kept as written,
+    so the error names them the way the host spelled them."""
+    where = f" in {path}" if path else ""
+    if not isinstance(table, Mapping):
+        raise ConfigError(
+            f"invalid email configuration{where}: expected a table of settings,"
+            f" got {type(table).__name__}",
+            path=path,
+        )
+    fields = EmailConfig.model_fields
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in table.items():
+        if not isinstance(key, str):
+            problems.append(f"{key!r}: keys must be strings")
+            continue
+        name = key
+        if name not in fields:
+            snake = _CAMEL_RE.sub("_", key).lower()
+            if snake in fields:
+                name = snake
+        if name in out:
+            problems.append(f"{name}: given twice (as {name} and as {key})")
+            continue
+        out[name] = value
+    if problems:
         raise ConfigError(
             f"invalid email configuration{where}:\n  - " + "\n  - ".join(problems),
             path=path,
             problems=problems,
-        ) from None
-    except (ValueError, json.JSONDecodeError) as exc:  # a malformed env override
-        raise ConfigError(f"invalid email configuration{where}: {exc}", path=path) from None
+        )
+    return out
+
+
+def config_from_table(table: Mapping[str, Any], *, path: str | None = None) -> EmailConfig:
+    """Same as :meth:`EmailConfig.from_table` (kept for existing callers)."""
+    return EmailConfig.from_table(table, path=path)
+
+
+def _read_config_file(file: Path) -> bytes:
+    """The file's bytes; only a regular file, at most MAX_CONFIG_BYTES.
+
+    Opened non-blocking and checked on the open descriptor: a FIFO must not hang
+    the command, a device such as /dev/zero must not be read forever.
+    """
+    shown = str(file)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(file, flags)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {shown} not found", path=shown) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {shown}: {exc.strerror}", path=shown) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise ConfigError(f"config file {shown} is {kind}", path=shown)
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {shown} is larger than {MAX_CONFIG_BYTES // 1024} KB", path=shown
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:  # st_size can lie (/proc): bound the read itself
+            chunk = os.read(fd, 64 * 1024)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {shown} is larger than {MAX_CONFIG_BYTES // 1024} KB", path=shown
+            )
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {shown}: {exc.strerror}", path=shown) from None
+    finally:
+        os.close(fd)
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
     """Read ``[channels_config.email]`` from ``path``, ``$PRX_CONFIG`` or ``./config.toml``."""
     file = resolve_path(path)
     shown = str(file)
-    try:
-        raw = file.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(f"config file {shown} not found", path=shown) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {shown}: {exc.strerror}", path=shown) from None
+    raw = _read_config_file(file)
     try:
         doc = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
@@ -411,4 +538,4 @@ def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
             path=shown,
             problems=[f"[{'.'.join(TABLE)}]: table is missing"],
         )
-    return config_from_table(table, path=shown)
+    return EmailConfig.from_table(table, path=shown)

@@ -24,11 +24,13 @@ class ChannelError(Exception):
         return str(self.args[0]) if self.args else ""
 
 
-class ConfigError(ChannelError):
+class ConfigError(ChannelError, ValueError):
     """The configuration is missing, unreadable or invalid.
 
     ``problems`` lists one human-readable line per bad field; ``path`` names the
-    file that was read (None when the config came from code).
+    file that was read (None when the config came from code). It is also a
+    ValueError, so an EmailConfig nested in a host's own pydantic model still
+    reports as that model's validation error.
     """
 
     code = "config_invalid"

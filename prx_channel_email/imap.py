@@ -8,8 +8,9 @@ for a long-running listener:
   "closed" event (a server ``BYE`` or a lost transport) and a timeout;
 * its response parser recurses once per line, so a big FETCH response overflows
   the stack; the parser is replaced by an equivalent loop, and fetches are batched;
+  (what touches aioimaplib's internals lives in ``_imap_compat.py``);
 * it drops untagged ``EXISTS`` outside IDLE, so new mail announced during another
-  command would wait for the next keepalive; here every ``EXISTS`` is counted;
+  command would wait for the next keepalive; here any ``EXISTS`` sets ``changed``;
 * it quotes the password but not the user name or mailbox names; we quote both
   (and encode mailbox names as modified UTF-7).
 """
@@ -21,13 +22,14 @@ import base64
 import logging
 import re
 import ssl
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, TypeVar
 
-from aioimaplib import aioimaplib as _aio
-
+from . import _imap_compat as compat
+from ._imap_compat import ImapLibError, ImapProtocol, ImapResponse, quote
+from ._version import __version__
 from .config import EmailConfig
 from .errors import AuthenticationError, ChannelError, FolderNotFoundError, TransportError
 from .observability import log_event
@@ -37,28 +39,16 @@ T = TypeVar("T")
 
 log = logging.getLogger("prx_channel_email.imap")
 
-CLIENT_ID = {"name": "prx-channel-email", "version": "0.1.0"}
-_CRLF = b"\r\n"
+CLIENT_ID = {"name": "prx-channel-email", "version": __version__}
 _LITERAL_RE = re.compile(rb".*\{(?P<size>\d+)\}$")
 _FETCH_START_RE = re.compile(rb"^(\d+) FETCH \(")
 # The slowest link a body download is expected to survive: 25 MB in about 400 s.
 MIN_FETCH_BYTES_PER_SEC = 64 * 1024
 _UID_RE = re.compile(rb"\bUID (\d+)")
 _SIZE_RE = re.compile(rb"\bRFC822\.SIZE (\d+)")
-_EXISTS_RE = re.compile(rb"^\* \d+ EXISTS\b", re.IGNORECASE)
-_BYE_RE = re.compile(rb"^\* BYE\b", re.IGNORECASE)
 _LIST_RE = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<delim>NIL|"(?:[^"\\]|\\.)*") ?(?P<name>.*)$')
 # RFC 5530 codes that mean "try again later", not "wrong password".
 _TRANSIENT_LOGIN = (b"[UNAVAILABLE]", b"[SERVERBUG]", b"[INUSE]", b"[LIMIT]")
-
-
-def _no_login_lines(record: logging.LogRecord) -> bool:
-    """aioimaplib's debug log masks the password only verbatim, not once quoted and
-    escaped; drop its record of the LOGIN line altogether."""
-    return " LOGIN " not in str(record.msg)
-
-
-_aio.log.addFilter(_no_login_lines)
 
 
 @dataclass(frozen=True)
@@ -75,12 +65,6 @@ class FetchedMessage:
     uid: int
     size: int | None = None
     data: bytes | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def quote(value: str) -> str:
-    """An IMAP quoted string (RFC 3501 section 9); aioimaplib only applies it to passwords."""
-    return str(_aio.quoted(value))
 
 
 def encode_mailbox(name: str) -> str:
@@ -129,97 +113,13 @@ def uid_set(uids: list[int]) -> str:
     return ",".join(parts)
 
 
-class _Protocol(_aio.IMAP4ClientProtocol):  # type: ignore[misc]
-    """aioimaplib's protocol with a loop instead of recursion, and BYE/EXISTS tracking."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop, self._lost)
-        self.closed = asyncio.Event()
-        self.changed = asyncio.Event()
-        self.greeting = ""
-        self.bye: str | None = None
-
-    def _lost(self, exc: BaseException | None) -> None:
-        self.closed.set()
-
-    def _handle_line(self, line: bytes, current_cmd: Any) -> Any:
-        if line:
-            if self.state == _aio.CONNECTED and not self.greeting:
-                self.greeting = line.decode(errors="replace")
-            if line.startswith(b"* "):
-                if _EXISTS_RE.match(line):
-                    self.changed.set()
-                elif _BYE_RE.match(line):
-                    self.bye = line[6:].decode(errors="replace").strip()
-                    if self.state not in (_aio.LOGOUT, _aio.CONNECTED):
-                        self.closed.set()
-        return super()._handle_line(line, current_cmd)
-
-    def _handle_responses(
-        self,
-        data: bytes,
-        line_handler: Callable[[bytes, Any], Any],
-        current_cmd: Any = None,
-    ) -> None:
-        # Same state machine as aioimaplib's, as a loop: its tail recursion per line
-        # raised RecursionError on FETCH responses with many messages.
-        while True:
-            if not data:
-                if self.pending_sync_command is not None:
-                    self.pending_sync_command.flush()
-                if current_cmd is not None and current_cmd.wait_data():
-                    raise _aio.IncompleteRead(current_cmd)
-                return
-            if current_cmd is not None and current_cmd.wait_literal_data():
-                data = current_cmd.append_literal_data(data)
-                if current_cmd.wait_literal_data():
-                    raise _aio.IncompleteRead(current_cmd)
-            line, separator, tail = data.partition(_CRLF)
-            if not separator:
-                raise _aio.IncompleteRead(current_cmd, data)
-            cmd = line_handler(line, current_cmd)
-            literal = _LITERAL_RE.match(line)
-            if literal:
-                if cmd is None:
-                    cmd = _aio.Command("NIL", "unused", loop=self.loop)
-                cmd.begin_literal_data(int(literal.group("size")))
-                data, current_cmd = tail, cmd
-            elif cmd is not None and cmd.wait_data():
-                data, current_cmd = tail, cmd
-            else:
-                data, current_cmd = tail, None
-
-
-class _FetchCommand(_aio.FetchCommand):  # type: ignore[misc]
-    """aioimaplib's FETCH command, with the "response complete?" check made incremental.
-
-    The original rescans every response line on each new line (quadratic in the
-    number of messages fetched); this keeps running parenthesis counts instead.
-    """
-
-    def __init__(self, *args: Any, **kw: Any) -> None:
-        super().__init__(*args, **kw)
-        self._scanned = 0
-        self._balance = 0
-
-    def wait_data(self) -> bool:
-        lines = self._resp_lines
-        for line in lines[self._scanned :]:
-            if isinstance(line, bytes):
-                if self.FETCH_MESSAGE_DATA_RE.match(line):
-                    self._balance = 0
-                self._balance += line.count(b"(") - line.count(b")")
-        self._scanned = len(lines)
-        return bool(self._balance)
-
-
 class ImapSession:
     """One connection to the IMAP server; see the module docstring for what it adds."""
 
     def __init__(
         self,
         config: EmailConfig,
-        protocol: _Protocol,
+        protocol: ImapProtocol,
         host: str,
         port: int,
     ) -> None:
@@ -245,8 +145,9 @@ class ImapSession:
         if security == "plain":
             check_plaintext_allowed(config, host)
         ctx = ssl_context(config) if security != "plain" else None
+        compat.ensure_compatible()
         loop = asyncio.get_running_loop()
-        proto = _Protocol(loop)
+        proto = ImapProtocol(loop)
         timeout = config.connect_timeout_secs
         try:
             async with asyncio.timeout(timeout):
@@ -257,8 +158,8 @@ class ImapSession:
                     ssl=ctx if security == "tls" else None,
                     server_hostname=host if security == "tls" else None,
                 )
-                await _race(proto, proto.wait("AUTH|NONAUTH"))
-        except (TimeoutError, OSError, ssl.SSLError, ChannelError, _aio.AioImapException) as exc:
+                await _race(proto, proto.wait_greeting())
+        except (TimeoutError, OSError, ssl.SSLError, ChannelError, ImapLibError) as exc:
             _abort(proto)
             raise _transport_error(exc, host, port, "connect") from exc
         session = cls(config, proto, host, port)
@@ -287,7 +188,7 @@ class ImapSession:
                 port=self.port,
                 code="starttls_failed",
             )
-        if proto.incomplete_line:
+        if proto.has_unread_bytes:
             # Bytes sent before the handshake would be read as if protected by TLS.
             raise TransportError(
                 f"{self.host}:{self.port} sent data right after STARTTLS (possible injection)",
@@ -306,7 +207,7 @@ class ImapSession:
             raise _transport_error(exc, self.host, self.port, "STARTTLS") from exc
         if transport is None:
             raise TransportError("STARTTLS upgrade failed", host=self.host, port=self.port)
-        proto.transport = transport
+        proto.use_transport(transport)
         # Capabilities before TLS are not to be trusted (RFC 3501 6.2.1).
         await self._capability()
 
@@ -324,7 +225,7 @@ class ImapSession:
         return self._proto.changed
 
     def _refresh_caps(self) -> None:
-        self.capabilities = frozenset(c.upper() for c in self._proto.capabilities)
+        self.capabilities = self._proto.capability_set
 
     async def _capability(self) -> None:
         resp = await self._execute("CAPABILITY")
@@ -334,7 +235,7 @@ class ImapSession:
             if isinstance(line, bytes) and b"IMAP4" in line.upper():
                 caps.update(line.decode(errors="replace").split())
         if caps:
-            self._proto.capabilities = caps
+            self._proto.set_capabilities(caps)
         self._refresh_caps()
 
     # --- commands ---
@@ -355,26 +256,12 @@ class ImapSession:
             ) from exc
         except ValueError as exc:  # CR/LF/NUL in an argument: refused before sending
             raise ChannelError(f"{what}: {exc}", code="invalid_argument") from exc
-        except (OSError, _aio.AioImapException) as exc:
+        except (OSError, ImapLibError) as exc:
             self.abort()
             raise _transport_error(exc, self.host, self.port, what) from exc
 
-    async def _execute(self, name: str, *args: str, limit: float | None = None) -> Any:
-        proto = self._proto
-        if name == "FETCH" or name.startswith("UID FETCH"):
-            cmd = _FetchCommand(
-                proto.new_tag(), *args, prefix="UID" if name.startswith("UID") else None
-            )
-        else:
-            prefix, _, base = name.rpartition(" ")
-            cmd = _aio.Command(
-                base,
-                proto.new_tag(),
-                *args,
-                prefix=prefix or None,
-                untagged_resp_name="FETCH" if base == "STORE" else None,
-            )
-        return await self._run(proto.execute(cmd), name, limit)
+    async def _execute(self, name: str, *args: str, limit: float | None = None) -> ImapResponse:
+        return await self._run(self._proto.command(name, *args), name, limit)
 
     async def login(self) -> None:
         """LOGIN, then CAPABILITY and ID. Raises AuthenticationError on NO/BAD."""
@@ -450,7 +337,7 @@ class ImapSession:
             ):
                 raise FolderNotFoundError(folder, folders)
             raise ChannelError(f"SELECT {folder!r} failed: {_text(resp)}", code="select_failed")
-        self._proto.state = _aio.SELECTED
+        self._proto.mark_selected()
         self._proto.changed.clear()  # the EXISTS of the SELECT answer is not news
         joined = b"\n".join(x for x in resp.lines if isinstance(x, bytes))
         return SelectInfo(
@@ -559,12 +446,12 @@ class ImapSession:
     async def idle_start(self) -> None:
         """Send IDLE and wait for the server's continuation."""
         proto = self._proto
-        proto._idle_event.clear()
-        task = asyncio.ensure_future(proto.idle())
+        task = proto.start_idle()
         self._idle_task = task
-        ack = asyncio.ensure_future(proto.wait_for_idle_response())
+        ack: asyncio.Future[Any] = asyncio.ensure_future(proto.idle_accepted())
+        waiters: set[asyncio.Future[Any]] = {task, ack}
         try:
-            await self._run(asyncio.wait({task, ack}, return_when=asyncio.FIRST_COMPLETED), "IDLE")
+            await self._run(asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED), "IDLE")
         finally:
             ack.cancel()
         if task.done():
@@ -581,11 +468,10 @@ class ImapSession:
                 await _race(proto, proto.changed.wait())
         except TimeoutError:
             return False
-        except (OSError, _aio.AioImapException) as exc:
+        except (OSError, ImapLibError) as exc:
             raise _transport_error(exc, self.host, self.port, "IDLE") from exc
         finally:
-            while not proto.idle_queue.empty():  # aioimaplib's copy of the pushes; unused
-                proto.idle_queue.get_nowait()
+            proto.drop_idle_pushes()
         return True
 
     async def idle_done(self, limit: float | None = None) -> None:
@@ -597,7 +483,7 @@ class ImapSession:
             if not self.is_open:
                 task.cancel()
                 raise _transport_error(None, self.host, self.port, "IDLE")
-            self._proto.idle_done()
+            self._proto.send_idle_done()
         try:
             await self._run(asyncio.shield(task), "IDLE DONE", limit)
         finally:
@@ -622,7 +508,7 @@ class ImapSession:
                 await self._run(
                     self._proto.logout(), "LOGOUT", min(5.0, self.config.command_timeout_secs)
                 )
-        except (ChannelError, OSError, _aio.AioImapException):
+        except (ChannelError, OSError, ImapLibError):
             pass
         except asyncio.CancelledError:
             # aioimaplib cancels its own futures when the link drops: that is not ours
@@ -660,7 +546,7 @@ async def open_session(config: EmailConfig) -> ImapSession:
 # --- helpers ---
 
 
-async def _race(proto: _Protocol, aw: Awaitable[T]) -> T:
+async def _race(proto: ImapProtocol, aw: Awaitable[T]) -> T:
     """Await ``aw`` unless the connection closes first (aioimaplib would wait forever)."""
     task: asyncio.Future[T] = asyncio.ensure_future(aw)
     closed: asyncio.Future[Any] = asyncio.ensure_future(proto.closed.wait())
@@ -678,7 +564,7 @@ async def _race(proto: _Protocol, aw: Awaitable[T]) -> T:
     raise ConnectionResetError(reason)
 
 
-def _abort(proto: _Protocol) -> None:
+def _abort(proto: ImapProtocol) -> None:
     transport = proto.transport
     if transport is not None and not transport.is_closing():
         transport.abort()

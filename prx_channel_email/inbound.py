@@ -39,7 +39,7 @@ from .mime_body import Body, TooComplex, parse_message, read_body
 from .models import ChannelMessage
 from .observability import Metrics, log_event
 from .policy import UNVERIFIED, Decision, Policy
-from .reply_text import new_text
+from .reply_text import STRIP_BUDGET_SECS, StripBudgetExceeded, new_text
 from .store import LedgerEntry
 
 logger = logging.getLogger("prx_channel_email.inbound")
@@ -78,6 +78,7 @@ class _Parsed:
     content: str
     planned: list[att.Planned]
     key: str = ""  # att.message_key of the raw bytes: names the attachment directory
+    strip_timed_out: bool = False  # stripping ran out of time: content is full_text
 
 
 def message_identity(
@@ -101,21 +102,27 @@ def _oversized_id_source(header_block: bytes, size: int) -> bytes:
 
 def read_envelope(
     raw: bytes, arrival: float, message_id: str | None = None
-) -> tuple[tuple[bytes, bytes], Envelope]:
-    """Split off and read the (capped) header block (CPU only: thread-safe)."""
-    split = split_header_block(raw)
-    return split, envelope(Headers.from_block(split[0]), raw, arrival, message_id)
+) -> tuple[bytes, Envelope]:
+    """Split off and read the (capped) header block (CPU only: thread-safe).
+
+    Returns the body bytes too: the header block is read here once, and the body
+    parser is never given it again.
+    """
+    block, body = split_header_block(raw)
+    return body, envelope(Headers.from_block(block), raw, arrival, message_id)
 
 
-def analyze_body(
-    raw: bytes, config: EmailConfig, split: tuple[bytes, bytes] | None = None
-) -> _Parsed:
+def analyze_body(raw: bytes, config: EmailConfig, env: Envelope, body: bytes) -> _Parsed:
     """Parse, extract text, strip quotes and plan attachments (CPU only: thread-safe)."""
-    msg = parse_message(raw, split)
-    body: Body = read_body(msg)
-    planned = att.plan(body.attachments, config)
+    msg = parse_message(env.headers, body)
+    found: Body = read_body(msg)
+    planned = att.plan(found.attachments, config)
     key = att.message_key(raw) if any(p.data is not None for p in planned) else ""
-    return _Parsed(body.full_text, new_text(body.full_text), planned, key)
+    try:
+        content, timed_out = new_text(found.full_text, budget=STRIP_BUDGET_SECS), False
+    except StripBudgetExceeded:
+        content, timed_out = found.full_text.strip(), True
+    return _Parsed(found.full_text, content, planned, key, timed_out)
 
 
 def _read_oversized(
@@ -150,17 +157,17 @@ class InboundPipeline:
         env: Envelope | None = None
         try:
             if len(raw) > THREAD_THRESHOLD:
-                split, env_ = await asyncio.to_thread(read_envelope, raw, when, message_id)
+                body, env_ = await asyncio.to_thread(read_envelope, raw, when, message_id)
             else:
-                split, env_ = read_envelope(raw, when, message_id)
+                body, env_ = read_envelope(raw, when, message_id)
             env = env_
             decision = self.policy.decide(env)
             if decision.reason is not None:
                 return self._reject(env, decision)
             if len(raw) > THREAD_THRESHOLD:
-                parsed = await asyncio.to_thread(analyze_body, raw, self.config, split)
+                parsed = await asyncio.to_thread(analyze_body, raw, self.config, env, body)
             else:
-                parsed = analyze_body(raw, self.config, split)
+                parsed = analyze_body(raw, self.config, env, body)
             return await self._deliver(env, decision, parsed, when)
         except asyncio.CancelledError:
             raise
@@ -218,6 +225,15 @@ class InboundPipeline:
     async def _deliver(
         self, env: Envelope, decision: Decision, parsed: _Parsed, when: float
     ) -> Outcome:
+        if parsed.strip_timed_out:
+            self.metrics.inc("inbound.strip_budget_exceeded")
+            self._log(
+                logging.WARNING,
+                "inbound.strip_budget_exceeded",
+                message_id=env.message_id,
+                code="strip_budget_exceeded",
+                chars=len(parsed.full_text),
+            )
         files = [p.meta for p in parsed.planned]
         if any(p.data is not None for p in parsed.planned):
             files = await asyncio.to_thread(
@@ -255,7 +271,6 @@ class InboundPipeline:
             **shared,
         )
         entry = LedgerEntry(message_id=env.message_id, received_at=when, **shared)
-        self.policy.delivered(env)
         self.metrics.inc("inbound.delivered")
         self._log(
             logging.INFO,

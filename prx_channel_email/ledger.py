@@ -15,6 +15,7 @@ import asyncio
 import functools
 import logging
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -138,6 +139,7 @@ class LedgerWriter:
         self._unsettled: list[str] = []  # handoff="queue": put, settled by the next commit
         self._handed: set[str] = set()  # ids put on the queue in this run: never twice
         self._acked: list[tuple[int, int]] = []  # (uidvalidity, uid) acked in this folder
+        self._lock = asyncio.Lock()
 
     def begin(self, uidvalidity: int, *, move_cursor: bool = True) -> None:
         """Start a pass over UIDs of ``uidvalidity``; the previous one must be flushed."""
@@ -159,6 +161,34 @@ class LedgerWriter:
         log_event(log, logging.INFO, "inbound.duplicate", account=self.account,
                   folder=self.folder, uid=uid, message_id=message_id,
                   code="duplicate")  # fmt: skip
+
+    def defer(
+        self,
+        uid: int,
+        message: ChannelMessage,
+        entry: LedgerEntry | None,
+        reason: str,
+        store_step: Callable[[sqlite3.Connection], None],
+    ) -> None:
+        """Kept back by the rate limit or the loop guard (deferred.py): the ledger row
+        (outcome ``deferred``), the waiting message (``store_step``) and the cursor
+        move are one transaction; nothing is put on the queue now."""
+        self._handled.add(message.id)
+        cursor = Cursor(self.uidvalidity, uid)
+        self._pending.append(
+            Decided(cursor, message.id, "deferred", reason, uid, entry, also=store_step)
+        )
+
+    async def hand_on_released(
+        self,
+        message: ChannelMessage,
+        store_step: Callable[[sqlite3.Connection], None],
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Hand on a message that waited (deferred.py): ``store_step`` (its ledger row
+        becomes delivered, its deferred row goes) commits with the in-flight write,
+        before the put, like any hand-off."""
+        await self.hand_on(None, message, None, queue, also=store_step)
 
     def record(self, uid: int, message_id: str, kind: str, reason: str) -> None:
         """A message not handed on (``rejected`` / ``quarantined``), with why."""
@@ -187,8 +217,14 @@ class LedgerWriter:
         mid = message.id
         self._handled.add(mid)
         cursor = Cursor(self.uidvalidity, uid) if uid is not None else None
-        item = Decided(cursor, mid, IN_FLIGHT, None, uid, entry, message.model_dump_json())
-        await self._commit([item], also)
+        if entry is None:  # what reply threading reads while it is in flight
+            entry = LedgerEntry(mid, message.sender, message.reply_target, message.subject,
+                                message.thread_ts, list(message.references),
+                                time.time())  # fmt: skip
+        item = Decided(
+            cursor, mid, IN_FLIGHT, None, uid, entry, also=also, message=message.model_dump_json()
+        )
+        await self._commit([item])
         self._handed.add(mid)
         await queue.put(message)
         if self.handoff == "queue":
@@ -204,22 +240,22 @@ class LedgerWriter:
         if self._pending or self._unsettled:
             await self._commit([])
 
-    async def _commit(
-        self, items: list[Decided], also: Callable[[sqlite3.Connection], None] | None = None
-    ) -> None:
-        batch = [*self._pending, *items]
-        settle = list(self._unsettled)
-        move = self.move_cursor
+    async def _commit(self, items: list[Decided]) -> None:
+        # One commit at a time: the release of deferred mail hands on concurrently.
+        async with self._lock:
+            batch = [*self._pending, *items]
+            settle = list(self._unsettled)
+            move = self.move_cursor
 
-        def write() -> Awaitable[None]:
-            return self.store.record_many(
-                self.account, self.folder, batch, move_cursor=move, settle=settle, also=also
-            )
+            def write() -> Awaitable[None]:
+                return self.store.record_many(
+                    self.account, self.folder, batch, move_cursor=move, settle=settle
+                )
 
-        await self.durable(write)
-        # Only now: a cancelled or failed commit leaves them for the next one.
-        del self._pending[: len(batch) - len(items)]
-        del self._unsettled[: len(settle)]
+            await self.durable(write)
+            # Only now: a cancelled or failed commit leaves them for the next one.
+            del self._pending[: len(batch) - len(items)]
+            del self._unsettled[: len(settle)]
 
     # --- after a restart, and acknowledgements ---
 

@@ -34,7 +34,7 @@ def log_event(
 
 
 class Metrics:
-    """Monotonic counters, readable by the host framework as a plain dict.
+    """Monotonic counters and a few gauges, readable by the host framework as a plain dict.
 
     Names are dotted: ``imap.connects``, ``imap.reconnects.network``,
     ``inbound.skipped.not_allowed``, ``outbound.sent`` ...
@@ -42,12 +42,17 @@ class Metrics:
 
     def __init__(self) -> None:
         self._counts: Counter[str] = Counter()
+        self._gauges: dict[str, int] = {}
 
     def inc(self, name: str, n: int = 1) -> None:
         self._counts[name] += n
 
+    def gauge(self, name: str, value: int) -> None:
+        """A level rather than a count (e.g. how much mail waits right now)."""
+        self._gauges[name] = value
+
     def get(self, name: str) -> int:
-        return self._counts[name]
+        return self._gauges[name] if name in self._gauges else self._counts[name]
 
     def snapshot(self) -> dict[str, int]:
-        return dict(sorted(self._counts.items()))
+        return dict(sorted({**self._counts, **self._gauges}.items()))

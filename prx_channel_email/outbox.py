@@ -31,52 +31,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
-import os
-import signal
-import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from .backoff import Backoff
-from .compose import Composed, Parent, compose, parent_from_ids, parse_recipient
+from .compose import Parent, compose, parent_from_ids, parse_recipient
 from .config import EmailConfig
 from .errors import SendError
 from .message_ids import normalize_id
 from .models import SendMessage
 from .observability import Metrics, log_event
+from .outbox_commits import GroupInsert, SentMarks
+from .outbox_table import EXHAUSTED_PREFIX, NewRow, OutboxRow, OutboxTable
 from .sent_folder import ImapSentFolder
 from .smtp import SmtpFailure, SmtpTransport
 from .store import LedgerEntry, ParentLookup, StateStore
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
-
-#: Test hook, no effect unless set: with ``PRX_EMAIL_TEST_KILL_AFTER_ACCEPT=1`` the
-#: process SIGKILLs itself right after the SMTP server accepted a message and
-#: before the outbox records it as sent (used by tests/outbox_kill_child.py).
-KILL_AFTER_ACCEPT_ENV = "PRX_EMAIL_TEST_KILL_AFTER_ACCEPT"
 
 #: Replies with more text than this (or with attachments) are composed in a thread:
 #: adversarial Markdown renders in super-linear time (20,000 chars took 0.4 s).
 INLINE_COMPOSE_CHARS = 2_000
 
-#: At most this long passes between the server accepting a reply and "sent" on disk
-#: (unless another write carries it sooner).
-SENT_FLUSH_DELAY_SECS = 0.2
-
 #: The longest the worker sleeps without looking at the table again.
 MAX_IDLE_WAIT_SECS = 60.0
 
-#: After a failed "sent" write, the next try comes this much later.
-SENT_FLUSH_RETRY_SECS = 1.0
-
-#: ``last_error`` of a row that failed because its attempts ran out (every one of
-#: them transient) starts with this; :meth:`Outbox.requeue_failed` revives those.
-EXHAUSTED_PREFIX = "gave up after "
+__all__ = ["EXHAUSTED_PREFIX", "AuthHoldoff", "Outbox", "SentFolder"]
 
 
 class SentFolder(Protocol):
@@ -87,21 +69,35 @@ class SentFolder(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class _Row:
-    id: int
-    message_id: str
-    mail_from: str
-    recipient: str
-    raw: bytes
-    attempts: int
+class AuthHoldoff:
+    """After the SMTP server refused our login, no attempt logs in again for a while.
 
+    Retrying a bad password only gets the account locked; the operator has to fix it.
+    """
 
-_COLUMNS = "id, message_id, mail_from, recipient, raw, attempts"
+    def __init__(self, seconds: float, smtp_host: str) -> None:
+        self.seconds = seconds
+        self.smtp_host = smtp_host
+        self._until = 0.0
 
+    def remaining(self) -> float:
+        return self._until - time.monotonic()
 
-def _row(values: Any) -> _Row:
-    return _Row(values[0], values[1], values[2], values[3], bytes(values[4]), values[5])
+    @property
+    def active(self) -> bool:
+        return self.remaining() > 0
+
+    def trip(self) -> None:
+        self._until = time.monotonic() + self.seconds
+
+    def error(self, recipient: str, message_id: str | None = None) -> SendError:
+        return SendError(
+            f"not sending: the SMTP server {self.smtp_host} refused our login "
+            "recently; fix the credentials and restart the channel",
+            code="auth_failed",
+            recipient=recipient,
+            message_id=message_id,
+        )
 
 
 class Outbox:
@@ -109,6 +105,8 @@ class Outbox:
 
     ``retry_base_secs`` and ``lease_secs`` exist so tests can run retries and
     crash recovery quickly; production uses the defaults derived from the config.
+    ``on_accepted(message_id)`` is called synchronously the moment the server
+    accepted a message, before anything is recorded (crash tests kill the process there).
     """
 
     def __init__(
@@ -123,6 +121,7 @@ class Outbox:
         sent_folder: SentFolder | None = None,
         parents: ParentLookup | None = None,
         on_reply_durable: Callable[[str], Awaitable[None]] | None = None,
+        on_accepted: Callable[[str], None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -137,26 +136,24 @@ class Outbox:
         if sent_folder is None and config.save_sent:
             sent_folder = ImapSentFolder(config)
         self.sent_folder = sent_folder
+        self._on_accepted = on_accepted
         self._backoff = Backoff(base=retry_base_secs, cap=float(config.send_retry_max_secs))
         # Long enough for connect + the whole SMTP transaction of the biggest message.
         self.lease_secs = lease_secs or (
             config.connect_timeout_secs + 4 * config.command_timeout_secs + 30.0
         )
-        self._auth_holdoff_secs = float(config.send_retry_max_secs)
-        self._auth_failed_until = 0.0
+        self.table = OutboxTable(store, config.account)
+        self.holdoff = AuthHoldoff(float(config.send_retry_max_secs), config.smtp_host)
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
+        self.marks = SentMarks(self.table, on_recorded=self._changed.set)
+        self._inserts = GroupInsert(
+            self.table, self.marks, self.lease_secs, hold=self._hold, orphaned=self._orphaned
+        )
         self._background: set[asyncio.Task[None]] = set()
         # Rows this process is attempting (or holds for an attempt): id -> lease end.
         # The worker never claims them, whatever their lease says.
         self._active: dict[int, float] = {}
-        # Accepted by the server, "sent" not yet on disk ...
-        self._unrecorded: dict[int, _Row] = {}
-        # ... and those whose "sent" write is under way.
-        self._recording: dict[int, _Row] = {}
-        self._flusher: asyncio.Task[None] | None = None
-        self._to_store: list[tuple[Composed, asyncio.Future[int]]] = []
-        self._committer: asyncio.Task[None] | None = None
         # One attempt at a time; the auth hold-off is checked once it is our turn.
         self._attempt_lock = asyncio.Lock()
         self._closing = False
@@ -172,34 +169,14 @@ class Outbox:
         if self._worker is not None:
             return
         self._closing = False
-        account = self.config.account
-        now = time.time()
-
-        def recover(conn: sqlite3.Connection) -> tuple[int, int]:
-            expired = conn.execute(
-                "UPDATE outbox SET state='pending', lease_until=NULL, updated_at=?"
-                " WHERE account=? AND state='sending' AND lease_until<=?",
-                (now, account, now),
-            ).rowcount
-            # A start is a fresh chance: what waited for a retry goes out now.
-            conn.execute(
-                "UPDATE outbox SET next_attempt_at=? WHERE account=? AND state='pending'"
-                " AND next_attempt_at>?",
-                (now, account, now),
-            )
-            (pending,) = conn.execute(
-                "SELECT count(*) FROM outbox WHERE account=? AND state IN ('pending','sending')",
-                (account,),
-            ).fetchone()
-            return expired, pending
-
-        expired, pending = await self.store.run(recover)
+        self.marks.start_timer()
+        expired, pending = await self.table.recover()
         if pending:
             log_event(
                 log,
                 logging.INFO,
                 "outbox.resume",
-                account=account,
+                account=self.config.account,
                 pending=pending,
                 interrupted=expired,
             )
@@ -223,6 +200,7 @@ class Outbox:
         self._closing = True
         self._wake.set()
         worker, self._worker = self._worker, None
+        self.marks.stop_timer()  # close() writes the marks itself, below
         grace = self.config.connect_timeout_secs + self.config.command_timeout_secs
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._settle(worker), timeout=grace)
@@ -230,11 +208,8 @@ class Outbox:
             worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await worker
-        if self._flusher is not None:
-            self._flusher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._flusher
-        await self._flush_sent()
+        await self.marks.cancel_timer()
+        await self.marks.flush()
         if self._background:
             await asyncio.gather(*self._background, return_exceptions=True)
         if self.sent_folder is not None:
@@ -242,7 +217,7 @@ class Outbox:
         await self.transport.close()
         # transport.close() waited for an exchange past the bound; if it was accepted
         # meanwhile, record it now (the store is still open).
-        await self._flush_sent()
+        await self.marks.flush()
 
     async def _settle(self, worker: asyncio.Task[None] | None) -> None:
         """Wait for the worker to stop and for every ``send()`` under way to return."""
@@ -302,18 +277,9 @@ class Outbox:
             if self._inflight == 0:
                 self._settled.set()
 
-    def _holdoff_error(self, recipient: str, message_id: str | None = None) -> SendError:
-        return SendError(
-            f"not sending: the SMTP server {self.config.smtp_host} refused our login "
-            "recently; fix the credentials and restart the channel",
-            code="auth_failed",
-            recipient=recipient,
-            message_id=message_id,
-        )
-
     async def _send(self, message: SendMessage) -> str:
-        if time.monotonic() < self._auth_failed_until:
-            raise self._holdoff_error(message.recipient)
+        if self.holdoff.active:
+            raise self.holdoff.error(message.recipient)
         recipient = parse_recipient(message.recipient)
         parent = await self._find_parent(message, recipient)
         build = functools.partial(
@@ -334,90 +300,23 @@ class Outbox:
             composed = await asyncio.to_thread(build)
         else:
             composed = build()
-        row_id = await self._store_new(composed)
+        new = NewRow(composed.message_id, composed.mail_from, composed.recipient, composed.raw)
+        row_id = await self._inserts.store(new)
         self.metrics.inc("outbound.queued")
         if parent is not None and self.on_reply_durable is not None:
             await self.on_reply_durable(parent.message_id)
-        row = _Row(
-            row_id, composed.message_id, composed.mail_from, composed.recipient, composed.raw, 0
-        )
+        row = OutboxRow(row_id, new.message_id, new.mail_from, new.recipient, new.raw, 0)
         await self._attempt(row, foreground=True)
         return composed.message_id
 
-    async def _store_new(self, composed: Composed) -> int:
-        """Write the row (durably) before the first attempt; returns its id.
+    def _hold(self, row_id: int, until: float) -> None:
+        self._active[row_id] = until
 
-        Replies sent concurrently share one transaction (group commit): one fsync
-        for the whole group instead of one each.
-        """
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._to_store.append((composed, done))
-        if self._committer is None or self._committer.done():
-            self._committer = asyncio.create_task(self._commit_new())
-        try:
-            return await done
-        except asyncio.CancelledError:
-            if done.done() and not done.cancelled() and done.exception() is None:
-                # Stored, then cancelled before the attempt: hand it to the worker now.
-                self._active.pop(done.result(), None)
-                self._release_soon([done.result()])
-            raise
-
-    async def _commit_new(self) -> None:
-        while self._to_store:
-            # A send cancelled before its row was written stores nothing.
-            batch = [(c, done) for c, done in self._to_store if not done.done()]
-            self._to_store = []
-            if not batch:
-                continue
-            rows = [c for c, _ in batch]
-            try:
-                ids, until = await self._write_with_sent_marks(
-                    functools.partial(self._insert_rows, rows=rows)
-                )
-            except BaseException as exc:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            orphans: list[int] = []
-            for (_, done), row_id in zip(batch, ids, strict=True):
-                if done.done():  # cancelled while the row was written: nobody will attempt it
-                    orphans.append(row_id)
-                else:
-                    self._active[row_id] = until
-                    done.set_result(row_id)
-            if orphans:
-                self._release_soon(orphans)
-
-    def _insert_rows(
-        self, conn: sqlite3.Connection, *, rows: list[Composed], recorded: list[_Row]
-    ) -> tuple[list[int], float]:
-        self._mark_sent(conn, recorded)
-        now = time.time()
-        ids: list[int] = []
-        for c in rows:
-            cur = conn.execute(
-                "INSERT INTO outbox (account, message_id, mail_from, recipient, raw, state,"
-                " attempts, next_attempt_at, lease_until, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,'sending',0,?,?,?,?)",
-                (
-                    self.config.account,
-                    c.message_id,
-                    c.mail_from,
-                    c.recipient,
-                    c.raw,
-                    now,
-                    now + self.lease_secs,
-                    now,
-                    now,
-                ),
-            )
-            assert cur.lastrowid is not None
-            ids.append(cur.lastrowid)
-        return ids, now + self.lease_secs
+    def _orphaned(self, ids: list[int]) -> None:
+        """Stored rows nobody will attempt here (their send() was cancelled): worker's now."""
+        for row_id in ids:
+            self._active.pop(row_id, None)
+        self._release_soon(ids)
 
     async def _find_parent(self, message: SendMessage, recipient: str) -> Parent | None:
         """The message this reply answers: explicit ids first, else the sender's latest."""
@@ -436,11 +335,10 @@ class Outbox:
                 message_id=entry.message_id,
                 subject=entry.subject,
                 references=list(entry.references),
-                reply_target=entry.reply_target,
             )
-        return parent_from_ids(reply_id, thread, recipient)
+        return parent_from_ids(reply_id, thread)
 
-    async def _attempt(self, row: _Row, *, foreground: bool) -> None:
+    async def _attempt(self, row: OutboxRow, *, foreground: bool) -> None:
         """One SMTP attempt for a row this process holds (in ``_active``).
 
         Waits its turn on the attempt lock; then, before any SMTP, looks again at
@@ -454,7 +352,7 @@ class Outbox:
                 if self._closing:
                     await self._release([row.id])  # durably queued for the next start
                     return
-                if time.monotonic() < self._auth_failed_until:
+                if self.holdoff.active:
                     await self._held_off(row, foreground=foreground)
                     return
                 await self._renew_lease(row)
@@ -464,7 +362,7 @@ class Outbox:
                 except SmtpFailure as exc:
                     failure = exc
                     if exc.auth:  # before the next queued attempt gets the lock
-                        self._auth_failed_until = time.monotonic() + self._auth_holdoff_secs
+                        self.holdoff.trip()
                 else:
                     self._accepted(row)
             if failure is not None:
@@ -479,16 +377,12 @@ class Outbox:
         finally:
             self._active.pop(row.id, None)
 
-    def _accepted(self, row: _Row) -> None:
+    def _accepted(self, row: OutboxRow) -> None:
         """The server took the row's message; synchronous, so nothing can come between."""
-        if os.environ.get(KILL_AFTER_ACCEPT_ENV) == "1":
-            os.kill(os.getpid(), signal.SIGKILL)
+        if self._on_accepted is not None:
+            self._on_accepted(row.message_id)
         self.healthy = True
-        # Recording "sent" rides on the next write (usually the next reply's insert),
-        # so a burst costs one fsync per reply. Dying before it lands means one resend
-        # with the same Message-ID: the same as dying just before recording it.
-        self._unrecorded[row.id] = row
-        self._schedule_flush(SENT_FLUSH_DELAY_SECS)
+        self.marks.add(row)
         self.metrics.inc("outbound.sent")
         self._log_row(
             logging.INFO,
@@ -497,11 +391,14 @@ class Outbox:
             attempt=row.attempts + 1,
         )
         if self.sent_folder is not None:
-            task = asyncio.create_task(self._save_sent(row))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._save_sent(row))
 
-    async def _renew_lease(self, row: _Row) -> None:
+    def _in_background(self, coro: Any) -> None:
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _renew_lease(self, row: OutboxRow) -> None:
         """Push the lease out when the attempt starts, if waiting used much of it.
 
         Only other processes look at leases (this one skips ``_active`` rows), so
@@ -511,16 +408,8 @@ class Outbox:
         if self._active.get(row.id, 0.0) - now >= self.lease_secs / 2:
             return
         until = now + self.lease_secs
-
-        def renew(conn: sqlite3.Connection, *, recorded: list[_Row]) -> None:
-            self._mark_sent(conn, recorded)
-            conn.execute(
-                "UPDATE outbox SET lease_until=?, updated_at=? WHERE id=? AND state='sending'",
-                (until, now, row.id),
-            )
-
         try:
-            await self._write_with_sent_marks(renew)
+            await self.marks.write_with(functools.partial(self.table.renew_lease, row.id, until))
         except Exception as exc:
             self._log_row(
                 logging.WARNING, "outbox.lease_renew_failed", row, error=str(exc), code="outbox"
@@ -530,14 +419,7 @@ class Outbox:
 
     async def _release(self, ids: list[int]) -> None:
         """Rows held but not attempted go back to ``pending``, due now, attempts unchanged."""
-        now = time.time()
-        await self.store.run(
-            lambda conn: conn.executemany(
-                "UPDATE outbox SET state='pending', lease_until=NULL, next_attempt_at=?,"
-                " updated_at=? WHERE id=? AND state='sending'",
-                [(now, now, i) for i in ids],
-            )
-        )
+        await self.table.release(ids)
         self._changed.set()
         self._wake.set()
 
@@ -557,11 +439,9 @@ class Outbox:
                     code="outbox_record_failed",
                 )
 
-        task = asyncio.create_task(release())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(release())
 
-    async def _held_off(self, row: _Row, *, foreground: bool) -> None:
+    async def _held_off(self, row: OutboxRow, *, foreground: bool) -> None:
         """Our turn came during the auth hold-off: no login attempt, no attempt counted.
 
         A ``send()`` fails like the refused one did (its row is marked failed, and
@@ -571,15 +451,8 @@ class Outbox:
         if not foreground:
             await self._release([row.id])
             return
-        error = self._holdoff_error(row.recipient, row.message_id)
-        now = time.time()
-        await self.store.run(
-            lambda conn: conn.execute(
-                "UPDATE outbox SET state='failed', lease_until=NULL, last_error=?,"
-                " smtp_code=NULL, updated_at=? WHERE id=?",
-                (str(error), now, row.id),
-            )
-        )
+        error = self.holdoff.error(row.recipient, row.message_id)
+        await self.table.fail(row.id, str(error), smtp_code=None)
         self._changed.set()
         self.metrics.inc("outbound.failed")
         self._log_row(
@@ -594,85 +467,12 @@ class Outbox:
 
     def _held_ids(self) -> list[int]:
         """Rows this process holds: the worker must not claim them."""
-        return [*self._active, *self._unrecorded, *self._recording]
+        return [*self._active, *self.marks.held_ids()]
 
-    async def _write_with_sent_marks(self, fn: Callable[..., T]) -> T:
-        """Run ``fn(conn, recorded=rows)`` as one transaction; ``fn`` also marks those
-        accepted, not yet recorded rows sent (riding on a write saves an fsync per
-        reply). If it fails, the rows are kept and recorded by a later write."""
-        recorded = self._take_unrecorded()
-        try:
-            result = await self.store.run(functools.partial(fn, recorded=recorded))
-        except BaseException:
-            self._recorded(recorded, ok=False)
-            raise
-        self._recorded(recorded, ok=True)
-        if recorded:
-            self._changed.set()
-        return result
-
-    def _take_unrecorded(self) -> list[_Row]:
-        """Rows to mark sent in the next write; give them back with :meth:`_recorded`."""
-        rows = list(self._unrecorded.values())
-        self._unrecorded.clear()
-        self._recording.update((r.id, r) for r in rows)
-        return rows
-
-    def _recorded(self, rows: list[_Row], *, ok: bool) -> None:
-        """The write carrying ``rows`` committed (``ok``) or failed: then retry them later."""
-        for r in rows:
-            self._recording.pop(r.id, None)
-        if not ok and rows:
-            self._unrecorded.update((r.id, r) for r in rows)
-            self._schedule_flush(SENT_FLUSH_RETRY_SECS)
-
-    def _schedule_flush(self, delay: float) -> None:
-        if self._closing and self._worker is None:
-            return  # close() flushes itself
-        flusher = self._flusher
-        if flusher is None or flusher.done() or flusher is asyncio.current_task():
-            self._flusher = asyncio.create_task(self._flush_sent_soon(delay))
-
-    @staticmethod
-    def _mark_sent(conn: sqlite3.Connection, rows: list[_Row]) -> None:
-        now = time.time()
-        conn.executemany(
-            "UPDATE outbox SET state='sent', attempts=attempts+1, lease_until=NULL,"
-            " last_error=NULL, smtp_code=250, updated_at=? WHERE id=? AND state!='sent'",
-            [(now, r.id) for r in rows],
-        )
-
-    async def _flush_sent_soon(self, delay: float) -> None:
-        await asyncio.sleep(delay)
-        await self._flush_sent()
-
-    async def _flush_sent(self) -> None:
-        rows = self._take_unrecorded()
-        if not rows:
-            return
-        try:
-            await self.store.run(lambda conn: self._mark_sent(conn, rows))
-        except Exception as exc:  # kept, and written with the next write that works
-            self._recorded(rows, ok=False)
-            log_event(
-                log,
-                logging.ERROR,
-                "outbound.record_sent_failed",
-                exc,
-                account=self.config.account,
-                message_id=rows[0].message_id,
-                code="outbox_record_failed",
-            )
-            return
-        except BaseException:
-            self._recorded(rows, ok=False)
-            raise
-        self._recorded(rows, ok=True)
-        self._changed.set()
-
-    async def _failed_attempt(self, row: _Row, failure: SmtpFailure, *, foreground: bool) -> None:
+    async def _failed_attempt(
+        self, row: OutboxRow, failure: SmtpFailure, *, foreground: bool
+    ) -> None:
         attempts = row.attempts + 1
-        now = time.time()
         final = failure.permanent or attempts >= self.config.send_max_attempts
         if final:
             self.healthy = self.healthy and not failure.auth
@@ -682,13 +482,7 @@ class Outbox:
                 if failure.permanent
                 else f"{EXHAUSTED_PREFIX}{attempts} attempt(s): {failure}"
             )
-            await self.store.run(
-                lambda conn: conn.execute(
-                    "UPDATE outbox SET state='failed', attempts=?, lease_until=NULL,"
-                    " last_error=?, smtp_code=?, updated_at=? WHERE id=?",
-                    (attempts, error, failure.smtp_code, now, row.id),
-                )
-            )
+            await self.table.fail(row.id, error, attempts=attempts, smtp_code=failure.smtp_code)
             self._changed.set()
             self.metrics.inc("outbound.failed")
             code = failure.code if failure.permanent else "send_retries_exhausted"
@@ -713,13 +507,7 @@ class Outbox:
         if failure.smtp_code is None:
             self.healthy = False  # the server could not be reached at all
         delay = self._backoff.peek(attempts - 1)
-        await self.store.run(
-            lambda conn: conn.execute(
-                "UPDATE outbox SET state='pending', attempts=?, lease_until=NULL,"
-                " next_attempt_at=?, last_error=?, smtp_code=?, updated_at=? WHERE id=?",
-                (attempts, now + delay, str(failure), failure.smtp_code, now, row.id),
-            )
-        )
+        await self.table.retry_later(row.id, attempts, delay, str(failure), failure.smtp_code)
         self._changed.set()
         self.metrics.inc("outbound.retries")
         self._log_row(
@@ -734,7 +522,7 @@ class Outbox:
         )
         self._wake.set()
 
-    def _log_row(self, level: int, event: str, row: _Row, **fields: Any) -> None:
+    def _log_row(self, level: int, event: str, row: OutboxRow, **fields: Any) -> None:
         log_event(
             log,
             level,
@@ -745,7 +533,7 @@ class Outbox:
             **fields,
         )
 
-    async def _save_sent(self, row: _Row) -> None:
+    async def _save_sent(self, row: OutboxRow) -> None:
         """Best effort: the reply is already delivered; a missing Sent copy is only logged."""
         assert self.sent_folder is not None
         try:
@@ -768,19 +556,18 @@ class Outbox:
         while not self._closing:
             try:
                 self._wake.clear()
-                holdoff = self._auth_failed_until - time.monotonic()
+                holdoff = self.holdoff.remaining()
                 if holdoff > 0:
                     await self._sleep(holdoff)
                     continue
                 if self._closing:
                     return
-                held = self._held_ids()
-                claimed = await self._write_with_sent_marks(
-                    functools.partial(self._claim_due, exclude=held)
+                claimed = await self.marks.write_with(
+                    functools.partial(self.table.claim_due, self._held_ids(), self.lease_secs)
                 )
                 if claimed is None:
-                    due_in = functools.partial(self._next_due_in, exclude=self._held_ids())
-                    await self._sleep(await self.store.run(due_in))
+                    due_in = await self.table.next_due_in(self._held_ids(), MAX_IDLE_WAIT_SECS)
+                    await self._sleep(due_in)
                     continue
                 row, until = claimed
                 self._active[row.id] = until
@@ -802,79 +589,23 @@ class Outbox:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout=min(seconds, MAX_IDLE_WAIT_SECS))
 
-    def _claim_due(
-        self, conn: sqlite3.Connection, *, recorded: list[_Row], exclude: Iterable[int]
-    ) -> tuple[_Row, float] | None:
-        """The next due row and its lease end; never one of ``exclude`` (held here)."""
-        # Record what was sent first: a short lease must not make it look abandoned.
-        self._mark_sent(conn, recorded)
-        now = time.time()
-        values = conn.execute(
-            f"SELECT {_COLUMNS} FROM outbox WHERE account=? AND ("
-            " (state='pending' AND next_attempt_at<=?)"
-            " OR (state='sending' AND lease_until<=?))"
-            " AND id NOT IN (SELECT value FROM json_each(?))"
-            " ORDER BY next_attempt_at, id LIMIT 1",
-            (self.config.account, now, now, json.dumps(list(exclude))),
-        ).fetchone()
-        if values is None:
-            return None
-        until = now + self.lease_secs
-        conn.execute(
-            "UPDATE outbox SET state='sending', lease_until=?, updated_at=? WHERE id=?",
-            (until, now, values[0]),
-        )
-        return _row(values), until
-
-    def _next_due_in(self, conn: sqlite3.Connection, *, exclude: Iterable[int] = ()) -> float:
-        (due,) = conn.execute(
-            "SELECT min(CASE state WHEN 'pending' THEN next_attempt_at ELSE lease_until END)"
-            " FROM outbox WHERE account=? AND state IN ('pending','sending')"
-            " AND id NOT IN (SELECT value FROM json_each(?))",
-            (self.config.account, json.dumps(list(exclude))),
-        ).fetchone()
-        if due is None:
-            return MAX_IDLE_WAIT_SECS
-        return max(0.0, float(due) - time.time())
-
     async def requeue_failed(self) -> int:
         """Give replies that failed only because their attempts ran out a fresh start.
 
         Moves them back to ``pending`` (due now, attempt count reset) and returns
-        how many. A row counts as "ran out" when its last error was recorded as
-        such (``last_error`` starts with :data:`EXHAUSTED_PREFIX`) or, for rows
-        written before that marker existed, when its last SMTP code was a 4xx
-        (always transient). Permanent failures (5xx, refused login, TLS) and
-        replies refused during the auth hold-off stay failed. Same Message-ID and
-        bytes as before, so a copy the server did get earlier threads as one.
+        how many (see :meth:`OutboxTable.requeue_exhausted` for which count).
+        Permanent failures (5xx, refused login, TLS) and replies refused during
+        the auth hold-off stay failed. Same Message-ID and bytes as before, so a
+        copy the server did get earlier threads as one.
         """
-        now = time.time()
-        account = self.config.account
-        n = await self.store.run(
-            lambda conn: (
-                conn.execute(
-                    "UPDATE outbox SET state='pending', attempts=0, lease_until=NULL,"
-                    " next_attempt_at=?, updated_at=? WHERE account=? AND state='failed'"
-                    " AND (substr(last_error, 1, ?)=? OR smtp_code BETWEEN 400 AND 499)",
-                    (now, now, account, len(EXHAUSTED_PREFIX), EXHAUSTED_PREFIX),
-                ).rowcount
-            )
-        )
+        n = await self.table.requeue_exhausted()
         if n:
-            log_event(log, logging.INFO, "outbox.requeued", account=account, requeued=n)
+            log_event(log, logging.INFO, "outbox.requeued", account=self.config.account, requeued=n)
             self._changed.set()
             self._wake.set()
-        return int(n)
+        return n
 
     async def pending(self) -> int:
         """How many messages are waiting to be sent (queued or in flight)."""
-        await self._flush_sent()
-
-        def q(conn: sqlite3.Connection) -> int:
-            (n,) = conn.execute(
-                "SELECT count(*) FROM outbox WHERE account=? AND state IN ('pending','sending')",
-                (self.config.account,),
-            ).fetchone()
-            return int(n)
-
-        return await self.store.run(q)
+        await self.marks.flush()
+        return await self.table.pending()

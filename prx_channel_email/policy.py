@@ -1,4 +1,6 @@
-"""Which messages the agent may see: allow-list, loop guards, rate limit, authenticity.
+"""Which messages the agent may see: allow-list, loop guards, authenticity.
+
+Rate limits are not here: they defer rather than refuse (ratelimit.py, deferred.py).
 
 Everything here works on headers alone, so mail that will be refused is refused
 before its body is parsed, and oversized mail gets the same decisions.
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -32,7 +33,6 @@ LIST_MAIL = "list_mail"
 # NO_SENDER ("no_sender") and AMBIGUOUS_SENDER ("ambiguous_sender") come from addresses.
 NOT_ALLOWED = "not_allowed"
 UNVERIFIED = "unverified_sender"
-RATE_LIMITED = "rate_limited"
 
 _BULK_PRECEDENCE = frozenset({"bulk", "list", "junk", "auto_reply", "auto-reply"})
 _BOUNCE_LOCALPARTS = frozenset({"mailer-daemon", "postmaster"})
@@ -358,32 +358,6 @@ def sender_verified(headers: Headers, from_address: str, trusted: Iterable[str])
     return AuthVerdict(None, used, "no verifying result")
 
 
-class RateLimiter:
-    """At most ``count`` deliveries per sender in any ``window`` seconds (in memory)."""
-
-    def __init__(self, count: int, window: float, clock: Callable[[], float] = time.time) -> None:
-        self.count = count
-        self.window = window
-        self.clock = clock
-        self._seen: dict[str, deque[float]] = {}
-
-    def _recent(self, sender: str) -> deque[float]:
-        now = self.clock()
-        stamps = self._seen.setdefault(sender, deque())
-        while stamps and stamps[0] <= now - self.window:
-            stamps.popleft()
-        return stamps
-
-    def allows(self, sender: str) -> bool:
-        return len(self._recent(sender)) < self.count
-
-    def note(self, sender: str) -> None:
-        self._recent(sender).append(self.clock())
-        if len(self._seen) > 10_000:  # forget senders that went quiet
-            for key in [k for k, v in self._seen.items() if not v]:
-                del self._seen[key]
-
-
 @dataclass(frozen=True)
 class Decision:
     reason: str | None  # None: deliver
@@ -406,7 +380,6 @@ class Policy:
     def __init__(self, config: EmailConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.own = [config.from_address.lower(), *config.own_addresses]
-        self.rate = RateLimiter(config.rate_limit_count, config.rate_limit_window_secs, clock)
         self._refused_unverified: set[str] = set()
 
     def _first_refusal(self, sender: str) -> bool:
@@ -419,11 +392,7 @@ class Policy:
         return True
 
     def decide(self, env: Envelope) -> Decision:
-        """Loop guards, then the allow-list, then authenticity, then the rate limit.
-
-        Does not count the message against the rate limit: call :meth:`delivered`
-        once it is actually handed on.
-        """
+        """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py)."""
         reason = loop_reason(env, self.own)
         if reason is not None:
             return Decision(reason)
@@ -447,9 +416,4 @@ class Policy:
                     detail or "no trusted result",
                     first_for_sender=self._first_refusal(env.sender),
                 )
-        if not self.rate.allows(env.sender):
-            return Decision(RATE_LIMITED, verified)
         return Decision(None, verified, detail)
-
-    def delivered(self, env: Envelope) -> None:
-        self.rate.note(env.sender)

@@ -28,7 +28,7 @@ The limits, all sliding windows:
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -55,7 +55,8 @@ class Limits:
     def from_config(cls, config: EmailConfig) -> Limits:
         return cls(
             sender_count=config.rate_limit_count,
-            domain_count=config.domain_rate_limit_count,
+            # A domain is never held tighter than one of its senders.
+            domain_count=max(config.domain_rate_limit_count, config.rate_limit_count),
             window=float(config.rate_limit_window_secs),
             loop_reply_secs=float(config.loop_reply_secs),
             loop_max_quick=config.loop_max_quick_replies,
@@ -73,6 +74,10 @@ class Waiting:
     arrived_at: float
     held: bool = False  # loop_suspected: waits for the loop to go quiet first
     releasing: bool = False  # taken by the scheduler, not yet on the queue
+    # False until its row is in the store (set from the store's thread, inside the
+    # defer transaction): until then it cannot be released, and its sender waits.
+    stored: bool = True
+    handed_at: float = 0.0  # when due() counted it against the limits
 
     @property
     def domain(self) -> str:
@@ -141,6 +146,7 @@ class HandoffGate:
         self._domain = SlidingWindow(limits.domain_count, limits.window)
         self._quick = SlidingWindow(limits.loop_max_quick, limits.loop_window)
         self._waiting: dict[int, Waiting] = {}  # by seq; dicts keep insertion order
+        self._in_line: Counter[str] = Counter()  # per sender: waiting, not held (FIFO)
         self._next_seq = 1
 
     # --- state from the store ---
@@ -159,6 +165,8 @@ class HandoffGate:
             self._next_seq = max(self._next_seq, w.seq + 1)
             if w.held:  # the loop was active at least until this arrived
                 self._quick.note(w.domain, w.arrived_at)
+            else:
+                self._in_line[w.sender] += 1
         self._waiting = dict(sorted(self._waiting.items()))
 
     # --- fresh mail ---
@@ -209,14 +217,16 @@ class HandoffGate:
                 if self._quiet_since(w.domain) + self.limits.loop_window > now:
                     continue  # held mail keeps no one else waiting
                 w.held = False
+                self._in_line[w.sender] += 1
                 unheld.append(w)
-            if w.releasing or w.sender in blocked:
+            if w.releasing or not w.stored or w.sender in blocked:
                 blocked.add(w.sender)
                 continue
             if self._budget_at(w.sender, now) > now:
                 blocked.add(w.sender)
                 continue
             w.releasing = True
+            w.handed_at = now
             self._note(w.sender, now)
             released.append(w)
         return released, unheld
@@ -227,7 +237,8 @@ class HandoffGate:
         soonest: float | None = None
         seen: set[str] = set()
         for w in self._waiting.values():
-            if w.releasing:
+            if w.releasing or not w.stored:
+                seen.add(w.sender)  # the store_step wakes the scheduler when it is stored
                 continue
             if w.held:
                 at = self._quiet_since(w.domain) + self.limits.loop_window
@@ -241,7 +252,10 @@ class HandoffGate:
 
     def released(self, w: Waiting) -> None:
         """``w`` is on the queue: it no longer waits."""
-        self._waiting.pop(w.seq, None)
+        if self._waiting.pop(w.seq, None) is not None and not w.held:
+            self._in_line[w.sender] -= 1
+            if self._in_line[w.sender] <= 0:
+                del self._in_line[w.sender]
 
     def release_failed(self, w: Waiting) -> None:
         """The hand-off of ``w`` did not happen: it waits again, at its place in line.
@@ -256,13 +270,15 @@ class HandoffGate:
     # --- internals ---
 
     def _enqueue(self, message_id: str, sender: str, now: float, *, held: bool) -> Waiting:
-        w = Waiting(self._next_seq, message_id, sender, now, held=held)
+        w = Waiting(self._next_seq, message_id, sender, now, held=held, stored=False)
         self._next_seq += 1
         self._waiting[w.seq] = w
+        if not held:
+            self._in_line[sender] += 1
         return w
 
     def _sender_waits(self, sender: str) -> bool:
-        return any(w.sender == sender and not w.held for w in self._waiting.values())
+        return self._in_line[sender] > 0
 
     def _budget_at(self, sender: str, now: float) -> float:
         return max(self._sender.free_at(sender, now), self._domain.free_at(domain_of(sender), now))

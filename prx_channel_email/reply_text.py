@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import re
 
-from mailparser_reply.parser import EmailMessage
-
 from .charsets import tidy
+from .reply_headers import Deadline, StripBudgetExceeded, find_reply_header
 
-MAX_STRIP_CHARS = 100_000  # quote stripping (regex heavy) looks at this much text
+__all__ = ["STRIP_BUDGET_SECS", "StripBudgetExceeded", "new_text"]
+
+STRIP_BUDGET_SECS = 0.25  # wall clock for one message's stripping; then content = full_text
+
+MAX_STRIP_CHARS = 100_000  # quote stripping looks at this much text
 _QUOTE_LINE_RE = re.compile(r"^[ \t]*>")
 _FORWARD_RE = re.compile(
     r"^[ \t]*(?:-{2,}[ \t]*(?:Forwarded message|Weitergeleitete Nachricht|Message transf[ée]r[ée]"
@@ -19,32 +22,6 @@ _FORWARD_RE = re.compile(
     r"|Begin forwarded message:|Anfang der weitergeleiteten Nachricht:)[ \t]*$",
     re.IGNORECASE | re.MULTILINE,
 )
-
-# English and German client styles (each language adds to every message's cost).
-_REPLY_LANGUAGES = ["en", "de"]
-
-
-_PROTOTYPE = EmailMessage(text="", languages=list(_REPLY_LANGUAGES))
-_REPLY_PATTERNS = {
-    "_header_regex": _PROTOTYPE.HEADER_REGEX,
-    "_signature_regex": _PROTOTYPE.SIGNATURE_REGEX,  # compiled once; unused (see _cut_signature)
-}
-
-
-# Every English or German reply header the patterns above can match contains one
-# of these (lower-cased); text with none of them skips the costly regex scan.
-# tests/test_normalize.py checks this against the patterns themselves.
-_HEADER_HINTS = (
-    "wrote", "schrieb", "original message",
-    "from:", "sent:", "to:", "subject:", "date:", "cc:", "organization:",
-    "von:", "gesendet:", "an:", "betreff:", "datum:", "organisation:",
-)  # fmt: skip
-
-
-def may_have_reply_header(text: str) -> bool:
-    low = text.lower()
-    return any(hint in low for hint in _HEADER_HINTS)
-
 
 # Where a signature starts. Deliberately narrow: cutting real text is worse than
 # leaving a signature in (mail-parser-reply's own rule took any line starting
@@ -107,17 +84,16 @@ def _cut_signature(text: str) -> str | None:
     return text[:cut].rstrip() if cut is not None else None
 
 
-def _latest_reply(text: str) -> str | None:
-    """The newest reply in ``text``: cut at the first quoted-reply header (per
-    mail-parser-reply's client patterns) and at the signature above it.
+def _latest_reply(text: str, deadline: Deadline) -> str | None:
+    """The newest reply in ``text``: cut at the first quoted-reply header and at the
+    signature above it. None when there is nothing to cut.
 
-    The library's own ``read()`` splits the whole thread and scans every part;
-    only the newest part is wanted here. None when there is nothing to cut.
+    Lines are compared stripped (clients indent and pad them), and the newest
+    part is returned that way.
     """
-    message = EmailMessage(text=text, languages=list(_REPLY_LANGUAGES), **_REPLY_PATTERNS)
-    normalized: str = message.text
-    header = message.HEADER_REGEX.search(normalized) if may_have_reply_header(normalized) else None
-    newest = normalized[: header.start()] if header else normalized
+    lines = [line.strip() for line in text.replace("\r\n", "\n").split("\n")]
+    header = find_reply_header(lines, deadline)
+    newest = "\n".join(lines if header is None else lines[:header])
     unsigned = _cut_signature(newest)
     if header is None and unsigned is None:
         return None  # nothing to cut
@@ -138,35 +114,38 @@ def _strip_quote_lines(text: str) -> str:
     return "\n".join(kept)
 
 
-def _strip(text: str) -> str:
+def _strip(text: str, deadline: Deadline) -> str:
     head, tail = text[:MAX_STRIP_CHARS], text[MAX_STRIP_CHARS:]
-    try:
-        latest = _latest_reply(head)
-    except Exception:
-        latest = None
-    # The reply parser also trims every line; when it cut nothing, the original
-    # layout (list indentation, code) is kept.
+    latest = _latest_reply(head, deadline)
+    # Lines are compared trimmed; when nothing was cut, the original layout
+    # (list indentation, code) is kept.
     stripped = tidy(_strip_quote_lines(head if latest is None else latest))
     if tail and len(stripped) >= len(head.strip()) - 1:
+        if stripped == head:
+            return text  # nothing changed: no second copy of a big text
         stripped += tail  # nothing was cut: keep the rest too
     return stripped
 
 
-def new_text(full_text: str) -> str:
+def new_text(full_text: str, *, budget: float | None = STRIP_BUDGET_SECS) -> str:
     """The reply's own words: quoted history and signature removed.
 
-    A heuristic (mail-parser-reply plus ``>``-quote removal), so it never returns
-    empty text for a message that had some: then the whole text is kept. A
-    forwarded message is what the sender wants read, so it is kept whole after
-    the sender's own (stripped) words.
+    A heuristic (reply headers in twelve languages, ``>``-quote removal, a
+    narrow signature rule), so it never returns empty text for a message that
+    had some: then the whole text is kept. A forwarded message is what the
+    sender wants read, so it is kept whole after the sender's own (stripped)
+    words. Raises StripBudgetExceeded when stripping takes longer than
+    ``budget`` seconds (the caller then keeps ``full_text``); every step is
+    linear in the text's length, so only a starved machine gets there.
     """
     if not full_text.strip():
         return ""
+    deadline = Deadline(budget)
     marker = _FORWARD_RE.search(full_text)
     own, forwarded = (
         (full_text[: marker.start()], full_text[marker.start() :]) if marker else (full_text, "")
     )
-    stripped = _strip(own) if own.strip() else ""
+    stripped = _strip(own, deadline) if own.strip() else ""
     if not stripped and own.strip():
         stripped = tidy(_strip_quote_lines(own)) or tidy(own)
     if forwarded:

@@ -262,15 +262,15 @@ class SmtpTransport:
             self._smtp.close()
             self._smtp = None
 
-    async def send(self, mail_from: str, recipient: str, raw: bytes) -> tuple[int, str]:
-        """Send one message; returns the server's (code, text) for DATA. Raises SmtpFailure."""
+    async def send(self, mail_from: str, recipient: str, raw: bytes) -> None:
+        """Send one message; returns once the server accepted it. Raises SmtpFailure."""
         host = self.config.smtp_host
         async with self._lock:
             for attempt in (1, 2):
                 reused = False
                 try:
                     smtp, reused = await self._connection()
-                    errors, reply = await smtp.sendmail(mail_from, [recipient], raw)
+                    errors, _reply = await smtp.sendmail(mail_from, [recipient], raw)
                 except (aiosmtplib.SMTPServerDisconnected, ConnectionError) as exc:
                     self._drop()
                     if reused and attempt == 1:
@@ -300,7 +300,7 @@ class SmtpTransport:
                         host=host,
                     )
                 self.metrics.inc("smtp.sent")
-                return 250, reply
+                return
         raise AssertionError("unreachable")
 
     def _after_failure(self, exc: BaseException) -> None:

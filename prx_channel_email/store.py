@@ -35,8 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from . import deferred_table
 from .errors import StorageError
 from .observability import log_event
+from .outbox_table import OUTBOX_SCHEMA_V1
 
 log = logging.getLogger("prx_channel_email.store")
 
@@ -46,7 +48,8 @@ DB_NAME = "state.sqlite3"
 
 # The schema as the first release wrote it (schema_version 1). Never edit it: a
 # change to a table is a new named step appended to MIGRATIONS below.
-BASE_SCHEMA = """
+BASE_SCHEMA = (
+    """
 -- Per account and folder: the UIDVALIDITY we know and the highest UID handed on.
 CREATE TABLE IF NOT EXISTS cursor (
     account TEXT NOT NULL,
@@ -76,25 +79,9 @@ CREATE TABLE IF NOT EXISTS ledger (
 );
 CREATE INDEX IF NOT EXISTS ledger_by_sender ON ledger (account, sender, received_at);
 CREATE INDEX IF NOT EXISTS ledger_by_thread ON ledger (account, thread_ts, received_at);
--- Outbound mail. state: pending -> sending (leased) -> sent | failed.
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    account TEXT NOT NULL,
-    message_id TEXT NOT NULL UNIQUE,
-    mail_from TEXT NOT NULL,
-    recipient TEXT NOT NULL,
-    raw BLOB NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    lease_until REAL,
-    last_error TEXT,
-    smtp_code INTEGER,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox (account, state, next_attempt_at);
 """
+    + OUTBOX_SCHEMA_V1
+)  # the outbox owns its DDL (outbox_table.py)
 
 SCHEMA = BASE_SCHEMA  # the name before migrations existed (tests build v1 tables with it)
 
@@ -120,6 +107,7 @@ def ddl(script: str) -> Step:
 # state file from before migrations existed (schema_version 1) opens and moves on.
 MIGRATIONS: list[tuple[str, Step]] = [
     ("base", ddl(BASE_SCHEMA)),
+    ("deferred_mail", deferred_table.migrate),
     (
         "inbound_inflight",
         ddl(
@@ -217,6 +205,8 @@ class Decided:
     reason: str | None = None
     uid: int | None = None
     entry: LedgerEntry | None = None
+    # More writes that belong in the same transaction (a deferred message's row).
+    also: Callable[[sqlite3.Connection], None] | None = None
     # outcome "in_flight" only: the ChannelMessage as JSON (goes to the inflight table).
     message: str | None = None
 
@@ -422,14 +412,13 @@ class StateStore:
         *,
         move_cursor: bool = True,
         settle: list[str] | None = None,
-        also: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
         """Record several decisions and cursor moves in one transaction (one fsync).
 
         Items without a ``message_id`` only move the cursor (a skipped duplicate);
         items with outcome ``in_flight`` go to the inflight table. ``settle`` moves
-        those in-flight ids into the ledger first; ``also(conn)`` runs in the same
-        transaction. ``move_cursor=False`` writes rows
+        those in-flight ids into the ledger first; each item's ``also(conn)`` runs in
+        the same transaction. ``move_cursor=False`` writes rows
         only: during a first start or a re-baseline the cursor must not exist half-way,
         or the next start would continue from it instead of finishing that pass.
         """
@@ -437,8 +426,6 @@ class StateStore:
         def tx(conn: sqlite3.Connection) -> None:
             if settle:
                 _settle(conn, account, settle)
-            if also is not None:
-                also(conn)
             done = [i for i in items if i.message_id and i.outcome != IN_FLIGHT]
             if done:
                 conn.executemany(
@@ -457,6 +444,9 @@ class StateStore:
                     " message, handed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                     [(*r[:2], *r[4:], i.message or "{}", now) for r, i in pairs],
                 )
+            for item in items:
+                if item.also is not None:
+                    item.also(conn)
             for cursor in _cursor_moves(items) if move_cursor else ():
                 _write_cursor(conn, account, folder, cursor)
 

@@ -18,6 +18,7 @@ Nothing here marks mail ``\\Seen`` by fetching (``BODY.PEEK``); the optional
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.parser
 import email.policy
 import functools
@@ -29,6 +30,7 @@ from enum import Enum
 
 from .backoff import Backoff
 from .config import EmailConfig
+from .deferred import DeferredMail
 from .envelope import header_message_id
 from .errors import (
     AuthenticationError,
@@ -147,11 +149,26 @@ class SyncEngine:
             storage_backoff=storage_backoff,
         )
         self._redelivered = False  # what an earlier run left in flight went out again
+        # Rate limits and the loop guard: accepted mail over a limit waits in the store.
+        self.deferred = DeferredMail(config, store, metrics)
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
 
     # --- the outer loop: connect, serve, back off ---
 
     async def run(self, queue: asyncio.Queue[ChannelMessage]) -> None:
+        # Waiting mail and recent hand-offs first: they decide what the next mail does.
+        await self.deferred.load()
+        release = asyncio.create_task(
+            self.deferred.run(lambda msg, step: self.writer.hand_on_released(msg, step, queue))
+        )
+        try:
+            await self._connected(queue)
+        finally:
+            release.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await release
+
+    async def _connected(self, queue: asyncio.Queue[ChannelMessage]) -> None:
         while True:
             session: ImapSession | None = None
             delay: float
@@ -453,7 +470,12 @@ class SyncEngine:
             else:
                 outcome = await self._judge(uid, raw, mid)
             if outcome.decision == "deliver" and outcome.message is not None:
-                await writer.hand_on(uid, outcome.message, outcome.entry, queue)
+                waiting = self.deferred.judge(outcome.message)
+                if waiting is None:
+                    await writer.hand_on(uid, outcome.message, outcome.entry, queue)
+                else:
+                    keep = self.deferred.store_step(waiting, outcome.message)
+                    writer.defer(uid, outcome.message, outcome.entry, waiting.reason, keep)
             else:
                 kind = "rejected" if outcome.decision == "reject" else "quarantined"
                 writer.record(uid, mid, kind, outcome.reason or kind)

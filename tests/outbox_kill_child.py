@@ -1,8 +1,9 @@
 """Kill-test child: send one reply through the outbox with the kill hook armed.
 
-Run as ``python -m tests.outbox_kill_child CONFIG_JSON``; the outbox SIGKILLs the
-process right after the SMTP server accepted the message, before recording it
-as sent (``PRX_EMAIL_TEST_KILL_AFTER_ACCEPT=1`` must be set by the caller).
+Run as ``python -m tests.outbox_kill_child CONFIG_JSON``. With
+``PRX_EMAIL_TEST_KILL_AFTER_ACCEPT=1`` in its environment, the child injects an
+``on_accepted`` callback into the outbox that SIGKILLs the process right after
+the SMTP server accepted the message, before the outbox records it as sent.
 Prints the Message-ID only if it was (wrongly) not killed.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import sys
 
 from prx_channel_email.config import EmailConfig
@@ -18,10 +21,20 @@ from prx_channel_email.observability import Metrics
 from prx_channel_email.outbox import Outbox
 from prx_channel_email.store import StateStore
 
+#: Set to "1" by the test to arm the kill.
+KILL_AFTER_ACCEPT_ENV = "PRX_EMAIL_TEST_KILL_AFTER_ACCEPT"
+
+
+def die(_message_id: str) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
 
 async def main(config: EmailConfig, recipient: str) -> None:
     async with StateStore(config.state_dir) as store:
-        outbox = Outbox(config, store, Metrics(), lease_secs=0.5)
+        armed = os.environ.get(KILL_AFTER_ACCEPT_ENV) == "1"
+        outbox = Outbox(
+            config, store, Metrics(), lease_secs=0.5, on_accepted=die if armed else None
+        )
         await outbox.start()
         mid = await outbox.send(SendMessage(content="sent just before dying", recipient=recipient))
         print(mid, flush=True)

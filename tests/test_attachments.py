@@ -185,3 +185,83 @@ async def test_same_message_id_never_overwrites_another_messages_files(tmp_path:
     assert mine.path != theirs.path
     assert mine.path.read_bytes() == b"real invoice IBAN DE00 1111"
     assert mine.path.parent == message_dir(config.attachments_path.resolve(), message_key(real))
+
+
+def _mail_with_attachment(disposition: bytes) -> bytes:
+    head = disposition
+    if not head.startswith(b"Content-Type"):
+        head = b"Content-Type: application/pdf\r\n" + disposition
+    return (
+        b"From: anna@example.com\r\nMessage-ID: <names@example.com>\r\n"
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n"
+        b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n"
+        b"--b\r\n" + head + b"\r\n\r\n%PDF\r\n--b--\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("disposition", "expected"),
+    [
+        # Raw UTF-8 in a quoted name (what many clients send).
+        (
+            'Content-Disposition: attachment; filename="Bericht März.pdf"'.encode(),
+            "Bericht März.pdf",
+        ),
+        # RFC 2231, in one piece and in continuations.
+        (b"Content-Disposition: attachment; filename*=utf-8''%E6%97%A5%E6%9C%AC.pdf", "日本.pdf"),
+        (
+            b"Content-Disposition: attachment;\r\n filename*0*=utf-8''%E6%97%A5;\r\n"
+            b" filename*1*=%E6%9C%AC%E8%AA%9E.pdf",
+            "日本語.pdf",
+        ),
+        # Raw UTF-8 in the Content-Type name parameter.
+        (b'Content-Type: application/pdf; name="\xc3\xa9t\xc3\xa9.pdf"', "été.pdf"),
+        # Control characters inside the name are dropped.
+        (b'Content-Disposition: attachment; filename="a\x0bb\x1cc.pdf"', "abc.pdf"),
+    ],
+)
+async def test_attachment_names_are_decoded_not_replaced(
+    disposition: bytes, expected: str, tmp_path: Path
+) -> None:
+    config = inbound_config(tmp_path, attachment_types=["*"])
+    outcome = await InboundPipeline(config).process(
+        _mail_with_attachment(disposition), arrival=ARRIVAL
+    )
+    assert outcome.message is not None
+    (found,) = outcome.message.attachments
+    assert found.filename == expected
+    assert found.path is not None and found.path.name == expected
+
+
+async def test_a_long_cjk_name_is_cut_in_bytes_and_saved(tmp_path: Path) -> None:
+    name = "報告書" * 33 + "X.pdf"  # 105 characters, 305 bytes in UTF-8
+    disposition = f'Content-Disposition: attachment; filename="{name}"'.encode()
+    config = inbound_config(tmp_path, attachment_types=["*"])
+    outcome = await InboundPipeline(config).process(
+        _mail_with_attachment(disposition), arrival=ARRIVAL
+    )
+    assert outcome.message is not None
+    (found,) = outcome.message.attachments
+    assert found.skipped_reason is None and found.path is not None
+    assert found.path.read_bytes() == b"%PDF"
+    assert len(found.filename.encode()) <= 200 and found.filename.endswith(".pdf")
+    assert name.startswith(found.filename.removesuffix(".pdf"))
+
+
+@pytest.mark.parametrize("umask", [0o000, 0o022, 0o277])
+async def test_attachment_files_are_private_whatever_the_umask(umask: int, tmp_path: Path) -> None:
+    config = inbound_config(tmp_path, attachment_types=["*"])
+    disposition = b'Content-Disposition: attachment; filename="r.pdf"'
+    old = os.umask(umask)
+    try:
+        outcome = await InboundPipeline(config).process(
+            _mail_with_attachment(disposition), arrival=ARRIVAL
+        )
+    finally:
+        os.umask(old)
+    assert outcome.message is not None
+    (found,) = outcome.message.attachments
+    assert found.path is not None
+    assert found.path.stat().st_mode & 0o777 == 0o600
+    assert found.path.parent.stat().st_mode & 0o777 == 0o700
+    assert config.attachments_path.stat().st_mode & 0o777 == 0o700

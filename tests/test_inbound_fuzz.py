@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -220,3 +221,116 @@ def test_deep_nesting_with_odd_spelling_never_raises(depth: int) -> None:
     for variant in (raw, raw + b"x" * (THREAD_THRESHOLD + 10)):
         outcome = check(variant)
         assert outcome.message_id == "<deep@example.com>"
+
+
+# --- the work per message is bounded -----------------------------------------
+#
+# Quote stripping once used a regex that was quadratic in the body ("On " * 6000
+# stalled the event loop for 12-18 s). Every step is linear now; these tests
+# fail any input that costs more than 50 ms of CPU per 10 KB (a bound on the
+# algorithm's complexity, generous against noise: linear code stays far below).
+
+_BUDGET_PER_10KB = 0.050
+
+_ATTRIBUTION_FRAGMENTS = [
+    "On ",
+    "On Mon, 1 Oct 2024 at 10:00, Bob <b@x.example> wrote:",
+    "wrote:",
+    "Am 1. Oktober 2024 um 10:00 schrieb Bob <b@x.example>:",
+    "Le lun. 30 sept. 2024 à 18:15, Bob <b@x> a écrit :",
+    "El lun, 30 sept 2024 a las 18:15, Bob (<b@x>) escribió:",
+    "Il giorno lun 30 set 2024 alle ore 18:15 Bob <b@x> ha scritto:",
+    "Em seg., 30 de set. de 2024 às 18:15, Bob <b@x> escreveu:",
+    "Op ma 30 sep 2024 om 18:15 schreef Bob <b@x>:",
+    "pon., 30 wrz 2024 o 18:15 Bob <b@x> napisał(a):",
+    "Den mån 30 sep. 2024 kl 18:15 skrev Bob <b@x>:",
+    "пн, 30 сент. 2024 г. в 18:15, Bob <b@x>:",
+    "2024年9月30日(月) 18:15 Bob <b@x>:",
+    "Bob <b@x> 于2024年9月30日周一 18:15写道：",
+    "From: Bob",
+    "Sent: Monday",
+    "Von: x",
+    "De : x",
+    "-----Original Message-----",
+    "-- ",
+    "_" * 40,
+    "Best regards,",
+    "LG",
+    "> ",
+    "> > > > > ",
+    ">" * 50,
+    "*",
+    ":",
+    " ",
+    "\n",
+    "\n\n\n",
+    "x" * 200,
+    "-- Forwarded message --",
+    "Begin forwarded message:",
+]
+
+
+@st.composite
+def adversarial_bodies(draw: st.DrawFn) -> str:
+    pieces = draw(st.lists(st.sampled_from(_ATTRIBUTION_FRAGMENTS), min_size=1, max_size=40))
+    repeat = draw(st.integers(1, 600))
+    body = "".join(pieces)
+    return (body * repeat)[:60_000]
+
+
+def _cpu_seconds(raw: bytes, pipeline: InboundPipeline) -> tuple[float, Outcome]:
+    start = time.process_time()
+    outcome = asyncio.run(pipeline.process(raw, arrival=ARRIVAL))
+    return time.process_time() - start, outcome
+
+
+def _assert_linear_cost(body: str, tmp: Path) -> Outcome:
+    raw = (
+        b"From: anna@example.com\r\nMessage-ID: <cost@example.com>\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n\r\n" + body.encode()
+    )
+    config = inbound_config(tmp, allowed_senders=["*"], sender_auth="off")
+    pipeline = InboundPipeline(config)
+    _cpu_seconds(b"From: anna@example.com\r\n\r\nwarm up", pipeline)  # lazy imports
+    spent, outcome = _cpu_seconds(raw, pipeline)
+    budget = _BUDGET_PER_10KB * max(1.0, len(raw) / 10_240)
+    assert spent <= budget, f"{spent * 1000:.0f} ms for {len(raw)} bytes"
+    return outcome
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(adversarial_bodies())
+def test_no_body_costs_more_than_linear_time(body: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = _assert_linear_cost(body, Path(tmp))
+    assert outcome.decision == "deliver"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "On " * 6000 + "\nFrom: x",  # the reviewer's 12-18 s stall
+        "On " * 33_000,  # 99 KB: 454 s before
+        "On x\n" * 20_000,
+        "> " * 50_000,
+        ">" * 100_000,
+        "LG\nx\n" * 20_000,
+        "From: x\n" * 12_000,
+        "-" * 100_000,
+        ("x" * 5000 + "\n") * 20,
+    ],
+    ids=[
+        "on-6000-from",
+        "on-33000",
+        "on-lines",
+        "quotes",
+        "gt-run",
+        "lg",
+        "from-lines",
+        "dashes",
+        "long-lines",
+    ],
+)
+def test_known_worst_cases_cost_linear_time(body: str, tmp_path: Path) -> None:
+    outcome = _assert_linear_cost(body, tmp_path)
+    assert outcome.message is not None and outcome.message.content.strip()

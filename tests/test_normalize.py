@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mailparser_reply.parser import EmailMessage
 
 from prx_channel_email import headers as header_block
 from prx_channel_email import inbound, reply_text
@@ -26,6 +27,7 @@ from prx_channel_email.headers import (
 from prx_channel_email.html_text import html_to_text
 from prx_channel_email.inbound import InboundPipeline
 from prx_channel_email.message_ids import synthetic_message_id
+from prx_channel_email.reply_headers import find_reply_header
 from prx_channel_email.reply_text import new_text
 from tests.inbound_helpers import (
     ARRIVAL,
@@ -351,6 +353,12 @@ _FRAGMENTS = [
 ]
 
 
+# mail-parser-reply's English and German patterns (what stripping used before its
+# own linear scan): wherever they see a reply header, the scan sees one too, at
+# the same line or above it.
+_REFERENCE = EmailMessage(text="", languages=["en", "de"]).HEADER_REGEX
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     st.lists(
@@ -358,10 +366,14 @@ _FRAGMENTS = [
         max_size=8,
     )
 )
-def test_reply_header_prefilter_never_skips_a_real_header(parts: list[tuple[str, str]]) -> None:
+def test_reply_header_scan_never_skips_a_real_header(parts: list[tuple[str, str]]) -> None:
     text = "\n".join(getattr(p, case)() if case != "keep" else p for p, case in parts)
-    if reply_text._PROTOTYPE.HEADER_REGEX.search(text):
-        assert reply_text.may_have_reply_header(text)
+    lines = [line.strip() for line in text.split("\n")]
+    reference = _REFERENCE.search("\n".join(lines))
+    if reference:
+        start = reference.start() + (reference.group().startswith("\n"))
+        found = find_reply_header(lines)
+        assert found is not None and found <= "\n".join(lines)[:start].count("\n")
 
 
 @pytest.mark.parametrize(
@@ -388,3 +400,32 @@ def test_reply_header_prefilter_never_skips_a_real_header(parts: list[tuple[str,
 )
 def test_signature_rule_cuts_signatures_and_keeps_content(text: str, expected: str) -> None:
     assert new_text(text) == expected
+
+
+async def test_stripping_out_of_time_keeps_the_whole_text_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = InboundPipeline(inbound_config(tmp_path))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inbound, "STRIP_BUDGET_SECS", -1.0)  # already spent
+        outcome = await pipeline.process(corpus_raw("gmail_reply"), arrival=ARRIVAL)
+    assert outcome.message is not None
+    assert outcome.message.content == outcome.message.full_text
+    assert "wrote:" in outcome.message.content
+    assert pipeline.metrics.get("inbound.strip_budget_exceeded") == 1
+    assert any("inbound.strip_budget_exceeded" in r.getMessage() for r in caplog.records)
+
+
+def test_control_characters_never_reach_header_values() -> None:
+    block = (
+        b"From: =?utf-8?q?Al=0Bi=1Cce=C2=85?= <alice@example.com>\r\n"
+        b"Subject: a\x0bb\x0cc\x1cd =?utf-8?q?x=0By=1Cz=C2=85w=E2=80=A8v=E2=80=AEu?=\r\n"
+        b"Message-ID: <ctl@example.com>\r\n"
+    )
+    env = envelope(Headers.from_block(block), block, ARRIVAL)
+    controls = {chr(c) for c in [*range(0x20), *range(0x7F, 0xA0)]} - {" "}
+    controls |= {"\u2028", "\u2029", "\u202e"}
+    for value in (env.subject, env.sender_display or ""):
+        assert not controls & set(value), repr(value)
+    assert env.sender_display == "Alice"
+    assert env.subject.replace(" ", "") == "abcdxyzwvu"

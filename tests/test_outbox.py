@@ -21,9 +21,11 @@ from prx_channel_email.errors import SendError
 from prx_channel_email.message_ids import parse_id_list
 from prx_channel_email.models import ChannelMessage, SendMessage
 from prx_channel_email.observability import Metrics
-from prx_channel_email.outbox import KILL_AFTER_ACCEPT_ENV, Outbox
+from prx_channel_email.outbox import Outbox
+from prx_channel_email.outbox_table import OutboxTable
 from prx_channel_email.store import DB_NAME, StateStore
 from tests.outbound_helpers import ANN, dovecot_config, parse, seed_ledger, smtp_config
+from tests.outbox_kill_child import KILL_AFTER_ACCEPT_ENV
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.proxy import TcpProxy
 from tests.servers.smtp import SmtpServer
@@ -514,7 +516,7 @@ async def test_failed_sent_record_is_kept_and_not_resent(
     tmp_path: Path, smtp_server: SmtpServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     config = smtp_config(tmp_path, smtp_server)
-    real = Outbox._mark_sent
+    real = OutboxTable._mark_sent
     failures = [sqlite3.OperationalError("database is locked")]
 
     def flaky(conn: sqlite3.Connection, rows: list[Any]) -> None:
@@ -522,7 +524,7 @@ async def test_failed_sent_record_is_kept_and_not_resent(
             raise failures.pop()
         real(conn, rows)
 
-    monkeypatch.setattr(Outbox, "_mark_sent", staticmethod(flaky))
+    monkeypatch.setattr(OutboxTable, "_mark_sent", staticmethod(flaky))
     async with running_outbox(config, lease_secs=0.2) as outbox:
         await outbox.send(SendMessage(content="once", recipient=ANN))
         await outbox.pending()  # writes "sent": fails this once

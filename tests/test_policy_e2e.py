@@ -182,7 +182,7 @@ async def test_loop_guards_end_to_end(
             dovecot.deliver(account, raw, mail_from=envelope_from)
         _, raw = letter("carol@example.org", verified, mid=mint_message_id(account.address))
         dovecot.deliver(account, raw, mail_from="carol@example.org")
-        # Rate limit: two from dave arrive, the third does not.
+        # Rate limit: two from dave arrive, the third waits (deferred, never refused).
         dave = [letter("dave@example.org", verified) for _ in range(3)]
         for _, raw in dave:
             dovecot.deliver(account, raw, mail_from="dave@example.org")
@@ -196,13 +196,14 @@ async def test_loop_guards_end_to_end(
         for *_, reason in cases:
             expected[reason] = expected.get(reason, 0) + 1
         expected["own_message_id"] = 1
-        expected["rate_limited"] = 1
-        await run.until(lambda: metrics.get("inbound.skipped.rate_limited") == 1)
+        await run.until(lambda: metrics.get("inbound.waiting.deferred") == 1)
         skipped = {
             k.removeprefix("inbound.skipped."): v
             for k, v in metrics.snapshot().items()
             if k.startswith("inbound.skipped.")
         }
         assert skipped == expected
-        assert metrics.get("inbound.delivered") == 3
+        assert metrics.get("inbound.delivered") == 4  # accepted by the policy
+        assert metrics.get("inbound.handed_on") == 3
+        assert metrics.get("inbound.deferred") == 1
         assert run.queue.empty()

@@ -6,6 +6,9 @@ import sqlite3
 import time
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from prx_channel_email.deferred_table import (
     insert,
     load,
@@ -16,8 +19,15 @@ from prx_channel_email.deferred_table import (
 )
 from prx_channel_email.message_ids import MINTED_MARKER, mint_message_id, minted_at
 from prx_channel_email.models import ChannelMessage
-from prx_channel_email.ratelimit import LOOP_SUSPECTED, RATE_LIMITED, HandoffGate, Limits
-from prx_channel_email.store import SCHEMA
+from prx_channel_email.ratelimit import (
+    LOOP_SUSPECTED,
+    RATE_LIMITED,
+    HandoffGate,
+    Limits,
+    Verdict,
+    Waiting,
+)
+from prx_channel_email.store import migrate as migrate_all
 from tests.inbound_helpers import inbound_config
 
 T0 = 1_700_000_000.0
@@ -44,6 +54,16 @@ def gate(
     return HandoffGate(Limits(sender, domain, window, quick_secs, max_quick, loop_window), clock)
 
 
+def judge(
+    g: HandoffGate, mid: str, sender: str, irt: str | None = None, refs: list[str] | None = None
+) -> tuple[Verdict, Waiting | None]:
+    """``g.judge`` plus what the store does once the waiting message is written."""
+    verdict, waiting = g.judge(mid, sender, irt, refs)
+    if waiting is not None:
+        waiting.stored = True
+    return verdict, waiting
+
+
 def bot_reply_id(at: float) -> str:
     """A Message-ID as the channel mints it, minted at ``at``."""
     return f"<{format(int(at * 1000), 'x')}.00ff{MINTED_MARKER}@bot.example>"
@@ -60,12 +80,12 @@ def test_minted_ids_carry_their_minting_time() -> None:
 def test_over_the_limit_waits_and_goes_in_order_once_the_window_moves() -> None:
     clock = Clock()
     g = gate(clock)
-    verdicts = [g.judge(f"<m{i}@a>", "anna@example.com") for i in range(5)]
+    verdicts = [judge(g, f"<m{i}@a>", "anna@example.com") for i in range(5)]
     assert [v for v, _ in verdicts] == ["now", "now", "now", "defer", "defer"]
     assert [w.reason for _, w in verdicts[3:] if w] == [RATE_LIMITED, RATE_LIMITED]
     assert g.counts() == (2, 0)
     # Another sender is not affected.
-    assert g.judge("<b@a>", "bob@example.com")[0] == "now"
+    assert judge(g, "<b@a>", "bob@example.com")[0] == "now"
     assert g.due() == ([], [])
     assert g.next_due() == T0 + 60
     clock.now = T0 + 60
@@ -79,12 +99,13 @@ def test_over_the_limit_waits_and_goes_in_order_once_the_window_moves() -> None:
 def test_a_sender_with_mail_waiting_waits_behind_it() -> None:
     clock = Clock()
     g = gate(clock, sender=1)
-    assert g.judge("<1@a>", "anna@example.com")[0] == "now"
-    assert g.judge("<2@a>", "anna@example.com")[0] == "defer"
+    assert judge(g, "<1@a>", "anna@example.com")[0] == "now"
+    assert judge(g, "<2@a>", "anna@example.com")[0] == "defer"
     clock.now = T0 + 61  # the budget is back, but <2> has not been handed on yet
-    assert g.judge("<3@a>", "anna@example.com")[0] == "defer"
+    assert judge(g, "<3@a>", "anna@example.com")[0] == "defer"
     released, _ = g.due()
     assert [w.message_id for w in released] == ["<2@a>"]
+    g.released(released[0])
     # The next one waits for the budget <2> used, not before it.
     assert g.next_due() == clock.now + 60
 
@@ -92,9 +113,9 @@ def test_a_sender_with_mail_waiting_waits_behind_it() -> None:
 def test_a_failed_release_keeps_its_place_and_its_budget() -> None:
     clock = Clock()
     g = gate(clock, sender=1)
-    g.judge("<1@a>", "anna@example.com")
-    g.judge("<2@a>", "anna@example.com")
-    g.judge("<3@a>", "anna@example.com")
+    judge(g, "<1@a>", "anna@example.com")
+    judge(g, "<2@a>", "anna@example.com")
+    judge(g, "<3@a>", "anna@example.com")
     clock.now = T0 + 61
     (w,), _ = g.due()
     g.release_failed(w)
@@ -106,33 +127,33 @@ def test_a_failed_release_keeps_its_place_and_its_budget() -> None:
 def test_a_batch_of_25_goes_at_once_under_the_defaults(tmp_path: Path) -> None:
     clock = Clock()
     g = HandoffGate(Limits.from_config(inbound_config(tmp_path)), clock)
-    assert {g.judge(f"<{i}@a>", "anna@example.com")[0] for i in range(25)} == {"now"}
+    assert {judge(g, f"<{i}@a>", "anna@example.com")[0] for i in range(25)} == {"now"}
 
 
 def test_the_domain_limit_bounds_rotating_addresses() -> None:
     clock = Clock()
     g = gate(clock, sender=3, domain=5)
-    verdicts = [g.judge(f"<{i}@a>", f"responder{i}@example.com")[0] for i in range(7)]
+    verdicts = [judge(g, f"<{i}@a>", f"responder{i}@example.com")[0] for i in range(7)]
     assert verdicts == ["now"] * 5 + ["defer"] * 2
-    assert g.judge("<x@a>", "carol@other.example")[0] == "now"
+    assert judge(g, "<x@a>", "carol@other.example")[0] == "now"
 
 
 def test_the_limits_hold_across_a_restart_via_seeded_handoffs() -> None:
     clock = Clock()
     g = gate(clock, sender=3)
     g.seed([("anna@example.com", T0 - 50), ("anna@example.com", T0 - 40)])
-    assert [g.judge(f"<{i}@a>", "anna@example.com")[0] for i in range(2)] == ["now", "defer"]
+    assert [judge(g, f"<{i}@a>", "anna@example.com")[0] for i in range(2)] == ["now", "defer"]
     assert g.next_due() == T0 - 50 + 60
 
 
 def test_restored_mail_keeps_its_order_and_new_mail_queues_behind_it() -> None:
     clock = Clock()
     first = gate(clock, sender=1)
-    first.judge("<1@a>", "anna@example.com")
-    waiting = [first.judge(f"<{i}@a>", "anna@example.com")[1] for i in (2, 3)]
+    judge(first, "<1@a>", "anna@example.com")
+    waiting = [judge(first, f"<{i}@a>", "anna@example.com")[1] for i in (2, 3)]
     g = gate(clock, sender=1)
     g.restore(reversed([w for w in waiting if w]))
-    assert g.judge("<4@a>", "anna@example.com")[0] == "defer"
+    assert judge(g, "<4@a>", "anna@example.com")[0] == "defer"
     order = []
     for step in range(1, 4):
         clock.now = T0 + 61 * step
@@ -150,15 +171,15 @@ def test_quick_answers_to_bot_replies_are_held_once_a_domain_loops() -> None:
     for i in range(5):
         clock.now = T0 + 10 * i
         parent = bot_reply_id(clock.now - 2)  # answered two seconds after the bot's reply
-        v, _ = g.judge(f"<r{i}@a>", f"responder{i}@example.com", parent, [parent])
+        v, _ = judge(g, f"<r{i}@a>", f"responder{i}@example.com", parent, [parent])
         verdicts.append(v)
     assert verdicts == ["now", "now", "now", "hold", "hold"]
     assert g.counts() == (0, 2)
     assert g.loop_active("example.com")
     # A person of that domain writing normally, or answering after a while, is not held.
-    assert g.judge("<p@a>", "person@example.com")[0] == "now"
+    assert judge(g, "<p@a>", "person@example.com")[0] == "now"
     late = bot_reply_id(clock.now - 120)
-    assert g.judge("<q@a>", "person@example.com", late)[0] == "now"
+    assert judge(g, "<q@a>", "person@example.com", late)[0] == "now"
     # Held mail keeps no one waiting, and stays held while the loop is recent.
     clock.now += 599
     assert g.due() == ([], [])
@@ -173,16 +194,16 @@ def test_quick_answers_to_bot_replies_are_held_once_a_domain_loops() -> None:
 def test_an_answer_to_an_old_bot_reply_or_to_a_person_is_not_quick() -> None:
     clock = Clock()
     g = gate(clock, max_quick=0)
-    assert g.judge("<1@a>", "a@example.com", bot_reply_id(T0 - 31))[0] == "now"
-    assert g.judge("<2@a>", "a@example.com", "<human@example.com>")[0] == "now"
+    assert judge(g, "<1@a>", "a@example.com", bot_reply_id(T0 - 31))[0] == "now"
+    assert judge(g, "<2@a>", "a@example.com", "<human@example.com>")[0] == "now"
     # With max_quick=0 the first quick answer is already held.
-    v, w = g.judge("<3@a>", "b@example.com", None, [bot_reply_id(T0 - 1)])
+    v, w = judge(g, "<3@a>", "b@example.com", None, [bot_reply_id(T0 - 1)])
     assert v == "hold" and w is not None and w.reason == LOOP_SUSPECTED
 
 
 def _ledger_db() -> sqlite3.Connection:
     conn = sqlite3.connect(":memory:", isolation_level=None)
-    conn.executescript(SCHEMA)
+    assert "deferred_mail" in migrate_all(conn)
     return conn
 
 
@@ -194,8 +215,8 @@ def test_deferred_table_round_trip_and_handoff_history() -> None:
     conn.execute("COMMIT")
     clock = Clock()
     g = gate(clock, sender=1)
-    g.judge("<1@a>", "anna@example.com")
-    _, w = g.judge("<2@a>", "anna@example.com")
+    judge(g, "<1@a>", "anna@example.com")
+    _, w = judge(g, "<2@a>", "anna@example.com")
     assert w is not None
     msg = ChannelMessage(
         id="<2@a>",
@@ -224,3 +245,49 @@ def test_deferred_table_round_trip_and_handoff_history() -> None:
         ("anna@example.com", T0),
         ("anna@example.com", T0 + 61),
     ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a@x.org", "b@x.org", "c@y.org"]), st.floats(0, 40)),
+        min_size=1,
+        max_size=60,
+    ),
+    st.integers(1, 4),
+    st.integers(1, 6),
+)
+def test_any_arrival_pattern_goes_in_order_within_the_limits_and_completely(
+    arrivals: list[tuple[str, float]], per_sender: int, per_domain: int
+) -> None:
+    clock = Clock()
+    g = gate(clock, sender=per_sender, domain=per_domain, window=30)
+    handed: list[tuple[float, str, str]] = []  # (when, sender, message id)
+
+    def release() -> None:
+        released, _ = g.due()
+        for w in released:
+            handed.append((clock.now, w.sender, w.message_id))
+            g.released(w)
+
+    for i, (sender, gap) in enumerate(arrivals):
+        clock.now += gap
+        release()
+        mid = f"<{i}@t>"
+        if judge(g, mid, sender)[0] == "now":
+            handed.append((clock.now, sender, mid))
+    while (due := g.next_due()) is not None:  # time moves on until nothing waits
+        clock.now = max(clock.now, due)
+        release()
+    # Complete, and in arrival order per sender.
+    assert sorted(m for *_, m in handed) == sorted(f"<{i}@t>" for i in range(len(arrivals)))
+    for sender in {s for s, _ in arrivals}:
+        mine = [int(m[1:].split("@")[0]) for _, s, m in handed if s == sender]
+        assert mine == sorted(mine)
+    # Within the limits in every window.
+    limit_of = {"sender": per_sender, "domain": per_domain}
+    for when, sender, _ in handed:
+        in_window = [s for t, s, _ in handed if when - 30 < t <= when]
+        assert in_window.count(sender) <= limit_of["sender"]
+        dom = sender.partition("@")[2]
+        assert sum(1 for s in in_window if s.endswith("@" + dom)) <= limit_of["domain"]

@@ -54,6 +54,9 @@ async def run_child(config: EmailConfig, *, kill_after: int | None) -> list[str]
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
+    # What the child printed before it died was handed on too, read or not.
+    rest = (await proc.stdout.read()).decode().split()
+    got += [line for line in rest if line != "SYNCED"]
     return got
 
 

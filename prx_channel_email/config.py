@@ -111,6 +111,15 @@ def is_address(value: str) -> bool:
     return bool(_ADDRESS_RE.match(value))
 
 
+def sender_entry(value: str) -> str | None:
+    """An ``allowed_senders`` entry in its stored form, or None when it is none of
+    an address, ``@domain`` or ``*`` (the config and ``allow_sender`` share this)."""
+    item = value.strip().lower()
+    if item == "*" or _DOMAIN_RE.match(item) or is_address(item):
+        return item
+    return None
+
+
 def _split_list(value: Any) -> Any:
     """Accept a JSON list or a comma-separated string (handy in env variables)."""
     if isinstance(value, str):
@@ -195,6 +204,12 @@ class EmailConfig(BaseSettings):
     send_max_attempts: Annotated[int, Field(ge=1, le=100)] = 40
     send_retry_max_secs: PositiveInt = 900
     max_outbound_attachment_bytes: PositiveInt = 20 * 1024 * 1024
+    # Reply text (UTF-8 bytes) above this is refused: too_large. An echo of a huge
+    # mail must not cost gigabytes of memory and seconds of Markdown rendering.
+    max_outbound_bytes: PositiveInt = 1_000_000
+    # Sent replies keep their stored text this many days (idempotency needs only
+    # the key and the Message-ID, which stay). Pruned at start and hourly.
+    outbox_retention_days: Annotated[float, Field(ge=0)] = 7
     save_sent: bool = False
     sent_folder: str | None = None
 
@@ -304,8 +319,8 @@ class EmailConfig(BaseSettings):
         cleaned: list[str] = []
         bad: list[str] = []
         for entry in value:
-            item = entry.strip().lower()
-            if item == "*" or _DOMAIN_RE.match(item) or is_address(item):
+            item = sender_entry(entry)
+            if item is not None:
                 cleaned.append(item)
             else:
                 bad.append(entry)

@@ -64,6 +64,17 @@ class AuthenticationError(ChannelError):
         self.server = server
 
 
+class NotReadyError(ChannelError, TimeoutError):
+    """``wait_ready`` timed out with no permanent failure (still connecting or
+    reconnecting). Also a TimeoutError; ``status`` is the channel's state then."""
+
+    code = "timeout"
+
+    def __init__(self, message: str, *, status: object = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class InsecureConnectionError(ChannelError):
     """A plaintext connection to a non-loopback host was refused."""
 

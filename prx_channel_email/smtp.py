@@ -243,6 +243,21 @@ class SmtpTransport:
                 auth=True,
             )
 
+    async def check_login(self) -> None:
+        """Connect, log in and QUIT, once: the readiness check. Raises SmtpFailure.
+
+        The same connection code as sending, so a pass means a send can log in.
+        """
+        try:
+            smtp = await self._open()
+        except SmtpFailure:
+            raise
+        except Exception as exc:
+            raise classify(exc, host=self.config.smtp_host) from exc
+        with contextlib.suppress(aiosmtplib.SMTPException, OSError, TimeoutError):
+            await asyncio.wait_for(smtp.quit(), timeout=self.config.connect_timeout_secs)
+        smtp.close()
+
     async def _connection(self) -> tuple[aiosmtplib.SMTP, bool]:
         """The live connection (probed if it sat idle) and whether it is a reused one."""
         smtp = self._smtp

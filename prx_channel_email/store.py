@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from . import deferred_table
+from . import deferred_table, senders_table
 from .errors import StorageError
 from .observability import log_event
-from .outbox_table import OUTBOX_SCHEMA_V1
+from .outbox_table import OUTBOX_SCHEMA_V1, add_idempotency_key
 
 log = logging.getLogger("prx_channel_email.store")
 
@@ -108,6 +108,8 @@ def ddl(script: str) -> Step:
 MIGRATIONS: list[tuple[str, Step]] = [
     ("base", ddl(BASE_SCHEMA)),
     ("deferred_mail", deferred_table.migrate),
+    ("outbox_idempotency_key", add_idempotency_key),
+    (senders_table.MIGRATION_NAME, senders_table.migrate),
     (
         "inbound_inflight",
         ddl(

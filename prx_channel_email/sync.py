@@ -44,6 +44,7 @@ from .inbound import InboundPipeline, Outcome, message_identity
 from .ledger import LedgerLookup, LedgerWriter
 from .models import ChannelMessage
 from .observability import Metrics, log_event
+from .status import StatusReporter
 from .store import Cursor, StateStore
 
 log = logging.getLogger("prx_channel_email.sync")
@@ -123,8 +124,10 @@ class SyncEngine:
         session_factory: Callable[[EmailConfig], Awaitable[ImapSession]] = open_session,
         lookup: LedgerLookup | None = None,
         storage_backoff: Backoff | None = None,
+        reporter: StatusReporter | None = None,
     ) -> None:
         self.config = config
+        self.reporter = reporter or StatusReporter(config.account)
         self.store = store
         self.pipeline = pipeline
         self.metrics = metrics
@@ -224,6 +227,9 @@ class SyncEngine:
         if fault is not None:
             self.status.last_error = str(fault)
             self.status.last_error_code = fault.code
+            self.reporter.imap_failed(fault, None)  # the host sees the code, not "connected"
+        elif self.status.connected:
+            self.reporter.imap_ready()
 
     async def ack(self, message_id: str) -> bool:
         """The host is done with ``message_id`` (see LedgerWriter.ack)."""
@@ -232,6 +238,7 @@ class SyncEngine:
     def _failed(self, exc: BaseException, event: str, level: int, delay: float) -> None:
         self.status.last_error = str(exc)
         self.status.last_error_code = getattr(exc, "code", None) or type(exc).__name__
+        self.reporter.imap_failed(exc, delay)
         log_event(log, level, event, exc=exc, account=self.account, folder=self.folder,
                   code=self.status.last_error_code, retry_in=f"{delay:.1f}s")  # fmt: skip
 
@@ -239,6 +246,7 @@ class SyncEngine:
 
     async def _serve(self, session: ImapSession, queue: asyncio.Queue[ChannelMessage]) -> None:
         info = await session.select(self.folder)
+        self.reporter.imap_ready()
         use_idle = session.has_idle and not self._idle_refused
         self.status.mode = "idle" if use_idle else "poll"
         self.status.uidvalidity = info.uidvalidity
@@ -479,6 +487,11 @@ class SyncEngine:
             else:
                 kind = "rejected" if outcome.decision == "reject" else "quarantined"
                 writer.record(uid, mid, kind, outcome.reason or kind)
+                if outcome.decision == "reject":
+                    reason = outcome.reason or kind
+                    self.reporter.rejected(
+                        mid, outcome.sender, outcome.subject, reason, outcome.detail or ""
+                    )
             self.status.last_uid = uid
         return DONE
 

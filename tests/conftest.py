@@ -16,6 +16,7 @@ Fixtures
                      ``dovecot`` (to recipients that are Dovecot users).
 ``proxy``            function: factory ``proxy(host, port) -> TcpProxy``.
 ``unrelated_ca_file`` session: a CA file that did NOT sign the servers' cert.
+``chat_model``       function: :class:`EchoChatModel`, an OpenAI-compatible echo on loopback.
 
 If a test stops or restarts a session server, the next test that uses it gets
 it running again (see ``_keep_servers_usable``).
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fakes.chat_model import EchoChatModel
 from tests.servers.certs import TestPKI, make_pki, make_unrelated_ca
 from tests.servers.dovecot import Account, DovecotError, DovecotServer
 from tests.servers.proxy import TcpProxy
@@ -135,6 +137,16 @@ def proxy() -> Iterator[Callable[[str, int], TcpProxy]]:
     finally:
         for p in made:
             p.stop()
+
+
+@pytest.fixture
+def chat_model() -> Iterator[EchoChatModel]:
+    """A scripted echo chat model on loopback (the host-integration tests' stand-in LLM)."""
+    model = EchoChatModel().start()
+    try:
+        yield model
+    finally:
+        model.stop()
 
 
 @pytest.fixture(autouse=True)

@@ -119,6 +119,7 @@ async def test_a_full_state_disk_pauses_the_channel_and_never_repeats_mail(
                 await until(lambda: channel.status.storage_error == "storage_full")
                 assert not await channel.health_check()
                 assert channel.status.last_error_code == "storage_full"
+                assert channel.state.code == "storage_full"  # what on_status reported
                 assert queue.empty()  # paused in place: nothing handed on meanwhile
                 filler.unlink()
                 await take(7)

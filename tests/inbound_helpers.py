@@ -30,7 +30,6 @@ def inbound_config(tmp_path: Path, **overrides: Any) -> EmailConfig:
         "attachments_dir": tmp_path / "attachments",
         "max_attachment_bytes": 1000,
         "max_attachments_total_bytes": 4000,
-        "handoff": "queue",  # what these tests were written for
     }
     fields.update(overrides)
     return build_config(tmp_path / "state", **fields)

@@ -161,7 +161,8 @@ async def test_a_read_only_state_dir_at_start_is_a_channel_error_with_the_fix(
 ) -> None:
     with read_only_dir(tmp_path / "ro") as ro:
         state_dir = ro if where == "the dir" else ro / "missing" / "state"
-        channel = EmailChannel(inbound_config(tmp_path, state_dir=state_dir))
+        config = inbound_config(tmp_path).model_copy(update={"state_dir": state_dir})
+        channel = EmailChannel(config)
         with pytest.raises(ChannelError) as caught:
             await channel.start()
     assert caught.value.code == "storage_readonly"

@@ -132,3 +132,16 @@ class StorageError(ChannelError):
     def __init__(self, message: str, *, code: str | None = None, path: str = "") -> None:
         super().__init__(message, code=code)
         self.path = path
+
+
+class OAuthReauthRequired(AuthenticationError):
+    """The OAuth grant is gone (revoked, expired, never stored): a person must sign in
+    again with ``prx-email auth login``. Retrying without that cannot help."""
+
+    code = "oauth_reauth_required"
+
+
+class OAuthUnavailable(TransportError):
+    """The token endpoint could not be reached or answered 5xx/429: retried with backoff."""
+
+    code = "oauth_token_unavailable"

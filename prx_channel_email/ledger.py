@@ -19,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from .addresses import fold_address
 from .backoff import Backoff
 from .errors import StorageError
 from .models import ChannelMessage
@@ -63,7 +64,7 @@ class LedgerLookup:
 
     async def latest_from(self, account: str, sender: str) -> LedgerEntry | None:
         """The newest delivered message from ``sender`` (or whose reply target it is)."""
-        addr = sender.strip().lower()
+        addr = fold_address(sender)
         staged = self._newest_staged(account, lambda e: addr in (e.sender, e.reply_target))
         return _newer(staged, await self.store.latest_from(account, addr))
 

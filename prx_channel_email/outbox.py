@@ -11,8 +11,16 @@ What a crash at each step means:
 - after the row is written, before or during SMTP: the lease expires and the
   worker of the next run (or of another process on the same state) sends it;
 - after the server accepted, before ``sent`` is recorded: it is sent again with
-  the same Message-ID (a duplicate at the SMTP level, one message in the client);
+  the same Message-ID (a duplicate at the SMTP level, one message in the client).
+  The mark is committed right after the 250, so this window is one commit long;
 - after ``sent`` is recorded: never sent again.
+
+A reply's path: :meth:`Outbox.send` checks size and idempotency key, finds the
+parent (ledger), composes (compose.py), stores the row (:class:`GroupInsert`,
+outbox_commits.py), tells the channel the reply is durable (it acks the parent),
+then makes one SMTP attempt (smtp.py) and records the result (:class:`SentMarks`
+or a retry/failure). SQL lives in outbox_table.py; the worker (:meth:`Outbox._run`)
+retries what failed transiently. A repeated idempotency key sends nothing.
 
 Leases are for rows of a process that died. A live process never takes back a
 row it is still working on: every row that a ``send()`` or the worker is

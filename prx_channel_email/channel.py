@@ -14,10 +14,11 @@ from types import TracebackType
 from . import senders_table
 from .backoff import Backoff
 from .config import EmailConfig, sender_entry
-from .errors import ChannelError
+from .errors import ChannelError, StorageError
 from .inbound import InboundPipeline
 from .ledger import LedgerLookup
 from .models import Channel, ChannelMessage, SendMessage
+from .oauth import TokenManager, TokenProvider, attach, auth_backoff
 from .observability import Metrics, log_event
 from .outbox import Outbox
 from .smtp import SmtpTransport
@@ -51,12 +52,19 @@ class EmailChannel(Channel):
         self,
         config: EmailConfig,
         *,
+        token_provider: TokenProvider | None = None,
         on_status: StatusCallback | None = None,
         on_rejected: RejectedCallback | None = None,
     ) -> None:
         """``on_status`` is called (sync or async) with a :class:`ChannelStatus` on every
         change of state: connected, reconnecting, failed (with its code), closed.
-        ``on_rejected`` is called with a :class:`RejectedMessage` for each refused mail."""
+        ``on_rejected`` is called with a :class:`RejectedMessage` for each refused mail.
+        ``token_provider``: an async callable returning (access token, expiry), asked
+        before every login, for hosts that manage OAuth tokens themselves."""
+        # OAuth: one token manager for IMAP, SMTP and the Sent copy rides on the config.
+        self.tokens: TokenManager | None = None
+        if config.auth_method == "oauth2" or token_provider is not None:
+            config, self.tokens = attach(config, token_provider)
         self.config = config
         self.metrics = Metrics()
         self.reporter = StatusReporter(config.account, on_status, on_rejected)
@@ -71,8 +79,15 @@ class EmailChannel(Channel):
             self.metrics,
             lookup=self.ledger,
             reporter=self.reporter,
+            auth_backoff=auth_backoff(config),
         )
-        self.outbox = Outbox(config, self.store, self.metrics, parents=self.ledger)
+        self.outbox = Outbox(
+            config,
+            self.store,
+            self.metrics,
+            parents=self.ledger,
+            on_reply_durable=self._reply_durable,
+        )
         self._started = False
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()
@@ -123,6 +138,30 @@ class EmailChannel(Channel):
         """Like :meth:`send`, but returns the Message-ID of the sent mail."""
         await self.start()
         return await self.outbox.send(message)
+
+    async def ack(self, message: ChannelMessage) -> None:
+        """``handoff="ack"``: the host is done with ``message``; returns once that is on disk.
+
+        It is then never handed on again (not even after a restart), and the optional
+        ``mark_seen`` / ``move_to_folder`` apply to it at the end of the next sync pass.
+        A reply to it (``send(message.reply(...))``) acks it too. With
+        ``handoff="queue"`` a message is handled once on the queue: this does nothing.
+        Raises StorageError (a ChannelError) when the state cannot be written.
+        """
+        await self.start()
+        if self.config.handoff == "ack":
+            await self.sync.ack(message.id)
+
+    async def _reply_durable(self, parent_id: str) -> None:
+        """A reply to ``parent_id`` is durably in the outbox: the parent is handled."""
+        if self.config.handoff != "ack":
+            return
+        try:
+            await self.sync.ack(parent_id)
+        except StorageError as exc:  # the reply is stored; the parent stays in flight
+            log_event(log, logging.WARNING, "channel.ack_failed", exc=exc,
+                      account=self.config.account, message_id=parent_id,
+                      code=exc.code)  # fmt: skip
 
     @property
     def allowed_senders(self) -> list[str]:
@@ -184,8 +223,15 @@ class EmailChannel(Channel):
         return self.metrics.snapshot()
 
     async def health_check(self) -> bool:
-        """True unless authentication failed or the outbox cannot reach its server."""
-        return self._started and not self.sync.status.auth_failed and self.outbox.healthy
+        """True unless authentication failed, the state cannot be written (the hand-off
+        is paused), the outbox cannot reach its server or OAuth needs a new sign-in."""
+        return (
+            self._started
+            and not self.sync.status.auth_failed
+            and self.sync.status.storage_error is None
+            and self.outbox.healthy
+            and not (self.tokens is not None and self.tokens.reauth_required)
+        )
 
     async def close(self) -> None:
         """Stop listening (a ledger write in flight completes), stop the outbox, close the store."""

@@ -43,6 +43,7 @@ from .errors import (
 from .headers import Headers, split_header_block
 from .imap import ImapSession
 from .smtp import SmtpFailure, SmtpTransport
+from .store import low_space
 from .tls import ssl_context
 
 Status = Literal["pass", "warn", "fail", "skip"]
@@ -193,6 +194,10 @@ def detect_provider(host: str, port: int | None = None) -> Provider | None:
 
 
 def _login_fix(config: EmailConfig, host: str, port: int, key: str) -> str:
+    if config.auth_method == "oauth2":
+        from .oauth_doctor import login_fix
+
+        return login_fix(config.oauth_provider or "custom")
     provider = detect_provider(host, port)
     base = f"check username and {key} (or the PRX_EMAIL_{key.upper()} variable)."
     if provider is not None:
@@ -767,7 +772,7 @@ async def _smtp_chain(
                 f"AUTH as {user} refused: {exc.code} {exc.message[:100]}",
                 _login_fix(config, host, port, key),
             ) from None
-        except (aiosmtplib.SMTPException, SmtpFailure) as exc:
+        except (aiosmtplib.SMTPException, SmtpFailure, AuthenticationError) as exc:
             raise _Fail(f"AUTH failed: {exc}", _login_fix(config, host, port, key)) from None
         record("pass", f"authenticated as {user}")
         if send_test:
@@ -928,6 +933,20 @@ def _writable(path: Path) -> str | None:
     return None
 
 
+def _space_check(path: Path) -> Check:
+    """Free space where the state lives (the same rule the store logs at start)."""
+    warning = low_space(path)
+    if warning is None:
+        return Check("state dir space", "pass", f"enough free space under {path}")
+    return Check(
+        "state dir space",
+        "warn",
+        warning,
+        "free some space there, or set state_dir to a roomier filesystem: with no space"
+        " left the channel pauses (health false, code storage_full) until there is.",
+    )
+
+
 async def _dir_checks(config: EmailConfig, budget: float) -> list[Check]:
     checks: list[Check] = []
     for name, key, path in (
@@ -940,6 +959,8 @@ async def _dir_checks(config: EmailConfig, budget: float) -> list[Check]:
             problem = f"no answer within {budget:g} s (a hung network file system?)"
         if problem is None:
             checks.append(Check(name, "pass", f"{path} is writable"))
+            if key == "state_dir":
+                checks.append(_space_check(path))
         else:
             checks.append(
                 Check(
@@ -970,6 +991,11 @@ async def run_doctor(
     )
     report.checks.extend(_local_checks(config))
     report.checks.extend(await _dir_checks(config, check_timeout))
+    if config.auth_method == "oauth2":  # first: the logins below need the token
+        from .oauth_doctor import oauth_checks
+
+        config, found = await oauth_checks(config, check_timeout)
+        report.checks.extend(found)
     results: dict[str, Check] = {}
     bad_send_test: str | None = None
     if send_test is not None:

@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -48,7 +47,7 @@ from typing import Any, Protocol, TypeVar
 from .backoff import Backoff
 from .compose import Parent, compose, parent_from_ids, parse_recipient
 from .config import EmailConfig
-from .errors import ChannelError, SendError
+from .errors import SendError, StorageError
 from .message_ids import normalize_id
 from .models import SendMessage
 from .observability import Metrics, log_event
@@ -59,7 +58,6 @@ from .outbox_table import (
     OutboxEntry,
     OutboxRow,
     OutboxTable,
-    storage_code,
 )
 from .sent_folder import ImapSentFolder
 from .smtp import SmtpFailure, SmtpTransport
@@ -303,11 +301,7 @@ class Outbox:
         self._settled.clear()
         try:
             return await self._send(message)
-        except (sqlite3.Error, OSError) as exc:  # after the row was stored (before: _storing)
-            raise self._storage_failure(exc, message.recipient, stored=True) from exc
-        except ChannelError as exc:
-            if not exc.code.startswith("storage") or isinstance(exc, SendError):
-                raise
+        except StorageError as exc:  # after the row was stored (before it: _storing)
             raise self._storage_failure(exc, message.recipient, stored=True) from exc
         finally:
             self._inflight -= 1
@@ -378,16 +372,12 @@ class Outbox:
         """A state read/write before the reply is stored: a failing disk refuses the send."""
         try:
             return await step
-        except (sqlite3.Error, OSError) as exc:
-            raise self._storage_failure(exc, recipient, stored=False) from exc
-        except ChannelError as exc:
-            if not exc.code.startswith("storage") or isinstance(exc, SendError):
-                raise
+        except StorageError as exc:
             raise self._storage_failure(exc, recipient, stored=False) from exc
 
-    def _storage_failure(self, exc: BaseException, recipient: str, *, stored: bool) -> SendError:
-        """The SendError (``storage_full`` / ``storage_readonly`` / ``storage_error``)."""
-        code = exc.code if isinstance(exc, ChannelError) else storage_code(exc)
+    def _storage_failure(self, exc: StorageError, recipient: str, *, stored: bool) -> SendError:
+        """The store's StorageError as a SendError with the same code and path."""
+        code = exc.code
         log_event(
             log,
             logging.ERROR,
@@ -403,7 +393,7 @@ class Outbox:
             else "the reply was not stored and nothing was sent"
         )
         return SendError(
-            f"the outbox cannot write its state in {self.config.state_dir} ({exc}); {outcome}",
+            f"the outbox cannot write its state: {exc}; {outcome}",
             code=code,
             recipient=recipient,
         )

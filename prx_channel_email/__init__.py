@@ -14,10 +14,13 @@ from .errors import (
     ConfigError,
     FolderNotFoundError,
     InsecureConnectionError,
+    NotReadyError,
     SendError,
+    StorageError,
     TransportError,
 )
 from .models import Attachment, Channel, ChannelMessage, SendMessage
+from .status import ChannelState, ChannelStatus, RejectedMessage
 
 __all__ = [
     "Attachment",
@@ -25,13 +28,18 @@ __all__ = [
     "Channel",
     "ChannelError",
     "ChannelMessage",
+    "ChannelState",
+    "ChannelStatus",
     "ConfigError",
     "EmailChannel",
     "EmailConfig",
     "FolderNotFoundError",
     "InsecureConnectionError",
+    "NotReadyError",
+    "RejectedMessage",
     "SendError",
     "SendMessage",
+    "StorageError",
     "TransportError",
     "__version__",
     "load_config",

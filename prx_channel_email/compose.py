@@ -26,7 +26,13 @@ from markdown_it import MarkdownIt
 
 from .config import EmailConfig, is_address
 from .errors import SendError
-from .message_ids import mint_message_id, normalize_id, parse_id_list
+from .message_ids import (
+    STAMP_HEADER,
+    channel_stamp,
+    mint_message_id,
+    normalize_id,
+    parse_id_list,
+)
 
 #: References longer than this keep only the first id and the most recent ones.
 MAX_REFERENCES = 20
@@ -275,10 +281,14 @@ def compose(
             subject = reply_subject(" ".join(inherited.split()))
         else:
             subject = config.default_subject
+    # Control characters (but tab) never reach a header: CR/LF/NUL were refused above,
+    # the rest (\x0b, \x0c, \x1c, DEL, ...) mean nothing in a subject and confuse parsers.
+    subject = _CONTROL_RE.sub("", subject)
+    from_name = _CONTROL_RE.sub("", config.from_name or "")
     mid = message_id or mint_message_id(config.from_address)
     files = _read_attachments(list(attachments or []), config.max_outbound_attachment_bytes)
 
-    sender = formataddr((config.from_name or "", config.from_address), charset="utf-8")
+    sender = formataddr((from_name, config.from_address), charset="utf-8")
     headers = [
         f"From: {sender}",
         f"To: {rcpt}",
@@ -294,6 +304,8 @@ def compose(
         headers.append("Auto-Submitted: auto-generated")
     # Exchange/Outlook ignore RFC 3834 but honour this.
     headers.append("X-Auto-Response-Suppress: All")
+    # Recognises our own mail when it comes back rewritten (policy.loop_reason).
+    headers.append(f"{STAMP_HEADER}: {channel_stamp(config.account)}")
     headers.append("MIME-Version: 1.0")
     ctype, body = _multipart(
         "alternative", [_text_part("plain", content), _text_part("html", render_html(content))]

@@ -5,9 +5,10 @@ the policy decides on headers alone, so refused mail is never parsed further and
 never has an attachment written. Accepted mail is parsed once (the header block
 already read is not parsed again; see mime_body.parse_message), its text
 extracted and stripped (within a wall-clock budget, after which ``content`` is
-the whole text), and its attachments saved. No exception escapes :meth:`InboundPipeline.process`: what
-cannot be understood becomes a ``quarantine`` outcome with a logged reason, so
-one bad message never stops the listener.
+the whole text), and its attachments saved. No exception escapes
+:meth:`InboundPipeline.process`: what cannot be understood becomes a
+``quarantine`` outcome with a logged reason, so one bad message never stops the
+listener.
 
 Crash safety: the pipeline keeps no durable state of its own. Attachments are
 written (atomically, to a directory derived from a hash of the raw message
@@ -252,10 +253,22 @@ class InboundPipeline:
                     size=meta.size,
                     code=meta.skipped_reason,
                 )
+        reply_target = decision.reply_target or env.sender
+        if env.reply_target != env.sender:
+            # A Reply-To is honoured only when it may write to the bot itself.
+            self._log(
+                logging.INFO,
+                "inbound.reply_target",
+                message_id=env.message_id,
+                sender=env.sender,
+                reply_to=env.reply_target,
+                reply_target=reply_target,
+                code="reply_to_not_allowed" if decision.reply_to_refused else "reply_to_allowed",
+            )
         # What both the message and the ledger row (used to thread replies) carry.
         shared: dict[str, Any] = {
             "sender": env.sender,
-            "reply_target": env.reply_target,
+            "reply_target": reply_target,
             "subject": env.subject,
             "thread_ts": env.thread_ts,
             "references": env.references,

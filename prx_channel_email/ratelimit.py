@@ -28,7 +28,7 @@ The limits, all sliding windows:
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -146,6 +146,7 @@ class HandoffGate:
         self._domain = SlidingWindow(limits.domain_count, limits.window)
         self._quick = SlidingWindow(limits.loop_max_quick, limits.loop_window)
         self._waiting: dict[int, Waiting] = {}  # by seq; dicts keep insertion order
+        self._in_line: Counter[str] = Counter()  # per sender: waiting, not held (FIFO)
         self._next_seq = 1
 
     # --- state from the store ---
@@ -164,6 +165,8 @@ class HandoffGate:
             self._next_seq = max(self._next_seq, w.seq + 1)
             if w.held:  # the loop was active at least until this arrived
                 self._quick.note(w.domain, w.arrived_at)
+            else:
+                self._in_line[w.sender] += 1
         self._waiting = dict(sorted(self._waiting.items()))
 
     # --- fresh mail ---
@@ -214,6 +217,7 @@ class HandoffGate:
                 if self._quiet_since(w.domain) + self.limits.loop_window > now:
                     continue  # held mail keeps no one else waiting
                 w.held = False
+                self._in_line[w.sender] += 1
                 unheld.append(w)
             if w.releasing or not w.stored or w.sender in blocked:
                 blocked.add(w.sender)
@@ -248,7 +252,10 @@ class HandoffGate:
 
     def released(self, w: Waiting) -> None:
         """``w`` is on the queue: it no longer waits."""
-        self._waiting.pop(w.seq, None)
+        if self._waiting.pop(w.seq, None) is not None and not w.held:
+            self._in_line[w.sender] -= 1
+            if self._in_line[w.sender] <= 0:
+                del self._in_line[w.sender]
 
     def release_failed(self, w: Waiting) -> None:
         """The hand-off of ``w`` did not happen: it waits again, at its place in line.
@@ -266,10 +273,12 @@ class HandoffGate:
         w = Waiting(self._next_seq, message_id, sender, now, held=held, stored=False)
         self._next_seq += 1
         self._waiting[w.seq] = w
+        if not held:
+            self._in_line[sender] += 1
         return w
 
     def _sender_waits(self, sender: str) -> bool:
-        return any(w.sender == sender and not w.held for w in self._waiting.values())
+        return self._in_line[sender] > 0
 
     def _budget_at(self, sender: str, now: float) -> float:
         return max(self._sender.free_at(sender, now), self._domain.free_at(domain_of(sender), now))

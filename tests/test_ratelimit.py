@@ -6,6 +6,9 @@ import sqlite3
 import time
 from pathlib import Path
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from prx_channel_email.deferred_table import (
     insert,
     load,
@@ -242,3 +245,49 @@ def test_deferred_table_round_trip_and_handoff_history() -> None:
         ("anna@example.com", T0),
         ("anna@example.com", T0 + 61),
     ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["a@x.org", "b@x.org", "c@y.org"]), st.floats(0, 40)),
+        min_size=1,
+        max_size=60,
+    ),
+    st.integers(1, 4),
+    st.integers(1, 6),
+)
+def test_any_arrival_pattern_goes_in_order_within_the_limits_and_completely(
+    arrivals: list[tuple[str, float]], per_sender: int, per_domain: int
+) -> None:
+    clock = Clock()
+    g = gate(clock, sender=per_sender, domain=per_domain, window=30)
+    handed: list[tuple[float, str, str]] = []  # (when, sender, message id)
+
+    def release() -> None:
+        released, _ = g.due()
+        for w in released:
+            handed.append((clock.now, w.sender, w.message_id))
+            g.released(w)
+
+    for i, (sender, gap) in enumerate(arrivals):
+        clock.now += gap
+        release()
+        mid = f"<{i}@t>"
+        if judge(g, mid, sender)[0] == "now":
+            handed.append((clock.now, sender, mid))
+    while (due := g.next_due()) is not None:  # time moves on until nothing waits
+        clock.now = max(clock.now, due)
+        release()
+    # Complete, and in arrival order per sender.
+    assert sorted(m for *_, m in handed) == sorted(f"<{i}@t>" for i in range(len(arrivals)))
+    for sender in {s for s, _ in arrivals}:
+        mine = [int(m[1:].split("@")[0]) for _, s, m in handed if s == sender]
+        assert mine == sorted(mine)
+    # Within the limits in every window.
+    limit_of = {"sender": per_sender, "domain": per_domain}
+    for when, sender, _ in handed:
+        in_window = [s for t, s, _ in handed if when - 30 < t <= when]
+        assert in_window.count(sender) <= limit_of["sender"]
+        dom = sender.partition("@")[2]
+        assert sum(1 for s in in_window if s.endswith("@" + dom)) <= limit_of["domain"]

@@ -14,10 +14,12 @@ from .errors import (
     ConfigError,
     FolderNotFoundError,
     InsecureConnectionError,
+    NotReadyError,
     SendError,
     TransportError,
 )
 from .models import Attachment, Channel, ChannelMessage, SendMessage
+from .status import ChannelState, ChannelStatus, RejectedMessage
 
 __all__ = [
     "Attachment",
@@ -25,11 +27,15 @@ __all__ = [
     "Channel",
     "ChannelError",
     "ChannelMessage",
+    "ChannelState",
+    "ChannelStatus",
     "ConfigError",
     "EmailChannel",
     "EmailConfig",
     "FolderNotFoundError",
     "InsecureConnectionError",
+    "NotReadyError",
+    "RejectedMessage",
     "SendError",
     "SendMessage",
     "TransportError",

@@ -11,12 +11,25 @@ import asyncio
 import logging
 from types import TracebackType
 
-from .config import EmailConfig
+from . import senders_table
+from .backoff import Backoff
+from .config import EmailConfig, sender_entry
+from .errors import ChannelError
 from .inbound import InboundPipeline
 from .ledger import LedgerLookup
 from .models import Channel, ChannelMessage, SendMessage
+from .oauth import TokenManager, TokenProvider, attach, auth_backoff
 from .observability import Metrics, log_event
 from .outbox import Outbox
+from .smtp import SmtpTransport
+from .status import (
+    ChannelStatus,
+    RejectedCallback,
+    StatusCallback,
+    StatusReporter,
+    failure_code,
+    is_permanent,
+)
 from .store import StateStore
 from .sync import SyncEngine, SyncStatus
 
@@ -35,23 +48,50 @@ class EmailChannel(Channel):
 
     name = "email"
 
-    def __init__(self, config: EmailConfig) -> None:
+    def __init__(
+        self,
+        config: EmailConfig,
+        *,
+        token_provider: TokenProvider | None = None,
+        on_status: StatusCallback | None = None,
+        on_rejected: RejectedCallback | None = None,
+    ) -> None:
+        """``on_status`` is called (sync or async) with a :class:`ChannelStatus` on every
+        change of state: connected, reconnecting, failed (with its code), closed.
+        ``on_rejected`` is called with a :class:`RejectedMessage` for each refused mail.
+        ``token_provider``: an async callable returning (access token, expiry), asked
+        before every login, for hosts that manage OAuth tokens themselves."""
+        # OAuth: one token manager for IMAP, SMTP and the Sent copy rides on the config.
+        self.tokens: TokenManager | None = None
+        if config.auth_method == "oauth2" or token_provider is not None:
+            config, self.tokens = attach(config, token_provider)
         self.config = config
         self.metrics = Metrics()
+        self.reporter = StatusReporter(config.account, on_status, on_rejected)
         self.store = StateStore(config.state_dir)
         # Shared by the hand-off (which writes) and the outbox (which finds reply parents).
         self.ledger = LedgerLookup(self.store)
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
-        self.sync = SyncEngine(config, self.store, self.pipeline, self.metrics, lookup=self.ledger)
+        self.sync = SyncEngine(
+            config,
+            self.store,
+            self.pipeline,
+            self.metrics,
+            lookup=self.ledger,
+            reporter=self.reporter,
+            auth_backoff=auth_backoff(config),
+        )
         self.outbox = Outbox(config, self.store, self.metrics, parents=self.ledger)
         self._started = False
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()
+        self._smtp_check: asyncio.Task[None] | None = None
 
     async def start(self) -> EmailChannel:
         async with self._start_lock:
             if not self._started:
                 await self.store.open()
+                await self._apply_runtime_senders()
                 await self.outbox.start()
                 self._started = True
         return self
@@ -68,7 +108,13 @@ class EmailChannel(Channel):
         await self.close()
 
     async def listen(self, queue: asyncio.Queue[ChannelMessage]) -> None:
-        await self.start()
+        try:
+            await self.start()
+        except ChannelError as exc:  # e.g. the state store cannot be opened
+            self.reporter.imap_failed(exc, None, permanent=True)
+            raise
+        if self._smtp_check is None:
+            self._smtp_check = asyncio.create_task(self._check_smtp())
         task = asyncio.current_task()
         if task is not None:
             self._listeners.add(task)
@@ -88,7 +134,58 @@ class EmailChannel(Channel):
         return await self.outbox.send(message)
 
     @property
+    def allowed_senders(self) -> list[str]:
+        """The allow-list in effect: the config's, with the host's runtime changes."""
+        return list(self.pipeline.policy.allowed_senders)
+
+    async def allow_sender(self, entry: str) -> None:
+        """Allow ``entry`` (an address, ``@domain`` or ``*``) from now on, and after a
+        restart: the change is on disk before this returns. Mail already refused
+        stays refused; the sender's next mail is handed on."""
+        await self._change_sender(entry, allow=True)
+
+    async def remove_sender(self, entry: str) -> None:
+        """Take ``entry`` off the allow-list (also an entry of the config's list), from
+        now on and after a restart. Only that entry: removing ``bob@x.org`` does not
+        refuse bob while ``@x.org`` is allowed."""
+        await self._change_sender(entry, allow=False)
+
+    async def _change_sender(self, entry: str, *, allow: bool) -> None:
+        item = sender_entry(entry)
+        if item is None:
+            raise ChannelError(
+                f"{entry!r} is neither an address, '@domain' nor '*'", code="invalid_argument"
+            )
+        await self.start()
+        account, in_config = self.config.account, item in self.config.allowed_senders
+        await self.store.run(
+            lambda conn: senders_table.change(conn, account, item, allow=allow, in_config=in_config)
+        )
+        await self._apply_runtime_senders()
+        event = "channel.sender_allowed" if allow else "channel.sender_removed"
+        log_event(log, logging.INFO, event, account=account, sender=item)
+
+    async def _apply_runtime_senders(self) -> None:
+        account = self.config.account
+        added, removed = await self.store.run(lambda conn: senders_table.load(conn, account))
+        self.pipeline.policy.set_runtime_senders(added, removed)
+
+    async def wait_ready(self, timeout: float) -> ChannelStatus:  # noqa: ASYNC109 (the contract)
+        """While :meth:`listen` runs: return once IMAP is logged in with the folder
+        selected and the SMTP login was checked. A permanent failure (``auth_failed``,
+        ``tls_verify_failed``, ``folder_missing``, ``oauth_reauth_required`` ...) raises
+        a ChannelError with that code at once; ``timeout`` seconds without either
+        raise NotReadyError (code ``timeout``, also a TimeoutError)."""
+        return await self.reporter.wait_ready(timeout)
+
+    @property
+    def state(self) -> ChannelStatus:
+        """The current :class:`ChannelStatus` (what ``on_status`` was last called with)."""
+        return self.reporter.current
+
+    @property
     def status(self) -> SyncStatus:
+        """The IMAP side in detail (mode, cursor, last error): diagnostics."""
         return self.sync.status
 
     def stats(self) -> dict[str, int]:
@@ -97,16 +194,47 @@ class EmailChannel(Channel):
 
     async def health_check(self) -> bool:
         """True unless authentication failed or the outbox cannot reach its server."""
-        return self._started and not self.sync.status.auth_failed and self.outbox.healthy
+        return (
+            self._started
+            and not self.sync.status.auth_failed
+            and self.outbox.healthy
+            and not (self.tokens is not None and self.tokens.reauth_required)
+        )
 
     async def close(self) -> None:
         """Stop listening (a ledger write in flight completes), stop the outbox, close the store."""
+        if self._smtp_check is not None:
+            self._smtp_check.cancel()
+            self._smtp_check = None
         await self._stop_listeners()
+        self.reporter.closed()
         async with self._start_lock:
             if self._started:
                 self._started = False
                 await self.outbox.close()
                 await self.store.close()
+
+    async def _check_smtp(self) -> None:
+        """Log in to SMTP once, so readiness covers replies too; retried until it passes
+        (slowly after a permanent failure: the server side may get fixed)."""
+        transient = Backoff(base=1.0, cap=300.0)
+        permanent = Backoff(base=300.0, cap=1800.0)
+        while True:
+            try:
+                await SmtpTransport(self.config, self.metrics).check_login()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # SmtpFailure, or a bug: neither may end the check
+                lasting = is_permanent(exc)
+                delay = (permanent if lasting else transient).next()
+                self.reporter.smtp_failed(exc, delay)
+                log_event(log, logging.ERROR if lasting else logging.WARNING,
+                          "smtp.check_failed", exc=exc, account=self.config.account,
+                          code=failure_code(exc), retry_in=f"{delay:.1f}s")  # fmt: skip
+                await asyncio.sleep(delay)
+                continue
+            self.reporter.smtp_ready()
+            return
 
     async def _stop_listeners(self) -> None:
         # A listen() task still running would otherwise find its store closed under it.

@@ -275,10 +275,14 @@ def compose(
             subject = reply_subject(" ".join(inherited.split()))
         else:
             subject = config.default_subject
+    # Control characters (but tab) never reach a header: CR/LF/NUL were refused above,
+    # the rest (\x0b, \x0c, \x1c, DEL, ...) mean nothing in a subject and confuse parsers.
+    subject = _CONTROL_RE.sub("", subject)
+    from_name = _CONTROL_RE.sub("", config.from_name or "")
     mid = message_id or mint_message_id(config.from_address)
     files = _read_attachments(list(attachments or []), config.max_outbound_attachment_bytes)
 
-    sender = formataddr((config.from_name or "", config.from_address), charset="utf-8")
+    sender = formataddr((from_name, config.from_address), charset="utf-8")
     headers = [
         f"From: {sender}",
         f"To: {rcpt}",

@@ -24,14 +24,15 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.message import EmailMessage
-from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any, Literal
 
 import aiosmtplib
 
+from .authresults import authserv_ids, provider_field, trust_line, verdict
 from .compose import parse_recipient
 from .config import EmailConfig, is_loopback, load_config, resolve_path
+from .envelope import sender_of
 from .errors import (
     AuthenticationError,
     ChannelError,
@@ -39,8 +40,8 @@ from .errors import (
     FolderNotFoundError,
     TransportError,
 )
+from .headers import Headers, split_header_block
 from .imap import ImapSession
-from .policy import authserv_id_of, authserv_id_trusted
 from .smtp import SmtpFailure, SmtpTransport
 from .tls import ssl_context
 
@@ -192,6 +193,10 @@ def detect_provider(host: str, port: int | None = None) -> Provider | None:
 
 
 def _login_fix(config: EmailConfig, host: str, port: int, key: str) -> str:
+    if config.auth_method == "oauth2":
+        from .oauth_doctor import login_fix
+
+        return login_fix(config.oauth_provider or "custom")
     provider = detect_provider(host, port)
     base = f"check username and {key} (or the PRX_EMAIL_{key.upper()} variable)."
     if provider is not None:
@@ -576,65 +581,132 @@ async def _imap_greeting(probe: _ImapProbe, port: int, security: str) -> bytes:
     return greeting
 
 
-def authserv_ids(header_values: list[str]) -> list[str]:
-    """The authserv-id of each Authentication-Results value (policy's parser decides)."""
-    return [aid for aid in (authserv_id_of(v)[0] for v in header_values) if aid]
+@dataclass(frozen=True)
+class AuthReading:
+    """What one message's headers say about its sender, read as the policy reads them."""
+
+    sender: str
+    entry: (
+        str | None
+    )  # the trusted_authserv_ids entry its provider field needs (None: none/unreadable)
+    has_field: bool  # any Authentication-Results at all
+    trusted: bool  # the provider field is believed under the configured ids
+    verified: bool | None  # the policy's sender_verified under the configured ids
+    ignored_ids: list[str]  # authserv-ids of lower fields, never read
+
+
+def read_auth(header_block: bytes, trusted: list[str]) -> AuthReading:
+    """One message's authenticity, by the policy's own header reader and verdict."""
+    headers = Headers.from_block(split_header_block(header_block)[0])
+    fields = headers.get_all("authentication-results")
+    top = provider_field(fields)
+    sender = sender_of(headers)[1]
+    return AuthReading(
+        sender=sender,
+        entry=top.entry if top is not None else None,
+        has_field=top is not None,
+        trusted=top is not None and top.trusted_by(trusted),
+        verified=verdict(fields, sender, trusted).verified,
+        ignored_ids=authserv_ids(fields[1:]),
+    )
+
+
+def judge_auth(
+    config: EmailConfig, newest_first: list[AuthReading]
+) -> tuple[Status, str, str | None]:
+    """The "sender verification" check from the newest messages' readings.
+
+    Under ``sender_auth = "enforce"`` a setup that would refuse every allowed
+    sender fails; under "flag" the same is a warning. The line to paste is built
+    from the provider field of the newest message that carries one.
+    """
+    trusted = config.trusted_authserv_ids
+    mode = config.sender_auth
+    bad: Status = "fail" if mode == "enforce" else "warn"
+    opt_down = (
+        "or set sender_auth = 'flag' to deliver unverified mail (the host sees sender_verified)"
+    )
+    if mode == "off":
+        return (
+            "warn",
+            "sender_auth = 'off': a forged From reaches the agent",
+            ("set sender_auth = 'enforce' (the default) once trusted_authserv_ids is right."),
+        )
+    if not newest_first:
+        detail = "no mail in the folder to inspect"
+        if trusted:
+            return "skip", f"{detail}; trusting {', '.join(trusted)}", None
+        consequence = (
+            "every allowed sender's mail is refused"
+            if mode == "enforce"
+            else "senders are not verified"
+        )
+        return (
+            bad,
+            f"{detail}; trusted_authserv_ids is empty, so {consequence}",
+            "send a mail to the account from outside, run the doctor again and paste the "
+            f"line it prints; {opt_down}.",
+        )
+    sampled = len(newest_first)
+    carrying = [r for r in newest_first if r.has_field]
+    if not carrying:
+        consequence = (
+            "so every allowed sender's mail is refused as unverified"
+            if mode == "enforce"
+            else "so sender_verified stays None"
+        )
+        return (
+            bad,
+            f"none of the newest {sampled} messages carries Authentication-Results, {consequence}",
+            "the server records no SPF/DKIM/DMARC results: set sender_auth = 'flag' and rely "
+            "on allowed_senders only for addresses you trust not to be forged.",
+        )
+    newest = carrying[0]
+    entries = sorted({r.entry for r in carrying if r.entry})
+    lower = sorted({i for r in carrying for i in r.ignored_ids})
+    seen = f"topmost field from {', '.join(entries) or 'an unreadable field'}"
+    if lower:
+        seen += f"; lower fields naming {', '.join(lower)} are ignored (a sender can plant them)"
+    if newest.trusted:
+        hits = sum(r.trusted for r in carrying)
+        verified = sum(r.verified is True for r in carrying)
+        return (
+            "pass",
+            f"{hits} of the newest {sampled} messages carry Authentication-Results from a "
+            f"trusted authserv-id, {verified} verified ({seen})",
+            None,
+        )
+    if newest.entry is None:
+        return (
+            bad,
+            f"the newest message's topmost Authentication-Results cannot be read "
+            f"unambiguously ({seen})",
+            f"look at its raw source; {opt_down}.",
+        )
+    line = trust_line([newest.entry])
+    if not trusted:
+        what = f"messages carry Authentication-Results ({seen}), but trusted_authserv_ids is empty"
+    else:
+        what = f"the newest message's Authentication-Results is not from a trusted id ({seen})"
+    return (
+        bad,
+        what,
+        f"if {newest.entry} is your provider's receiving server (check the topmost "
+        f"Authentication-Results in the raw source of a mail from outside), paste: {line}",
+    )
 
 
 async def _auth_results_check(
     config: EmailConfig, session: ImapSession, exists: int
 ) -> tuple[Status, str, str | None]:
-    trusted = config.trusted_authserv_ids
-    if exists == 0:
-        detail = "no mail in the folder to inspect"
-        if not trusted:
-            return (
-                "warn",
-                detail + "; trusted_authserv_ids is empty, so senders are not verified",
-                "send a mail to the account, run the doctor again and copy the authserv-id "
-                "it finds into trusted_authserv_ids.",
-            )
-        return "skip", detail, None
-    first = max(1, exists - HEADER_SAMPLE + 1)
-    uids = await session.uid_search(f"{first}:{exists}")
-    headers = await session.fetch_headers(uids)
-    parser = BytesHeaderParser()
-    seen: list[str] = []
-    trusted_hits = 0
-    for blob in headers.values():
-        values = parser.parsebytes(blob).get_all("Authentication-Results", [])
-        ids = authserv_ids([str(v) for v in values])
-        seen.extend(ids)
-        trusted_hits += any(authserv_id_trusted(i, trusted) for i in ids)
-    sampled = len(headers)
-    found = ", ".join(sorted(set(seen))) or "none"
-    if trusted_hits:
-        return (
-            "pass",
-            f"{trusted_hits} of the newest {sampled} messages carry Authentication-Results "
-            f"from a trusted authserv-id ({found})",
-            None,
-        )
-    if not seen:
-        return (
-            "warn",
-            f"none of the newest {sampled} messages carries Authentication-Results",
-            "the server does not record SPF/DKIM/DMARC results, so sender_verified stays "
-            "None; rely on allowed_senders only for addresses you trust not to be forged.",
-        )
-    if not trusted:
-        return (
-            "warn",
-            f"messages carry Authentication-Results from {found}, "
-            "but trusted_authserv_ids is empty",
-            f"if {found} is your provider's receiving server, add it: "
-            f"trusted_authserv_ids = [{', '.join(repr(s) for s in sorted(set(seen)))}]",
-        )
-    return (
-        "warn",
-        f"Authentication-Results come from {found}, none of them in trusted_authserv_ids",
-        "check trusted_authserv_ids: it must be the exact authserv-id your provider writes.",
-    )
+    readings: list[AuthReading] = []
+    if exists:
+        first = max(1, exists - HEADER_SAMPLE + 1)
+        uids = await session.uid_search(f"{first}:{exists}")
+        headers = await session.fetch_headers(uids)
+        trusted = config.trusted_authserv_ids
+        readings = [read_auth(headers[uid], trusted) for uid in sorted(headers, reverse=True)]
+    return judge_auth(config, readings)
 
 
 # --------------------------------------------------------------------------- SMTP
@@ -699,7 +771,7 @@ async def _smtp_chain(
                 f"AUTH as {user} refused: {exc.code} {exc.message[:100]}",
                 _login_fix(config, host, port, key),
             ) from None
-        except (aiosmtplib.SMTPException, SmtpFailure) as exc:
+        except (aiosmtplib.SMTPException, SmtpFailure, AuthenticationError) as exc:
             raise _Fail(f"AUTH failed: {exc}", _login_fix(config, host, port, key)) from None
         record("pass", f"authenticated as {user}")
         if send_test:
@@ -902,6 +974,11 @@ async def run_doctor(
     )
     report.checks.extend(_local_checks(config))
     report.checks.extend(await _dir_checks(config, check_timeout))
+    if config.auth_method == "oauth2":  # first: the logins below need the token
+        from .oauth_doctor import oauth_checks
+
+        config, found = await oauth_checks(config, check_timeout)
+        report.checks.extend(found)
     results: dict[str, Check] = {}
     bad_send_test: str | None = None
     if send_test is not None:

@@ -64,6 +64,17 @@ class AuthenticationError(ChannelError):
         self.server = server
 
 
+class NotReadyError(ChannelError, TimeoutError):
+    """``wait_ready`` timed out with no permanent failure (still connecting or
+    reconnecting). Also a TimeoutError; ``status`` is the channel's state then."""
+
+    code = "timeout"
+
+    def __init__(self, message: str, *, status: object = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class InsecureConnectionError(ChannelError):
     """A plaintext connection to a non-loopback host was refused."""
 
@@ -105,3 +116,16 @@ class SendError(ChannelError):
         self.smtp_code = smtp_code
         self.recipient = recipient
         self.message_id = message_id
+
+
+class OAuthReauthRequired(AuthenticationError):
+    """The OAuth grant is gone (revoked, expired, never stored): a person must sign in
+    again with ``prx-email auth login``. Retrying without that cannot help."""
+
+    code = "oauth_reauth_required"
+
+
+class OAuthUnavailable(TransportError):
+    """The token endpoint could not be reached or answered 5xx/429: retried with backoff."""
+
+    code = "oauth_token_unavailable"

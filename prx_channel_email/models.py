@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,10 @@ class SendMessage(BaseModel):
     ``recipient``: the channel then threads the message onto the latest mail it
     received from that recipient. ``in_reply_to`` (a ChannelMessage id) or
     ``thread_ts`` (a conversation key) choose the parent explicitly.
+
+    ``idempotency_key``: a second send with a key the outbox already holds sends
+    nothing and returns the first send's Message-ID, so a framework that retries a
+    send after a timeout never mails twice. :meth:`ChannelMessage.reply` fills it.
     """
 
     content: str
@@ -47,6 +52,7 @@ class SendMessage(BaseModel):
     in_reply_to: str | None = None
     thread_ts: str | None = None
     attachments: list[Path] = Field(default_factory=list)
+    idempotency_key: str | None = None
 
 
 class ChannelMessage(BaseModel):
@@ -78,15 +84,26 @@ class ChannelMessage(BaseModel):
     sender_verified: bool | None = None
 
     def reply(self, content: str, **kw: Any) -> SendMessage:
-        """Build the threaded answer to this message (to its reply target, "Re: subject")."""
+        """Build the threaded answer to this message (to its reply target, "Re: subject").
+
+        Its ``idempotency_key`` is derived from this message's id and ``content``:
+        sending the same reply twice (a retried send) mails it once.
+        """
         fields: dict[str, Any] = {
             "content": content,
             "recipient": self.reply_target,
             "in_reply_to": self.id,
             "thread_ts": self.thread_ts,
+            "idempotency_key": reply_key(self.id, content),
         }
         fields.update(kw)
         return SendMessage(**fields)
+
+
+def reply_key(parent_id: str, content: str) -> str:
+    """The idempotency key of the reply ``content`` to the message ``parent_id``."""
+    digest = hashlib.sha256(f"{parent_id}\0{content}".encode("utf-8", "surrogatepass"))
+    return f"reply:{digest.hexdigest()}"
 
 
 class Channel(abc.ABC):

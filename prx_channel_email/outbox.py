@@ -32,28 +32,43 @@ import asyncio
 import contextlib
 import functools
 import logging
+import sqlite3
 import time
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 from .backoff import Backoff
 from .compose import Parent, compose, parent_from_ids, parse_recipient
 from .config import EmailConfig
-from .errors import SendError
+from .errors import ChannelError, SendError
 from .message_ids import normalize_id
 from .models import SendMessage
 from .observability import Metrics, log_event
 from .outbox_commits import GroupInsert, SentMarks
-from .outbox_table import EXHAUSTED_PREFIX, NewRow, OutboxRow, OutboxTable
+from .outbox_table import (
+    EXHAUSTED_PREFIX,
+    NewRow,
+    OutboxEntry,
+    OutboxRow,
+    OutboxTable,
+    storage_code,
+)
 from .sent_folder import ImapSentFolder
 from .smtp import SmtpFailure, SmtpTransport
 from .store import LedgerEntry, ParentLookup, StateStore
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 #: Replies with more text than this (or with attachments) are composed in a thread:
 #: adversarial Markdown renders in super-linear time (20,000 chars took 0.4 s).
 INLINE_COMPOSE_CHARS = 2_000
+
+#: Longer idempotency keys are refused (bad_input): a key is an id, not a payload.
+MAX_KEY_CHARS = 512
+
+#: How often the worker drops the text of sent replies past their retention.
+PRUNE_EVERY_SECS = 3600.0
 
 #: The longest the worker sleeps without looking at the table again.
 MAX_IDLE_WAIT_SECS = 60.0
@@ -107,6 +122,11 @@ class Outbox:
     crash recovery quickly; production uses the defaults derived from the config.
     ``on_accepted(message_id)`` is called synchronously the moment the server
     accepted a message, before anything is recorded (crash tests kill the process there).
+    ``on_reply_durable(parent_message_id)`` is awaited once a reply's row is
+    committed (or a repeated send found it), before ``send()`` returns: the channel
+    acknowledges the message answered.
+    ``sent_mark_delay_secs`` > 0 brings back the batched "sent" marks (for the kill
+    benchmark's comparison only).
     """
 
     def __init__(
@@ -121,6 +141,8 @@ class Outbox:
         sent_folder: SentFolder | None = None,
         parents: ParentLookup | None = None,
         on_accepted: Callable[[str], None] | None = None,
+        on_reply_durable: Callable[[str], Awaitable[None]] | None = None,
+        sent_mark_delay_secs: float = 0.0,
     ) -> None:
         self.config = config
         self.store = store
@@ -133,6 +155,7 @@ class Outbox:
             sent_folder = ImapSentFolder(config)
         self.sent_folder = sent_folder
         self._on_accepted = on_accepted
+        self._on_reply_durable = on_reply_durable
         self._backoff = Backoff(base=retry_base_secs, cap=float(config.send_retry_max_secs))
         # Long enough for connect + the whole SMTP transaction of the biggest message.
         self.lease_secs = lease_secs or (
@@ -142,7 +165,9 @@ class Outbox:
         self.holdoff = AuthHoldoff(float(config.send_retry_max_secs), config.smtp_host)
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
-        self.marks = SentMarks(self.table, on_recorded=self._changed.set)
+        self.marks = SentMarks(
+            self.table, on_recorded=self._changed.set, delay_secs=sent_mark_delay_secs
+        )
         self._inserts = GroupInsert(
             self.table, self.marks, self.lease_secs, hold=self._hold, orphaned=self._orphaned
         )
@@ -157,6 +182,7 @@ class Outbox:
         self._settled = asyncio.Event()
         self._settled.set()
         self._worker: asyncio.Task[None] | None = None
+        self._next_prune = 0.0
 
     # --- lifecycle ---
 
@@ -167,6 +193,7 @@ class Outbox:
         self._closing = False
         self.marks.start_timer()
         expired, pending = await self.table.recover()
+        await self._prune()
         if pending:
             log_event(
                 log,
@@ -268,16 +295,45 @@ class Outbox:
         self._settled.clear()
         try:
             return await self._send(message)
+        except (sqlite3.Error, OSError) as exc:  # after the row was stored (before: _storing)
+            raise self._storage_failure(exc, message.recipient, stored=True) from exc
+        except ChannelError as exc:
+            if not exc.code.startswith("storage") or isinstance(exc, SendError):
+                raise
+            raise self._storage_failure(exc, message.recipient, stored=True) from exc
         finally:
             self._inflight -= 1
             if self._inflight == 0:
                 self._settled.set()
 
     async def _send(self, message: SendMessage) -> str:
+        key = message.idempotency_key
+        if key is not None and not 0 < len(key) <= MAX_KEY_CHARS:
+            raise SendError(
+                f"idempotency_key must be 1 to {MAX_KEY_CHARS} characters",
+                code="bad_input",
+                recipient=message.recipient,
+            )
+        size = len(message.content)
+        if size > self.config.max_outbound_bytes or (
+            4 * size > self.config.max_outbound_bytes
+            and len(message.content.encode("utf-8", "surrogatepass"))
+            > self.config.max_outbound_bytes
+        ):
+            raise SendError(
+                f"the reply text is larger than max_outbound_bytes "
+                f"({self.config.max_outbound_bytes} bytes); shorten it or attach it as a file",
+                code="too_large",
+                recipient=message.recipient,
+            )
+        recipient = parse_recipient(message.recipient)
+        parent = await self._storing(self._find_parent(message, recipient), message.recipient)
+        if key is not None:
+            held = await self._storing(self.table.by_key(key), message.recipient)
+            if held is not None:  # a retried send: nothing new goes out
+                return await self._already_held(held, parent, key)
         if self.holdoff.active:
             raise self.holdoff.error(message.recipient)
-        recipient = parse_recipient(message.recipient)
-        parent = await self._find_parent(message, recipient)
         build = functools.partial(
             compose,
             self.config,
@@ -296,12 +352,99 @@ class Outbox:
             composed = await asyncio.to_thread(build)
         else:
             composed = build()
-        new = NewRow(composed.message_id, composed.mail_from, composed.recipient, composed.raw)
-        row_id = await self._inserts.store(new)
+        new = NewRow(composed.message_id, composed.mail_from, composed.recipient, composed.raw, key)
+        stored = await self._storing(self._inserts.store(new), message.recipient)
+        if stored.held is not None:  # the same key, sent concurrently, won the race
+            return await self._already_held(stored.held, parent, key or "")
         self.metrics.inc("outbound.queued")
-        row = OutboxRow(row_id, new.message_id, new.mail_from, new.recipient, new.raw, 0)
+        row = OutboxRow(stored.id, new.message_id, new.mail_from, new.recipient, new.raw, 0)
+        try:
+            await self._reply_durable(parent)
+        except asyncio.CancelledError:
+            self._orphaned([row.id])
+            raise
         await self._attempt(row, foreground=True)
         return composed.message_id
+
+    async def _storing(self, step: Awaitable[T], recipient: str) -> T:
+        """A state read/write before the reply is stored: a failing disk refuses the send."""
+        try:
+            return await step
+        except (sqlite3.Error, OSError) as exc:
+            raise self._storage_failure(exc, recipient, stored=False) from exc
+        except ChannelError as exc:
+            if not exc.code.startswith("storage") or isinstance(exc, SendError):
+                raise
+            raise self._storage_failure(exc, recipient, stored=False) from exc
+
+    def _storage_failure(self, exc: BaseException, recipient: str, *, stored: bool) -> SendError:
+        """The SendError (``storage_full`` / ``storage_readonly`` / ``storage_error``)."""
+        code = exc.code if isinstance(exc, ChannelError) else storage_code(exc)
+        log_event(
+            log,
+            logging.ERROR,
+            "outbound.storage_failed",
+            exc,
+            account=self.config.account,
+            recipient=recipient,
+            code=code,
+        )
+        outcome = (
+            "the reply is stored and is sent by the retry worker once the disk recovers"
+            if stored
+            else "the reply was not stored and nothing was sent"
+        )
+        return SendError(
+            f"the outbox cannot write its state in {self.config.state_dir} ({exc}); {outcome}",
+            code=code,
+            recipient=recipient,
+        )
+
+    async def _already_held(self, held: OutboxEntry, parent: Parent | None, key: str) -> str:
+        """A send whose key the outbox holds: answer as the first send did, send nothing."""
+        self.metrics.inc("outbound.duplicates_suppressed")
+        log_event(
+            log,
+            logging.INFO,
+            "outbound.duplicate_suppressed",
+            account=self.config.account,
+            message_id=held.message_id,
+            recipient=held.recipient,
+            state=held.state,
+            idempotency_key=key,
+        )
+        await self._reply_durable(parent)
+        if held.state == "failed":
+            raise SendError(
+                f"not sending again: the first send with this idempotency key failed: "
+                f"{held.last_error}",
+                code=held.error_code or "send_failed",
+                smtp_code=held.smtp_code,
+                recipient=held.recipient,
+                message_id=held.message_id,
+            )
+        return held.message_id
+
+    async def _reply_durable(self, parent: Parent | None) -> None:
+        """Tell the owner a reply to ``parent`` is durably in the outbox (it acks it).
+
+        A failing hook is logged: the reply goes out anyway, and an un-acked parent
+        only means it is handed on again after a restart.
+        """
+        if parent is None or self._on_reply_durable is None:
+            return
+        try:
+            await self._on_reply_durable(parent.message_id)
+        except Exception as exc:
+            log_event(
+                log,
+                logging.ERROR,
+                "outbound.ack_failed",
+                exc,
+                account=self.config.account,
+                message_id=parent.message_id,
+                code=getattr(exc, "code", "ack_failed"),
+            )
 
     def _hold(self, row_id: int, until: float) -> None:
         self._active[row_id] = until
@@ -359,7 +502,10 @@ class Outbox:
                         self.holdoff.trip()
                 else:
                     self._accepted(row)
-            if failure is not None:
+            if failure is None:
+                # Outside the lock: the next reply's SMTP overlaps this commit.
+                await self.marks.record(row)
+            else:
                 await self._failed_attempt(row, failure, foreground=foreground)
         except asyncio.CancelledError:
             if not in_smtp:
@@ -376,7 +522,6 @@ class Outbox:
         if self._on_accepted is not None:
             self._on_accepted(row.message_id)
         self.healthy = True
-        self.marks.add(row)
         self.metrics.inc("outbound.sent")
         self._log_row(
             logging.INFO,
@@ -446,7 +591,7 @@ class Outbox:
             await self._release([row.id])
             return
         error = self.holdoff.error(row.recipient, row.message_id)
-        await self.table.fail(row.id, str(error), smtp_code=None)
+        await self.table.fail(row.id, str(error), code=error.code, smtp_code=None)
         self._changed.set()
         self.metrics.inc("outbound.failed")
         self._log_row(
@@ -476,10 +621,12 @@ class Outbox:
                 if failure.permanent
                 else f"{EXHAUSTED_PREFIX}{attempts} attempt(s): {failure}"
             )
-            await self.table.fail(row.id, error, attempts=attempts, smtp_code=failure.smtp_code)
+            code = failure.code if failure.permanent else "send_retries_exhausted"
+            await self.table.fail(
+                row.id, error, code=code, attempts=attempts, smtp_code=failure.smtp_code
+            )
             self._changed.set()
             self.metrics.inc("outbound.failed")
-            code = failure.code if failure.permanent else "send_retries_exhausted"
             self._log_row(
                 logging.ERROR,
                 "outbound.failed",
@@ -556,6 +703,8 @@ class Outbox:
                     continue
                 if self._closing:
                     return
+                if time.monotonic() >= self._next_prune:
+                    await self._prune()
                 claimed = await self.marks.write_with(
                     functools.partial(self.table.claim_due, self._held_ids(), self.lease_secs)
                 )
@@ -578,6 +727,30 @@ class Outbox:
                     code="outbox_worker_error",
                 )
                 await self._sleep(1.0)
+
+    async def _prune(self) -> None:
+        """Drop the stored text of replies sent longer ago than ``outbox_retention_days``.
+
+        The row stays (Message-ID, idempotency key, state): a repeated send still
+        finds it. Failed rows keep their text (``prx-email outbox retry`` needs it).
+        """
+        self._next_prune = time.monotonic() + PRUNE_EVERY_SECS
+        cutoff = time.time() - self.config.outbox_retention_days * 86400
+        try:
+            pruned = await self.table.prune_sent(cutoff)
+        except Exception as exc:  # retried at the next interval; nothing depends on it
+            log_event(
+                log,
+                logging.WARNING,
+                "outbox.prune_failed",
+                exc,
+                account=self.config.account,
+                code=getattr(exc, "code", "storage_error"),
+            )
+            return
+        if pruned:
+            log_event(log, logging.INFO, "outbox.pruned", account=self.config.account,
+                      pruned=pruned)  # fmt: skip
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

@@ -3,10 +3,11 @@
 Both exist to save fsyncs without moving a durability line:
 
 - :class:`SentMarks`: rows the SMTP server accepted whose "sent" mark is not on
-  disk yet. The mark rides on the next write to the table (usually the next
-  reply's insert) or is flushed on its own a moment later. Dying before it lands
-  means one resend with the same Message-ID: the same as dying just before
-  writing it.
+  disk yet. The mark is written as soon as the server accepted (its own commit;
+  marks that pile up while one commit runs share the next). Dying before it lands
+  means one resend with the same Message-ID, so that window is kept as short as
+  one commit: with ``delay_secs`` > 0 (the old behaviour, kept for the kill
+  benchmark) marks wait that long for another write to carry them instead.
 - :class:`GroupInsert`: replies sent concurrently share one transaction for
   their new rows; each ``send()`` still waits until its own row is on disk.
 """
@@ -21,14 +22,10 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from .observability import log_event
-from .outbox_table import NewRow, OutboxRow, OutboxTable
+from .outbox_table import NewRow, OutboxRow, OutboxTable, Stored
 
 T = TypeVar("T")
 log = logging.getLogger("prx_channel_email.outbox")
-
-#: At most this long passes between the server accepting a reply and "sent" on disk
-#: (unless another write carries it sooner).
-SENT_FLUSH_DELAY_SECS = 0.2
 
 #: After a failed "sent" write, the next try comes this much later.
 SENT_FLUSH_RETRY_SECS = 1.0
@@ -38,11 +35,18 @@ class SentMarks:
     """Accepted rows waiting for their "sent" mark, and the writes that carry them.
 
     ``on_recorded`` is called after marks reached the disk (waiters re-check).
+    ``delay_secs`` 0 (the default) writes each mark at once; more lets marks wait
+    that long for another write to carry them (fewer commits, a wider window in
+    which a crash resends an accepted reply: see bench/bench_outbox_kills.py).
     """
 
-    def __init__(self, table: OutboxTable, *, on_recorded: Callable[[], None]) -> None:
+    def __init__(
+        self, table: OutboxTable, *, on_recorded: Callable[[], None], delay_secs: float = 0.0
+    ) -> None:
         self.table = table
         self._on_recorded = on_recorded
+        self.delay_secs = delay_secs
+        self._flush_lock = asyncio.Lock()
         # Accepted by the server, "sent" not yet on disk ...
         self._unrecorded: dict[int, OutboxRow] = {}
         # ... and those whose "sent" write is under way.
@@ -54,10 +58,23 @@ class SentMarks:
         """Rows accepted by the server and not yet marked: nobody may claim them."""
         return [*self._unrecorded, *self._recording]
 
-    def add(self, row: OutboxRow) -> None:
-        """The server accepted ``row``; its mark goes out with the next write."""
+    async def record(self, row: OutboxRow) -> None:
+        """The server accepted ``row``: write its mark now (or within ``delay_secs``).
+
+        A failed write is logged and retried; it never raises (the reply is sent).
+        """
         self._unrecorded[row.id] = row
-        self._schedule_flush(SENT_FLUSH_DELAY_SECS)
+        if self.delay_secs > 0:
+            self._schedule_flush(self.delay_secs)
+            return
+        # One commit at a time; whoever gets the lock writes every mark waiting by then.
+        try:
+            async with self._flush_lock:
+                if row.id in self._unrecorded:
+                    await self.flush()
+        except asyncio.CancelledError:
+            self._schedule_flush(SENT_FLUSH_RETRY_SECS)  # cancelled waiting: the timer writes it
+            raise
 
     async def write_with(self, fn: Callable[..., Awaitable[T]]) -> T:
         """Run the write ``fn(sent=rows)``, which also marks ``rows`` in its transaction.
@@ -165,12 +182,13 @@ class GroupInsert:
         self.lease_secs = lease_secs
         self._hold = hold
         self._orphaned = orphaned
-        self._queue: list[tuple[NewRow, asyncio.Future[int]]] = []
+        self._queue: list[tuple[NewRow, asyncio.Future[Stored]]] = []
         self._committer: asyncio.Task[None] | None = None
 
-    async def store(self, row: NewRow) -> int:
-        """Write ``row`` durably (leased to this process); returns its id."""
-        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    async def store(self, row: NewRow) -> Stored:
+        """Write ``row`` durably (leased to this process), unless its idempotency key
+        is already held: then the holder comes back (``held``) and nothing is written."""
+        done: asyncio.Future[Stored] = asyncio.get_running_loop().create_future()
         self._queue.append((row, done))
         if self._committer is None or self._committer.done():
             self._committer = asyncio.create_task(self._commit())
@@ -178,8 +196,10 @@ class GroupInsert:
             return await done
         except asyncio.CancelledError:
             if done.done() and not done.cancelled() and done.exception() is None:
-                # Stored, then cancelled before the attempt: hand it to the worker now.
-                self._orphaned([done.result()])
+                stored = done.result()
+                if stored.held is None:
+                    # Stored, then cancelled before the attempt: hand it to the worker now.
+                    self._orphaned([stored.id])
             raise
 
     async def _commit(self) -> None:
@@ -191,7 +211,7 @@ class GroupInsert:
                 continue
             rows = [r for r, _ in batch]
             try:
-                ids, until = await self.marks.write_with(
+                stored, until = await self.marks.write_with(
                     functools.partial(self.table.insert, rows, self.lease_secs)
                 )
             except BaseException as exc:
@@ -202,11 +222,14 @@ class GroupInsert:
                     raise
                 continue
             orphans: list[int] = []
-            for (_, done), row_id in zip(batch, ids, strict=True):
-                if done.done():  # cancelled while the row was written: nobody will attempt it
-                    orphans.append(row_id)
+            for (_, done), row in zip(batch, stored, strict=True):
+                if row.held is not None:  # not written: another send holds the key
+                    if not done.done():
+                        done.set_result(row)
+                elif done.done():  # cancelled while the row was written: nobody will attempt it
+                    orphans.append(row.id)
                 else:
-                    self._hold(row_id, until)
-                    done.set_result(row_id)
+                    self._hold(row.id, until)
+                    done.set_result(row)
             if orphans:
                 self._orphaned(orphans)

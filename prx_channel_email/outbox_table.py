@@ -10,6 +10,7 @@ A row moves ``pending -> sending (leased) -> sent``, or to ``failed``.
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import time
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # store.py imports this module's schema
     from .store import StateStore
 
 #: The outbox table as the first release wrote it (part of store.py's "base" step). Never
-#: edit it: a change is a new named step in OUTBOX_MIGRATIONS, which store.py appends.
+#: edit it: a change is a step function here, named in store.py's MIGRATIONS list.
 OUTBOX_SCHEMA_V1 = """
 -- Outbound mail. state: pending -> sending (leased) -> sent | failed.
 CREATE TABLE IF NOT EXISTS outbox (
@@ -42,6 +43,40 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox (account, state, next_attempt_at);
 """
+
+
+def add_idempotency_key(conn: sqlite3.Connection) -> None:
+    """Schema step ``outbox_idempotency_key``: the key a send was made with (unique per
+    account, when given) and the code of a row's final failure (a repeated send with
+    the same key fails the same way)."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(outbox)")}
+    if "idempotency_key" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN idempotency_key TEXT")
+    if "error_code" not in columns:
+        conn.execute("ALTER TABLE outbox ADD COLUMN error_code TEXT")
+    conn.execute(
+        "CREATE UNIQUE INDEX IF NOT EXISTS outbox_idempotency ON outbox"
+        " (account, idempotency_key) WHERE idempotency_key IS NOT NULL"
+    )
+
+
+def storage_code(exc: BaseException) -> str:
+    """``storage_full``, ``storage_readonly`` or ``storage_error`` for a failed state write."""
+    if isinstance(exc, OSError):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "storage_full"
+        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            return "storage_readonly"
+        return "storage_error"
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
+        return "storage_full"
+    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
+        return "storage_readonly"
+    if "readonly" in str(exc) or "read-only" in str(exc):
+        return "storage_readonly"
+    return "storage_error"
+
 
 #: ``last_error`` of a row that failed because its attempts ran out (every one of
 #: them transient) starts with this; :meth:`OutboxTable.requeue_exhausted` revives those.
@@ -68,6 +103,7 @@ class NewRow:
     mail_from: str
     recipient: str
     raw: bytes
+    idempotency_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +119,22 @@ class OutboxEntry:
     smtp_code: int | None
     created_at: float
     updated_at: float
+    error_code: str | None = None
 
+
+@dataclass(frozen=True)
+class Stored:
+    """A row :meth:`OutboxTable.insert` wrote, or the row that already held its key."""
+
+    id: int
+    message_id: str
+    held: OutboxEntry | None = None  # set when the key was already in the outbox
+
+
+_ENTRY_COLUMNS = (
+    "id, message_id, state, recipient, attempts, last_error, smtp_code,"
+    " created_at, updated_at, error_code"
+)
 
 _COLUMNS = "id, message_id, mail_from, recipient, raw, attempts"
 
@@ -137,27 +188,58 @@ class OutboxTable:
 
     async def insert(
         self, rows: Sequence[NewRow], lease_secs: float, *, sent: Sequence[OutboxRow]
-    ) -> tuple[list[int], float]:
-        """Store new rows already leased to this process; returns their ids and lease end."""
+    ) -> tuple[list[Stored], float]:
+        """Store new rows already leased to this process; returns them and their lease end.
+
+        A row whose idempotency key the outbox already holds is not written: its
+        :class:`Stored` names the row that holds the key (checked in this same
+        transaction, so two sends with one key can never both be written).
+        """
         account = self.account
 
-        def tx(conn: sqlite3.Connection) -> tuple[list[int], float]:
+        def tx(conn: sqlite3.Connection) -> tuple[list[Stored], float]:
             self._mark_sent(conn, sent)
             now = time.time()
             until = now + lease_secs
-            ids: list[int] = []
+            stored: list[Stored] = []
             for r in rows:
+                held = self._by_key(conn, r.idempotency_key) if r.idempotency_key else None
+                if held is not None:
+                    stored.append(Stored(held.id, held.message_id, held))
+                    continue
                 cur = conn.execute(
                     "INSERT INTO outbox (account, message_id, mail_from, recipient, raw, state,"
-                    " attempts, next_attempt_at, lease_until, created_at, updated_at)"
-                    " VALUES (?,?,?,?,?,'sending',0,?,?,?,?)",
-                    (account, r.message_id, r.mail_from, r.recipient, r.raw, now, until, now, now),
+                    " attempts, next_attempt_at, lease_until, created_at, updated_at,"
+                    " idempotency_key) VALUES (?,?,?,?,?,'sending',0,?,?,?,?,?)",
+                    (
+                        account,
+                        r.message_id,
+                        r.mail_from,
+                        r.recipient,
+                        r.raw,
+                        now,
+                        until,
+                        now,
+                        now,
+                        r.idempotency_key,
+                    ),
                 )
                 assert cur.lastrowid is not None
-                ids.append(cur.lastrowid)
-            return ids, until
+                stored.append(Stored(cur.lastrowid, r.message_id))
+            return stored, until
 
         return await self.store.run(tx)
+
+    def _by_key(self, conn: sqlite3.Connection, key: str) -> OutboxEntry | None:
+        values = conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM outbox WHERE account=? AND idempotency_key=?",
+            (self.account, key),
+        ).fetchone()
+        return OutboxEntry(*values) if values else None
+
+    async def by_key(self, key: str) -> OutboxEntry | None:
+        """The row sent with idempotency key ``key``, if the outbox holds one."""
+        return await self.store.run(lambda conn: self._by_key(conn, key))
 
     async def claim_due(
         self, exclude: Iterable[int], lease_secs: float, *, sent: Sequence[OutboxRow]
@@ -211,7 +293,13 @@ class OutboxTable:
         )
 
     async def fail(
-        self, row_id: int, error: str, *, attempts: int | None = None, smtp_code: int | None
+        self,
+        row_id: int,
+        error: str,
+        *,
+        code: str,
+        attempts: int | None = None,
+        smtp_code: int | None,
     ) -> None:
         """Failed for good; ``attempts=None`` leaves the count alone (no attempt was made)."""
         now = time.time()
@@ -220,14 +308,14 @@ class OutboxTable:
             if attempts is None:
                 conn.execute(
                     "UPDATE outbox SET state='failed', lease_until=NULL, last_error=?,"
-                    " smtp_code=?, updated_at=? WHERE id=?",
-                    (error, smtp_code, now, row_id),
+                    " smtp_code=?, error_code=?, updated_at=? WHERE id=?",
+                    (error, smtp_code, code, now, row_id),
                 )
             else:
                 conn.execute(
                     "UPDATE outbox SET state='failed', attempts=?, lease_until=NULL,"
-                    " last_error=?, smtp_code=?, updated_at=? WHERE id=?",
-                    (attempts, error, smtp_code, now, row_id),
+                    " last_error=?, smtp_code=?, error_code=?, updated_at=? WHERE id=?",
+                    (attempts, error, smtp_code, code, now, row_id),
                 )
 
         await self.store.run(tx)
@@ -310,6 +398,26 @@ class OutboxTable:
         )
         return int(n)
 
+    async def prune_sent(self, before: float) -> int:
+        """Empty the text of rows sent before ``before`` (Unix time); returns how many.
+
+        ``secure_delete`` makes SQLite overwrite the freed bytes: the text must be
+        gone from the file, not merely unreachable.
+        """
+        account = self.account
+
+        def tx(conn: sqlite3.Connection) -> int:
+            conn.execute("PRAGMA secure_delete=ON")
+            return int(
+                conn.execute(
+                    "UPDATE outbox SET raw=x'' WHERE account=? AND state='sent'"
+                    " AND updated_at<? AND length(raw)>0",
+                    (account, before),
+                ).rowcount
+            )
+
+        return await self.store.run(tx)
+
     async def entries(self, states: Sequence[str] = (), limit: int = 100) -> list[OutboxEntry]:
         """The newest rows first (optionally only in ``states``), without their bodies."""
         account = self.account
@@ -317,8 +425,7 @@ class OutboxTable:
 
         def q(conn: sqlite3.Connection) -> list[OutboxEntry]:
             found = conn.execute(
-                "SELECT id, message_id, state, recipient, attempts, last_error, smtp_code,"
-                " created_at, updated_at FROM outbox WHERE account=?"
+                f"SELECT {_ENTRY_COLUMNS} FROM outbox WHERE account=?"
                 " AND (json_array_length(?)=0 OR state IN (SELECT value FROM json_each(?)))"
                 " ORDER BY id DESC LIMIT ?",
                 (account, wanted, wanted, limit),

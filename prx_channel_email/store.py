@@ -27,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from . import deferred_table
-from .outbox_table import OUTBOX_SCHEMA_V1
+from . import deferred_table, senders_table
+from .outbox_table import OUTBOX_SCHEMA_V1, add_idempotency_key
 
 T = TypeVar("T")
 
@@ -93,6 +93,8 @@ def ddl(script: str) -> Step:
 MIGRATIONS: list[tuple[str, Step]] = [
     ("base", ddl(BASE_SCHEMA)),
     ("deferred_mail", deferred_table.migrate),
+    ("outbox_idempotency_key", add_idempotency_key),
+    (senders_table.MIGRATION_NAME, senders_table.migrate),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

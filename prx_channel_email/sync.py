@@ -37,6 +37,7 @@ from .inbound import InboundPipeline, Outcome, message_identity
 from .ledger import LedgerLookup, LedgerWriter
 from .models import ChannelMessage
 from .observability import Metrics, log_event
+from .status import StatusReporter
 from .store import Cursor, StateStore
 
 log = logging.getLogger("prx_channel_email.sync")
@@ -112,8 +113,10 @@ class SyncEngine:
         auth_backoff: Backoff | None = None,
         session_factory: Callable[[EmailConfig], Awaitable[ImapSession]] = open_session,
         lookup: LedgerLookup | None = None,
+        reporter: StatusReporter | None = None,
     ) -> None:
         self.config = config
+        self.reporter = reporter or StatusReporter(config.account)
         self.store = store
         self.pipeline = pipeline
         self.metrics = metrics
@@ -194,6 +197,7 @@ class SyncEngine:
     def _failed(self, exc: BaseException, event: str, level: int, delay: float) -> None:
         self.status.last_error = str(exc)
         self.status.last_error_code = getattr(exc, "code", None) or type(exc).__name__
+        self.reporter.imap_failed(exc, delay)
         log_event(log, level, event, exc=exc, account=self.account, folder=self.folder,
                   code=self.status.last_error_code, retry_in=f"{delay:.1f}s")  # fmt: skip
 
@@ -201,6 +205,7 @@ class SyncEngine:
 
     async def _serve(self, session: ImapSession, queue: asyncio.Queue[ChannelMessage]) -> None:
         info = await session.select(self.folder)
+        self.reporter.imap_ready()
         use_idle = session.has_idle and not self._idle_refused
         self.status.mode = "idle" if use_idle else "poll"
         self.status.uidvalidity = info.uidvalidity
@@ -433,6 +438,11 @@ class SyncEngine:
             else:
                 kind = "rejected" if outcome.decision == "reject" else "quarantined"
                 writer.record(uid, mid, kind, outcome.reason or kind)
+                if outcome.decision == "reject":
+                    reason = outcome.reason or kind
+                    self.reporter.rejected(
+                        mid, outcome.sender, outcome.subject, reason, outcome.detail or ""
+                    )
             self.status.last_uid = uid
         return DONE
 

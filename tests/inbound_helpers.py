@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prx_channel_email.config import EmailConfig
+from tests.config_builder import build_config
 
 CORPUS = Path(__file__).parent / "corpus"
 ARRIVAL = 1_700_000_000.0  # a fixed arrival time, so missing Date headers are predictable
@@ -16,8 +17,6 @@ BOT = "bot@example.net"
 def inbound_config(tmp_path: Path, **overrides: Any) -> EmailConfig:
     """The config the corpus expectations were written for (IMAP/SMTP sides unused)."""
     fields: dict[str, Any] = {
-        "imap_host": "127.0.0.1",
-        "smtp_host": "127.0.0.1",
         "username": "bot",
         "password": "unused-secret",
         "from_address": BOT,
@@ -28,14 +27,12 @@ def inbound_config(tmp_path: Path, **overrides: Any) -> EmailConfig:
             "Ivan@Example.RU",
         ],
         "trusted_authserv_ids": ["mx.example.net"],
-        "sender_auth": "flag",
-        "state_dir": tmp_path / "state",
         "attachments_dir": tmp_path / "attachments",
         "max_attachment_bytes": 1000,
         "max_attachments_total_bytes": 4000,
     }
     fields.update(overrides)
-    return EmailConfig(**fields)
+    return build_config(tmp_path / "state", **fields)
 
 
 def corpus_names() -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any, Literal, cast
 
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.store import Cursor, LedgerEntry, StateStore
+from tests.config_builder import build_config
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import SmtpServer
 
@@ -26,24 +27,13 @@ def smtp_config(
     **overrides: Any,
 ) -> EmailConfig:
     """An EmailConfig whose SMTP side is the fixture server (IMAP side unused)."""
-    port = smtp_server.tls_port if security == "tls" else smtp_server.starttls_port
     fields: dict[str, Any] = {
-        "imap_host": "127.0.0.1",
-        "smtp_host": "127.0.0.1",
-        "smtp_port": port,
-        "smtp_security": security,
-        "username": smtp_server.username,
-        "password": smtp_server.password,
         "from_address": FROM,
-        "ca_file": smtp_server.ca_file,
-        "state_dir": tmp_path / "state",
         "connect_timeout_secs": 5.0,
         "command_timeout_secs": 5.0,
-        # Fixture mail carries no Authentication-Results: verification is not under test.
-        "sender_auth": "flag",
     }
     fields.update(overrides)
-    return EmailConfig(**fields)
+    return build_config(tmp_path / "state", smtp=smtp_server, smtp_listener=security, **fields)
 
 
 async def seed_ledger(
@@ -109,12 +99,11 @@ def dovecot_config(
 ) -> EmailConfig:
     """IMAP side on the Dovecot fixture user, SMTP side on the SMTP fixture."""
     fields: dict[str, Any] = {
-        "imap_host": "127.0.0.1",
-        "imap_port": dovecot.imaps_port,
-        "username": account.username,
-        "password": account.password,
-        "smtp_username": smtp_server.username,
-        "smtp_password": smtp_server.password,
+        "from_address": FROM,
+        "connect_timeout_secs": 5.0,
+        "command_timeout_secs": 5.0,
     }
     fields.update(overrides)
-    return smtp_config(tmp_path, smtp_server, **fields)
+    return build_config(
+        tmp_path / "state", dovecot=dovecot, account=account, smtp=smtp_server, **fields
+    )

@@ -44,7 +44,8 @@ fi
 
 # --- Python: the package and its test dependencies -------------------------------
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
-"$PYTHON" -m pip install -q -e ".[test]"
+# The host-framework extras too, so the integration tests run (they skip without them).
+"$PYTHON" -m pip install -q -e ".[test,nanobot,hermes]"
 
 # --- run -------------------------------------------------------------------------
 # pytest's exit status is ours (5 = no tests collected counts as a failure).

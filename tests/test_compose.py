@@ -18,21 +18,18 @@ from prx_channel_email.compose import (
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import ConfigError, SendError
 from prx_channel_email.message_ids import is_minted, parse_id_list
+from tests.config_builder import build_config
 from tests.outbound_helpers import parse
 
 
 def cfg(tmp_path: Path, **kw: object) -> EmailConfig:
     fields: dict[str, object] = {
-        "imap_host": "127.0.0.1",
-        "smtp_host": "127.0.0.1",
         "username": "bot",
         "password": "pw",
         "from_address": "bot@bots.example",
-        "state_dir": tmp_path,
-        "sender_auth": "flag",
     }
     fields.update(kw)
-    return EmailConfig(**fields)  # type: ignore[arg-type]
+    return build_config(tmp_path, **fields)
 
 
 PARENT = Parent(

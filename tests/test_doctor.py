@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 
+from prx_channel_email.authresults import authserv_ids
 from prx_channel_email.config import config_from_table
-from prx_channel_email.doctor import DoctorReport, authserv_ids, doctor, run_doctor
+from prx_channel_email.doctor import DoctorReport, doctor, run_doctor
+from tests.config_builder import config_table
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.dovecot import free_ports as _free_ports
 from tests.servers.smtp import SmtpServer
@@ -20,23 +22,18 @@ BOUND = 60.0  # generous upper bound for a whole run; the doctor's own budget is
 def make_table(
     dovecot: DovecotServer, account: Account, smtp: SmtpServer, tmp_path: Path, **overrides: Any
 ) -> dict[str, Any]:
-    table: dict[str, Any] = {
-        "imap_host": "localhost",
-        "imap_port": dovecot.imaps_port,
-        "imap_security": "tls",
-        "smtp_host": "localhost",
-        "smtp_port": smtp.tls_port,
-        "smtp_security": "tls",
-        "username": account.username,
-        "password": account.password,
-        "smtp_username": smtp.username,
-        "smtp_password": smtp.password,
-        "from_address": account.address,
-        "allowed_senders": ["alice@example.test"],
-        "ca_file": str(dovecot.ca_file),
-        "state_dir": str(tmp_path / "state"),
-        "sender_auth": "flag",
-    }
+    """A TOML-able table (plain strings for paths) on the fixture servers."""
+    table = config_table(
+        str(tmp_path / "state"),
+        dovecot=dovecot,
+        account=account,
+        smtp=smtp,
+        host="localhost",
+        imap_security="tls",
+        from_address=account.address,
+        allowed_senders=["alice@example.test"],
+    )
+    table["ca_file"] = str(table["ca_file"])
     table.update(overrides)
     return table
 
@@ -248,6 +245,37 @@ async def test_untrusted_authserv_id_is_reported(
     check = report.get("sender verification")
     assert check is not None and check.status == "warn"
     assert "trusted_authserv_ids = ['mx.example.test']" in (check.fix or "")
+
+
+MICROSOFT = (
+    b"Authentication-Results: spf=pass (sender IP is 192.0.2.7) smtp.mailfrom=example.test;"
+    b" dkim=pass (signature was verified) header.d=example.test;dmarc=pass action=none"
+    b" header.from=example.test;compauth=pass reason=100\r\n"
+    b"Authentication-Results: mx.example.test; dmarc=pass header.from=example.test\r\n"
+    b"From: Alice <alice@example.test>\r\n"
+    b"To: bot@example.test\r\n"
+    b"Subject: hello\r\n"
+    b"Message-ID: <ms-1@example.test>\r\n"
+    b"\r\n"
+    b"hi\r\n"
+)
+
+
+async def test_enforce_with_nothing_trusted_fails_with_the_line_to_paste(
+    base: dict[str, Any], dovecot: DovecotServer, account: Account
+) -> None:
+    # The newest mail's provider field is Microsoft's (no authserv-id); the
+    # "mx.example.test" field below it was planted and must not be proposed.
+    await asyncio.to_thread(dovecot.deliver, account, SIGNED)
+    await asyncio.to_thread(dovecot.deliver, account, MICROSOFT)
+    base["sender_auth"] = "enforce"
+    fix = failed_one(await diagnose(base), "sender verification")
+    assert fix.endswith("paste: trusted_authserv_ids = ['@none']"), fix
+    # Pasting that line makes the check pass.
+    base["trusted_authserv_ids"] = ["@none"]
+    report = await diagnose(base)
+    assert report.exit_code == 0, problems(report)
+    assert status_of(report)["sender verification"] == "pass"
 
 
 async def test_send_test_sends_exactly_one_message(

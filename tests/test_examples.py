@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.operator_helpers import ROOT, subprocess_env
 
 
@@ -55,3 +57,21 @@ async def test_echo_bot_handle_works_as_a_cli_handler() -> None:
     )
     answer = await handle(msg)
     assert answer is not None and "Hello Alice" in answer and "How are you?" in answer
+
+
+def test_nanobot_echo_answers_in_the_thread(tmp_path: Path) -> None:
+    pytest.importorskip("nanobot", reason="the nanobot extra is not installed")
+    result = _run("nanobot_echo.py", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Subject: Re: Ping" in result.stdout
+    assert "[prx_email:<" in result.stdout  # one nanobot session per email thread
+    assert "In-Reply-To: <" in result.stdout
+
+
+def test_hermes_echo_answers_in_the_thread(tmp_path: Path) -> None:
+    pytest.importorskip("hermes_cli", reason="the hermes extra is not installed")
+    result = _run("hermes_echo.py", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Subject: Re: Ping" in result.stdout
+    assert "Echo: Subject: Ping" in result.stdout
+    assert "In-Reply-To: <" in result.stdout

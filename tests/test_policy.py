@@ -10,18 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prx_channel_email.authresults import authserv_id_of, parse_auth_results, sender_verified
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.envelope import envelope
 from prx_channel_email.headers import Headers
 from prx_channel_email.inbound import InboundPipeline
 from prx_channel_email.message_ids import mint_message_id
 from prx_channel_email.observability import Metrics
-from prx_channel_email.policy import (
-    authserv_id_of,
-    parse_auth_results,
-    sender_allowed,
-    sender_verified,
-)
+from prx_channel_email.policy import sender_allowed
 from tests.inbound_helpers import ARRIVAL, BOT, inbound_config
 
 _counter = iter(range(1_000_000))

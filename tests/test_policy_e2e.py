@@ -207,3 +207,42 @@ async def test_loop_guards_end_to_end(
         assert metrics.get("inbound.handed_on") == 3
         assert metrics.get("inbound.deferred") == 1
         assert run.queue.empty()
+
+
+async def test_default_config_refuses_a_forged_from_and_delivers_genuine_mail(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """Issue 11: under the package's defaults, no forged From reaches the agent."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=["@example.org"])
+    fields = config.model_dump(exclude={"sender_auth"}, exclude_unset=True)
+    default = EmailConfig(**fields)  # sender_auth left at the package default
+    assert default.sender_auth == "enforce" and default.trusted_authserv_ids == []
+    trusting = EmailConfig(**fields, trusted_authserv_ids=["mx.example.test"])
+    genuine_header = "Authentication-Results: mx.example.test; dmarc=pass header.from=example.org"
+    planted = "Authentication-Results: mx.example.test; dmarc=pass header.from=example.org"
+
+    # Nothing trusted: every allowed sender's mail is refused, verified-looking or not.
+    async with listening(default) as run:
+        for extra in ([], [genuine_header]):
+            _, raw = letter("ceo@example.org", *extra)
+            await dovecot.adeliver(account, raw, mail_from="x@evil.example")
+        metrics = run.channel.metrics
+        await run.until(lambda: metrics.get("inbound.skipped.unverified_sender") == 2)
+        assert run.queue.empty()
+
+    # The provider's id trusted: forged mail is refused, genuine mail delivered.
+    async with listening(trusting) as run:
+        forged = [
+            letter("ceo@example.org"),  # no Authentication-Results at all
+            # A foreign top field over a planted "trusted" one.
+            letter("ceo@example.org", "Authentication-Results: mx.other.example; none", planted),
+        ]
+        for _, raw in forged:
+            await dovecot.adeliver(account, raw, mail_from="x@evil.example")
+        mid, raw = letter("carol@example.org", genuine_header, text="the real one")
+        await dovecot.adeliver(account, raw, mail_from="carol@example.org")
+        got = await run.next()
+        assert (got.id, got.sender_verified, got.content) == (mid, True, "the real one")
+        metrics = run.channel.metrics
+        await run.until(lambda: metrics.get("inbound.skipped.unverified_sender") == 2)
+        assert run.queue.empty()

@@ -14,6 +14,7 @@ from prx_channel_email import sync
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import ChannelMessage
+from tests.config_builder import build_config
 from tests.fakes.imap_server import FakeImapServer
 from tests.fakes.pipeline import mail, mid, running_engine
 
@@ -34,22 +35,18 @@ async def fake() -> AsyncIterator[FakeImapServer]:
 
 def fake_config(server: FakeImapServer, tmp_path: Path, **kw: Any) -> EmailConfig:
     fields: dict[str, Any] = {
-        "imap_host": "127.0.0.1",
         "imap_port": server.port,
         "imap_security": "plain",
-        "smtp_host": "127.0.0.1",
         "username": "bot@example.test",
         "password": "secret",
         "from_address": "bot@example.test",
-        "state_dir": tmp_path,
         "connect_timeout_secs": 2.0,
         "command_timeout_secs": 2.0,
         "keepalive_secs": 30,
         "initial_sync": "unseen",
-        "sender_auth": "flag",
     }
     fields.update(kw)
-    return EmailConfig(**fields)
+    return build_config(tmp_path, **fields)
 
 
 async def test_login_unavailable_is_an_outage_not_a_wrong_password(

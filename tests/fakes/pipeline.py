@@ -29,6 +29,7 @@ from prx_channel_email.models import ChannelMessage
 from prx_channel_email.observability import Metrics
 from prx_channel_email.store import LedgerEntry, StateStore
 from prx_channel_email.sync import SyncEngine
+from tests.config_builder import build_config
 from tests.servers.dovecot import Account, DovecotServer
 
 SENDER = "alice@example.test"
@@ -124,25 +125,18 @@ def imap_config(
     fields: dict[str, Any] = {
         "imap_host": host or "127.0.0.1",
         "imap_port": port or server.imaps_port,
-        "smtp_host": "127.0.0.1",
-        "username": account.username,
-        "password": account.password,
         "from_address": account.address,
-        "ca_file": server.ca_file,
-        "state_dir": state_dir,
         "allowed_senders": ["*"],
         "connect_timeout_secs": 5.0,
         "command_timeout_secs": 5.0,
         "keepalive_secs": 30,
         "poll_interval_secs": 1,
-        # Fixture mail carries no Authentication-Results: verification is not under test.
-        "sender_auth": "flag",
         # Transport tests send hundreds of mails from one sender: rate limits are not
         # under test here (tests/test_ratelimit*.py pass their own).
         "rate_limit_count": 1_000_000,
     }
     fields.update(overrides)
-    return EmailConfig(**fields)
+    return build_config(state_dir, dovecot=server, account=account, **fields)
 
 
 @dataclass

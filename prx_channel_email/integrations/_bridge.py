@@ -1,0 +1,258 @@
+"""What every host integration needs from the channel, written once and host-free.
+
+A host adapter (nanobot's BaseChannel, hermes' platform adapter) has to turn the
+host's own settings table into an :class:`EmailConfig`, run ``listen()`` and pump
+its queue into the host, learn once that the account works (or why it never
+will), send threaded mail and acknowledge what the host handled. This module does
+those things and imports no host, so the core never depends on one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..channel import EmailChannel
+from ..config import EmailConfig, config_from_table
+from ..errors import ChannelError, ConfigError
+from ..models import ChannelMessage, SendMessage
+from ..observability import log_event
+
+log = logging.getLogger(__name__)
+
+# Failures no retry will fix: the host should show the channel as failed, not "starting".
+PERMANENT_CODES = frozenset(
+    {
+        "auth_failed",
+        "tls_verify_failed",
+        "folder_missing",
+        "insecure_refused",
+        "login_disabled",
+        "oauth_reauth_required",
+        "starttls_unavailable",
+    }
+)
+# How many handed-on messages we remember for a later ack (a host that never acks
+# must not grow us without bound; a forgotten one is handed on again after a restart).
+INFLIGHT_MAX = 10_000
+
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def snake_case(key: str) -> str:
+    """``imapHost`` -> ``imap_host``; snake_case keys pass unchanged."""
+    return _CAMEL.sub("_", key).lower()
+
+
+def config_from_host_table(
+    table: Mapping[str, Any],
+    *,
+    host_keys: Collection[str] = (),
+    only_known: bool = False,
+    source: str | None = None,
+) -> EmailConfig:
+    """Build the config from a host's table as the user wrote it.
+
+    Keys may be camelCase or snake_case. ``host_keys`` (either spelling) belong to
+    the host and are skipped. With ``only_known`` every key that is not an
+    EmailConfig field is skipped too (hermes mixes many of its own keys into
+    ``extra``); otherwise an unknown key is a ConfigError, so a typo is reported.
+    The environment (``PRX_EMAIL_*``) still applies, as everywhere.
+    """
+    skip = {snake_case(k) for k in host_keys}
+    fields = EmailConfig.model_fields
+    chosen: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in table.items():
+        name = snake_case(str(key))
+        if name in skip or name.startswith("_") or value is None:
+            continue
+        if only_known and name not in fields:
+            continue
+        if name in chosen:
+            raise ConfigError(
+                f"invalid email configuration{f' in {source}' if source else ''}: "
+                f"{spelled[name]} and {key} set the same field",
+                path=source,
+            )
+        chosen[name] = value
+        spelled[name] = str(key)
+    return config_from_table(chosen, path=source)
+
+
+def inbound_text(message: ChannelMessage) -> str:
+    """What the agent reads: the new text, with the subject on a thread's first mail."""
+    first_of_thread = message.thread_ts == message.id and not message.references
+    body = message.content or message.full_text
+    if first_of_thread and message.subject:
+        return f"Subject: {message.subject}\n\n{body}"
+    return body
+
+
+def inbound_metadata(message: ChannelMessage) -> dict[str, Any]:
+    """What a host keeps with the message so that its answer can be threaded and judged."""
+    skipped = [
+        {"filename": a.filename, "reason": a.skipped_reason}
+        for a in message.attachments
+        if a.path is None
+    ]
+    meta: dict[str, Any] = {
+        "message_id": message.id,
+        "thread_ts": message.thread_ts,
+        "in_reply_to": message.in_reply_to,
+        "subject": message.subject,
+        "sender_display": message.sender_display,
+        "sender_verified": message.sender_verified,
+        "redelivered": bool(getattr(message, "redelivered", False)),
+    }
+    if skipped:
+        meta["skipped_attachments"] = skipped
+    return meta
+
+
+def build_send(
+    *,
+    host: str,
+    content: str,
+    recipient: str,
+    parent: str | None,
+    thread: str | None,
+    attachments: list[Path] | None = None,
+) -> SendMessage:
+    """A host's answer as a SendMessage; no parent means "onto the person's latest mail".
+
+    Hosts retry a send after an unexpected error, so where the outbox supports
+    idempotency keys the same answer to the same mail gets the same key.
+    """
+    fields: dict[str, Any] = {
+        "content": content,
+        "recipient": recipient,
+        "in_reply_to": parent or None,
+        "thread_ts": thread or None,
+        "attachments": attachments or [],
+    }
+    if "idempotency_key" in SendMessage.model_fields:
+        digest = hashlib.sha256(f"{parent}\0{recipient}\0{content}".encode()).hexdigest()
+        fields["idempotency_key"] = f"{host}:{digest[:32]}"
+    return SendMessage(**fields)
+
+
+Deliver = Callable[[ChannelMessage], Awaitable[None]]
+
+
+class EmailBridge:
+    """One EmailChannel run for a host: listener, hand-off pump, readiness, sends, acks."""
+
+    def __init__(self, config: EmailConfig, deliver: Deliver, *, host: str) -> None:
+        self.config = config
+        self.channel = EmailChannel(config)
+        self._deliver = deliver
+        self._host = host
+        self._queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+        self._listener: asyncio.Task[None] | None = None
+        self._pump: asyncio.Task[None] | None = None
+        self._inflight: OrderedDict[str, ChannelMessage] = OrderedDict()
+
+    async def start(self, ready_within: float) -> None:
+        """Start listening; return once the mailbox is reachable and logged in.
+
+        Raises ChannelError with the code of a permanent failure (wrong password,
+        untrusted certificate, missing folder, ...) as soon as it is known, and
+        ChannelError ``not_ready`` when ``ready_within`` seconds passed without either outcome.
+        On any raise the channel is closed again.
+        """
+        await self.channel.start()
+        self._listener = asyncio.create_task(self.channel.listen(self._queue))
+        self._pump = asyncio.create_task(self._run_pump())
+        try:
+            await self._wait_ready(ready_within)
+        except BaseException:
+            await self.close()
+            raise
+        log_event(log, logging.INFO, "integration.ready", account=self.config.account,
+                  host=self._host)  # fmt: skip
+
+    async def _wait_ready(self, ready_within: float) -> None:
+        # Until EmailChannel.wait_ready exists on every release we support, watch the
+        # sync engine: a completed first pass means logged in with the folder selected.
+        wait_ready = getattr(self.channel, "wait_ready", None)
+        if wait_ready is not None:
+            await wait_ready(ready_within)
+            return
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + ready_within
+        synced = asyncio.create_task(self.channel.sync.synced.wait())
+        try:
+            while not synced.done():
+                status = self.channel.status
+                if status.last_error_code in PERMANENT_CODES:
+                    raise ChannelError(
+                        status.last_error or status.last_error_code or "failed",
+                        code=status.last_error_code,
+                    )
+                if self._listener.done():
+                    self._listener.result()  # re-raise what ended it
+                    raise ChannelError("the listener stopped", code="listener_stopped")
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    why = f" (last error: {status.last_error_code})" if status.last_error else ""
+                    raise ChannelError(
+                        f"mailbox not reachable within {ready_within:.0f}s{why}", code="not_ready"
+                    )
+                await asyncio.wait({synced, self._listener}, timeout=min(0.2, remaining))
+        finally:
+            synced.cancel()
+
+    async def _run_pump(self) -> None:
+        while True:
+            message = await self._queue.get()
+            self._remember(message)
+            try:
+                await self._deliver(message)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the host refused one message: keep serving the others
+                log_event(log, logging.ERROR, "integration.deliver_failed", exc=exc,
+                          account=self.config.account, message_id=message.id,
+                          host=self._host)  # fmt: skip
+
+    def _remember(self, message: ChannelMessage) -> None:
+        self._inflight[message.id] = message
+        while len(self._inflight) > INFLIGHT_MAX:
+            self._inflight.popitem(last=False)
+
+    async def send(self, message: SendMessage) -> str:
+        """Send (or durably queue) ``message``; returns its Message-ID. SendError is permanent."""
+        message_id = await self.channel.send_message(message)
+        if message.in_reply_to:
+            self._inflight.pop(message.in_reply_to, None)  # a reply acknowledges its parent
+        return message_id
+
+    async def ack(self, message_id: str) -> None:
+        """The host handled ``message_id`` without replying: it is not handed on again."""
+        message = self._inflight.pop(message_id, None)
+        ack = getattr(self.channel, "ack", None)  # the hand-off ack, where this release has it
+        if message is not None and ack is not None:
+            await ack(message)
+
+    async def healthy(self) -> bool:
+        return await self.channel.health_check()
+
+    async def close(self) -> None:
+        """Stop the pump and the listener, then close the channel (idempotent)."""
+        tasks = [t for t in (self._pump, self._listener) if t is not None]
+        self._pump = self._listener = None
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.channel.close()

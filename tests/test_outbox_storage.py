@@ -1,0 +1,71 @@
+"""send() on a full state disk: a SendError with a storage code, never a sqlite3 error."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prx_channel_email.errors import SendError
+from prx_channel_email.models import SendMessage
+from tests.outbound_helpers import ANN, smtp_config
+from tests.servers.smtp import SmtpServer
+from tests.test_outbox import rows, running_outbox
+
+
+def _mount(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: small enough to fill in a moment. Needs root (CI runs as root)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root (CI runs the suite as root)")
+    done = _mount("-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(where))
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk has no byte left; returns it (delete it to free space)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for chunk in (65536, 4096, 512, 1):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * chunk):
+                    pass
+    finally:
+        os.close(fd)
+    return filler
+
+
+async def test_send_on_a_full_disk_is_a_clear_refusal(
+    small_disk: Path, smtp_server: SmtpServer
+) -> None:
+    config = smtp_config(small_disk, smtp_server)
+    async with running_outbox(config) as outbox:
+        before = await outbox.send(SendMessage(content="before", recipient=ANN))
+        filler = fill(small_disk)
+        for i in range(3):  # the same answer each time: no sqlite3 error, nothing sent
+            with pytest.raises(SendError) as info:
+                await outbox.send(SendMessage(content=f"x{i}" * 5000, recipient=ANN))
+            assert info.value.code == "storage_full", info.value
+            assert str(config.state_dir) in str(info.value)
+            assert "nothing was sent" in str(info.value)
+        assert [m.message()["Message-ID"] for m in smtp_server.messages] == [before]
+        filler.unlink()  # space is back: the next send just works, no restart
+        after = await outbox.send(SendMessage(content="after", recipient=ANN))
+    assert [m.message()["Message-ID"] for m in smtp_server.messages] == [before, after]
+    assert [r["state"] for r in rows(config)] == ["sent", "sent"]

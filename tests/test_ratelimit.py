@@ -241,10 +241,24 @@ def test_deferred_table_round_trip_and_handoff_history() -> None:
     assert list(recent_handoffs(conn, "acc", T0 - 1)) == [("anna@example.com", T0)]
     mark_handed_on(conn, "acc", "<2@a>", T0 + 61)
     assert load(conn, "acc") == []
+    # Released, it is also in flight (ack mode) until acknowledged: counted once.
+    conn.execute(
+        "INSERT INTO inflight (account, message_id, sender, received_at, message, handed_at)"
+        " VALUES ('acc', '<2@a>', 'anna@example.com', ?, '{}', ?)",
+        (T0 + 61.5, T0 + 61.5),
+    )
+    # Unacknowledged fresh mail counts from the in-flight table.
+    conn.execute(
+        "INSERT INTO inflight (account, message_id, sender, received_at, message, handed_at)"
+        " VALUES ('acc', '<3@a>', 'bob@example.com', ?, '{}', ?)",
+        (T0 + 70, T0 + 70),
+    )
     assert list(recent_handoffs(conn, "acc", T0 - 1)) == [
         ("anna@example.com", T0),
         ("anna@example.com", T0 + 61),
+        ("bob@example.com", T0 + 70),
     ]
+    assert list(recent_handoffs(conn, "acc", T0 + 65)) == [("bob@example.com", T0 + 70)]
 
 
 @settings(max_examples=200, deadline=None)

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from prx_channel_email.channel import EmailChannel
-from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import ChannelMessage
 from prx_channel_email.store import DB_NAME
 from tests.outbound_helpers import dovecot_config
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import ReceivedMessage, SmtpServer
 from tests.test_policy_e2e import e2e_config, letter, listening
+from tests.test_ratelimit import default_limits
 
 ANNA = "anna@example.org"
 
@@ -119,11 +119,8 @@ async def test_released_mail_is_in_flight_until_acknowledged(
 async def test_a_batch_of_25_goes_at_once_under_the_defaults(
     dovecot: DovecotServer, account: Account, tmp_path: Path
 ) -> None:
-    defaults = {
-        name: EmailConfig.model_fields[name].default
-        for name in ("rate_limit_count", "rate_limit_window_secs", "domain_rate_limit_count")
-    }
-    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], **defaults)
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], **default_limits())
+    assert config.rate_limit_count == 30
     batch = [letter(ANNA, text=f"receipt {i}") for i in range(25)]
     async with listening(config) as run:
         for _, raw in batch:

@@ -18,6 +18,7 @@ from .errors import ChannelError
 from .inbound import InboundPipeline
 from .ledger import LedgerLookup
 from .models import Channel, ChannelMessage, SendMessage
+from .oauth import TokenManager, TokenProvider, attach, auth_backoff
 from .observability import Metrics, log_event
 from .outbox import Outbox
 from .smtp import SmtpTransport
@@ -51,12 +52,19 @@ class EmailChannel(Channel):
         self,
         config: EmailConfig,
         *,
+        token_provider: TokenProvider | None = None,
         on_status: StatusCallback | None = None,
         on_rejected: RejectedCallback | None = None,
     ) -> None:
         """``on_status`` is called (sync or async) with a :class:`ChannelStatus` on every
         change of state: connected, reconnecting, failed (with its code), closed.
-        ``on_rejected`` is called with a :class:`RejectedMessage` for each refused mail."""
+        ``on_rejected`` is called with a :class:`RejectedMessage` for each refused mail.
+        ``token_provider``: an async callable returning (access token, expiry), asked
+        before every login, for hosts that manage OAuth tokens themselves."""
+        # OAuth: one token manager for IMAP, SMTP and the Sent copy rides on the config.
+        self.tokens: TokenManager | None = None
+        if config.auth_method == "oauth2" or token_provider is not None:
+            config, self.tokens = attach(config, token_provider)
         self.config = config
         self.metrics = Metrics()
         self.reporter = StatusReporter(config.account, on_status, on_rejected)
@@ -71,6 +79,7 @@ class EmailChannel(Channel):
             self.metrics,
             lookup=self.ledger,
             reporter=self.reporter,
+            auth_backoff=auth_backoff(config),
         )
         self.outbox = Outbox(config, self.store, self.metrics, parents=self.ledger)
         self._started = False
@@ -185,7 +194,12 @@ class EmailChannel(Channel):
 
     async def health_check(self) -> bool:
         """True unless authentication failed or the outbox cannot reach its server."""
-        return self._started and not self.sync.status.auth_failed and self.outbox.healthy
+        return (
+            self._started
+            and not self.sync.status.auth_failed
+            and self.outbox.healthy
+            and not (self.tokens is not None and self.tokens.reauth_required)
+        )
 
     async def close(self) -> None:
         """Stop listening (a ledger write in flight completes), stop the outbox, close the store."""

@@ -108,7 +108,7 @@ def _logging(debug: bool, quiet: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
-    for noisy in ("aioimaplib", "mail.log", "asyncio"):
+    for noisy in ("aioimaplib", "mail.log", "asyncio", "httpx"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
@@ -713,6 +713,89 @@ def config_cmd(
         out.print("[channels_config.email]")
         for key, value in data.items():
             out.print(f"{key} = {escape(json.dumps(value, default=str))}")
+
+
+# ---- prx-email auth: OAuth sign-in (the flows are in oauth_flows.py)
+
+auth_app = typer.Typer(
+    help="Sign in with OAuth 2.0 (auth_method = 'oauth2'): login, status, logout.",
+    no_args_is_help=True,
+)
+
+
+def _oauth_config(config: ConfigOpt) -> EmailConfig:
+    cfg = _load(config)
+    if cfg.auth_method != "oauth2":
+        _fail(
+            "auth_method is 'password' in this config; set auth_method = 'oauth2', "
+            "oauth_provider and oauth_client_id first (see README, OAuth)"
+        )
+    return cfg
+
+
+def _say(text: str) -> None:
+    out.print(escape(text))
+
+
+@auth_app.command("login")
+def login_cmd(
+    no_browser: Annotated[
+        bool,
+        typer.Option("--no-browser", help="Print the sign-in URL instead of opening a browser."),
+    ] = False,
+    device: Annotated[
+        bool,
+        typer.Option("--device", help="Device-code flow: enter a code on another device."),
+    ] = False,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Sign in and store the grant under state_dir (owner-only).
+
+    Default: authorization code with PKCE and a redirect to 127.0.0.1 on this
+    machine. A running channel picks up the new grant by itself.
+    """
+    _logging(debug, quiet=not debug)
+    with _guard(debug):
+        if no_browser and device:
+            _fail("choose one of --no-browser and --device")
+        cfg = _oauth_config(config)
+        from .oauth_flows import login_browser, login_device
+
+        if device:
+            record = asyncio.run(login_device(cfg, say=_say))
+        else:
+            record = asyncio.run(login_browser(cfg, open_browser=not no_browser, say=_say))
+        out.print(
+            f"signed in as {escape(cfg.username)}; scopes: {escape(record.scope or '-')}. "
+            "Check it with: prx-email doctor"
+        )
+
+
+@auth_app.command("status")
+def status_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
+    """Show the provider, account, scopes and expiry of the stored grant (never a token)."""
+    with _guard(debug):
+        cfg = _oauth_config(config)
+        from .oauth_flows import describe
+
+        for key, value in describe(cfg):
+            out.print(f"{key}: {escape(value)}")
+
+
+@auth_app.command("logout")
+def logout_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
+    """Revoke the stored grant where the provider supports it, and delete it."""
+    _logging(debug, quiet=not debug)
+    with _guard(debug):
+        cfg = _oauth_config(config)
+        from .oauth_flows import logout
+
+        for line in asyncio.run(logout(cfg)):
+            out.print(escape(line))
+
+
+app.add_typer(auth_app, name="auth")
 
 
 # ---- the host framework's spelling: prx channel doctor email / prx channel run email

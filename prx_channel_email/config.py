@@ -29,7 +29,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import ConfigError
@@ -152,6 +160,8 @@ class EmailConfig(BaseSettings):
     smtp_port: Port = 465
     smtp_tls: bool = True
     username: str
+    # Before password: its validator needs to know whether a password is wanted.
+    auth_method: Literal["password", "oauth2"] = "password"
     password: SecretStr | None = Field(default=None, validate_default=True)
     from_address: str
     idle_timeout_secs: PositiveInt = 1740
@@ -167,6 +177,19 @@ class EmailConfig(BaseSettings):
     smtp_password: SecretStr | None = None
     connect_timeout_secs: PositiveFloat = 20.0
     command_timeout_secs: PositiveFloat = 60.0
+
+    # --- OAuth 2.0 (auth_method = "oauth2"; see oauth.py) ---
+    oauth_provider: Literal["google", "microsoft", "custom"] | None = None
+    oauth_client_id: str | None = None
+    oauth_client_secret: SecretStr | None = None
+    oauth_tenant: str = "common"
+    oauth_scopes: StrList = Field(default_factory=list)
+    oauth_token_url: str | None = None
+    oauth_authorize_url: str | None = None
+    oauth_device_url: str | None = None
+    oauth_revoke_url: str | None = None
+    oauth_refresh_token: SecretStr | None = None
+    oauth_redirect_port: Annotated[int, Field(ge=0, le=65535)] = 0
 
     # --- inbound transport ---
     state_dir: Path = Field(default_factory=default_state_dir)
@@ -209,6 +232,10 @@ class EmailConfig(BaseSettings):
     outbox_retention_days: Annotated[float, Field(ge=0)] = 7
     save_sent: bool = False
     sent_folder: str | None = None
+
+    # The OAuth token manager shared by every connection made with this object
+    # (oauth.token_source); never part of the settings.
+    _oauth_tokens: Any = PrivateAttr(default=None)
 
     @classmethod
     def settings_customise_sources(
@@ -270,6 +297,7 @@ class EmailConfig(BaseSettings):
         "trusted_authserv_ids",
         "own_addresses",
         "attachment_types",
+        "oauth_scopes",
         mode="before",
     )
     @classmethod
@@ -286,7 +314,9 @@ class EmailConfig(BaseSettings):
 
     @field_validator("password")
     @classmethod
-    def _password(cls, value: SecretStr | None) -> SecretStr | None:
+    def _password(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if info.data.get("auth_method") == "oauth2":
+            return value if value is not None and value.get_secret_value() else None
         if value is None or not value.get_secret_value():
             raise ValueError(f"required (set it in the file or in {ENV_PREFIX}PASSWORD)")
         return value
@@ -368,6 +398,10 @@ class EmailConfig(BaseSettings):
                 f"{self.smtp_host} is refused; use port 465/587 with TLS, "
                 "or set allow_insecure = true"
             )
+        if self.auth_method == "oauth2":
+            from .oauth_config import oauth_problems  # the rules live with the presets
+
+            problems.extend(oauth_problems(self))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -408,7 +442,7 @@ class EmailConfig(BaseSettings):
     def redacted(self) -> dict[str, Any]:
         """The settings as plain data with every secret masked (for `prx-email config`)."""
         data = self.model_dump(mode="json")
-        for key in ("password", "smtp_password"):
+        for key in ("password", "smtp_password", "oauth_client_secret", "oauth_refresh_token"):
             if data.get(key) is not None:
                 data[key] = "********"
         data["smtp_effective_security"] = self.smtp_effective_security

@@ -193,6 +193,10 @@ def detect_provider(host: str, port: int | None = None) -> Provider | None:
 
 
 def _login_fix(config: EmailConfig, host: str, port: int, key: str) -> str:
+    if config.auth_method == "oauth2":
+        from .oauth_doctor import login_fix
+
+        return login_fix(config.oauth_provider or "custom")
     provider = detect_provider(host, port)
     base = f"check username and {key} (or the PRX_EMAIL_{key.upper()} variable)."
     if provider is not None:
@@ -767,7 +771,7 @@ async def _smtp_chain(
                 f"AUTH as {user} refused: {exc.code} {exc.message[:100]}",
                 _login_fix(config, host, port, key),
             ) from None
-        except (aiosmtplib.SMTPException, SmtpFailure) as exc:
+        except (aiosmtplib.SMTPException, SmtpFailure, AuthenticationError) as exc:
             raise _Fail(f"AUTH failed: {exc}", _login_fix(config, host, port, key)) from None
         record("pass", f"authenticated as {user}")
         if send_test:
@@ -970,6 +974,11 @@ async def run_doctor(
     )
     report.checks.extend(_local_checks(config))
     report.checks.extend(await _dir_checks(config, check_timeout))
+    if config.auth_method == "oauth2":  # first: the logins below need the token
+        from .oauth_doctor import oauth_checks
+
+        config, found = await oauth_checks(config, check_timeout)
+        report.checks.extend(found)
     results: dict[str, Check] = {}
     bad_send_test: str | None = None
     if send_test is not None:

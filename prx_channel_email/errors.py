@@ -116,3 +116,16 @@ class SendError(ChannelError):
         self.smtp_code = smtp_code
         self.recipient = recipient
         self.message_id = message_id
+
+
+class OAuthReauthRequired(AuthenticationError):
+    """The OAuth grant is gone (revoked, expired, never stored): a person must sign in
+    again with ``prx-email auth login``. Retrying without that cannot help."""
+
+    code = "oauth_reauth_required"
+
+
+class OAuthUnavailable(TransportError):
+    """The token endpoint could not be reached or answered 5xx/429: retried with backoff."""
+
+    code = "oauth_token_unavailable"

@@ -264,8 +264,52 @@ class ImapSession:
         return await self._run(self._proto.command(name, *args), name, limit)
 
     async def login(self) -> None:
-        """LOGIN, then CAPABILITY and ID. Raises AuthenticationError on NO/BAD."""
+        """LOGIN (or OAuth's AUTHENTICATE), then CAPABILITY and ID. Raises
+        AuthenticationError on NO/BAD."""
         user, password = self.config.imap_login
+        if self.config.auth_method == "oauth2":
+            from .oauth import imap_login
+
+            await imap_login(self.config, self, user)
+        else:
+            await self._login_password(user, password)
+        await self._capability()
+        if "ID" in self.capabilities:
+            # Some providers refuse clients that do not identify; the answer does not matter.
+            fields = " ".join(f"{quote(k)} {quote(v)}" for k, v in CLIENT_ID.items())
+            try:
+                await self._execute("ID", f"({fields})")
+            except TransportError:
+                if not self.is_open:
+                    raise
+
+    async def sasl(
+        self, mechanism: str, initial_response: str, *, abort_reply: str = ""
+    ) -> tuple[bool, str, list[str]]:
+        """One AUTHENTICATE exchange: (accepted, the server's text, error challenges).
+
+        Raises TransportError when the server says to try again later.
+        """
+        resp, challenges = await self._run(
+            self._proto.authenticate(
+                mechanism,
+                initial_response,
+                sasl_ir="SASL-IR" in self.capabilities,
+                abort_reply=abort_reply,
+            ),
+            "AUTHENTICATE",
+        )
+        text = _text(resp)
+        if resp.result != "OK" and any(code in text.encode() for code in _TRANSIENT_LOGIN):
+            raise TransportError(
+                f"{self.host} cannot log in right now: {text}",
+                host=self.host,
+                port=self.port,
+                code="server_unavailable",
+            )
+        return resp.result == "OK", text, challenges
+
+    async def _login_password(self, user: str, password: str) -> None:
         if "LOGINDISABLED" in self.capabilities:
             raise AuthenticationError(
                 f"{self.host} refuses LOGIN on this connection (LOGINDISABLED); use TLS",
@@ -285,15 +329,6 @@ class ImapSession:
             raise AuthenticationError(
                 f"{self.host} refused the login for {user}: {text}", server=self.host
             )
-        await self._capability()
-        if "ID" in self.capabilities:
-            # Some providers refuse clients that do not identify; the answer does not matter.
-            fields = " ".join(f"{quote(k)} {quote(v)}" for k, v in CLIENT_ID.items())
-            try:
-                await self._execute("ID", f"({fields})")
-            except TransportError:
-                if not self.is_open:
-                    raise
 
     async def list_folders(self) -> list[str]:
         return [name for name, _ in await self._list()]
@@ -533,6 +568,11 @@ class ImapSession:
 
 async def open_session(config: EmailConfig) -> ImapSession:
     """Connect and log in; the session is closed again if login fails."""
+    if config.auth_method == "oauth2":
+        from .oauth import token_source
+
+        # No usable grant: fail before connecting (a retry then costs no network).
+        await token_source(config).check_grant()
     session = await ImapSession.connect(config)
     try:
         await session.login()

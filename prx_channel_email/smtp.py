@@ -20,7 +20,12 @@ import time
 import aiosmtplib
 
 from .config import EmailConfig
-from .errors import ChannelError, InsecureConnectionError
+from .errors import (
+    AuthenticationError,
+    ChannelError,
+    InsecureConnectionError,
+    OAuthUnavailable,
+)
 from .observability import Metrics, log_event
 from .tls import check_plaintext_allowed, ssl_context
 
@@ -55,6 +60,10 @@ def classify(exc: BaseException, *, host: str) -> SmtpFailure:
     if isinstance(exc, SmtpFailure):
         return exc
     if isinstance(exc, InsecureConnectionError):
+        return SmtpFailure(str(exc), permanent=True, code=exc.code)
+    if isinstance(exc, OAuthUnavailable):  # the token endpoint is down: later may work
+        return SmtpFailure(str(exc), permanent=False, code=exc.code)
+    if isinstance(exc, AuthenticationError):  # no usable OAuth grant (oauth.py)
         return SmtpFailure(str(exc), permanent=True, code=exc.code)
     if isinstance(exc, aiosmtplib.SMTPAuthenticationError):
         transient = 400 <= exc.code < 500
@@ -228,7 +237,11 @@ class SmtpTransport:
         would multiply failed logins (and trip the server's lockout sooner)."""
         user, secret = self.config.smtp_login
         offered = set(smtp.supported_auth_methods)
-        if "plain" in offered:
+        if self.config.auth_method == "oauth2":
+            from .oauth import smtp_login
+
+            await smtp_login(self.config, smtp, user)
+        elif "plain" in offered:
             await smtp.auth_plain(user, secret)
         elif "login" in offered:
             await smtp.auth_login(user, secret)

@@ -17,6 +17,11 @@ Fixtures
 ``proxy``            function: factory ``proxy(host, port) -> TcpProxy``.
 ``unrelated_ca_file`` session: a CA file that did NOT sign the servers' cert.
 ``chat_model``       function: :class:`EchoChatModel`, an OpenAI-compatible echo on loopback.
+``oauth_server``     session: a local OAuth 2.0 authorization server; reset per test.
+``dovecot_oauth``    session: Dovecot whose XOAUTH2/OAUTHBEARER logins are checked
+                     by an ``oauth2`` passdb through ``oauth_server``'s introspection.
+``smtp_oauth``       session: SMTP fixture that also offers AUTH XOAUTH2, checked
+                     against ``oauth_server``'s introspection endpoint.
 
 If a test stops or restarts a session server, the next test that uses it gets
 it running again (see ``_keep_servers_usable``).
@@ -24,6 +29,9 @@ it running again (see ``_keep_servers_usable``).
 
 from __future__ import annotations
 
+import json
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +40,7 @@ import pytest
 from tests.fakes.chat_model import EchoChatModel
 from tests.servers.certs import TestPKI, make_pki, make_unrelated_ca
 from tests.servers.dovecot import Account, DovecotError, DovecotServer
+from tests.servers.oauth_server import OAuthServer
 from tests.servers.proxy import TcpProxy
 from tests.servers.smtp import ReceivedMessage, SmtpServer
 
@@ -48,9 +57,9 @@ def unrelated_ca_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_unrelated_ca(tmp_path_factory.mktemp("unrelated-ca"))
 
 
-def _dovecot(pki: TestPKI, *, idle: bool) -> Iterator[DovecotServer]:
+def _dovecot(pki: TestPKI, *, idle: bool, oauth: str | None = None) -> Iterator[DovecotServer]:
     try:
-        server = DovecotServer(idle=idle, pki=pki)
+        server = DovecotServer(idle=idle, pki=pki, oauth_introspection_url=oauth)
     except DovecotError as exc:
         pytest.fail(str(exc), pytrace=False)
     try:
@@ -94,6 +103,38 @@ def smtp_server(pki: TestPKI) -> Iterator[SmtpServer]:
     Reset (messages, scripts, credentials, relay) before every test that uses it.
     """
     server = SmtpServer(pki)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def oauth_server() -> Iterator[OAuthServer]:
+    server = OAuthServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def dovecot_oauth(pki: TestPKI, oauth_server: OAuthServer) -> Iterator[DovecotServer]:
+    yield from _dovecot(pki, idle=True, oauth=f"{oauth_server.url}/introspect")
+
+
+@pytest.fixture(scope="session")
+def smtp_oauth(pki: TestPKI, oauth_server: OAuthServer) -> Iterator[SmtpServer]:
+    def introspect(user: str, token: str) -> bool:
+        # Over HTTP, as a real submission server would ask (RFC 7662).
+        body = urllib.parse.urlencode({"token": token}).encode()
+        url = f"{oauth_server.url}/introspect"
+        with urllib.request.urlopen(url, data=body, timeout=5) as resp:
+            info = json.loads(resp.read())
+        return bool(info.get("active")) and info.get("username") == user
+
+    server = SmtpServer(pki, oauth_validator=introspect)
     server.start()
     try:
         yield server
@@ -157,9 +198,10 @@ def _keep_servers_usable(request: pytest.FixtureRequest) -> Iterator[None]:
     that an earlier test stopped.
     """
     names = request.fixturenames
-    if "smtp_server" in names:
-        request.getfixturevalue("smtp_server").reset()
-    for name in ("dovecot", "dovecot_noidle"):
+    for name in ("smtp_server", "smtp_oauth", "oauth_server"):
+        if name in names:
+            request.getfixturevalue(name).reset()
+    for name in ("dovecot", "dovecot_noidle", "dovecot_oauth"):
         if name in names:
             server: DovecotServer = request.getfixturevalue(name)
             if not server.running:

@@ -161,8 +161,13 @@ class DovecotServer:
         pki: TestPKI | None = None,
         startup_timeout: float = 15.0,
         extra_config: str = "",
+        oauth_introspection_url: str | None = None,
     ) -> None:
         self.idle = idle
+        # With a URL, XOAUTH2/OAUTHBEARER logins are checked by an ``oauth2`` passdb
+        # asking that RFC 7662 endpoint (tests/servers/oauth_server.py); LOGIN and
+        # PLAIN keep using the passwd-files.
+        self.oauth_introspection_url = oauth_introspection_url
         self.startup_timeout = startup_timeout
         self.extra_config = extra_config
         self.host = "127.0.0.1"
@@ -564,7 +569,8 @@ class DovecotServer:
             "ssl_cert": f"<{self.pki.cert_file}",
             "ssl_key": f"<{self.pki.key_file}",
             "ssl_min_protocol": "TLSv1.2",
-            "auth_mechanisms": "plain login",
+            "auth_mechanisms": "plain login"
+            + (" xoauth2 oauthbearer" if self.oauth_introspection_url else ""),
             "disable_plaintext_auth": "no",
             "auth_cache_size": "0",
             "auth_failure_delay": "0",
@@ -612,10 +618,10 @@ namespace inbox {{
   }}
 }}
 
-passdb {{
+{self._oauth_passdb()}passdb {{
   driver = passwd-file
   args = scheme=PLAIN username_format=%u {self.users_dir}/%u
-}}
+{"  mechanisms = plain login" + chr(10) if self.oauth_introspection_url else ""}}}
 userdb {{
   driver = passwd-file
   args = username_format=%u {self.users_dir}/%u
@@ -655,6 +661,26 @@ service anvil {{
 {no_chroot}}}
 
 {self.extra_config}
+"""
+
+    def _oauth_passdb(self) -> str:
+        if not self.oauth_introspection_url:
+            return ""
+        ext = self.root / "dovecot-oauth2.conf.ext"
+        ext.write_text(
+            "introspection_mode = post\n"
+            f"introspection_url = {self.oauth_introspection_url}\n"
+            "force_introspection = yes\n"
+            "username_attribute = username\n"
+            "active_attribute = active\n"
+            "active_value = true\n"
+        )
+        ext.chmod(0o644)
+        return f"""passdb {{
+  driver = oauth2
+  mechanisms = xoauth2 oauthbearer
+  args = {ext}
+}}
 """
 
     def _launch(self, capability: str | None) -> None:

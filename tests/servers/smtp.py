@@ -21,8 +21,10 @@ right after a message was accepted, before the client sees the 250
 from __future__ import annotations
 
 import asyncio
+import base64
 import email
 import email.policy
+import json
 import threading
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -106,6 +108,37 @@ class _Handler:
     def __init__(self, owner: SmtpServer, listener: str) -> None:
         self.owner = owner
         self.listener = listener
+
+    async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
+        """XOAUTH2 (offered only with an ``oauth_validator``): on a bad token, the
+        error challenge a real provider sends, then 535 after the client's empty line."""
+        if len(args) > 1:
+            blob = args[1].encode()
+        else:
+            answer = await server.challenge_auth("", encode_to_b64=False)
+            if not isinstance(answer, bytes):
+                return AuthResult(success=False, handled=False)
+            blob = base64.b64encode(answer)
+        try:
+            text = base64.b64decode(blob, validate=True).decode()
+            fields = dict(p.split("=", 1) for p in text.split("\x01") if "=" in p)
+            user, token = fields["user"], fields["auth"].removeprefix("Bearer ")
+        except (ValueError, KeyError):
+            return AuthResult(success=False, handled=False)
+        validator = self.owner.oauth_validator
+        ok = validator is not None and await asyncio.to_thread(validator, user, token)
+        with self.owner._cond:
+            self.owner._auth_attempts.append(AuthAttempt(user, ok, self.listener))
+            self.owner._cond.notify_all()
+        if ok:
+            return AuthResult(
+                success=True, handled=False, auth_data=LoginPassword(user.encode(), b"")
+            )
+        error = json.dumps({"status": "401", "schemes": "bearer", "scope": "mail"})
+        await server.challenge_auth(error)  # the client answers with an empty line
+        return AuthResult(
+            success=False, handled=False, message="535 5.7.3 Authentication unsuccessful"
+        )
 
     async def handle_MAIL(
         self,
@@ -195,8 +228,11 @@ class SmtpServer:
         auth_required: bool = True,
         auth_require_tls: bool = True,
         host: str = "127.0.0.1",
+        oauth_validator: Callable[[str, str], bool] | None = None,
     ) -> None:
         self.pki = pki
+        #: (user, access token) -> valid? With it, AUTH XOAUTH2 is offered too.
+        self.oauth_validator = oauth_validator
         self.username = username
         self.password = password
         self._default_credentials = (username, password)
@@ -260,6 +296,7 @@ class SmtpServer:
             "enable_SMTPUTF8": True,
             "decode_data": False,
             "timeout": 60,
+            "auth_exclude_mechanism": [] if self.oauth_validator else ["XOAUTH2"],
         }
         if listener == "tls":
             return _SMTP(_Handler(self, listener), allow_auth_without_tls=True, **common)

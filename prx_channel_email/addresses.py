@@ -127,8 +127,21 @@ def _address_tokens(text: str) -> Iterator[_Tok]:
         yield _word(word)
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def fold_address(address: str) -> str:
+    """Case-fold an address for comparison: ASCII letters only.
+
+    ``str.lower()`` maps look-alikes onto ASCII (the Kelvin sign U+212A becomes
+    "k"), which would let ``\u212aate@example.test`` pass for ``kate@example.test``.
+    Non-ASCII characters are therefore compared exactly as written.
+    """
+    return address.strip().translate(_ASCII_LOWER)
+
+
 def _addr_spec(tok: _Tok) -> str:
-    """``local@domain`` from one word, lower-cased; a quoted local part is accepted
+    """``local@domain`` from one word, ASCII lower-cased; a quoted local part is accepted
     only when it is plain dot-atom text, so the result is always a simple address."""
     word = list(tok.segments)
     at = max((k for k, (text, quoted) in enumerate(word) if not quoted and "@" in text), default=-1)
@@ -149,7 +162,7 @@ def _addr_spec(tok: _Tok) -> str:
         local = "".join(t for t, _ in local_parts)
     if not _DOT_ATOM_RE.match(local) or not _DOT_ATOM_RE.match(domain):
         raise _BadAddress("not a simple address")
-    return f"{local}@{domain}".lower()
+    return fold_address(f"{local}@{domain}")
 
 
 def _phrase(tokens: list[_Tok]) -> str | None:

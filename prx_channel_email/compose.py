@@ -26,7 +26,13 @@ from markdown_it import MarkdownIt
 
 from .config import EmailConfig, is_address
 from .errors import SendError
-from .message_ids import mint_message_id, normalize_id, parse_id_list
+from .message_ids import (
+    STAMP_HEADER,
+    channel_stamp,
+    mint_message_id,
+    normalize_id,
+    parse_id_list,
+)
 
 #: References longer than this keep only the first id and the most recent ones.
 MAX_REFERENCES = 20
@@ -298,6 +304,8 @@ def compose(
         headers.append("Auto-Submitted: auto-generated")
     # Exchange/Outlook ignore RFC 3834 but honour this.
     headers.append("X-Auto-Response-Suppress: All")
+    # Recognises our own mail when it comes back rewritten (policy.loop_reason).
+    headers.append(f"{STAMP_HEADER}: {channel_stamp(config.account)}")
     headers.append("MIME-Version: 1.0")
     ctype, body = _multipart(
         "alternative", [_text_part("plain", content), _text_part("html", render_html(content))]

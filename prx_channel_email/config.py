@@ -40,6 +40,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict
 
+from .addresses import fold_address
 from .errors import ConfigError
 
 ENV_PREFIX = "PRX_EMAIL_"
@@ -122,7 +123,7 @@ def is_address(value: str) -> bool:
 def sender_entry(value: str) -> str | None:
     """An ``allowed_senders`` entry in its stored form, or None when it is none of
     an address, ``@domain`` or ``*`` (the config and ``allow_sender`` share this)."""
-    item = value.strip().lower()
+    item = fold_address(value)
     if item == "*" or _DOMAIN_RE.match(item) or is_address(item):
         return item
     return None
@@ -366,7 +367,7 @@ class EmailConfig(BaseSettings):
         bad = [v for v in value if not is_address(v.strip())]
         if bad:
             raise ValueError(f"{', '.join(map(repr, bad))} not an email address")
-        return [v.strip().lower() for v in value]
+        return [fold_address(v) for v in value]
 
     @field_validator("ca_file")
     @classmethod

@@ -251,10 +251,22 @@ class InboundPipeline:
                     size=meta.size,
                     code=meta.skipped_reason,
                 )
+        reply_target = decision.reply_target or env.sender
+        if env.reply_target != env.sender:
+            # A Reply-To is honoured only when it may write to the bot itself.
+            self._log(
+                logging.INFO,
+                "inbound.reply_target",
+                message_id=env.message_id,
+                sender=env.sender,
+                reply_to=env.reply_target,
+                reply_target=reply_target,
+                code="reply_to_not_allowed" if decision.reply_to_refused else "reply_to_allowed",
+            )
         # What both the message and the ledger row (used to thread replies) carry.
         shared: dict[str, Any] = {
             "sender": env.sender,
-            "reply_target": env.reply_target,
+            "reply_target": reply_target,
             "subject": env.subject,
             "thread_ts": env.thread_ts,
             "references": env.references,

@@ -16,6 +16,7 @@ import logging
 import sqlite3
 from collections.abc import Callable
 
+from .addresses import fold_address
 from .models import ChannelMessage
 from .observability import Metrics, log_event
 from .store import Cursor, Decided, LedgerEntry, StateStore
@@ -56,7 +57,7 @@ class LedgerLookup:
 
     async def latest_from(self, account: str, sender: str) -> LedgerEntry | None:
         """The newest delivered message from ``sender`` (or whose reply target it is)."""
-        addr = sender.strip().lower()
+        addr = fold_address(sender)
         staged = self._newest_staged(account, lambda e: addr in (e.sender, e.reply_target))
         return _newer(staged, await self.store.latest_from(account, addr))
 

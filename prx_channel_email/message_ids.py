@@ -15,6 +15,22 @@ MINTED_MARKER = ".prxmail"
 _ID_RE = re.compile(r"<[^<>\s]+>")
 
 
+STAMP_HEADER = "X-PRX-Channel"
+
+
+def channel_stamp(account: str) -> str:
+    """The value of :data:`STAMP_HEADER` on every mail this account sends.
+
+    Our own mail coming back with a new Message-ID and its RFC 3834 headers
+    stripped (an auto-forward, a redirect) still carries it, so the loop guard
+    knows it. It only recognises, it proves nothing: whoever copies it into a
+    mail only gets that mail ignored. Per account, so two bots can tell their
+    mail apart.
+    """
+    digest = hashlib.sha256(f"prx-channel-email\0{account}".encode()).hexdigest()
+    return f"v1; {digest[:24]}"
+
+
 def mint_message_id(from_address: str) -> str:
     """A new globally unique Message-ID on the from_address domain."""
     domain = from_address.rpartition("@")[2] or "localhost"

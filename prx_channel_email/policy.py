@@ -14,11 +14,12 @@ from dataclasses import dataclass
 
 from .addresses import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
 from .addresses import NO_SENDER as NO_SENDER
+from .addresses import fold_address
 from .authresults import sender_verified
 from .charsets import decode_words
 from .config import EmailConfig
 from .envelope import Envelope
-from .message_ids import is_minted
+from .message_ids import STAMP_HEADER, channel_stamp, is_minted
 
 # Reason codes (also the metric suffix: inbound.skipped.<reason>).
 OWN_ADDRESS = "own_address"
@@ -28,6 +29,8 @@ AUTO_SUBMITTED = "auto_submitted"
 AUTO_REPLY = "auto_reply"
 PRECEDENCE = "precedence_bulk"
 LIST_MAIL = "list_mail"
+LOOP_MARKER = "loop_marker"  # X-Loop: some system already saw this mail go round
+OWN_MAIL = "own_mail"  # our own mail back with a new Message-ID (stamp or Reply-To ours)
 # NO_SENDER ("no_sender") and AMBIGUOUS_SENDER ("ambiguous_sender") come from addresses.
 NOT_ALLOWED = "not_allowed"
 UNVERIFIED = "unverified_sender"
@@ -35,30 +38,56 @@ UNVERIFIED = "unverified_sender"
 _BULK_PRECEDENCE = frozenset({"bulk", "list", "junk", "auto_reply", "auto-reply"})
 _BOUNCE_LOCALPARTS = frozenset({"mailer-daemon", "postmaster"})
 _AUTO_HEADERS = ("x-autoreply", "x-autorespond", "x-auto-response-suppress", "x-autoresponder")
-_LIST_HEADERS = ("list-id", "list-unsubscribe", "list-post")
+# RFC 2369/2919 fields, and what ezmlm and older list managers write instead.
+_LIST_HEADERS = (
+    "list-id",
+    "list-unsubscribe",
+    "list-subscribe",
+    "list-post",
+    "list-help",
+    "list-owner",
+    "list-archive",
+    "mailing-list",
+    "x-mailing-list",
+)
 
 
 def sender_allowed(sender: str, allowed: Iterable[str]) -> bool:
-    """``allowed_senders`` semantics: exact address (any case), ``@domain`` exactly, ``*``."""
-    addr = sender.strip().lower()
+    """``allowed_senders`` semantics: exact address, ``@domain`` exactly, ``*``.
+
+    Case is ignored for ASCII letters only (:func:`fold_address`): a look-alike
+    such as the Kelvin sign never matches the ASCII letter it resembles.
+    """
+    addr = fold_address(sender)
     if not addr or "@" not in addr:
         return False
     domain = "@" + addr.rpartition("@")[2]
     for entry in allowed:
-        item = entry.strip().lower()
+        item = fold_address(entry)
         if item == "*" or item == addr or (item.startswith("@") and item == domain):
             return True
     return False
 
 
-def loop_reason(env: Envelope, own_addresses: Iterable[str]) -> str | None:
-    """Why this mail must never reach the agent (RFC 3834 and what bots learned), or None."""
+def loop_reason(env: Envelope, own_addresses: Iterable[str], stamp: str = "") -> str | None:
+    """Why this mail must never reach the agent (RFC 3834 and what bots learned), or None.
+
+    ``stamp``: the :data:`STAMP_HEADER` value this account puts on its own mail.
+    """
     h = env.headers
-    own = {a.strip().lower() for a in own_addresses}
+    own = {fold_address(a) for a in own_addresses}
     if env.sender and env.sender in own:
         return OWN_ADDRESS
     if is_minted(env.message_id):
         return OWN_MESSAGE_ID
+    # Our own mail back under a new Message-ID, its Auto-Submitted stripped and
+    # its From rewritten (a forwarder): our stamp survives, or the forwarder
+    # points Reply-To at the original author, i.e. us. A person's reply never
+    # copies our header fields, and never asks for answers to go to the bot.
+    if stamp and any(" ".join(v.split()) == stamp for v in h.get_all(STAMP_HEADER)):
+        return OWN_MAIL
+    if env.reply_target in own and env.reply_target != env.sender:
+        return OWN_MAIL
     # A bounce: null reverse-path, or sent by the mail system itself.
     return_path = h.get("return-path")
     if return_path is not None and "".join(decode_words(return_path).split()) in ("<>", ""):
@@ -79,6 +108,8 @@ def loop_reason(env: Envelope, own_addresses: Iterable[str]) -> str | None:
         return PRECEDENCE
     if any(name in h for name in _LIST_HEADERS):
         return LIST_MAIL
+    if "x-loop" in h:
+        return LOOP_MARKER
     # Our own mail quoted back (References carry an id we minted) is fine: that
     # is a normal reply. Only the message's own id marks our mail returning.
     return None
@@ -92,6 +123,10 @@ class Decision:
     # For refusals that repeat for every mail of a sender (unverified): True the
     # first time this sender is refused for it, so the log explains it once.
     first_for_sender: bool = True
+    # Accepted mail: where replies go (see Policy.reply_target), and the Reply-To
+    # address that was passed over because it may not write to the bot.
+    reply_target: str = ""
+    reply_to_refused: str | None = None
 
 
 NOTHING_TRUSTED = (
@@ -105,7 +140,8 @@ class Policy:
 
     def __init__(self, config: EmailConfig, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self.own = [config.from_address.lower(), *config.own_addresses]
+        self.own = [fold_address(config.from_address), *config.own_addresses]
+        self.stamp = channel_stamp(config.account)
         self.allowed_senders: list[str] = list(config.allowed_senders)
         self._refused_unverified: set[str] = set()
 
@@ -128,7 +164,7 @@ class Policy:
 
     def decide(self, env: Envelope) -> Decision:
         """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py)."""
-        reason = loop_reason(env, self.own)
+        reason = loop_reason(env, self.own, self.stamp)
         if reason is not None:
             return Decision(reason)
         if env.sender_problem is not None:
@@ -151,4 +187,20 @@ class Policy:
                     detail or "no trusted result",
                     first_for_sender=self._first_refusal(env.sender),
                 )
-        return Decision(None, verified, detail)
+        target, refused = self.reply_target(env)
+        return Decision(None, verified, detail, reply_target=target, reply_to_refused=refused)
+
+    def reply_target(self, env: Envelope) -> tuple[str, str | None]:
+        """Where replies to this (accepted) mail go: ``(address, passed-over Reply-To)``.
+
+        The Reply-To only when that address may itself write to the bot (it is
+        on the allow-list, runtime entries included); otherwise the From. A
+        Reply-To naming a stranger would let anyone who can get one mail through
+        read the agent's answers.
+        """
+        reply_to = env.reply_target
+        if not reply_to or reply_to == env.sender:
+            return env.sender, None
+        if sender_allowed(reply_to, self.allowed_senders):
+            return reply_to, None
+        return env.sender, reply_to

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from . import deferred_table, senders_table
+from .addresses import fold_address
 from .outbox_table import OUTBOX_SCHEMA_V1, add_idempotency_key
 
 T = TypeVar("T")
@@ -353,7 +354,7 @@ class StateStore:
 
     async def latest_from(self, account: str, sender: str) -> LedgerEntry | None:
         """The newest delivered message from ``sender`` (or whose reply target it is)."""
-        addr = sender.strip().lower()
+        addr = fold_address(sender)
         return await self._one(account, "(sender=? OR reply_target=?)", (addr, addr))
 
     async def latest_in_thread(self, account: str, thread_ts: str) -> LedgerEntry | None:

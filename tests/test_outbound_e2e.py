@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 from prx_channel_email.channel import EmailChannel
@@ -88,3 +89,47 @@ async def test_close_while_listening_stops_the_listener_and_keeps_the_ledger(
         finally:
             listener.cancel()
     assert queue.empty()
+
+
+async def test_reply_to_a_stranger_goes_to_the_sender_and_our_reply_forwarded_back_is_ignored(
+    tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
+) -> None:
+    """Issue 15: a Reply-To naming a stranger never gets the agent's answer, and our
+    answer coming back rewritten (new Message-ID, no Auto-Submitted) is not handed on."""
+    config = dovecot_config(
+        tmp_path, smtp_server, dovecot, account, allowed_senders=[ANN], initial_sync="unseen"
+    )
+    queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+    async with EmailChannel(config) as channel:
+        listener = asyncio.create_task(channel.listen(queue))
+        try:
+            ask = human_mail("<r1@people.example>", "Secrets", "What is the plan?")
+            ask = ask.replace(b"\r\nTo:", b"\r\nReply-To: eve@evil.example\r\nTo:", 1)
+            dovecot.deliver(account, ask, mail_from=ANN)
+            msg = await asyncio.wait_for(queue.get(), timeout=30)
+            assert msg.reply_target == ANN
+            await channel.send(msg.reply("The plan is ..."))
+            (sent,) = smtp_server.messages
+            assert sent.rcpt_tos == (ANN,)
+            # Ann's mailbox auto-forwards it back, rewritten as such forwarders do.
+            back = sent.raw.replace(b"Auto-Submitted:", b"X-Was-Auto-Submitted:")
+            back = back.replace(b"X-Auto-Response-Suppress:", b"X-Was-Suppress:")
+            back = back.replace(parse(sent.raw)["Message-ID"].encode(), b"<fw1@relay.example>")
+            back = back.replace(b"From: ", b"From: Ann <" + ANN.encode() + b">\r\nX-Old-From: ", 1)
+            dovecot.deliver(account, back, mail_from=ANN)
+            # The next genuine mail arrives; the forwarded copy never did.
+            dovecot.deliver(account, human_mail("<r2@people.example>", "Next", "ok"), mail_from=ANN)
+            nxt = await asyncio.wait_for(queue.get(), timeout=30)
+            assert nxt.id == "<r2@people.example>"
+            await asyncio.wait_for(
+                _until(lambda: channel.metrics.get("inbound.skipped.own_mail") == 1), 15
+            )
+            assert queue.empty()
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+
+
+async def _until(predicate: Callable[[], bool]) -> None:
+    while not predicate():
+        await asyncio.sleep(0.02)

@@ -581,3 +581,109 @@ async def test_reject_outcome_carries_sender_subject_reason_and_id(tmp_path: Pat
         "hi",
         "not_allowed",
     )
+
+
+# --- hostile input (issue 15) ---
+
+
+async def test_reply_to_is_honoured_only_when_it_may_write_to_the_bot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    p = pipeline(tmp_path)
+    caplog.set_level(logging.INFO, logger="prx_channel_email")
+    allowed = await p.process(mail("anna@example.com", "Reply-To: Desk <Desk@Example.com>"))
+    stranger = await p.process(mail("anna@example.com", "Reply-To: eve@evil.test"))
+    assert allowed.message is not None and stranger.message is not None
+    assert allowed.message.reply_target == "desk@example.com"
+    assert stranger.message.reply_target == "anna@example.com"
+    assert stranger.entry is not None and stranger.entry.reply_target == "anna@example.com"
+    assert stranger.message.reply("ok").recipient == "anna@example.com"
+    events = [getattr(r, "prx", {}) for r in caplog.records]
+    codes = [e["code"] for e in events if e.get("event") == "inbound.reply_target"]
+    assert codes == ["reply_to_allowed", "reply_to_not_allowed"]
+    # The runtime allow-list counts too: once eve may write, replies may go to her.
+    p.policy.set_runtime_senders(["eve@evil.test"], [])
+    now = await p.process(mail("anna@example.com", "Reply-To: eve@evil.test"))
+    assert now.message is not None and now.message.reply_target == "eve@evil.test"
+
+
+@pytest.mark.parametrize(
+    ("header", "reason"),
+    [
+        ("Mailing-List: contact team-help@lists.example.com; run by ezmlm", "list_mail"),
+        ("X-Mailing-List: <team@lists.example.com>", "list_mail"),
+        ("List-Help: <mailto:team-request@lists.example.com?subject=help>", "list_mail"),
+        ("List-Archive: <https://lists.example.com/team/>", "list_mail"),
+        ("List-Owner: <mailto:owner@lists.example.com>", "list_mail"),
+        ("List-Subscribe: <mailto:team-join@lists.example.com>", "list_mail"),
+        ("X-Loop: helpdesk@example.com", "loop_marker"),
+    ],
+)
+async def test_more_list_and_loop_markers(tmp_path: Path, header: str, reason: str) -> None:
+    outcome = await pipeline(tmp_path).process(mail("anna@example.com", header))
+    assert (outcome.decision, outcome.reason) == ("reject", reason)
+
+
+async def test_a_look_alike_address_does_not_match_an_allowed_one(tmp_path: Path) -> None:
+    kelvin = "\u212aate@example.test"  # KELVIN SIGN + "ate": str.lower() makes it "kate"
+    assert not sender_allowed(kelvin, ["kate@example.test"])
+    assert sender_allowed("Kate@Example.TEST", ["kate@example.test"])
+    p = pipeline(tmp_path, allowed_senders=["kate@example.test"])
+    outcome = await p.process(mail(f"Kate <{kelvin}>"))
+    assert (outcome.decision, outcome.reason, outcome.sender) == ("reject", "not_allowed", kelvin)
+    genuine = await p.process(mail("Kate <KATE@example.test>"))
+    assert genuine.message is not None and genuine.message.sender == "kate@example.test"
+    # Entries are folded the same way: a Kelvin-sign entry is not "kate" either.
+    assert EmailConfig(
+        imap_host="h", smtp_host="h", username="u", password="p", from_address="b@x.test",
+        allowed_senders=["\u212aate@example.test"], state_dir=tmp_path,
+    ).allowed_senders == ["\u212aate@example.test"]  # fmt: skip
+
+
+def _forwarded(raw: bytes, *, drop: tuple[str, ...], replace: dict[str, str]) -> bytes:
+    """``raw`` as a forwarder re-sends it: some fields dropped, some rewritten."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    out = []
+    for line in head.decode().split("\r\n"):
+        name = line.split(":", 1)[0].lower()
+        if name in drop:
+            continue
+        out.append(f"{line.split(':', 1)[0]}: {replace[name]}" if name in replace else line)
+    return ("\r\n".join(out) + "\r\n\r\n").encode() + body
+
+
+async def test_our_own_reply_forwarded_back_is_not_delivered(tmp_path: Path) -> None:
+    from prx_channel_email.compose import Parent, compose
+
+    p = pipeline(tmp_path)
+    parent = Parent("<q1@example.com>", "Question", [])
+    ours = compose(p.config, content="the answer", recipient="anna@example.com", parent=parent)
+    stripped = ("auto-submitted", "x-auto-response-suppress")
+    rewritten = {"message-id": "<fwd-1@relay.example.com>", "from": "Anna <anna@example.com>"}
+    # The stamp survives the forwarder: our own mail.
+    back = _forwarded(ours.raw, drop=stripped, replace=rewritten)
+    outcome = await p.process(back)
+    assert (outcome.decision, outcome.reason) == ("reject", "own_mail")
+    # A forwarder that also drops unknown fields but points Reply-To at the author (us).
+    no_stamp = _forwarded(
+        ours.raw,
+        drop=(*stripped, "x-prx-channel"),
+        replace={**rewritten, "to": f"{BOT}\r\nReply-To: {BOT}"},
+    )
+    outcome = await p.process(no_stamp)
+    assert (outcome.decision, outcome.reason) == ("reject", "own_mail")
+    # Another bot's mail (another account's stamp) is not ours.
+    other = compose(
+        inbound_config(tmp_path, username="other-bot"),
+        content="hi",
+        recipient="anna@example.com",
+    )
+    theirs = _forwarded(other.raw, drop=stripped, replace=rewritten)
+    assert (await p.process(theirs)).decision == "deliver"
+    # A person's answer to our reply is of course delivered.
+    answer = await p.process(
+        mail(
+            "anna@example.com", f"In-Reply-To: {ours.message_id}", f"References: {ours.message_id}"
+        )
+    )
+    assert answer.decision == "deliver"

@@ -16,6 +16,7 @@ from .errors import (
     InsecureConnectionError,
     NotReadyError,
     SendError,
+    StorageError,
     TransportError,
 )
 from .models import Attachment, Channel, ChannelMessage, SendMessage
@@ -38,6 +39,7 @@ __all__ = [
     "RejectedMessage",
     "SendError",
     "SendMessage",
+    "StorageError",
     "TransportError",
     "__version__",
     "load_config",

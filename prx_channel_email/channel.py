@@ -14,7 +14,7 @@ from types import TracebackType
 from . import senders_table
 from .backoff import Backoff
 from .config import EmailConfig, sender_entry
-from .errors import ChannelError
+from .errors import ChannelError, StorageError
 from .inbound import InboundPipeline
 from .ledger import LedgerLookup
 from .models import Channel, ChannelMessage, SendMessage
@@ -81,7 +81,13 @@ class EmailChannel(Channel):
             reporter=self.reporter,
             auth_backoff=auth_backoff(config),
         )
-        self.outbox = Outbox(config, self.store, self.metrics, parents=self.ledger)
+        self.outbox = Outbox(
+            config,
+            self.store,
+            self.metrics,
+            parents=self.ledger,
+            on_reply_durable=self._reply_durable,
+        )
         self._started = False
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()
@@ -132,6 +138,30 @@ class EmailChannel(Channel):
         """Like :meth:`send`, but returns the Message-ID of the sent mail."""
         await self.start()
         return await self.outbox.send(message)
+
+    async def ack(self, message: ChannelMessage) -> None:
+        """``handoff="ack"``: the host is done with ``message``; returns once that is on disk.
+
+        It is then never handed on again (not even after a restart), and the optional
+        ``mark_seen`` / ``move_to_folder`` apply to it at the end of the next sync pass.
+        A reply to it (``send(message.reply(...))``) acks it too. With
+        ``handoff="queue"`` a message is handled once on the queue: this does nothing.
+        Raises StorageError (a ChannelError) when the state cannot be written.
+        """
+        await self.start()
+        if self.config.handoff == "ack":
+            await self.sync.ack(message.id)
+
+    async def _reply_durable(self, parent_id: str) -> None:
+        """A reply to ``parent_id`` is durably in the outbox: the parent is handled."""
+        if self.config.handoff != "ack":
+            return
+        try:
+            await self.sync.ack(parent_id)
+        except StorageError as exc:  # the reply is stored; the parent stays in flight
+            log_event(log, logging.WARNING, "channel.ack_failed", exc=exc,
+                      account=self.config.account, message_id=parent_id,
+                      code=exc.code)  # fmt: skip
 
     @property
     def allowed_senders(self) -> list[str]:
@@ -193,10 +223,12 @@ class EmailChannel(Channel):
         return self.metrics.snapshot()
 
     async def health_check(self) -> bool:
-        """True unless authentication failed or the outbox cannot reach its server."""
+        """True unless authentication failed, the state cannot be written (the hand-off
+        is paused), the outbox cannot reach its server or OAuth needs a new sign-in."""
         return (
             self._started
             and not self.sync.status.auth_failed
+            and self.sync.status.storage_error is None
             and self.outbox.healthy
             and not (self.tokens is not None and self.tokens.reauth_required)
         )

@@ -34,7 +34,7 @@ from rich.table import Table
 from .channel import EmailChannel
 from .config import EmailConfig, load_config, resolve_path
 from .doctor import DoctorReport, doctor
-from .errors import ChannelError, ConfigError
+from .errors import ChannelError, ConfigError, SendError
 from .models import ChannelMessage, SendMessage
 from .observability import log_event
 from .outbox_table import OutboxEntry, OutboxTable
@@ -174,9 +174,16 @@ async def _answer(channel: EmailChannel, handler: Handler, msg: ChannelMessage) 
         answer = await handler(msg)
         if answer is None:
             log_event(log, logging.INFO, "handler.no_reply", account=account, message_id=msg.id)
-            return
-        await channel.send(msg.reply(answer))
-        log_event(log, logging.INFO, "handler.replied", account=account, message_id=msg.id)
+        else:
+            try:
+                await channel.send(msg.reply(answer))  # a durable reply acks msg as well
+            except SendError:
+                await channel.ack(msg)  # refused for good: a redelivery would not help
+                raise
+            log_event(log, logging.INFO, "handler.replied", account=account, message_id=msg.id)
+        # The handler returned: msg is handled (a handler that raised, or a run stopped
+        # meanwhile, leaves it in flight, so it comes again at the next start).
+        await channel.ack(msg)
     except asyncio.CancelledError:
         log_event(
             log,

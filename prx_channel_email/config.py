@@ -197,6 +197,9 @@ class EmailConfig(BaseSettings):
     keepalive_secs: PositiveInt = 240
     poll_interval_secs: PositiveInt = 60
     initial_sync: Literal["new", "unseen"] = "new"
+    # "ack": handed-on mail stays in flight until channel.ack(msg) or a reply to it,
+    # and comes again after a restart; "queue": handled once it is on the queue.
+    handoff: Literal["ack", "queue"] = "ack"
     mark_seen: bool = False
     move_to_folder: str | None = None
     max_message_bytes: PositiveInt = 25 * 1024 * 1024

@@ -43,6 +43,7 @@ from .errors import (
 from .headers import Headers, split_header_block
 from .imap import ImapSession
 from .smtp import SmtpFailure, SmtpTransport
+from .store import low_space
 from .tls import ssl_context
 
 Status = Literal["pass", "warn", "fail", "skip"]
@@ -932,6 +933,20 @@ def _writable(path: Path) -> str | None:
     return None
 
 
+def _space_check(path: Path) -> Check:
+    """Free space where the state lives (the same rule the store logs at start)."""
+    warning = low_space(path)
+    if warning is None:
+        return Check("state dir space", "pass", f"enough free space under {path}")
+    return Check(
+        "state dir space",
+        "warn",
+        warning,
+        "free some space there, or set state_dir to a roomier filesystem: with no space"
+        " left the channel pauses (health false, code storage_full) until there is.",
+    )
+
+
 async def _dir_checks(config: EmailConfig, budget: float) -> list[Check]:
     checks: list[Check] = []
     for name, key, path in (
@@ -944,6 +959,8 @@ async def _dir_checks(config: EmailConfig, budget: float) -> list[Check]:
             problem = f"no answer within {budget:g} s (a hung network file system?)"
         if problem is None:
             checks.append(Check(name, "pass", f"{path} is writable"))
+            if key == "state_dir":
+                checks.append(_space_check(path))
         else:
             checks.append(
                 Check(

@@ -118,6 +118,22 @@ class SendError(ChannelError):
         self.message_id = message_id
 
 
+class StorageError(ChannelError):
+    """The state in ``state_dir`` could not be read or written.
+
+    ``code``: ``storage_full`` (no space left), ``storage_readonly`` (read-only or
+    not writable by this user, or a state dir that cannot be created) or
+    ``storage_error`` (any other I/O or database failure). ``path`` names the file
+    or directory. The running channel pauses and retries rather than raising this.
+    """
+
+    code = "storage_error"
+
+    def __init__(self, message: str, *, code: str | None = None, path: str = "") -> None:
+        super().__init__(message, code=code)
+        self.path = path
+
+
 class OAuthReauthRequired(AuthenticationError):
     """The OAuth grant is gone (revoked, expired, never stored): a person must sign in
     again with ``prx-email auth login``. Retrying without that cannot help."""

@@ -12,14 +12,21 @@ Both sit on :class:`~prx_channel_email.store.StateStore`, which is plain SQL.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from .addresses import fold_address
+from .backoff import Backoff
+from .errors import StorageError
 from .models import ChannelMessage
 from .observability import Metrics, log_event
-from .store import Cursor, Decided, LedgerEntry, StateStore
+from .store import IN_FLIGHT, Cursor, Decided, LedgerEntry, StateStore
+
+T = TypeVar("T")
 
 log = logging.getLogger("prx_channel_email.sync")
 
@@ -73,17 +80,33 @@ def _newer(staged: LedgerEntry | None, stored: LedgerEntry | None) -> LedgerEntr
 
 
 class LedgerWriter:
-    """Hands decided messages of one folder on and writes their ledger rows, in UID order.
+    """Hands decided messages of one folder on, committing before each put, in UID order.
 
-    Use: :meth:`begin` a pass (its UIDVALIDITY, and whether the cursor may move),
-    then per message :meth:`skip`, :meth:`hand_on` or :meth:`record`, then
-    :meth:`flush` (which must run to completion even when cancelled).
+    The API (the sync engine's, and the rate limiter's for deferred mail):
 
-    Ledger writes are group-committed: one writer runs at a time and takes every
-    row queued meanwhile into one transaction. A lone message commits at once;
-    during a backlog the next messages are parsed while the last ones commit.
-    Every row is queued only after its message is on the queue; ``flush`` waits
-    until all of them are on disk.
+    * :meth:`begin` a pass (its UIDVALIDITY, and whether the cursor may move);
+    * per message :meth:`skip` (a duplicate), :meth:`record` (refused, quarantined)
+      or ``await`` :meth:`hand_on` (accepted); then ``await`` :meth:`flush`;
+    * :meth:`redeliver` once per run, before the first pass; :meth:`ack` settles.
+
+    What a crash at each point repeats (the README's crash table is this list):
+
+    * ``hand_on`` first commits, in ONE transaction, the message as *in flight* (its
+      serialized ChannelMessage), the cursor past it, the decisions queued by
+      ``skip``/``record`` before it, and (``handoff="queue"``) the settling of the
+      message put just before. Only then is it put on the queue.
+    * A kill before that commit: nothing of it is on disk; the next start fetches it
+      again from the cursor (nothing lost, nothing repeated).
+    * A kill after the commit: it is in flight, and the next start hands it on again
+      with ``redelivered=True``. With ``handoff="ack"`` that is every message not
+      acknowledged; with ``handoff="queue"`` it is at most the one message put last
+      (the previous ones were settled by the commit that preceded each next put, the
+      last by :meth:`flush` at the end of the pass).
+
+    A failed write (full or read-only disk, I/O error) pauses the hand-off in place:
+    the same transaction is retried with backoff, nothing more is put on the queue
+    and nothing already put is put again; ``on_storage`` hears the fault (and None
+    once a write succeeds again), and it is logged once per fault with the path.
     """
 
     def __init__(
@@ -93,21 +116,31 @@ class LedgerWriter:
         folder: str,
         metrics: Metrics,
         *,
+        handoff: str = "ack",
         lookup: LedgerLookup | None = None,
+        on_storage: Callable[[StorageError | None], None] | None = None,
+        storage_backoff: Backoff | None = None,
     ) -> None:
         self.store = store
         self.account = account
         self.folder = folder
         self.metrics = metrics
+        self.handoff = handoff
         self.lookup = lookup
+        self.on_storage = on_storage
+        self.storage_backoff = storage_backoff or Backoff(base=0.5, cap=30.0)
+        self.storage_fault: StorageError | None = None
         self.uidvalidity = 0
         # False during a first start or a re-baseline: the cursor must not exist
         # half-way, or the next start would continue from it instead of redoing the pass.
         self.move_cursor = True
         self.delivered: list[int] = []  # UIDs handed on in this pass
-        self._handled: set[str] = set()
-        self._pending: list[Decided] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._handled: set[str] = set()  # ids decided in this pass
+        self._pending: list[Decided] = []  # decisions that ride on the next commit
+        self._unsettled: list[str] = []  # handoff="queue": put, settled by the next commit
+        self._handed: set[str] = set()  # ids put on the queue in this run: never twice
+        self._acked: list[tuple[int, int]] = []  # (uidvalidity, uid) acked in this folder
+        self._lock = asyncio.Lock()
 
     def begin(self, uidvalidity: int, *, move_cursor: bool = True) -> None:
         """Start a pass over UIDs of ``uidvalidity``; the previous one must be flushed."""
@@ -117,64 +150,18 @@ class LedgerWriter:
         self._handled = set()
 
     def seen_in_pass(self, message_id: str) -> bool:
-        """Already decided in this pass (two copies of one message in one window)."""
-        return message_id in self._handled
+        """Already decided in this pass, or put on the queue in this run."""
+        return message_id in self._handled or message_id in self._handed
 
-    def _write(self, item: Decided) -> None:
-        self._pending.append(item)
-        if self._writer is None or self._writer.done():
-            if self._writer is not None and self._writer.exception() is not None:
-                return  # flush() raises it
-            self._writer = asyncio.ensure_future(self._commit())
-
-    async def _commit(self) -> None:
-        while self._pending:
-            items, self._pending = self._pending, []
-            await self.store.record_many(
-                self.account, self.folder, items, move_cursor=self.move_cursor
-            )
-            if self.lookup is not None:
-                self.lookup.committed(self.account, [i.message_id for i in items if i.message_id])
-
-    async def flush(self) -> None:
-        """Wait until every row of this pass is on disk."""
-        while self._writer is not None:
-            writer = self._writer
-            await writer
-            if writer is self._writer and not self._pending:
-                self._writer = None
-            elif writer is self._writer:
-                self._writer = asyncio.ensure_future(self._commit())
+    # --- decisions ---
 
     def skip(self, uid: int, message_id: str) -> None:
         """A duplicate: nothing is handed on, only the cursor moves past it."""
-        self._write(Decided(Cursor(self.uidvalidity, uid), None))
+        self._pending.append(Decided(Cursor(self.uidvalidity, uid), None))
         self.metrics.inc("inbound.skipped.duplicate")
         log_event(log, logging.INFO, "inbound.duplicate", account=self.account,
                   folder=self.folder, uid=uid, message_id=message_id,
                   code="duplicate")  # fmt: skip
-
-    async def hand_on(
-        self,
-        uid: int,
-        message: ChannelMessage,
-        entry: LedgerEntry | None,
-        queue: asyncio.Queue[ChannelMessage],
-    ) -> None:
-        """Put ``message`` on the framework's queue and record it as handed on."""
-        mid = message.id
-        self._handled.add(mid)
-        if entry is not None and self.lookup is not None:
-            self.lookup.stage(self.account, entry)
-        await queue.put(message)
-        # From here the message is the framework's: its ledger row must reach the
-        # disk even if we are cancelled now (flush runs to completion), or the
-        # next start would hand it on again.
-        self._write(Decided(Cursor(self.uidvalidity, uid), mid, "delivered", None, uid, entry))
-        self.metrics.inc("inbound.handed_on")
-        self.delivered.append(uid)
-        log_event(log, logging.INFO, "inbound.handed_on", account=self.account,
-                  folder=self.folder, uid=uid, message_id=mid)  # fmt: skip
 
     def defer(
         self,
@@ -189,7 +176,9 @@ class LedgerWriter:
         move are one transaction; nothing is put on the queue now."""
         self._handled.add(message.id)
         cursor = Cursor(self.uidvalidity, uid)
-        self._write(Decided(cursor, message.id, "deferred", reason, uid, entry, store_step))
+        self._pending.append(
+            Decided(cursor, message.id, "deferred", reason, uid, entry, also=store_step)
+        )
 
     async def hand_on_released(
         self,
@@ -197,31 +186,153 @@ class LedgerWriter:
         store_step: Callable[[sqlite3.Connection], None],
         queue: asyncio.Queue[ChannelMessage],
     ) -> None:
-        """Hand on a message that waited: commit "handed on" (``store_step``), then put.
-
-        Runs to completion once started, so a cancellation cannot leave a message
-        recorded as handed on but never put.
-        """
-
-        async def commit_then_put() -> None:
-            await self.store.run(store_step)
-            await queue.put(message)
-
-        task = asyncio.ensure_future(commit_then_put())
-        try:
-            await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await task
-            raise
-        self.metrics.inc("inbound.handed_on")
-        log_event(log, logging.INFO, "inbound.handed_on", account=self.account,
-                  folder=self.folder, message_id=message.id, deferred=True)  # fmt: skip
+        """Hand on a message that waited (deferred.py): ``store_step`` (its ledger row
+        becomes delivered, its deferred row goes) commits with the in-flight write,
+        before the put, like any hand-off."""
+        await self.hand_on(None, message, None, queue, also=store_step)
 
     def record(self, uid: int, message_id: str, kind: str, reason: str) -> None:
         """A message not handed on (``rejected`` / ``quarantined``), with why."""
         self._handled.add(message_id)
-        self._write(Decided(Cursor(self.uidvalidity, uid), message_id, kind, reason, uid))
+        self._pending.append(Decided(Cursor(self.uidvalidity, uid), message_id, kind, reason, uid))
         # The pipeline counts its decisions (inbound.skipped.<reason>); we log the UID.
         log_event(log, logging.DEBUG, f"inbound.recorded_{kind}", account=self.account,
                   folder=self.folder, uid=uid, message_id=message_id,
                   code=reason)  # fmt: skip
+
+    async def hand_on(
+        self,
+        uid: int | None,
+        message: ChannelMessage,
+        entry: LedgerEntry | None,
+        queue: asyncio.Queue[ChannelMessage],
+        *,
+        also: Callable[[sqlite3.Connection], None] | None = None,
+    ) -> None:
+        """Commit ``message`` as in flight, then put it on the framework's queue.
+
+        ``uid`` None: not from this pass's folder listing (deferred mail); the cursor
+        does not move. ``also`` runs in the same transaction (e.g. removing the
+        message from the deferred table), so both happen or neither.
+        """
+        mid = message.id
+        self._handled.add(mid)
+        cursor = Cursor(self.uidvalidity, uid) if uid is not None else None
+        if entry is None:  # what reply threading reads while it is in flight
+            entry = LedgerEntry(mid, message.sender, message.reply_target, message.subject,
+                                message.thread_ts, list(message.references),
+                                time.time())  # fmt: skip
+        item = Decided(
+            cursor, mid, IN_FLIGHT, None, uid, entry, also=also, message=message.model_dump_json()
+        )
+        await self._commit([item])
+        self._handed.add(mid)
+        await queue.put(message)
+        if self.handoff == "queue":
+            self._unsettled.append(mid)
+        self.metrics.inc("inbound.handed_on")
+        if uid is not None:
+            self.delivered.append(uid)
+        log_event(log, logging.INFO, "inbound.handed_on", account=self.account,
+                  folder=self.folder, uid=uid, message_id=mid)  # fmt: skip
+
+    async def flush(self) -> None:
+        """Write the decisions still pending (and settle the last put, queue mode)."""
+        if self._pending or self._unsettled:
+            await self._commit([])
+
+    async def _commit(self, items: list[Decided]) -> None:
+        # One commit at a time: the release of deferred mail hands on concurrently.
+        async with self._lock:
+            batch = [*self._pending, *items]
+            settle = list(self._unsettled)
+            move = self.move_cursor
+
+            def write() -> Awaitable[None]:
+                return self.store.record_many(
+                    self.account, self.folder, batch, move_cursor=move, settle=settle
+                )
+
+            await self.durable(write)
+            # Only now: a cancelled or failed commit leaves them for the next one.
+            del self._pending[: len(batch) - len(items)]
+            del self._unsettled[: len(settle)]
+
+    # --- after a restart, and acknowledgements ---
+
+    async def redeliver(self, queue: asyncio.Queue[ChannelMessage]) -> int:
+        """Hand on again what an earlier run left in flight (``redelivered=True``)."""
+        count = 0
+        for mid, data in await self.store.in_flight(self.account):
+            if mid in self._handed:
+                continue  # never twice within one run
+            try:
+                message = ChannelMessage.model_validate_json(data)
+            except ValueError as exc:
+                log_event(log, logging.ERROR, "inbound.inflight_unreadable", exc=exc,
+                          account=self.account, message_id=mid,
+                          code="inflight_unreadable")  # fmt: skip
+                await self.durable(functools.partial(self.store.settle, self.account, [mid]))
+                continue
+            if self._unsettled:
+                await self._commit([])
+            self._handed.add(mid)
+            await queue.put(message.model_copy(update={"redelivered": True}))
+            if self.handoff == "queue":
+                self._unsettled.append(mid)
+            count += 1
+            self.metrics.inc("inbound.redelivered")
+            log_event(log, logging.INFO, "inbound.redelivered", account=self.account,
+                      folder=self.folder, message_id=mid)  # fmt: skip
+        await self.flush()
+        return count
+
+    async def ack(self, message_id: str) -> bool:
+        """Settle ``message_id``: handled for good. False when it was not in flight.
+
+        Raises StorageError when that cannot be written (the caller may retry).
+        """
+        done = await self.store.settle(self.account, [message_id])
+        for folder, uidvalidity, uid in done:
+            if folder == self.folder and uid:
+                self._acked.append((uidvalidity, uid))
+        return bool(done)
+
+    def take_acked(self, uidvalidity: int) -> list[int]:
+        """UIDs acknowledged since the last call, for the optional \\Seen / move."""
+        uids = sorted(uid for uv, uid in self._acked if uv == uidvalidity)
+        self._acked = []
+        return uids
+
+    # --- storage faults ---
+
+    async def durable(self, op: Callable[[], Awaitable[T]]) -> T:
+        """Run a state write until the storage takes it, pausing (not failing) meanwhile."""
+        while True:
+            try:
+                result = await op()
+            except StorageError as exc:
+                self._fault(exc)
+                await asyncio.sleep(self.storage_backoff.next())
+                continue
+            if self.storage_fault is not None:
+                self._recovered()
+            return result
+
+    def _fault(self, exc: StorageError) -> None:
+        first = self.storage_fault is None or self.storage_fault.code != exc.code
+        self.storage_fault = exc
+        self.metrics.inc(f"storage.faults.{exc.code}")
+        if first:
+            log_event(log, logging.ERROR, "storage.paused", exc=exc, account=self.account,
+                      folder=self.folder, path=exc.path, code=exc.code)  # fmt: skip
+            if self.on_storage is not None:
+                self.on_storage(exc)
+
+    def _recovered(self) -> None:
+        fault, self.storage_fault = self.storage_fault, None
+        self.storage_backoff.reset()
+        log_event(log, logging.INFO, "storage.resumed", account=self.account,
+                  folder=self.folder, path=fault.path if fault else None)  # fmt: skip
+        if self.on_storage is not None:
+            self.on_storage(None)

@@ -82,6 +82,9 @@ class ChannelMessage(BaseModel):
     references: list[str] = Field(default_factory=list)
     attachments: list[Attachment] = Field(default_factory=list)
     sender_verified: bool | None = None
+    # Handed on in an earlier run and not acknowledged there (handoff="ack"), or the
+    # one message a kill interrupted (handoff="queue"): the host may have seen it.
+    redelivered: bool = False
 
     def reply(self, content: str, **kw: Any) -> SendMessage:
         """Build the threaded answer to this message (to its reply target, "Re: subject").

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import email.parser
 import email.policy
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -31,7 +32,13 @@ from .backoff import Backoff
 from .config import EmailConfig
 from .deferred import DeferredMail
 from .envelope import header_message_id
-from .errors import AuthenticationError, ChannelError, FolderNotFoundError, TransportError
+from .errors import (
+    AuthenticationError,
+    ChannelError,
+    FolderNotFoundError,
+    StorageError,
+    TransportError,
+)
 from .imap import FetchedMessage, ImapSession, SelectInfo, open_session
 from .inbound import InboundPipeline, Outcome, message_identity
 from .ledger import LedgerLookup, LedgerWriter
@@ -97,6 +104,9 @@ class SyncStatus:
     last_sync_at: float | None = None
     reconnect_in_secs: float | None = None
     idling: bool = False  # in IDLE right now, waiting for a push
+    # storage_full / storage_readonly / storage_error while the hand-off is paused
+    # on a state write that failed (retried with backoff); None when writable.
+    storage_error: str | None = None
 
 
 class SyncEngine:
@@ -113,6 +123,7 @@ class SyncEngine:
         auth_backoff: Backoff | None = None,
         session_factory: Callable[[EmailConfig], Awaitable[ImapSession]] = open_session,
         lookup: LedgerLookup | None = None,
+        storage_backoff: Backoff | None = None,
         reporter: StatusReporter | None = None,
     ) -> None:
         self.config = config
@@ -130,7 +141,17 @@ class SyncEngine:
         self._open = session_factory
         self._idle_refused = False  # the server advertised IDLE but refused it: poll instead
         self._missing: dict[int, tuple[int, float]] = {}  # uid -> (misses, first miss)
-        self.writer = LedgerWriter(store, self.account, self.folder, metrics, lookup=lookup)
+        self.writer = LedgerWriter(
+            store,
+            self.account,
+            self.folder,
+            metrics,
+            handoff=config.handoff,
+            lookup=lookup,
+            on_storage=self._storage_changed,
+            storage_backoff=storage_backoff,
+        )
+        self._redelivered = False  # what an earlier run left in flight went out again
         # Rate limits and the loop guard: accepted mail over a limit waits in the store.
         self.deferred = DeferredMail(config, store, metrics)
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
@@ -155,6 +176,9 @@ class SyncEngine:
             session: ImapSession | None = None
             delay: float
             try:
+                if not self._redelivered:
+                    await self.writer.redeliver(queue)
+                    self._redelivered = True
                 session = await self._open(self.config)
                 self.metrics.inc("imap.connects")
                 self.status.connected = True
@@ -173,6 +197,10 @@ class SyncEngine:
                 self.metrics.inc("imap.reconnects.network")
                 delay = self.backoff.next()
                 self._failed(exc, "imap.disconnected", logging.WARNING, delay)
+            except StorageError as exc:  # a read of the state failed (writes pause in place)
+                self._storage_changed(exc)
+                delay = self.backoff.next()
+                self._failed(exc, "storage.read_failed", logging.ERROR, delay)
             except ChannelError as exc:
                 self.metrics.inc("imap.reconnects.error")
                 delay = self.backoff.next()
@@ -194,6 +222,19 @@ class SyncEngine:
             await asyncio.sleep(delay)
             self.status.reconnect_in_secs = None
 
+    def _storage_changed(self, fault: StorageError | None) -> None:
+        self.status.storage_error = fault.code if fault is not None else None
+        if fault is not None:
+            self.status.last_error = str(fault)
+            self.status.last_error_code = fault.code
+            self.reporter.imap_failed(fault, None)  # the host sees the code, not "connected"
+        elif self.status.connected:
+            self.reporter.imap_ready()
+
+    async def ack(self, message_id: str) -> bool:
+        """The host is done with ``message_id`` (see LedgerWriter.ack)."""
+        return await self.writer.ack(message_id)
+
     def _failed(self, exc: BaseException, event: str, level: int, delay: float) -> None:
         self.status.last_error = str(exc)
         self.status.last_error_code = getattr(exc, "code", None) or type(exc).__name__
@@ -214,7 +255,12 @@ class SyncEngine:
             result = await self._sync(session, info, queue)
             self.status.last_sync_at = time.time()
             self.status.last_error = self.status.last_error_code = None
+            self.status.storage_error = None  # a pass completes only once its writes did
             self.backoff.reset()  # the session is healthy: the next failure starts at 1 s
+            if self.config.handoff == "ack":
+                acked = self.writer.take_acked(info.uidvalidity)
+                if acked:
+                    await self._after_handoff(session, acked)
             self.synced.set()
             if session.changed.is_set():
                 continue  # mail was announced while we synced
@@ -278,7 +324,7 @@ class SyncEngine:
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
                           folder=self.folder, mode="new", baseline=info.uidnext - 1)  # fmt: skip
             # UIDNEXT is from SELECT, so anything that arrived since is still above it.
-            await self.store.set_cursor(self.account, self.folder, Cursor(uv, info.uidnext - 1))
+            await self._set_cursor(Cursor(uv, info.uidnext - 1))
             return DONE
         if cursor.uidvalidity != uv:
             return await self._rebaseline(session, info, cursor, queue)
@@ -286,7 +332,7 @@ class SyncEngine:
         result = await self._handle(session, uv, [u for u in uids if u > cursor.last_uid], queue)
         if time.time() - cursor.updated_at > 3600:
             # Keep "last synced" fresh: a later UIDVALIDITY change rechecks mail since then.
-            await self.store.set_cursor(self.account, self.folder, cursor)
+            await self._set_cursor(cursor)
         return result
 
     async def _rebaseline(
@@ -311,10 +357,13 @@ class SyncEngine:
                   rechecked=len(uids), code="uidvalidity_changed")  # fmt: skip
         result = await self._handle(session, info.uidvalidity, uids, queue, move_cursor=False)
         if result.complete:
-            await self.store.set_cursor(
-                self.account, self.folder, Cursor(info.uidvalidity, info.uidnext - 1)
-            )
+            await self._set_cursor(Cursor(info.uidvalidity, info.uidnext - 1))
         return result
+
+    async def _set_cursor(self, cursor: Cursor) -> None:
+        await self.writer.durable(
+            functools.partial(self.store.set_cursor, self.account, self.folder, cursor)
+        )
 
     # --- handing messages on ---
 
@@ -376,7 +425,7 @@ class SyncEngine:
             if ahead is not None:
                 ahead.cancel()
             await _to_completion(writer.flush())
-        if writer.delivered:
+        if writer.delivered and self.config.handoff == "queue":
             await self._after_handoff(session, writer.delivered)
         return result
 
@@ -495,7 +544,12 @@ class SyncEngine:
         return Outcome("quarantine", mid, reason=f"pipeline_error:{type(exc).__name__}")
 
     async def _after_handoff(self, session: ImapSession, uids: list[int]) -> None:
-        """Optional ``\\Seen`` / move, for delivered mail only (rejected mail stays as it was)."""
+        """Optional ``\\Seen`` / move, for handled mail only (rejected mail stays as it was).
+
+        Handled: on the queue (``handoff="queue"``), or acknowledged (``"ack"``; then
+        at the end of the next pass, in this run: a message acked after its run ended
+        stays as it is on the server).
+        """
         try:
             if self.config.mark_seen:
                 await session.store_flags(uids, "(\\Seen)")

@@ -54,6 +54,9 @@ async def run_child(config: EmailConfig, *, kill_after: int | None) -> list[str]
     finally:
         proc.send_signal(signal.SIGKILL)
         await proc.wait()
+    # What the child printed before it died was handed on too, read or not.
+    rest = (await proc.stdout.read()).decode().split()
+    got += [line for line in rest if line != "SYNCED"]
     return got
 
 
@@ -77,4 +80,64 @@ async def test_sigkill_while_draining_loses_nothing_and_repeats_nothing_recorded
         assert recorded <= set(seen)
     seen += await run_child(config, kill_after=None)  # let the rest drain
     assert set(seen) == {mid(n) for n in range(total)}
+    assert ledger(config) == {mid(n) for n in range(total)}
+
+
+async def run_child_for(config: EmailConfig, seconds: float) -> list[str]:
+    """Run the child; SIGKILL it ``seconds`` after its first hand-off (or first pass)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tests.fakes.sync_child",
+        json.dumps({**json.loads(config.model_dump_json()), "password": config.imap_login[1]}),
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.stdout is not None
+    got: list[str] = []
+    first = asyncio.Event()
+
+    async def read() -> None:
+        assert proc.stdout is not None
+        while line := (await proc.stdout.readline()).decode().strip():
+            if line != "SYNCED":
+                got.append(line)
+            first.set()  # a first hand-off, or a pass that found nothing to hand on
+        first.set()  # the child exited: nothing more will come
+
+    reader = asyncio.create_task(read())
+    try:
+        await asyncio.wait_for(first.wait(), 60)
+        await asyncio.sleep(seconds)  # the kill point: how far the backlog got is random
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        await reader
+    return got
+
+
+async def test_kill_campaign_in_queue_mode_repeats_at_most_one_message_per_kill(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """Issue 14: a kill during a backlog used to repeat up to a whole fetch batch."""
+    config = imap_config(dovecot, account, tmp_path, fetch_batch_size=25, handoff="queue")
+    assert await run_child(config, kill_after=None) == []  # baseline on the empty mailbox
+    total = 400
+    for n in range(total):
+        dovecot.deliver(account, mail(n))
+    rng = random.Random(14)
+    seen: list[str] = []
+    repeats: list[int] = []
+    for round_ in range(12):
+        if round_ % 2:
+            got = await run_child(config, kill_after=rng.randint(1, 30))
+        else:
+            got = await run_child_for(config, rng.uniform(0.0, 0.15))
+        repeats.append(len(set(got) & set(seen)))
+        assert len(got) == len(set(got)), "a message came twice within one run"
+        seen += got
+    seen += await run_child(config, kill_after=None)  # let the rest drain
+    assert max(repeats) <= 1, f"repeats per kill: {repeats}"
+    assert set(seen) == {mid(n) for n in range(total)}  # nothing lost
     assert ledger(config) == {mid(n) for n in range(total)}

@@ -372,7 +372,18 @@ async def main() -> None:
         # Idle RSS: an engine connected and in IDLE, in a process of its own.
         idle_acct = server.add_user()
         idle = run_child("idle", config_for(server, idle_acct, tmp / "idle"))
-        rows.append(("idle RSS (channel process)", f"{idle['rss']:.1f} MB"))
+        rows.append(("idle RSS (engine, in this script's process image)", f"{idle['rss']:.1f} MB"))
+        # A whole listening EmailChannel, in a process that imports only the package,
+        # next to a bare aioimaplib IDLE client (bench/idle_rss.py), side by side.
+        fields = {**json.loads(config_for(server, idle_acct, tmp / "idle2").model_dump_json())}
+        fields["password"] = idle_acct.password
+        for mode, label in (("channel", "listening EmailChannel"), ("bare", "bare aioimaplib")):
+            out = subprocess.run(
+                [sys.executable, str(ROOT / "bench" / "idle_rss.py"), mode, json.dumps(fields)],
+                capture_output=True, check=True, timeout=120,
+            )  # fmt: skip
+            rss = json.loads(out.stdout.decode().strip().splitlines()[-1])["rss"]
+            rows.append((f"idle RSS, {label} (own process)", f"{rss:.1f} MB"))
 
         rng = random.Random(5)
         backlog = server.add_user()

@@ -170,7 +170,7 @@ def instance_problems(proto: Any) -> list[str]:
     return problems
 
 
-_PROBLEMS = contract_problems()
+_PROBLEMS: list[str] | None = None  # checked once, at the first connection
 _VERSION_CHECKED = False
 
 
@@ -193,7 +193,10 @@ def _warn_untested_version() -> None:
 
 def ensure_compatible() -> None:
     """Raise a clear ChannelError when the installed aioimaplib breaks the contract."""
+    global _PROBLEMS
     _warn_untested_version()
+    if _PROBLEMS is None:
+        _PROBLEMS = contract_problems()
     if _PROBLEMS:
         raise ChannelError(
             "the installed aioimaplib is not compatible with prx-channel-email: "

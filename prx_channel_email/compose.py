@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import mimetypes
 import re
 import secrets
@@ -21,8 +22,7 @@ from datetime import UTC, datetime
 from email.header import Header
 from email.utils import encode_rfc2231, format_datetime, formataddr, getaddresses
 from pathlib import Path
-
-from markdown_it import MarkdownIt
+from typing import TYPE_CHECKING
 
 from .config import EmailConfig, is_address
 from .errors import SendError
@@ -33,6 +33,9 @@ from .message_ids import (
     normalize_id,
     parse_id_list,
 )
+
+if TYPE_CHECKING:
+    from markdown_it import MarkdownIt
 
 #: References longer than this keep only the first id and the most recent ones.
 MAX_REFERENCES = 20
@@ -208,12 +211,19 @@ def parse_recipient(value: str) -> str:
     return f"{local}@{domain}"
 
 
-_MD = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable(["table", "strikethrough"])
+@functools.cache
+def _markdown() -> MarkdownIt:
+    """Built on the first reply: markdown-it costs a listening channel ~3 MB at rest."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False, "linkify": False}).enable(
+        ["table", "strikethrough"]
+    )
 
 
 def render_html(markdown: str) -> str:
     """The agent's Markdown as an HTML document; raw HTML in it is shown, not run."""
-    body = _MD.render(markdown)
+    body = _markdown().render(markdown)
     return (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head>\n'
         f"<body>\n{body}</body></html>\n"

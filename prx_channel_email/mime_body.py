@@ -18,7 +18,6 @@ from email.message import Message
 
 from .charsets import decode_bytes, decode_words, tidy, unescape_header
 from .headers import Headers
-from .html_text import html_to_text
 
 MAX_MULTIPARTS = 100  # multipart containers in one message (nesting and fan-out)
 MAX_BOUNDARY_LINES = 2000  # lines starting with "--": an upper bound on the part count
@@ -331,7 +330,12 @@ class _Walker:
             self.attachments.append(RawAttachment(_filename(part), ctype, _payload(part)))
             return ""
         text = _part_text(part)
-        return html_to_text(text[:MAX_HTML_CHARS]) if ctype == "text/html" else tidy(text)
+        if ctype == "text/html":
+            # Imported on first HTML mail: lxml costs a listening channel ~5 MB at rest.
+            from .html_text import html_to_text
+
+            return html_to_text(text[:MAX_HTML_CHARS])
+        return tidy(text)
 
     def _alternative(self, kids: list[Message], depth: int) -> str:
         # Prefer text/plain; fall back to whatever alternative yields text.

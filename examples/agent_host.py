@@ -73,6 +73,9 @@ class AgentHost:
     async def handle(self, msg: ChannelMessage) -> None:
         self.memory.add(msg.thread_ts, Turn("user", msg.content))
         answer = await self.agent.respond(self.memory.history(msg.thread_ts))
+        # Durably queued, the reply also acknowledges msg (handoff="ack"): a crash
+        # before this line hands msg on again at the next start (msg.redelivered).
+        # A message the host decides not to answer: await channel.ack(msg).
         await self.channel.send(msg.reply(answer))
         self.memory.add(msg.thread_ts, Turn("agent", answer))
         print(f"[{msg.thread_ts}] {msg.sender}: {msg.content!r} -> {answer!r}", flush=True)

@@ -2,11 +2,13 @@
 
 Order matters for safety and cost: the (bounded) header block is read first and
 the policy decides on headers alone, so refused mail is never parsed further and
-never has an attachment written. Accepted mail is parsed with mail-parser (on a
-worker thread when it is big), its text extracted and stripped, and its
-attachments saved. No exception escapes :meth:`InboundPipeline.process`: what
-cannot be understood becomes a ``quarantine`` outcome with a logged reason, so
-one bad message never stops the listener.
+never has an attachment written. Accepted mail is parsed once (the header block
+already read is not parsed again; see mime_body.parse_message), its text
+extracted and stripped (within a wall-clock budget, after which ``content`` is
+the whole text), and its attachments saved. No exception escapes
+:meth:`InboundPipeline.process`: what cannot be understood becomes a
+``quarantine`` outcome with a logged reason, so one bad message never stops the
+listener.
 
 Crash safety: the pipeline keeps no durable state of its own. Attachments are
 written (atomically, to a directory derived from a hash of the raw message
@@ -297,6 +299,27 @@ class InboundPipeline:
     def _reject(self, env: Envelope, decision: Decision) -> Outcome:
         reason = decision.reason or "rejected"
         self.metrics.inc(f"inbound.skipped.{reason}")
+        if decision.quarantine:
+            # An allowed sender's mail refused on a signal a person's mail can
+            # carry too: never handed on, but said loudly, with who and what.
+            self.metrics.inc("inbound.quarantined")
+            self._log(
+                logging.WARNING,
+                "inbound.quarantined",
+                message_id=env.message_id,
+                sender=env.sender or None,
+                subject=env.subject,
+                code=reason,
+                detail=decision.detail or None,
+            )
+            return Outcome(
+                "quarantine",
+                env.message_id,
+                reason=reason,
+                sender=env.sender or None,
+                subject=env.subject,
+                detail=decision.detail or None,
+            )
         # A refusal that repeats for every mail of a sender (unverified) is
         # explained once per sender; the repeats are logged at debug level.
         level = logging.INFO

@@ -298,7 +298,8 @@ class Outbox:
         exchange, the server may already have it, and the worker resends it
         (same Message-ID) only after the lease expires. Only a cancellation
         before the row is written means "not sent". So a caller that retries a
-        cancelled send creates a second, different message.
+        cancelled send without an ``idempotency_key`` creates a second, different
+        message; with one (``ChannelMessage.reply`` sets it) the retry sends nothing.
         """
         if self._closing:
             raise SendError(

@@ -522,6 +522,8 @@ class Outbox:
                 # after the lease. (During the exchange the server may have it; the
                 # lease then decides.)
                 self._release_soon([row.id])
+            else:
+                self._wake.set()  # the worker may sleep long: let it look at the lease
             raise
         finally:
             self._active.pop(row.id, None)

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 # The trusted_authserv_ids entry that stands for a field without an authserv-id
 # (Microsoft's style: "Authentication-Results: spf=pass ...; dmarc=pass ...").
 NO_ID = "@none"
+# AuthVerdict.detail prefix: the trusted server could not complete a check.
+TEMPERROR = "temperror"
 
 # A trusted server's field echoes sender-chosen text (envelope sender, HELO name,
 # header.from) inside quoted strings and comments. It is therefore tokenized, not
@@ -370,4 +372,9 @@ def verdict(fields: Sequence[str], from_address: str, trusted: Iterable[str]) ->
     ambiguous = sorted(m for m, found in by_method.items() if len(found) > 1)
     if ambiguous:
         return AuthVerdict(None, used, "repeated results: " + ", ".join(ambiguous))
+    transient = sorted(
+        {r.method for rs in by_method.values() for r in rs if r.result == "temperror"}
+    )
+    if transient:  # the provider could not check (a DNS timeout): not the sender's doing
+        return AuthVerdict(None, used, TEMPERROR + ": " + ", ".join(transient))
     return AuthVerdict(None, used, "no verifying result")

@@ -297,6 +297,27 @@ class InboundPipeline:
     def _reject(self, env: Envelope, decision: Decision) -> Outcome:
         reason = decision.reason or "rejected"
         self.metrics.inc(f"inbound.skipped.{reason}")
+        if decision.quarantine:
+            # An allowed sender's mail refused on a signal a person's mail can
+            # carry too: never handed on, but said loudly, with who and what.
+            self.metrics.inc("inbound.quarantined")
+            self._log(
+                logging.WARNING,
+                "inbound.quarantined",
+                message_id=env.message_id,
+                sender=env.sender or None,
+                subject=env.subject,
+                code=reason,
+                detail=decision.detail or None,
+            )
+            return Outcome(
+                "quarantine",
+                env.message_id,
+                reason=reason,
+                sender=env.sender or None,
+                subject=env.subject,
+                detail=decision.detail or None,
+            )
         # A refusal that repeats for every mail of a sender (unverified) is
         # explained once per sender; the repeats are logged at debug level.
         level = logging.INFO

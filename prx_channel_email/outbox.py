@@ -11,8 +11,16 @@ What a crash at each step means:
 - after the row is written, before or during SMTP: the lease expires and the
   worker of the next run (or of another process on the same state) sends it;
 - after the server accepted, before ``sent`` is recorded: it is sent again with
-  the same Message-ID (a duplicate at the SMTP level, one message in the client);
+  the same Message-ID (a duplicate at the SMTP level, one message in the client).
+  The mark is committed right after the 250, so this window is one commit long;
 - after ``sent`` is recorded: never sent again.
+
+A reply's path: :meth:`Outbox.send` checks size and idempotency key, finds the
+parent (ledger), composes (compose.py), stores the row (:class:`GroupInsert`,
+outbox_commits.py), tells the channel the reply is durable (it acks the parent),
+then makes one SMTP attempt (smtp.py) and records the result (:class:`SentMarks`
+or a retry/failure). SQL lives in outbox_table.py; the worker (:meth:`Outbox._run`)
+retries what failed transiently. A repeated idempotency key sends nothing.
 
 Leases are for rows of a process that died. A live process never takes back a
 row it is still working on: every row that a ``send()`` or the worker is
@@ -32,7 +40,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -40,7 +47,7 @@ from typing import Any, Protocol, TypeVar
 from .backoff import Backoff
 from .compose import Parent, compose, parent_from_ids, parse_recipient
 from .config import EmailConfig
-from .errors import ChannelError, SendError
+from .errors import SendError, StorageError
 from .message_ids import normalize_id
 from .models import SendMessage
 from .observability import Metrics, log_event
@@ -51,7 +58,6 @@ from .outbox_table import (
     OutboxEntry,
     OutboxRow,
     OutboxTable,
-    storage_code,
 )
 from .sent_folder import ImapSentFolder
 from .smtp import SmtpFailure, SmtpTransport
@@ -295,11 +301,7 @@ class Outbox:
         self._settled.clear()
         try:
             return await self._send(message)
-        except (sqlite3.Error, OSError) as exc:  # after the row was stored (before: _storing)
-            raise self._storage_failure(exc, message.recipient, stored=True) from exc
-        except ChannelError as exc:
-            if not exc.code.startswith("storage") or isinstance(exc, SendError):
-                raise
+        except StorageError as exc:  # after the row was stored (before it: _storing)
             raise self._storage_failure(exc, message.recipient, stored=True) from exc
         finally:
             self._inflight -= 1
@@ -370,16 +372,12 @@ class Outbox:
         """A state read/write before the reply is stored: a failing disk refuses the send."""
         try:
             return await step
-        except (sqlite3.Error, OSError) as exc:
-            raise self._storage_failure(exc, recipient, stored=False) from exc
-        except ChannelError as exc:
-            if not exc.code.startswith("storage") or isinstance(exc, SendError):
-                raise
+        except StorageError as exc:
             raise self._storage_failure(exc, recipient, stored=False) from exc
 
-    def _storage_failure(self, exc: BaseException, recipient: str, *, stored: bool) -> SendError:
-        """The SendError (``storage_full`` / ``storage_readonly`` / ``storage_error``)."""
-        code = exc.code if isinstance(exc, ChannelError) else storage_code(exc)
+    def _storage_failure(self, exc: StorageError, recipient: str, *, stored: bool) -> SendError:
+        """The store's StorageError as a SendError with the same code and path."""
+        code = exc.code
         log_event(
             log,
             logging.ERROR,
@@ -395,7 +393,7 @@ class Outbox:
             else "the reply was not stored and nothing was sent"
         )
         return SendError(
-            f"the outbox cannot write its state in {self.config.state_dir} ({exc}); {outcome}",
+            f"the outbox cannot write its state: {exc}; {outcome}",
             code=code,
             recipient=recipient,
         )

@@ -10,7 +10,6 @@ A row moves ``pending -> sending (leased) -> sent``, or to ``failed``.
 
 from __future__ import annotations
 
-import errno
 import json
 import sqlite3
 import time
@@ -58,24 +57,6 @@ def add_idempotency_key(conn: sqlite3.Connection) -> None:
         "CREATE UNIQUE INDEX IF NOT EXISTS outbox_idempotency ON outbox"
         " (account, idempotency_key) WHERE idempotency_key IS NOT NULL"
     )
-
-
-def storage_code(exc: BaseException) -> str:
-    """``storage_full``, ``storage_readonly`` or ``storage_error`` for a failed state write."""
-    if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return "storage_full"
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return "storage_readonly"
-        return "storage_error"
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code == sqlite3.SQLITE_FULL or "disk is full" in str(exc):
-        return "storage_full"
-    if code in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_PERM):
-        return "storage_readonly"
-    if "readonly" in str(exc) or "read-only" in str(exc):
-        return "storage_readonly"
-    return "storage_error"
 
 
 #: ``last_error`` of a row that failed because its attempts ran out (every one of

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from .addresses import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
 from .addresses import NO_SENDER as NO_SENDER
 from .addresses import fold_address
-from .authresults import sender_verified
+from .authresults import TEMPERROR, sender_verified
 from .charsets import decode_words
 from .config import EmailConfig
 from .envelope import Envelope
@@ -127,6 +127,10 @@ class Decision:
     # address that was passed over because it may not write to the bot.
     reply_target: str = ""
     reply_to_refused: str | None = None
+    # Refused, but on a signal a person's mail can carry too, from an allowed
+    # sender: quarantined (warning log, kept unread on the server) instead of
+    # silently skipped. See Policy.decide.
+    quarantine: bool = False
 
 
 NOTHING_TRUSTED = (
@@ -166,7 +170,9 @@ class Policy:
         """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py)."""
         reason = loop_reason(env, self.own, self.stamp)
         if reason is not None:
-            return Decision(reason)
+            weak = self._weak_loop_signal(env, reason)
+            allowed = bool(env.sender) and sender_allowed(env.sender, self.allowed_senders)
+            return Decision(reason, quarantine=weak and allowed)
         if env.sender_problem is not None:
             return Decision(env.sender_problem)
         if not env.sender:
@@ -186,9 +192,21 @@ class Policy:
                     verified,
                     detail or "no trusted result",
                     first_for_sender=self._first_refusal(env.sender),
+                    quarantine=detail.startswith(TEMPERROR),
                 )
         target, refused = self.reply_target(env)
         return Decision(None, verified, detail, reply_target=target, reply_to_refused=refused)
+
+    def _weak_loop_signal(self, env: Envelope, reason: str) -> bool:
+        """A loop guard that fired on a signal a person's own mail can carry.
+
+        A person may point Reply-To at the bot; our stamp, by contrast, is never
+        in a person's mail. Mail from an allowed sender refused only for the
+        Reply-To is quarantined, not skipped: it is still never handed on (a loop
+        must not reach the agent), but it is logged as a warning with its sender
+        and subject, so it can be found.
+        """
+        return reason == OWN_MAIL and not env.headers.get_all(STAMP_HEADER)
 
     def reply_target(self, env: Envelope) -> tuple[str, str | None]:
         """Where replies to this (accepted) mail go: ``(address, passed-over Reply-To)``.

@@ -664,14 +664,18 @@ async def test_our_own_reply_forwarded_back_is_not_delivered(tmp_path: Path) -> 
     back = _forwarded(ours.raw, drop=stripped, replace=rewritten)
     outcome = await p.process(back)
     assert (outcome.decision, outcome.reason) == ("reject", "own_mail")
-    # A forwarder that also drops unknown fields but points Reply-To at the author (us).
+    # A forwarder that also drops unknown fields but points Reply-To at the author
+    # (us): not handed on either, but a person could write so too, so it is
+    # quarantined (a warning naming sender and subject), not silently skipped.
     no_stamp = _forwarded(
         ours.raw,
         drop=(*stripped, "x-prx-channel"),
         replace={**rewritten, "to": f"{BOT}\r\nReply-To: {BOT}"},
     )
     outcome = await p.process(no_stamp)
-    assert (outcome.decision, outcome.reason) == ("reject", "own_mail")
+    assert (outcome.decision, outcome.reason) == ("quarantine", "own_mail")
+    assert (outcome.sender, outcome.subject) == ("anna@example.com", "Re: Question")
+    assert p.metrics.get("inbound.quarantined") == 1
     # Another bot's mail (another account's stamp) is not ours.
     other = compose(
         inbound_config(tmp_path, username="other-bot"),
@@ -687,3 +691,22 @@ async def test_our_own_reply_forwarded_back_is_not_delivered(tmp_path: Path) -> 
         )
     )
     assert answer.decision == "deliver"
+
+
+async def test_a_provider_temperror_quarantines_an_allowed_senders_mail(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DNS timeout at the provider is not the sender's doing: under enforce the mail
+    is not handed on, but it is quarantined with a warning rather than skipped."""
+    p = pipeline(tmp_path, sender_auth="enforce", trusted_authserv_ids=TRUSTED)
+    caplog.set_level(logging.INFO, logger="prx_channel_email")
+    header = "Authentication-Results: mx.example.net; dmarc=temperror header.from=example.com"
+    outcome = await p.process(mail("ceo@example.com", header))
+    assert (outcome.decision, outcome.reason) == ("quarantine", "unverified_sender")
+    assert outcome.detail == "temperror: dmarc"
+    warned = [getattr(r, "prx", {}) for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.get("event") for w in warned] == ["inbound.quarantined"]
+    assert warned[0]["sender"] == "ceo@example.com" and warned[0]["subject"] == "hi"
+    # A plain failure is still refused outright.
+    forged = await p.process(mail("ceo@example.com", FORGED))
+    assert (forged.decision, forged.reason) == ("reject", "unverified_sender")

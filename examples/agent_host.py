@@ -101,8 +101,8 @@ class AgentHost:
         if answer is None:
             await self.channel.ack(msg)  # handled without a reply: say so
             return
-        # The reply acks the message once it is durably in the outbox. An exception
-        # before this line leaves the message in flight: it comes again after a restart.
+        # Durably queued, the reply also acknowledges msg (handoff="ack"): a crash
+        # before this line hands msg on again at the next start (msg.redelivered).
         await self.channel.send(msg.reply(answer))
         self.memory.add(msg.thread_ts, Turn("agent", answer))
         print(f"[{msg.thread_ts}] {msg.sender}: {msg.content!r} -> {answer!r}", flush=True)

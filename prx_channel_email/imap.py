@@ -408,11 +408,11 @@ class ImapSession:
         return _parse_fetch(resp.lines)
 
     async def fetch_meta(self, uids: list[int]) -> dict[int, FetchedMessage]:
-        """Size and Message-ID header of each message, without downloading bodies."""
+        """Size, Message-ID and From of each message, without downloading bodies."""
         out: dict[int, FetchedMessage] = {}
         # Small responses: bigger batches than for bodies mean fewer round trips.
         for batch in _chunks(uids, max(self.config.fetch_batch_size, 250)):
-            items = "(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])"
+            items = "(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (MESSAGE-ID FROM)])"
             out.update(await self.uid_fetch(batch, items))
         return out
 

@@ -135,10 +135,12 @@ class LedgerWriter:
         # half-way, or the next start would continue from it instead of redoing the pass.
         self.move_cursor = True
         self.delivered: list[int] = []  # UIDs handed on in this pass
-        self._handled: set[str] = set()  # ids decided in this pass
+        # (Message-ID, sender) handed on or deferred in this pass / put on the queue in
+        # this run: a second copy is a duplicate, refused mail never shadows.
+        self._handled: set[tuple[str, str]] = set()
         self._pending: list[Decided] = []  # decisions that ride on the next commit
         self._unsettled: list[str] = []  # handoff="queue": put, settled by the next commit
-        self._handed: set[str] = set()  # ids put on the queue in this run: never twice
+        self._handed: set[tuple[str, str]] = set()
         self._acked: list[tuple[int, int]] = []  # (uidvalidity, uid) acked in this folder
         self._lock = asyncio.Lock()
 
@@ -149,9 +151,10 @@ class LedgerWriter:
         self.delivered = []
         self._handled = set()
 
-    def seen_in_pass(self, message_id: str) -> bool:
-        """Already decided in this pass, or put on the queue in this run."""
-        return message_id in self._handled or message_id in self._handed
+    def seen_in_pass(self, message_id: str, sender: str) -> bool:
+        """Handed on (or deferred) in this pass, or put on the queue in this run."""
+        key = (message_id, sender)
+        return key in self._handled or key in self._handed
 
     # --- decisions ---
 
@@ -174,7 +177,7 @@ class LedgerWriter:
         """Kept back by the rate limit or the loop guard (deferred.py): the ledger row
         (outcome ``deferred``), the waiting message (``store_step``) and the cursor
         move are one transaction; nothing is put on the queue now."""
-        self._handled.add(message.id)
+        self._handled.add((message.id, message.sender))
         cursor = Cursor(self.uidvalidity, uid)
         self._pending.append(
             Decided(cursor, message.id, "deferred", reason, uid, entry, also=store_step)
@@ -193,7 +196,6 @@ class LedgerWriter:
 
     def record(self, uid: int, message_id: str, kind: str, reason: str) -> None:
         """A message not handed on (``rejected`` / ``quarantined``), with why."""
-        self._handled.add(message_id)
         self._pending.append(Decided(Cursor(self.uidvalidity, uid), message_id, kind, reason, uid))
         # The pipeline counts its decisions (inbound.skipped.<reason>); we log the UID.
         log_event(log, logging.DEBUG, f"inbound.recorded_{kind}", account=self.account,
@@ -216,7 +218,7 @@ class LedgerWriter:
         message from the deferred table), so both happen or neither.
         """
         mid = message.id
-        self._handled.add(mid)
+        self._handled.add((mid, message.sender))
         cursor = Cursor(self.uidvalidity, uid) if uid is not None else None
         if entry is None:  # what reply threading reads while it is in flight
             entry = LedgerEntry(mid, message.sender, message.reply_target, message.subject,
@@ -226,7 +228,7 @@ class LedgerWriter:
             cursor, mid, IN_FLIGHT, None, uid, entry, also=also, message=message.model_dump_json()
         )
         await self._commit([item])
-        self._handed.add(mid)
+        self._handed.add((mid, message.sender))
         await queue.put(message)
         if self.handoff == "queue":
             self._unsettled.append(mid)
@@ -264,8 +266,6 @@ class LedgerWriter:
         """Hand on again what an earlier run left in flight (``redelivered=True``)."""
         count = 0
         for mid, data in await self.store.in_flight(self.account):
-            if mid in self._handed:
-                continue  # never twice within one run
             try:
                 message = ChannelMessage.model_validate_json(data)
             except ValueError as exc:
@@ -274,9 +274,11 @@ class LedgerWriter:
                           code="inflight_unreadable")  # fmt: skip
                 await self.durable(functools.partial(self.store.settle, self.account, [mid]))
                 continue
+            if (mid, message.sender) in self._handed:
+                continue  # never twice within one run
             if self._unsettled:
                 await self._commit([])
-            self._handed.add(mid)
+            self._handed.add((mid, message.sender))
             await queue.put(message.model_copy(update={"redelivered": True}))
             if self.handoff == "queue":
                 self._unsettled.append(mid)

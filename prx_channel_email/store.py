@@ -215,6 +215,18 @@ class Decided:
 
 
 IN_FLIGHT = "in_flight"
+# Ledger outcomes of mail that was accepted (handed on, or waiting to be).
+ACCEPTED_SQL = "'delivered','deferred'"
+# One ledger row per Message-ID: an accepted outcome replaces a refused one (a stranger
+# who used the id first must not shadow the real mail), never the other way round.
+_ACCEPTED_WINS = (
+    " ON CONFLICT (account, message_id) DO UPDATE SET outcome=excluded.outcome,"
+    " reason=excluded.reason, folder=excluded.folder, uidvalidity=excluded.uidvalidity,"
+    " uid=excluded.uid, sender=excluded.sender, reply_target=excluded.reply_target,"
+    " subject=excluded.subject, thread_ts=excluded.thread_ts, refs=excluded.refs,"
+    f" received_at=excluded.received_at WHERE excluded.outcome IN ({ACCEPTED_SQL})"
+    f" AND ledger.outcome NOT IN ({ACCEPTED_SQL})"
+)
 
 
 class ParentLookup(Protocol):
@@ -391,6 +403,30 @@ class StateStore:
 
         return await self.run(q)
 
+    async def handed_on(self, account: str, pairs: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (Message-ID, sender) pairs name mail already handed on (or
+        in flight, or deferred): the duplicate check. Refused or quarantined mail
+        never counts, and another sender's mail with the same id is not a copy."""
+        wanted = set(pairs)
+        ids = sorted({mid for mid, _ in wanted})
+
+        def q(conn: sqlite3.Connection) -> set[tuple[str, str]]:
+            found: set[tuple[str, str]] = set()
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    "SELECT message_id, sender FROM ledger WHERE account=?"
+                    f" AND outcome IN ({ACCEPTED_SQL}) AND message_id IN ({marks})"
+                    " UNION ALL SELECT message_id, sender FROM inflight WHERE account=?"
+                    f" AND message_id IN ({marks})",
+                    (account, *chunk, account, *chunk),
+                )
+                found.update(p for p in ((r[0], r[1] or "") for r in rows) if p in wanted)
+            return found
+
+        return await self.run(q) if ids else set()
+
     async def record(
         self,
         account: str,
@@ -432,9 +468,9 @@ class StateStore:
             done = [i for i in items if i.message_id and i.outcome != IN_FLIGHT]
             if done:
                 conn.executemany(
-                    "INSERT OR IGNORE INTO ledger (account, message_id, outcome, reason, folder,"
+                    "INSERT INTO ledger (account, message_id, outcome, reason, folder,"
                     " uidvalidity, uid, sender, reply_target, subject, thread_ts, refs,"
-                    " received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    " received_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)" + _ACCEPTED_WINS,
                     [_ledger_row(account, folder, i) for i in done],
                 )
             flying = [i for i in items if i.message_id and i.outcome == IN_FLIGHT]
@@ -525,11 +561,11 @@ def _settle(conn: sqlite3.Connection, account: str, ids: list[str]) -> list[tupl
         if row is None:
             continue
         conn.execute(
-            "INSERT OR IGNORE INTO ledger (account, message_id, outcome, reason, folder,"
+            "INSERT INTO ledger (account, message_id, outcome, reason, folder,"
             " uidvalidity, uid, sender, reply_target, subject, thread_ts, refs, received_at)"
             " SELECT account, message_id, 'delivered', NULL, folder, uidvalidity, uid, sender,"
             " reply_target, subject, thread_ts, refs, received_at FROM inflight"
-            " WHERE account=? AND message_id=?",
+            " WHERE account=? AND message_id=?" + _ACCEPTED_WINS,
             (account, mid),
         )
         conn.execute("DELETE FROM inflight WHERE account=? AND message_id=?", (account, mid))

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.parser
-import email.policy
 import functools
 import logging
 import time
@@ -31,7 +29,7 @@ from enum import Enum
 from .backoff import Backoff
 from .config import EmailConfig
 from .deferred import DeferredMail
-from .envelope import header_message_id
+from .envelope import header_message_id, sender_of
 from .errors import (
     AuthenticationError,
     ChannelError,
@@ -39,6 +37,7 @@ from .errors import (
     StorageError,
     TransportError,
 )
+from .headers import Headers
 from .imap import FetchedMessage, ImapSession, SelectInfo, open_session
 from .inbound import InboundPipeline, Outcome, message_identity
 from .ledger import LedgerLookup, LedgerWriter
@@ -87,9 +86,6 @@ class StepKind(Enum):
 class Step:
     kind: StepKind
     uids: list[int]
-
-
-_HEADER_PARSER = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 
 @dataclass
@@ -394,16 +390,20 @@ class SyncEngine:
     async def _handle_window(
         self, session: ImapSession, uids: list[int], queue: asyncio.Queue[ChannelMessage]
     ) -> PassResult:
-        """Sizes and Message-IDs first, then bodies: the next chunk downloads while
-        this one is handed on, and each ledger write overlaps the next message."""
+        """Sizes, Message-IDs and senders first, then bodies: the next chunk downloads
+        while this one is handed on.
+
+        A duplicate is mail with the Message-ID AND the sender of mail already handed
+        on (or waiting, deferred): refused mail never shadows a later allowed one.
+        """
         meta = await session.fetch_meta(uids)
-        header_ids = {uid: _header_id(m.data) for uid, m in meta.items()}
-        known = await self.store.seen_ids(self.account, [m for m in header_ids.values() if m])
+        hints = {uid: _hints(m.data) for uid, m in meta.items()}
+        pairs = {uid: (mid, sender) for uid, (mid, sender) in hints.items() if mid}
+        known = await self.store.handed_on(self.account, list(pairs.values()))
         steps = _plan(
             uids,
             meta,
-            header_ids,
-            known,
+            {uid for uid, pair in pairs.items() if pair in known},
             self.config.max_message_bytes,
             self.config.fetch_batch_size,
         )
@@ -418,7 +418,7 @@ class SyncEngine:
                 ahead = None
                 if i + 1 < len(steps):
                     ahead = asyncio.create_task(self._download(session, steps[i + 1], meta))
-                result = await self._process_step(step, data, meta, header_ids, queue)
+                result = await self._process_step(step, data, meta, hints, queue)
                 if not result.complete:
                     break  # the serve loop syncs again, from the cursor
         finally:
@@ -446,12 +446,12 @@ class SyncEngine:
         step: Step,
         data: dict[int, bytes],
         meta: dict[int, FetchedMessage],
-        header_ids: dict[int, str | None],
+        hints: dict[int, tuple[str | None, str]],
         queue: asyncio.Queue[ChannelMessage],
     ) -> PassResult:
         writer = self.writer
         for uid in step.uids:
-            header_id = header_ids.get(uid)
+            header_id, sender = hints.get(uid, (None, ""))
             if step.kind is StepKind.DUPLICATE:
                 writer.skip(uid, header_id or "")
                 continue
@@ -468,8 +468,8 @@ class SyncEngine:
             # hash of the bytes. It is checked before the pipeline runs, so a copy
             # never counts against a limit or writes attachments.
             mid = message_identity(raw, header_id, oversized_size=size if oversized else None)
-            if writer.seen_in_pass(mid) or (
-                header_id is None and await self.store.seen_ids(self.account, [mid])
+            if writer.seen_in_pass(mid, sender) or (
+                header_id is None and await self.store.handed_on(self.account, [(mid, sender)])
             ):
                 writer.skip(uid, mid)
                 continue
@@ -568,8 +568,7 @@ class SyncEngine:
 def _plan(
     uids: list[int],
     meta: dict[int, FetchedMessage],
-    header_ids: dict[int, str | None],
-    known: set[str],
+    duplicates: set[int],
     max_bytes: int,
     batch_size: int,
 ) -> list[Step]:
@@ -585,10 +584,9 @@ def _plan(
                 pending, pending_bytes = [], 0
             steps.append(Step(StepKind.MISSING, [uid]))
             continue
-        mid = header_ids.get(uid)
         size = m.size or 0
         kind = StepKind.BODIES
-        if mid is not None and mid in known:
+        if uid in duplicates:
             kind = StepKind.DUPLICATE
         elif size > max_bytes:
             kind = StepKind.OVERSIZED
@@ -610,11 +608,13 @@ def uid_list(uids: list[int]) -> str:
     return ",".join(map(str, uids[:20])) + ("..." if len(uids) > 20 else "")
 
 
-def _header_id(block: bytes | None) -> str | None:
+def _hints(block: bytes | None) -> tuple[str | None, str]:
+    """(Message-ID, sender) from the Message-ID/From block, read as the pipeline reads
+    them (the same functions), so the duplicate check and the pipeline agree."""
     if not block:
-        return None
-    value = _HEADER_PARSER.parsebytes(block).get("Message-ID")
-    return header_message_id(str(value)) if value is not None else None
+        return None, ""
+    headers = Headers.from_block(block)
+    return header_message_id(headers.get("message-id")), sender_of(headers)[1]
 
 
 async def _to_completion(aw: Awaitable[None]) -> None:

@@ -185,8 +185,10 @@ class FakeImapServer:
                 header = raw.split(b"\r\n\r\n", 1)[0] + b"\r\n\r\n"
                 seq = uids.index(uid) + 1
                 if "HEADER.FIELDS" in items:
-                    mid = [h for h in header.split(b"\r\n") if h.lower().startswith(b"message-id")]
-                    data, name = b"\r\n".join(mid) + b"\r\n\r\n", "BODY[HEADER.FIELDS (MESSAGE-ID)]"
+                    wanted = (b"message-id", b"from")
+                    fields = [h for h in header.split(b"\r\n") if h.lower().startswith(wanted)]
+                    data = b"\r\n".join(fields) + b"\r\n\r\n"
+                    name = "BODY[HEADER.FIELDS (MESSAGE-ID FROM)]"
                 elif "HEADER" in items:
                     data, name = header, "BODY[HEADER]"
                 else:

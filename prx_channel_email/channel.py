@@ -258,7 +258,7 @@ class EmailChannel(Channel):
         (slowly after a permanent failure: the server side may get fixed). ``after``:
         a send just failed to log in, so wait before the first try."""
         transient = Backoff(base=1.0, cap=300.0)
-        permanent = Backoff(base=300.0, cap=1800.0)
+        permanent = auth_backoff(self.config, base=300.0)  # quick again after `auth login`
         if after:
             await asyncio.sleep(permanent.next())
         while True:

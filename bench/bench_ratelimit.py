@@ -116,9 +116,7 @@ def main() -> None:
     line = release_pass_ms(Limits(1, 10**9, 3600, 30, 3, 3600), 10_000)
     print(f"pipeline.process, plain 2 KB (baseline): {base:8.1f} us/message")
     print(f"judge, under the limits:                {fresh:8.2f} us/message ({fresh / base:.2%})")
-    print(
-        f"judge, over the limit ({waiting} wait):    {over:8.2f} us/message ({over / base:.2%})"
-    )
+    print(f"judge, over the limit ({waiting} wait):    {over:8.2f} us/message ({over / base:.2%})")
     print(f"release pass over 10,000 waiting:       {line:8.2f} ms/pass")
 
 

@@ -39,4 +39,7 @@ def test_version_has_one_source() -> None:
     assert pkg.__version__ == __version__
     pyproject = (README.parent / "pyproject.toml").read_text(encoding="utf-8")
     assert 'dynamic = ["version"]' in pyproject
-    assert not re.search(r"(?m)^version\s*=", pyproject)
+    # The only version line is the pointer to _version.py.
+    assert re.findall(r"(?m)^version\s*=.*$", pyproject) == [
+        'version = { attr = "prx_channel_email._version.__version__" }'
+    ]

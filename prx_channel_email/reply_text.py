@@ -123,15 +123,15 @@ def _head_end(text: str) -> int:
 
 def _strip(text: str, deadline: Deadline) -> str:
     cut = _head_end(text)
-    head, tail = text[:cut], text[cut:]
+    head = text[:cut]
     latest = _latest_reply(head, deadline)
     # Lines are compared trimmed; when nothing was cut, the original layout
     # (list indentation, code) is kept.
     stripped = tidy(_strip_quote_lines(head if latest is None else latest))
-    if tail and len(stripped) >= len(head.strip()) - 1:
+    if cut < len(text) and len(stripped) >= len(head.strip()) - 1:
         if stripped == head:
             return text  # nothing changed: no second copy of a big text
-        stripped += tail  # nothing was cut: keep the rest too
+        stripped += text[cut:]  # nothing was cut: keep the rest too
     return stripped
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -361,7 +362,8 @@ class TokenManager:
     async def _refresh(self) -> AccessToken:
         now = self._clock()
         if now < self._outage_until and self.last_error is not None:
-            raise self.last_error
+            # A copy: re-raising one object from many callers would grow its traceback.
+            raise copy.copy(self.last_error).with_traceback(None)
         record = await self._current()
         refresh_token = record.refresh_token if record is not None else None
         if not refresh_token:
@@ -614,11 +616,11 @@ class _AuthBackoff(Backoff):
         return super().next()
 
 
-def auth_backoff(config: EmailConfig) -> Backoff:
-    """The listener's delay after a refused login: like a password's (30 s doubling to
-    30 min), except while waiting for a new OAuth sign-in (see REAUTH_POLL_SECS)."""
+def auth_backoff(config: EmailConfig, base: float = 30.0, cap: float = 1800.0) -> Backoff:
+    """The delay after a refused login: like a password's (``base`` doubling up to
+    ``cap``), except while waiting for a new OAuth sign-in (see REAUTH_POLL_SECS)."""
     manager = config._oauth_tokens if config.auth_method == "oauth2" else None
-    return _AuthBackoff(base=30.0, cap=1800.0, manager=manager)
+    return _AuthBackoff(base=base, cap=cap, manager=manager)
 
 
 # --- SASL strings ---

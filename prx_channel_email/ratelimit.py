@@ -19,16 +19,17 @@ The limits, all sliding windows:
 * the loop guard: an answer that arrives within ``loop_reply_secs`` of the bot's
   reply it answers (the reply's Message-ID carries its minting time, see
   message_ids.py) is a *quick answer*. People do not read and answer that fast;
-  robots do. When one sender domain sends more than ``loop_max_quick_replies``
-  quick answers within ``loop_window_secs``, further quick answers from it are
-  held (``loop_suspected``) until the domain has sent none for
-  ``loop_window_secs``. Ordinary mail from that domain is not held.
+  robots do. When one sender domain, or one thread, sees more than
+  ``loop_max_quick_replies`` quick answers within ``loop_window_secs``, further
+  quick answers from that domain (or in that thread) are held (``loop_suspected``)
+  until it has seen none for ``loop_window_secs``. Ordinary mail is not held.
 """
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -79,9 +80,15 @@ class Waiting:
     stored: bool = True
     handed_at: float = 0.0  # when due() counted it against the limits
 
+    thread: str = ""  # the conversation key (ChannelMessage.thread_ts)
+
     @property
     def domain(self) -> str:
         return domain_of(self.sender)
+
+    @property
+    def loop_keys(self) -> list[str]:
+        return loop_keys(self.sender, self.thread)
 
     @property
     def reason(self) -> str:
@@ -90,6 +97,11 @@ class Waiting:
 
 def domain_of(sender: str) -> str:
     return sender.rpartition("@")[2].lower()
+
+
+def loop_keys(sender: str, thread: str | None) -> list[str]:
+    """What quick answers are counted by: the sender's domain, and the thread."""
+    return ["domain:" + domain_of(sender)] + (["thread:" + thread] if thread else [])
 
 
 class SlidingWindow:
@@ -146,7 +158,9 @@ class HandoffGate:
         self._domain = SlidingWindow(limits.domain_count, limits.window)
         self._quick = SlidingWindow(limits.loop_max_quick, limits.loop_window)
         self._waiting: dict[int, Waiting] = {}  # by seq; dicts keep insertion order
-        self._in_line: Counter[str] = Counter()  # per sender: waiting, not held (FIFO)
+        # Per sender: the seqs of its waiting, not held mail, in order (FIFO).
+        self._lines: dict[str, list[int]] = {}
+        self._held = 0  # how many of _waiting are held
         self._next_seq = 1
 
     # --- state from the store ---
@@ -164,9 +178,11 @@ class HandoffGate:
             self._waiting[w.seq] = w
             self._next_seq = max(self._next_seq, w.seq + 1)
             if w.held:  # the loop was active at least until this arrived
-                self._quick.note(w.domain, w.arrived_at)
+                self._held += 1
+                for key in w.loop_keys:
+                    self._quick.note(key, w.arrived_at)
             else:
-                self._in_line[w.sender] += 1
+                self._line_add(w)
         self._waiting = dict(sorted(self._waiting.items()))
 
     # --- fresh mail ---
@@ -183,24 +199,26 @@ class HandoffGate:
         sender: str,
         in_reply_to: str | None = None,
         references: list[str] | None = None,
+        thread: str | None = None,
     ) -> tuple[Verdict, Waiting | None]:
         """The verdict for one accepted message. ``now`` counts it as handed on;
         ``defer``/``hold`` put it in line (the caller stores the returned item)."""
         now = self.clock()
-        domain = domain_of(sender)
         if self.is_quick_answer(in_reply_to, references or [], now):
-            self._quick.note(domain, now)
-            if self._quick.used(domain, now) > self.limits.loop_max_quick:
-                return "hold", self._enqueue(message_id, sender, now, held=True)
+            keys = loop_keys(sender, thread)
+            for key in keys:
+                self._quick.note(key, now)
+            if any(self._quick.used(k, now) > self.limits.loop_max_quick for k in keys):
+                return "hold", self._enqueue(message_id, sender, now, held=True, thread=thread)
         if self._sender_waits(sender) or self._budget_at(sender, now) > now:
-            return "defer", self._enqueue(message_id, sender, now, held=False)
+            return "defer", self._enqueue(message_id, sender, now, held=False, thread=thread)
         self._note(sender, now)
         return "now", None
 
     def loop_active(self, domain: str, now: float | None = None) -> bool:
         """More than the allowed quick answers from ``domain`` within the loop window."""
         at = self.clock() if now is None else now
-        return self._quick.used(domain, at) > self.limits.loop_max_quick
+        return self._quick.used("domain:" + domain, at) > self.limits.loop_max_quick
 
     # --- waiting mail ---
 
@@ -214,10 +232,11 @@ class HandoffGate:
         blocked: set[str] = set()
         for w in self._waiting.values():
             if w.held:
-                if self._quiet_since(w.domain) + self.limits.loop_window > now:
+                if self._quiet_since(w) + self.limits.loop_window > now:
                     continue  # held mail keeps no one else waiting
                 w.held = False
-                self._in_line[w.sender] += 1
+                self._held -= 1
+                self._line_add(w)
                 unheld.append(w)
             if w.releasing or not w.stored or w.sender in blocked:
                 blocked.add(w.sender)
@@ -241,7 +260,7 @@ class HandoffGate:
                 seen.add(w.sender)  # the store_step wakes the scheduler when it is stored
                 continue
             if w.held:
-                at = self._quiet_since(w.domain) + self.limits.loop_window
+                at = self._quiet_since(w) + self.limits.loop_window
             elif w.sender in seen:
                 continue  # it goes after the sender's first waiting message
             else:
@@ -253,9 +272,11 @@ class HandoffGate:
     def released(self, w: Waiting) -> None:
         """``w`` is on the queue: it no longer waits."""
         if self._waiting.pop(w.seq, None) is not None and not w.held:
-            self._in_line[w.sender] -= 1
-            if self._in_line[w.sender] <= 0:
-                del self._in_line[w.sender]
+            line = self._lines.get(w.sender, [])
+            if w.seq in line:
+                line.remove(w.seq)
+            if not line:
+                self._lines.pop(w.sender, None)
 
     def release_failed(self, w: Waiting) -> None:
         """The hand-off of ``w`` did not happen: it waits again, at its place in line.
@@ -264,27 +285,45 @@ class HandoffGate:
 
     def counts(self) -> tuple[int, int]:
         """``(deferred, held)`` messages waiting now."""
-        held = sum(1 for w in self._waiting.values() if w.held)
-        return len(self._waiting) - held, held
+        return len(self._waiting) - self._held, self._held
+
+    def due_at(self, w: Waiting) -> float | None:
+        """When ``w`` alone may go (None: only after earlier mail of its sender),
+        so a newly waiting message wakes the scheduler only when it must."""
+        if w.held:
+            return self._quiet_since(w) + self.limits.loop_window
+        if self._lines.get(w.sender, [w.seq])[0] != w.seq:
+            return None
+        return self._budget_at(w.sender, self.clock())
 
     # --- internals ---
 
-    def _enqueue(self, message_id: str, sender: str, now: float, *, held: bool) -> Waiting:
-        w = Waiting(self._next_seq, message_id, sender, now, held=held, stored=False)
+    def _enqueue(
+        self, message_id: str, sender: str, now: float, *, held: bool, thread: str | None
+    ) -> Waiting:
+        w = Waiting(
+            self._next_seq, message_id, sender, now, held=held, stored=False, thread=thread or ""
+        )
         self._next_seq += 1
         self._waiting[w.seq] = w
-        if not held:
-            self._in_line[sender] += 1
+        if held:
+            self._held += 1
+        else:
+            self._line_add(w)
         return w
 
     def _sender_waits(self, sender: str) -> bool:
-        return self._in_line[sender] > 0
+        return bool(self._lines.get(sender))
+
+    def _line_add(self, w: Waiting) -> None:
+        bisect.insort(self._lines.setdefault(w.sender, []), w.seq)
 
     def _budget_at(self, sender: str, now: float) -> float:
         return max(self._sender.free_at(sender, now), self._domain.free_at(domain_of(sender), now))
 
-    def _quiet_since(self, domain: str) -> float:
-        return self._quick.last(domain) or 0.0
+    def _quiet_since(self, w: Waiting) -> float:
+        """The last quick answer counted by any key that held ``w``."""
+        return max(self._quick.last(key) or 0.0 for key in w.loop_keys)
 
     def _note(self, sender: str, at: float) -> None:
         self._sender.note(sender, at)

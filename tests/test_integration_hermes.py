@@ -180,3 +180,81 @@ async def test_a_bad_setting_is_reported_by_connect(
     assert not await adapter.connect()
     assert adapter.fatal_error_code == "config_invalid" and not adapter.fatal_error_retryable
     assert "smtp_port" in (adapter.fatal_error_message or "")
+
+
+async def test_a_failure_while_connected_becomes_hermes_fatal_state(
+    tmp_path: Path,
+    hermes_home: Path,
+    smtp_server: SmtpServer,
+    dovecot: DovecotServer,
+    account: Account,
+) -> None:
+    """The folder disappears while connected: hermes' fatal-error handler is told, with
+    a non-retryable code, as for its own platforms."""
+    dovecot.create_folder(account, "Work")
+    extra = {**host_table(tmp_path, smtp_server, dovecot, account), "imapFolder": "Work"}
+    adapter = adapter_from_config(hermes_home, extra)
+    told = asyncio.Event()
+
+    async def on_fatal(failed: Any) -> None:
+        told.set()
+
+    adapter.set_fatal_error_handler(on_fatal)
+    assert await asyncio.wait_for(adapter.connect(), timeout=30)
+    try:
+        dovecot.delete_folder(account, "Work")
+        dovecot.kick(account)
+        await asyncio.wait_for(told.wait(), timeout=60)
+        assert adapter.fatal_error_code == "folder_missing" and not adapter.fatal_error_retryable
+        assert not adapter.is_connected
+    finally:
+        await adapter.disconnect()
+
+
+async def test_a_mail_hermes_did_not_finish_comes_again_after_a_reconnect(
+    tmp_path: Path,
+    hermes_home: Path,
+    smtp_server: SmtpServer,
+    dovecot: DovecotServer,
+    account: Account,
+) -> None:
+    """At least once to the host: a message hermes processed (even without an answer)
+    is acknowledged; one whose processing was cancelled by a stop comes again."""
+    extra = host_table(tmp_path, smtp_server, dovecot, account)
+    seen: asyncio.Queue[MessageEvent] = asyncio.Queue()
+    never = asyncio.Event()
+
+    async def agent(event: MessageEvent) -> str | None:
+        await seen.put(event)
+        if event.message_id == "<b2@people.example>":
+            await never.wait()  # still thinking when the gateway stops
+        return None  # handled, nothing to say
+
+    adapter = adapter_from_config(hermes_home, extra)
+    adapter.set_message_handler(agent)
+    assert await asyncio.wait_for(adapter.connect(), timeout=30)
+    try:
+        dovecot.deliver(account, mail("<b1@people.example>", "One", "done"), mail_from=ANN)
+        assert (await asyncio.wait_for(seen.get(), 30)).message_id == "<b1@people.example>"
+        dovecot.deliver(account, mail("<b2@people.example>", "Two", "pending"), mail_from=ANN)
+        pending = await asyncio.wait_for(seen.get(), 30)
+        assert pending.message_id == "<b2@people.example>"
+        assert pending.metadata["redelivered"] is False
+    finally:
+        await adapter.cancel_background_tasks()  # what hermes' runner does on shutdown
+        await adapter.disconnect()
+
+    adapter = adapter_from_config(hermes_home, extra)
+    adapter.set_message_handler(agent)
+    never.set()
+    assert await asyncio.wait_for(adapter.connect(), timeout=30)
+    try:
+        again = await asyncio.wait_for(seen.get(), 30)
+        assert again.message_id == "<b2@people.example>"
+        assert again.metadata["redelivered"] is True
+        dovecot.deliver(account, mail("<b3@people.example>", "Three", "new"), mail_from=ANN)
+        # Handed on in order: had "<b1>" come again, it would be here first.
+        assert (await asyncio.wait_for(seen.get(), 30)).message_id == "<b3@people.example>"
+    finally:
+        await adapter.disconnect()
+    assert smtp_server.messages == []

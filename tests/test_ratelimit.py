@@ -5,10 +5,12 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prx_channel_email.config import EmailConfig
 from prx_channel_email.deferred_table import (
     insert,
     load,
@@ -55,13 +57,24 @@ def gate(
 
 
 def judge(
-    g: HandoffGate, mid: str, sender: str, irt: str | None = None, refs: list[str] | None = None
+    g: HandoffGate,
+    mid: str,
+    sender: str,
+    irt: str | None = None,
+    refs: list[str] | None = None,
+    thread: str | None = None,
 ) -> tuple[Verdict, Waiting | None]:
     """``g.judge`` plus what the store does once the waiting message is written."""
-    verdict, waiting = g.judge(mid, sender, irt, refs)
+    verdict, waiting = g.judge(mid, sender, irt, refs, thread)
     if waiting is not None:
         waiting.stored = True
     return verdict, waiting
+
+
+def default_limits() -> dict[str, Any]:
+    """The shipped rate-limit defaults (the shared test builder lifts them)."""
+    names = [n for n in EmailConfig.model_fields if "rate_limit" in n or n.startswith("loop_")]
+    return {n: EmailConfig.model_fields[n].default for n in names}
 
 
 def bot_reply_id(at: float) -> str:
@@ -96,6 +109,20 @@ def test_over_the_limit_waits_and_goes_in_order_once_the_window_moves() -> None:
     assert g.counts() == (0, 0) and g.next_due() is None
 
 
+def test_when_a_newly_waiting_message_alone_may_go() -> None:
+    clock = Clock()
+    g = gate(clock, sender=1, max_quick=0, loop_window=600)
+    judge(g, "<1@a>", "anna@example.com")
+    _, first = judge(g, "<2@a>", "anna@example.com")
+    _, second = judge(g, "<3@a>", "anna@example.com")
+    assert first is not None and second is not None
+    assert g.due_at(first) == T0 + 60
+    assert g.due_at(second) is None  # behind <2>: no earlier than the scheduler knows
+    _, held = judge(g, "<4@a>", "bob@example.com", bot_reply_id(T0))
+    assert held is not None and g.due_at(held) == T0 + 600
+    assert g.counts() == (2, 1)
+
+
 def test_a_sender_with_mail_waiting_waits_behind_it() -> None:
     clock = Clock()
     g = gate(clock, sender=1)
@@ -126,7 +153,7 @@ def test_a_failed_release_keeps_its_place_and_its_budget() -> None:
 
 def test_a_batch_of_25_goes_at_once_under_the_defaults(tmp_path: Path) -> None:
     clock = Clock()
-    g = HandoffGate(Limits.from_config(inbound_config(tmp_path)), clock)
+    g = HandoffGate(Limits.from_config(inbound_config(tmp_path, **default_limits())), clock)
     assert {judge(g, f"<{i}@a>", "anna@example.com")[0] for i in range(25)} == {"now"}
 
 
@@ -191,6 +218,40 @@ def test_quick_answers_to_bot_replies_are_held_once_a_domain_loops() -> None:
     assert not g.loop_active("example.com")
 
 
+def test_a_loop_across_domains_in_one_thread_is_held_by_its_thread() -> None:
+    clock = Clock()
+    g = gate(clock, max_quick=2, loop_window=600)
+    verdicts = []
+    for i in range(4):
+        clock.now = T0 + 5 * i
+        parent = bot_reply_id(clock.now - 1)
+        sender = f"robot@domain{i}.example"  # a new domain every time, one thread
+        verdicts.append(judge(g, f"<x{i}@a>", sender, parent, ["<root@a>", parent], "<root@a>")[0])
+    assert verdicts == ["now", "now", "hold", "hold"]
+    # Another thread of those domains is not held; the thread goes free once quiet.
+    parent = bot_reply_id(clock.now - 1)
+    assert judge(g, "<y@a>", "robot@domain9.example", parent, [parent], "<other@a>")[0] == "now"
+    clock.now = T0 + 15 + 600
+    released, unheld = g.due()
+    assert (
+        [w.message_id for w in unheld] == ["<x2@a>", "<x3@a>"] == [w.message_id for w in released]
+    )
+
+
+def test_held_mail_restored_after_a_restart_stays_held_until_quiet() -> None:
+    clock = Clock()
+    first = gate(clock, max_quick=0, loop_window=600)
+    parent = bot_reply_id(T0 - 1)
+    _, held = judge(first, "<h@a>", "robot@example.com", parent, [parent], "<t@a>")
+    assert held is not None and held.held
+    g = gate(clock, max_quick=0, loop_window=600)
+    g.restore([held])
+    assert g.counts() == (0, 1) and g.due() == ([], [])
+    assert g.next_due() == T0 + 600
+    clock.now = T0 + 600
+    assert [w.message_id for w in g.due()[0]] == ["<h@a>"]
+
+
 def test_an_answer_to_an_old_bot_reply_or_to_a_person_is_not_quick() -> None:
     clock = Clock()
     g = gate(clock, max_quick=0)
@@ -237,14 +298,29 @@ def test_deferred_table_round_trip_and_handoff_history() -> None:
     insert(conn, "acc", w, msg)
     (loaded,) = load(conn, "acc")
     assert (loaded.seq, loaded.message_id, loaded.held) == (w.seq, "<2@a>", False)
+    assert loaded.thread == "<2@a>"  # read back from the stored message
     assert message(conn, "acc", "<2@a>") == msg
     assert list(recent_handoffs(conn, "acc", T0 - 1)) == [("anna@example.com", T0)]
     mark_handed_on(conn, "acc", "<2@a>", T0 + 61)
     assert load(conn, "acc") == []
+    # Released, it is also in flight (ack mode) until acknowledged: counted once.
+    conn.execute(
+        "INSERT INTO inflight (account, message_id, sender, received_at, message, handed_at)"
+        " VALUES ('acc', '<2@a>', 'anna@example.com', ?, '{}', ?)",
+        (T0 + 61.5, T0 + 61.5),
+    )
+    # Unacknowledged fresh mail counts from the in-flight table.
+    conn.execute(
+        "INSERT INTO inflight (account, message_id, sender, received_at, message, handed_at)"
+        " VALUES ('acc', '<3@a>', 'bob@example.com', ?, '{}', ?)",
+        (T0 + 70, T0 + 70),
+    )
     assert list(recent_handoffs(conn, "acc", T0 - 1)) == [
         ("anna@example.com", T0),
         ("anna@example.com", T0 + 61),
+        ("bob@example.com", T0 + 70),
     ]
+    assert list(recent_handoffs(conn, "acc", T0 + 65)) == [("bob@example.com", T0 + 70)]
 
 
 @settings(max_examples=200, deadline=None)

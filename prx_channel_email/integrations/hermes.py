@@ -32,16 +32,18 @@ from gateway.platforms.base import (
     SendResult,
 )
 
-from ..errors import ChannelError, ConfigError
+from ..config import EmailConfig
+from ..errors import ChannelError, ConfigError, NotReadyError
 from ..models import ChannelMessage
 from ..observability import log_event
+from ..status import ChannelState, ChannelStatus
 from ._bridge import (
-    PERMANENT_CODES,
     EmailBridge,
     build_send,
     config_from_host_table,
     inbound_metadata,
     inbound_text,
+    snake_case,
 )
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,20 @@ def _message_id(value: Any) -> str | None:
     return None
 
 
-def email_config(platform: PlatformConfig) -> Any:
+def email_config(platform: PlatformConfig) -> EmailConfig:
     """The EmailConfig from ``platforms.prx_email.extra`` (hermes' own keys ignored)."""
     return config_from_host_table(
         platform.extra or {}, only_known=True, source=f"platforms.{NAME}.extra"
+    )
+
+
+def _ignored_keys(platform: PlatformConfig) -> list[str]:
+    """Keys of ``extra`` that are not EmailConfig fields: hermes' own, or a typo."""
+    fields = EmailConfig.model_fields
+    return sorted(
+        str(k)
+        for k in (platform.extra or {})
+        if snake_case(str(k)) not in fields and not str(k).startswith("_")
     )
 
 
@@ -83,6 +95,9 @@ class PrxEmailAdapter(BasePlatformAdapter):
         return True
 
     async def connect(self, *, is_reconnect: bool = False) -> bool:
+        ignored = _ignored_keys(self.config)
+        if ignored:  # named once, so a misspelt setting does not go unnoticed
+            log_event(log, logging.INFO, "hermes.extra_keys_ignored", keys=",".join(ignored))
         try:
             config = email_config(self.config)
         except ConfigError as exc:
@@ -90,17 +105,28 @@ class PrxEmailAdapter(BasePlatformAdapter):
             return False
         # "*" lets everyone write: hermes then still wants its own allow-all opt-in.
         self._dm_policy = "open" if "*" in config.allowed_senders else "allowlist"
-        bridge = EmailBridge(config, self._on_mail, host="hermes")
+        bridge = EmailBridge(config, self._on_mail, host="hermes", on_status=self._status)
         try:
             await bridge.start(CONNECT_BUDGET_SECS)
-        except ChannelError as exc:
-            retryable = exc.code not in PERMANENT_CODES
-            self._set_fatal_error(exc.code, f"{exc.code}: {exc}", retryable=retryable)
+        except NotReadyError as exc:  # still trying: hermes may call connect() again later
+            self._set_fatal_error(exc.code, f"{exc.code}: {exc}", retryable=True)
+            return False
+        except ChannelError as exc:  # wrong password, untrusted certificate, ...
+            self._set_fatal_error(exc.code, f"{exc.code}: {exc}", retryable=False)
             return False
         self._bridge = bridge
         self._account = config.account
         self._mark_connected()
         return True
+
+    async def _status(self, status: ChannelStatus) -> None:
+        # After connect(): a failure that needs someone to act (the password was changed,
+        # the folder deleted) becomes hermes' fatal state, as for its own platforms.
+        if self._bridge is None or status.state is not ChannelState.FAILED:
+            return
+        code = status.code or "failed"
+        self._set_fatal_error(code, f"{code}: {status.message or ''}", retryable=False)
+        await self._notify_fatal_error()
 
     async def disconnect(self) -> None:
         bridge, self._bridge = self._bridge, None

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import email.utils
 import json
 import os
 import random
@@ -32,16 +31,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.fakes.pipeline import mail  # noqa: E402
 from tests.servers.certs import make_pki  # noqa: E402
 from tests.servers.dovecot import Account, DovecotServer  # noqa: E402
-
-
-def mail(n: int) -> bytes:
-    return (
-        f"From: Alice <alice@example.test>\r\nTo: bot@example.test\r\nSubject: n {n}\r\n"
-        f"Date: {email.utils.formatdate()}\r\nMessage-ID: <k-{n}@example.test>\r\n"
-        f"Content-Type: text/plain; charset=utf-8\r\n\r\nHello number {n}.\r\n"
-    ).encode()
 
 
 def child_config(server: DovecotServer, account: Account, state: Path, handoff: str | None) -> str:

@@ -481,18 +481,21 @@ async def _first_mail(sandbox: Any, bot: asyncio.Task[None], within: float) -> b
 def _print_keep_running(sandbox: Any, console: Console, config_file: Path) -> None:
     host, port = sandbox.host, sandbox.smtp_port
     user, bot = sandbox.user.address, sandbox.bot.address
+    secret = sandbox.user.password
     console.print("\n[bold]The sandbox keeps running.[/] Send it more mail:")
     for line in sandbox.describe():
         console.print("  " + escape(line))
     one_liner = (
         f"python -c \"import smtplib; s = smtplib.SMTP('{host}', {port}); "
-        f"s.sendmail('{user}', ['{bot}'], "
+        f"s.login('{user}', '{secret}'); s.sendmail('{user}', ['{bot}'], "
         f"'From: {user}\\\\nSubject: again\\\\n\\\\nhello once more'); s.quit()\""
     )
     console.print(
-        "\n  For example (only sandbox users get mail):\n"
+        "\n  For example (only sandbox users get mail; the bot answers only mail sent\n"
+        "  after logging in: without it, a From of a sandbox user is a forgery):\n"
         f"    {escape(one_liner)}\n"
-        f"  or: swaks --server {host}:{port} --from {user} --to {bot}\n"
+        f"  or: swaks --server {host}:{port} --from {user} --to {bot}"
+        f" --auth-user {user} --auth-password {secret}\n"
         f"  Read the replies over IMAP as {user} / {sandbox.user.password}\n"
         f"  The bot's settings: {escape(str(config_file))}  "
         f"(try: prx-email doctor --config {escape(str(config_file))})\n"

@@ -2,11 +2,13 @@
 
 Order matters for safety and cost: the (bounded) header block is read first and
 the policy decides on headers alone, so refused mail is never parsed further and
-never has an attachment written. Accepted mail is parsed with mail-parser (on a
-worker thread when it is big), its text extracted and stripped, and its
-attachments saved. No exception escapes :meth:`InboundPipeline.process`: what
-cannot be understood becomes a ``quarantine`` outcome with a logged reason, so
-one bad message never stops the listener.
+never has an attachment written. Accepted mail is parsed once (the header block
+already read is not parsed again; see mime_body.parse_message), its text
+extracted and stripped (within a wall-clock budget, after which ``content`` is
+the whole text), and its attachments saved. No exception escapes
+:meth:`InboundPipeline.process`: what cannot be understood becomes a
+``quarantine`` outcome with a logged reason, so one bad message never stops the
+listener.
 
 Crash safety: the pipeline keeps no durable state of its own. Attachments are
 written (atomically, to a directory derived from a hash of the raw message

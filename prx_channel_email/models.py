@@ -62,6 +62,8 @@ class ChannelMessage(BaseModel):
     ``content`` is only the new text (quoted history and signature removed) while
     ``full_text`` keeps the whole body; ``thread_ts`` is the conversation key (the
     first Message-ID of References, else In-Reply-To, else ``id``).
+    ``reply_target`` is the Reply-To only when that address may itself write to the
+    bot, else ``sender``.
     ``sender_verified`` is True when a trusted server vouched for the From domain,
     False when it said the check failed, None when no trusted server said anything.
     """

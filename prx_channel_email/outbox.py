@@ -155,7 +155,10 @@ class Outbox:
         # Where reply parents are looked up (the channel shares its ledger view).
         self.parents: ParentLookup = parents or store
         self.metrics = metrics
-        self.healthy = True
+        # The SMTP side works (False after a refused login or an unreachable server) ...
+        self._smtp_ok = True
+        # ... and the state is writable (else the storage code of the last failure).
+        self.storage_error: str | None = None
         self.transport = transport or SmtpTransport(config, metrics)
         if sent_folder is None and config.save_sent:
             sent_folder = ImapSentFolder(config)
@@ -189,6 +192,12 @@ class Outbox:
         self._settled.set()
         self._worker: asyncio.Task[None] | None = None
         self._next_prune = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        """False while the SMTP server refuses us or is unreachable, or the state
+        cannot be written; True again once a send or the worker gets through."""
+        return self._smtp_ok and self.storage_error is None
 
     # --- lifecycle ---
 
@@ -356,6 +365,7 @@ class Outbox:
             composed = build()
         new = NewRow(composed.message_id, composed.mail_from, composed.recipient, composed.raw, key)
         stored = await self._storing(self._inserts.store(new), message.recipient)
+        self.storage_error = None  # the state is writable (again)
         if stored.held is not None:  # the same key, sent concurrently, won the race
             return await self._already_held(stored.held, parent, key or "")
         self.metrics.inc("outbound.queued")
@@ -377,7 +387,7 @@ class Outbox:
 
     def _storage_failure(self, exc: StorageError, recipient: str, *, stored: bool) -> SendError:
         """The store's StorageError as a SendError with the same code and path."""
-        code = exc.code
+        code = self.storage_error = exc.code
         log_event(
             log,
             logging.ERROR,
@@ -519,7 +529,7 @@ class Outbox:
         """The server took the row's message; synchronous, so nothing can come between."""
         if self._on_accepted is not None:
             self._on_accepted(row.message_id)
-        self.healthy = True
+        self._smtp_ok = True
         self.metrics.inc("outbound.sent")
         self._log_row(
             logging.INFO,
@@ -612,7 +622,7 @@ class Outbox:
         attempts = row.attempts + 1
         final = failure.permanent or attempts >= self.config.send_max_attempts
         if final:
-            self.healthy = self.healthy and not failure.auth
+            self._smtp_ok = self._smtp_ok and not failure.auth
             # The prefix marks "only transient failures, attempts ran out": requeue_failed().
             error = (
                 str(failure)
@@ -644,7 +654,7 @@ class Outbox:
                 )
             return
         if failure.smtp_code is None:
-            self.healthy = False  # the server could not be reached at all
+            self._smtp_ok = False  # the server could not be reached at all
         delay = self._backoff.peek(attempts - 1)
         await self.table.retry_later(row.id, attempts, delay, str(failure), failure.smtp_code)
         self._changed.set()
@@ -711,11 +721,14 @@ class Outbox:
                     await self._sleep(due_in)
                     continue
                 row, until = claimed
+                self.storage_error = None  # the claim wrote: the state is writable (again)
                 self._active[row.id] = until
                 await self._attempt(row, foreground=False)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # never let the worker die; the rows are safe on disk
+                if isinstance(exc, StorageError):
+                    self.storage_error = exc.code
                 log_event(
                     log,
                     logging.ERROR,

@@ -43,19 +43,22 @@ class Deadline:
 class _Attribution:
     """One client's attribution line, lower-cased: it starts with one of ``starts``
     (any start when empty), holds every one of ``holds`` and ends with one of ``ends``
-    (after a final " :" / _WIDE_COLON is read as ":")."""
+    (a final " :" or fullwidth colon read as ":"); when ``dated``, it holds a digit
+    too (every client writes a date or time), so "Le directeur a écrit :" in running
+    text is not taken for one."""
 
     starts: tuple[str, ...]
     ends: tuple[str, ...]
     holds: tuple[str, ...] = ()
+    dated: bool = True
 
 
 # The phrasings of Gmail, Outlook, Apple Mail and Thunderbird, per language.
 _ATTRIBUTIONS = (
     # en: "On Mon, 30 Sep 2024 at 18:15, Bob <b@x> wrote:" (Gmail, Apple, Thunderbird)
-    _Attribution(("on ",), ("wrote:",)),
+    _Attribution(("on ",), ("wrote:",), dated=False),
     # de: "Am 30.09.2024 um 18:15 schrieb Bob <b@x>:"
-    _Attribution(("am ",), (":",), (" schrieb ",)),
+    _Attribution(("am ",), (":",), (" schrieb ",), dated=False),
     # fr: "Le lun. 30 sept. 2024 à 18:15, Bob <b@x> a écrit :"
     _Attribution(("le ",), ("a écrit:",)),
     # es: "El lun, 30 sept 2024 a las 18:15, Bob (<b@x>) escribió:"
@@ -77,9 +80,8 @@ _ATTRIBUTIONS = (
     _Attribution(("w dniu ",), ("pisze:",)),
     # pl Apple Mail: "Wiadomość napisana przez Bob <b@x> w dniu 30.09.2024, o godz. 18:15:"
     _Attribution(("wiadomość napisana przez ",), (":",), (" w dniu ",)),
-    # sv: "Den mån 30 sep. 2024 kl 18:15 skrev Bob <b@x>:", "Den 2024-09-30 kl. 18:15, skrev Bob:"
-    _Attribution(("den ",), (":",), (" skrev ",)),
-    # sv Apple Mail: "30 sep. 2024 kl. 18:15 skrev Bob <b@x>:"
+    # sv: "Den mån 30 sep. 2024 kl 18:15 skrev Bob <b@x>:", "Den 2024-09-30 kl. 18:15, skrev Bob:",
+    #     Apple Mail: "30 sep. 2024 kl. 18:15 skrev Bob <b@x>:"
     _Attribution((), (":",), (" kl", " skrev ")),
     # ru Gmail: "пн, 30 сент. 2024 г. в 18:15, Bob <b@x>:"
     _Attribution((), (">:",), (" г. в ",)),
@@ -152,7 +154,9 @@ def _is_attribution(candidate: str, opened: bool) -> bool:
     for rule in rules:
         if rule.starts and not text.startswith(rule.starts):
             continue
-        if text.endswith(rule.ends) and all(h in text for h in rule.holds):
+        if not text.endswith(rule.ends) or not all(h in text for h in rule.holds):
+            continue
+        if not rule.dated or any(ch.isdigit() for ch in text):
             return True
     return False
 
@@ -203,10 +207,16 @@ def find_reply_header(lines: list[str], deadline: Deadline | None = None) -> int
         if len(bare) > MAX_CANDIDATE:
             continue
         opened = bare.startswith(_OPENERS)
+        # A wrapped attribution is one paragraph; one without an opening word
+        # ("pon., 30 wrz 2024 ...") must start one, or a signature above it would
+        # be read as its first line.
+        paragraph = i == 0 or not bares[i - 1]
         candidate = bare
         for j in range(i, min(i + _MAX_JOIN, len(bares))):
             if j > i:
-                candidate = f"{candidate} {bares[j]}" if bares[j] else candidate
+                if not bares[j] or not (opened or paragraph):
+                    break
+                candidate = f"{candidate} {bares[j]}"
                 if len(candidate) > MAX_CANDIDATE:
                     break
             if candidate.endswith((":", _WIDE_COLON)) and _is_attribution(candidate, opened):

@@ -114,8 +114,16 @@ def _strip_quote_lines(text: str) -> str:
     return "\n".join(kept)
 
 
+def _head_end(text: str) -> int:
+    """Where the part of ``text`` that stripping looks at ends: the end of the line
+    holding its MAX_STRIP_CHARS-th character (never inside a line)."""
+    reach = text.find("\n", MAX_STRIP_CHARS)
+    return len(text) if reach < 0 else reach
+
+
 def _strip(text: str, deadline: Deadline) -> str:
-    head, tail = text[:MAX_STRIP_CHARS], text[MAX_STRIP_CHARS:]
+    cut = _head_end(text)
+    head, tail = text[:cut], text[cut:]
     latest = _latest_reply(head, deadline)
     # Lines are compared trimmed; when nothing was cut, the original layout
     # (list indentation, code) is kept.
@@ -138,10 +146,10 @@ def new_text(full_text: str, *, budget: float | None = STRIP_BUDGET_SECS) -> str
     ``budget`` seconds (the caller then keeps ``full_text``); every step is
     linear in the text's length, so only a starved machine gets there.
     """
-    if not full_text.strip():
+    if not full_text or full_text.isspace():
         return ""
     deadline = Deadline(budget)
-    marker = _FORWARD_RE.search(full_text)
+    marker = _FORWARD_RE.search(full_text, 0, _head_end(full_text))  # where stripping looks
     own, forwarded = (
         (full_text[: marker.start()], full_text[marker.start() :]) if marker else (full_text, "")
     )

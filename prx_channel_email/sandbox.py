@@ -26,9 +26,14 @@ from types import TracebackType
 from typing import Any
 
 from .config import EmailConfig, config_from_table
+from .envelope import sender_of
 from .errors import ChannelError
+from .headers import Headers, split_header_block
 
 DOMAIN = "sandbox.localhost"
+# The authserv-id the sandbox's SMTP server stamps on mail it accepts (as a
+# provider's MX does), and which the bot's sandbox config trusts.
+AUTHSERV_ID = "mx.sandbox.localhost"
 HOST = "127.0.0.1"
 
 
@@ -313,7 +318,25 @@ class MailSandbox:
         account = self._users.get(auth_data.login.decode(errors="replace").lower())
         password = auth_data.password.decode(errors="replace")
         ok = account is not None and secrets.compare_digest(account.password, password)
-        return AuthResult(success=ok, handled=False)
+        login = account.address if account is not None and ok else None
+        return AuthResult(success=ok, handled=False, auth_data=login)
+
+    def stamp(self, raw: bytes, login: str | None) -> bytes:
+        """Prepend the Authentication-Results a provider would write.
+
+        The sandbox cannot run SPF/DKIM, but it knows who logged in: mail whose
+        From is the logged-in sandbox user passes DMARC; mail claiming a sandbox
+        address without that login fails it (a forgery); other mail gets none.
+        """
+        author = sender_of(Headers.from_block(split_header_block(raw)[0]))[1]
+        domain = author.rpartition("@")[2] or "invalid"
+        if login is not None and author == login:
+            verdict = f"auth=pass smtp.auth={login}; dmarc=pass header.from={domain}"
+        elif self.is_local(author):
+            verdict = f"dmarc=fail header.from={domain}"
+        else:
+            verdict = f"dmarc=none header.from={domain}"
+        return f"Authentication-Results: {AUTHSERV_ID}; {verdict}\r\n".encode() + raw
 
     # ------------------------------------------------------------------ configs
 
@@ -332,10 +355,10 @@ class MailSandbox:
             "from_address": self.bot.address,
             "from_name": "Echo Bot",
             "allowed_senders": [self.user.address],
-            # The sandbox's SMTP server is its own MX and checks no SPF/DKIM/DMARC,
-            # so its mail carries no Authentication-Results to verify: say so
-            # explicitly (a real deployment keeps the default, "enforce").
-            "sender_auth": "flag",
+            # The sandbox's SMTP server is the bot's "provider": it stamps
+            # Authentication-Results (see stamp()), so the demo runs under the
+            # default sender_auth = "enforce" with that id trusted.
+            "trusted_authserv_ids": [AUTHSERV_ID],
             "initial_sync": "unseen",
             "state_dir": str(state_dir),
             "poll_interval_secs": 5,
@@ -401,6 +424,8 @@ class _Delivery:
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         content = envelope.original_content or envelope.content
         raw = content if isinstance(content, bytes) else str(content).encode()
+        login = session.auth_data if isinstance(session.auth_data, str) else None
+        raw = self.sandbox.stamp(raw, login)
         for rcpt in envelope.rcpt_tos:
             await self.sandbox.deliver(rcpt, raw)
         return "250 2.0.0 delivered"

@@ -65,7 +65,9 @@ async def test_send_on_a_full_disk_is_a_clear_refusal(
             assert str(config.state_dir) in str(info.value)
             assert "nothing was sent" in str(info.value)
         assert [m.message()["Message-ID"] for m in smtp_server.messages] == [before]
+        assert outbox.healthy is False and outbox.storage_error == "storage_full"
         filler.unlink()  # space is back: the next send just works, no restart
         after = await outbox.send(SendMessage(content="after", recipient=ANN))
+        assert outbox.healthy is True and outbox.storage_error is None
     assert [m.message()["Message-ID"] for m in smtp_server.messages] == [before, after]
     assert [r["state"] for r in rows(config)] == ["sent", "sent"]

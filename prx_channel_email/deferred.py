@@ -135,10 +135,16 @@ class DeferredMail:
         """Hand waiting mail on as the limits allow; runs until cancelled."""
         await self.load()
         while True:
-            delay = await self._release_due(hand_on)
-            if delay is None:
-                nxt = self.gate.next_due()
-                delay = None if nxt is None else max(0.0, nxt - self.clock())
+            try:
+                delay = await self._release_due(hand_on)
+                if delay is None:
+                    nxt = self.gate.next_due()
+                    delay = None if nxt is None else max(0.0, nxt - self.clock())
+            except Exception as exc:  # a bug must not stop releases until the next restart
+                self.metrics.inc("inbound.errors")
+                log_event(log, logging.ERROR, "inbound.release_failed", exc=exc,
+                          account=self.account, retry_in=f"{RETRY_SECS:.0f}s")  # fmt: skip
+                delay = RETRY_SECS
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 # Woken early when new mail waits (it may be due sooner).

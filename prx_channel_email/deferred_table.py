@@ -93,13 +93,16 @@ def mark_handed_on(conn: sqlite3.Connection, account: str, message_id: str, at: 
 def recent_handoffs(
     conn: sqlite3.Connection, account: str, since: float
 ) -> Iterable[tuple[str, float]]:
-    """``(sender, when)`` of every message handed on since ``since``, from the ledger."""
-    return [
-        (sender, at)
-        for sender, at in conn.execute(
-            "SELECT sender, COALESCE(handed_at, received_at) AS at FROM ledger"
-            " WHERE account=? AND outcome='delivered' AND sender IS NOT NULL"
-            " AND COALESCE(handed_at, received_at) > ? ORDER BY at",
-            (account, since),
-        )
-    ]
+    """``(sender, when)`` of every message handed on since ``since``: settled ones from
+    the ledger, unacknowledged ones from the in-flight table (each message once)."""
+    found: dict[str, tuple[str, float]] = {}
+    for mid, sender, at in conn.execute(
+        "SELECT message_id, sender, COALESCE(handed_at, received_at) FROM ledger"
+        " WHERE account=? AND outcome='delivered' AND sender IS NOT NULL"
+        " AND COALESCE(handed_at, received_at) > ?"
+        " UNION ALL SELECT message_id, sender, handed_at FROM inflight"
+        " WHERE account=? AND sender IS NOT NULL AND handed_at > ?",
+        (account, since, account, since),
+    ):
+        found.setdefault(mid, (sender, at))  # a released message: the ledger's time counts
+    return sorted(found.values(), key=lambda pair: pair[1])

@@ -5,10 +5,12 @@ from __future__ import annotations
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from prx_channel_email.config import EmailConfig
 from prx_channel_email.deferred_table import (
     insert,
     load,
@@ -62,6 +64,12 @@ def judge(
     if waiting is not None:
         waiting.stored = True
     return verdict, waiting
+
+
+def default_limits() -> dict[str, Any]:
+    """The shipped rate-limit defaults (the shared test builder lifts them)."""
+    names = [n for n in EmailConfig.model_fields if "rate_limit" in n or n.startswith("loop_")]
+    return {n: EmailConfig.model_fields[n].default for n in names}
 
 
 def bot_reply_id(at: float) -> str:
@@ -126,7 +134,7 @@ def test_a_failed_release_keeps_its_place_and_its_budget() -> None:
 
 def test_a_batch_of_25_goes_at_once_under_the_defaults(tmp_path: Path) -> None:
     clock = Clock()
-    g = HandoffGate(Limits.from_config(inbound_config(tmp_path)), clock)
+    g = HandoffGate(Limits.from_config(inbound_config(tmp_path, **default_limits())), clock)
     assert {judge(g, f"<{i}@a>", "anna@example.com")[0] for i in range(25)} == {"now"}
 
 
@@ -241,10 +249,24 @@ def test_deferred_table_round_trip_and_handoff_history() -> None:
     assert list(recent_handoffs(conn, "acc", T0 - 1)) == [("anna@example.com", T0)]
     mark_handed_on(conn, "acc", "<2@a>", T0 + 61)
     assert load(conn, "acc") == []
+    # Released, it is also in flight (ack mode) until acknowledged: counted once.
+    conn.execute(
+        "INSERT INTO inflight (account, message_id, sender, received_at, message, handed_at)"
+        " VALUES ('acc', '<2@a>', 'anna@example.com', ?, '{}', ?)",
+        (T0 + 61.5, T0 + 61.5),
+    )
+    # Unacknowledged fresh mail counts from the in-flight table.
+    conn.execute(
+        "INSERT INTO inflight (account, message_id, sender, received_at, message, handed_at)"
+        " VALUES ('acc', '<3@a>', 'bob@example.com', ?, '{}', ?)",
+        (T0 + 70, T0 + 70),
+    )
     assert list(recent_handoffs(conn, "acc", T0 - 1)) == [
         ("anna@example.com", T0),
         ("anna@example.com", T0 + 61),
+        ("bob@example.com", T0 + 70),
     ]
+    assert list(recent_handoffs(conn, "acc", T0 + 65)) == [("bob@example.com", T0 + 70)]
 
 
 @settings(max_examples=200, deadline=None)

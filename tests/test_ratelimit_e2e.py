@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from prx_channel_email.channel import EmailChannel
-from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import ChannelMessage
 from prx_channel_email.store import DB_NAME
 from tests.outbound_helpers import dovecot_config
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import ReceivedMessage, SmtpServer
 from tests.test_policy_e2e import e2e_config, letter, listening
+from tests.test_ratelimit import default_limits
 
 ANNA = "anna@example.org"
 
@@ -72,7 +72,7 @@ async def test_a_burst_over_the_limit_arrives_later_in_order_across_restarts(
         later = [await run.next() for _ in range(5)]
         assert [m.id for m in later] == ids[3:]
         assert [m.content for m in later] == [f"receipt {i}" for i in range(3, 8)]
-        assert not any(m.redelivered for m in later if hasattr(m, "redelivered"))
+        assert not any(m.redelivered for m in later)
         stats = run.channel.stats
         await run.until(lambda: stats().get("inbound.waiting.deferred") == 0)
         assert stats()["inbound.released"] == 5
@@ -83,14 +83,44 @@ async def test_a_burst_over_the_limit_arrives_later_in_order_across_restarts(
     assert all(later - first >= 1.0 for first, later in zip(times, times[3:], strict=False))
 
 
+async def test_released_mail_is_in_flight_until_acknowledged(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """handoff="ack": a released message is handed on like fresh mail, in flight until
+    acked, and comes again (redelivered) after a restart if it was not."""
+    config = e2e_config(
+        dovecot,
+        account,
+        tmp_path,
+        allowed_senders=[ANNA],
+        rate_limit_count=1,
+        rate_limit_window_secs=1,
+        handoff="ack",
+    )
+    (first, raw1), (second, raw2) = letter(ANNA), letter(ANNA)
+    async with listening(config) as run:
+        dovecot.deliver(account, raw1, mail_from=ANNA)
+        dovecot.deliver(account, raw2, mail_from=ANNA)
+        got = await run.next()
+        assert got.id == first
+        await run.channel.ack(got)
+        released = await run.next()  # a second later, through the same hand-off
+        assert (released.id, released.redelivered) == (second, False)
+        assert run.channel.stats()["inbound.released"] == 1
+    async with listening(config) as run:  # not acknowledged: it comes again
+        again = await run.next()
+        assert (again.id, again.redelivered) == (second, True)
+        await run.channel.ack(again)
+    async with listening(config) as run:  # acknowledged: nothing comes
+        assert run.channel.stats().get("inbound.waiting.deferred", 0) == 0
+        assert run.queue.empty()
+
+
 async def test_a_batch_of_25_goes_at_once_under_the_defaults(
     dovecot: DovecotServer, account: Account, tmp_path: Path
 ) -> None:
-    defaults = {
-        name: EmailConfig.model_fields[name].default
-        for name in ("rate_limit_count", "rate_limit_window_secs", "domain_rate_limit_count")
-    }
-    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], **defaults)
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], **default_limits())
+    assert config.rate_limit_count == 30
     batch = [letter(ANNA, text=f"receipt {i}") for i in range(25)]
     async with listening(config) as run:
         for _, raw in batch:

@@ -131,9 +131,6 @@ def imap_config(
         "command_timeout_secs": 5.0,
         "keepalive_secs": 30,
         "poll_interval_secs": 1,
-        # Transport tests send hundreds of mails from one sender: rate limits are not
-        # under test here (tests/test_ratelimit*.py pass their own).
-        "rate_limit_count": 1_000_000,
     }
     fields.update(overrides)
     return build_config(state_dir, dovecot=server, account=account, **fields)

@@ -298,7 +298,8 @@ class Outbox:
         exchange, the server may already have it, and the worker resends it
         (same Message-ID) only after the lease expires. Only a cancellation
         before the row is written means "not sent". So a caller that retries a
-        cancelled send creates a second, different message.
+        cancelled send without an ``idempotency_key`` creates a second, different
+        message; with one (``ChannelMessage.reply`` sets it) the retry sends nothing.
         """
         if self._closing:
             raise SendError(
@@ -521,6 +522,8 @@ class Outbox:
                 # after the lease. (During the exchange the server may have it; the
                 # lease then decides.)
                 self._release_soon([row.id])
+            else:
+                self._wake.set()  # the worker may sleep long: let it look at the lease
             raise
         finally:
             self._active.pop(row.id, None)

@@ -180,3 +180,32 @@ async def test_a_bad_setting_is_reported_by_connect(
     assert not await adapter.connect()
     assert adapter.fatal_error_code == "config_invalid" and not adapter.fatal_error_retryable
     assert "smtp_port" in (adapter.fatal_error_message or "")
+
+
+async def test_a_failure_while_connected_becomes_hermes_fatal_state(
+    tmp_path: Path,
+    hermes_home: Path,
+    smtp_server: SmtpServer,
+    dovecot: DovecotServer,
+    account: Account,
+) -> None:
+    """The folder disappears while connected: hermes' fatal-error handler is told, with
+    a non-retryable code, as for its own platforms."""
+    dovecot.create_folder(account, "Work")
+    extra = {**host_table(tmp_path, smtp_server, dovecot, account), "imapFolder": "Work"}
+    adapter = adapter_from_config(hermes_home, extra)
+    told = asyncio.Event()
+
+    async def on_fatal(failed: Any) -> None:
+        told.set()
+
+    adapter.set_fatal_error_handler(on_fatal)
+    assert await asyncio.wait_for(adapter.connect(), timeout=30)
+    try:
+        dovecot.delete_folder(account, "Work")
+        dovecot.kick(account)
+        await asyncio.wait_for(told.wait(), timeout=60)
+        assert adapter.fatal_error_code == "folder_missing" and not adapter.fatal_error_retryable
+        assert not adapter.is_connected
+    finally:
+        await adapter.disconnect()

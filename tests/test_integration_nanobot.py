@@ -213,5 +213,23 @@ async def test_a_bad_table_fails_start_with_every_bad_field_named(
     async with running(manager) as started:
         await asyncio.wait_for(asyncio.shield(started), timeout=30)
         error = status(manager)["error"]
-        assert error.startswith("config_invalid") and "imap_prt" in error and "smtp_port" in error
+        assert error.startswith("config_invalid") and "imapPrt" in error and "smtp_port" in error
         assert account.password not in error
+
+
+async def test_a_failure_while_running_shows_as_a_failed_channel(
+    tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
+) -> None:
+    """The folder disappears while the channel runs: retrying cannot help, so nanobot
+    shows the channel as failed, with the reason (not "running", not silence)."""
+    dovecot.create_folder(account, "Work")
+    table = {**host_table(tmp_path, smtp_server, dovecot, account), "imapFolder": "Work"}
+    manager = nanobot_manager(MessageBus(), tmp_path, table)
+    async with running(manager) as started:
+        await wait_until(lambda: status(manager)["state"] == "running")
+        dovecot.delete_folder(account, "Work")
+        dovecot.kick(account)
+        await asyncio.wait_for(asyncio.shield(started), timeout=60)
+        state = status(manager)
+        assert state["state"] == "failed"
+        assert state["error"].startswith("folder_missing")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,9 @@ from prx_channel_email.observability import Metrics
 from prx_channel_email.outbox import Outbox
 from prx_channel_email.store import DB_NAME, StateStore
 from tests.outbound_helpers import ANN, seed_ledger, smtp_config
+from tests.servers.proxy import TcpProxy
 from tests.servers.smtp import SmtpServer
-from tests.test_outbox import rows, running_outbox
+from tests.test_outbox import rows, running_outbox, via_proxy
 
 V1_STATE = Path(__file__).resolve().parent / "data" / "state_v1.sqlite3"
 
@@ -180,3 +182,23 @@ async def test_a_first_release_state_dir_gains_the_key_column(
         names = {r[0] for r in conn.execute("SELECT name FROM schema_migrations")}
     assert "outbox_idempotency_key" in names
     assert len(smtp_server.messages) == 1
+
+
+async def test_retrying_a_cancelled_keyed_send_mails_once(
+    tmp_path: Path, smtp_server: SmtpServer, proxy: Callable[[str, int], TcpProxy]
+) -> None:
+    """The host's send timed out mid-exchange and it sends again: one mail, one id."""
+    config, p = via_proxy(tmp_path, smtp_server, proxy)
+    async with running_outbox(config) as outbox:
+        message = received().reply("the answer")
+        p.freeze()  # the server stalls: the host's timeout fires
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(outbox.send(message), timeout=0.5)
+        assert len(rows(config)) == 1
+        p.thaw()
+        again = await asyncio.wait_for(outbox.send(message), timeout=10)
+        await asyncio.wait_for(outbox.wait_idle(), timeout=15)  # the lease ran out: resent
+        await asyncio.to_thread(smtp_server.assert_no_more_messages, 1, 0.3)
+    [got] = smtp_server.messages
+    assert got.message()["Message-ID"] == again
+    assert [r["message_id"] for r in rows(config)] == [again]

@@ -20,25 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from ..channel import EmailChannel
-from ..config import EmailConfig, config_from_table
-from ..errors import ChannelError, ConfigError
+from ..config import EmailConfig
 from ..models import ChannelMessage, SendMessage
 from ..observability import log_event
+from ..status import StatusCallback
 
 log = logging.getLogger(__name__)
 
-# Failures no retry will fix: the host should show the channel as failed, not "starting".
-PERMANENT_CODES = frozenset(
-    {
-        "auth_failed",
-        "tls_verify_failed",
-        "folder_missing",
-        "insecure_refused",
-        "login_disabled",
-        "oauth_reauth_required",
-        "starttls_unavailable",
-    }
-)
 # How many handed-on messages we remember for a later ack (a host that never acks
 # must not grow us without bound; a forgotten one is handed on again after a restart).
 INFLIGHT_MAX = 10_000
@@ -64,27 +52,19 @@ def config_from_host_table(
     the host and are skipped. With ``only_known`` every key that is not an
     EmailConfig field is skipped too (hermes mixes many of its own keys into
     ``extra``); otherwise an unknown key is a ConfigError, so a typo is reported.
-    The environment (``PRX_EMAIL_*``) still applies, as everywhere.
+    The environment (``PRX_EMAIL_*``) overrides the table, as it overrides a file.
     """
     skip = {snake_case(k) for k in host_keys}
     fields = EmailConfig.model_fields
-    chosen: dict[str, Any] = {}
-    spelled: dict[str, str] = {}
+    kept: dict[str, Any] = {}
     for key, value in table.items():
         name = snake_case(str(key))
         if name in skip or name.startswith("_") or value is None:
             continue
         if only_known and name not in fields:
             continue
-        if name in chosen:
-            raise ConfigError(
-                f"invalid email configuration{f' in {source}' if source else ''}: "
-                f"{spelled[name]} and {key} set the same field",
-                path=source,
-            )
-        chosen[name] = value
-        spelled[name] = str(key)
-    return config_from_table(chosen, path=source)
+        kept[str(key)] = value
+    return EmailConfig.from_table(kept, path=source)
 
 
 def inbound_text(message: ChannelMessage) -> str:
@@ -128,20 +108,18 @@ def build_send(
 ) -> SendMessage:
     """A host's answer as a SendMessage; no parent means "onto the person's latest mail".
 
-    Hosts retry a send after an unexpected error, so where the outbox supports
-    idempotency keys the same answer to the same mail gets the same key.
+    Hosts retry a send after an unexpected error: the same answer to the same mail
+    gets the same idempotency key, so a retry never mails it twice.
     """
-    fields: dict[str, Any] = {
-        "content": content,
-        "recipient": recipient,
-        "in_reply_to": parent or None,
-        "thread_ts": thread or None,
-        "attachments": attachments or [],
-    }
-    if "idempotency_key" in SendMessage.model_fields:
-        digest = hashlib.sha256(f"{parent}\0{recipient}\0{content}".encode()).hexdigest()
-        fields["idempotency_key"] = f"{host}:{digest[:32]}"
-    return SendMessage(**fields)
+    digest = hashlib.sha256(f"{parent}\0{recipient}\0{content}".encode()).hexdigest()
+    return SendMessage(
+        content=content,
+        recipient=recipient,
+        in_reply_to=parent or None,
+        thread_ts=thread or None,
+        attachments=attachments or [],
+        idempotency_key=f"{host}:{digest[:32]}",
+    )
 
 
 Deliver = Callable[[ChannelMessage], Awaitable[None]]
@@ -150,9 +128,16 @@ Deliver = Callable[[ChannelMessage], Awaitable[None]]
 class EmailBridge:
     """One EmailChannel run for a host: listener, hand-off pump, readiness, sends, acks."""
 
-    def __init__(self, config: EmailConfig, deliver: Deliver, *, host: str) -> None:
+    def __init__(
+        self,
+        config: EmailConfig,
+        deliver: Deliver,
+        *,
+        host: str,
+        on_status: StatusCallback | None = None,
+    ) -> None:
         self.config = config
-        self.channel = EmailChannel(config)
+        self.channel = EmailChannel(config, on_status=on_status)
         self._deliver = deliver
         self._host = host
         self._queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
@@ -161,55 +146,23 @@ class EmailBridge:
         self._inflight: OrderedDict[str, ChannelMessage] = OrderedDict()
 
     async def start(self, ready_within: float) -> None:
-        """Start listening; return once the mailbox is reachable and logged in.
+        """Start listening; return once IMAP has the folder selected and SMTP logged in.
 
         Raises ChannelError with the code of a permanent failure (wrong password,
         untrusted certificate, missing folder, ...) as soon as it is known, and
-        ChannelError ``not_ready`` when ``ready_within`` seconds passed without either outcome.
+        NotReadyError when ``ready_within`` seconds passed without either outcome.
         On any raise the channel is closed again.
         """
         await self.channel.start()
         self._listener = asyncio.create_task(self.channel.listen(self._queue))
         self._pump = asyncio.create_task(self._run_pump())
         try:
-            await self._wait_ready(ready_within)
+            await self.channel.wait_ready(ready_within)
         except BaseException:
             await self.close()
             raise
         log_event(log, logging.INFO, "integration.ready", account=self.config.account,
                   host=self._host)  # fmt: skip
-
-    async def _wait_ready(self, ready_within: float) -> None:
-        # Until EmailChannel.wait_ready exists on every release we support, watch the
-        # sync engine: a completed first pass means logged in with the folder selected.
-        wait_ready = getattr(self.channel, "wait_ready", None)
-        if wait_ready is not None:
-            await wait_ready(ready_within)
-            return
-        assert self._listener is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + ready_within
-        synced = asyncio.create_task(self.channel.sync.synced.wait())
-        try:
-            while not synced.done():
-                status = self.channel.status
-                if status.last_error_code in PERMANENT_CODES:
-                    raise ChannelError(
-                        status.last_error or status.last_error_code or "failed",
-                        code=status.last_error_code,
-                    )
-                if self._listener.done():
-                    self._listener.result()  # re-raise what ended it
-                    raise ChannelError("the listener stopped", code="listener_stopped")
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    why = f" (last error: {status.last_error_code})" if status.last_error else ""
-                    raise ChannelError(
-                        f"mailbox not reachable within {ready_within:.0f}s{why}", code="not_ready"
-                    )
-                await asyncio.wait({synced, self._listener}, timeout=min(0.2, remaining))
-        finally:
-            synced.cancel()
 
     async def _run_pump(self) -> None:
         while True:
@@ -242,9 +195,6 @@ class EmailBridge:
         ack = getattr(self.channel, "ack", None)  # the hand-off ack, where this release has it
         if message is not None and ack is not None:
             await ack(message)
-
-    async def healthy(self) -> bool:
-        return await self.channel.health_check()
 
     async def close(self) -> None:
         """Stop the pump and the listener, then close the channel (idempotent)."""

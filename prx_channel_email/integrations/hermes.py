@@ -32,11 +32,11 @@ from gateway.platforms.base import (
     SendResult,
 )
 
-from ..errors import ChannelError, ConfigError
+from ..errors import ChannelError, ConfigError, NotReadyError
 from ..models import ChannelMessage
 from ..observability import log_event
+from ..status import ChannelState, ChannelStatus
 from ._bridge import (
-    PERMANENT_CODES,
     EmailBridge,
     build_send,
     config_from_host_table,
@@ -90,17 +90,28 @@ class PrxEmailAdapter(BasePlatformAdapter):
             return False
         # "*" lets everyone write: hermes then still wants its own allow-all opt-in.
         self._dm_policy = "open" if "*" in config.allowed_senders else "allowlist"
-        bridge = EmailBridge(config, self._on_mail, host="hermes")
+        bridge = EmailBridge(config, self._on_mail, host="hermes", on_status=self._status)
         try:
             await bridge.start(CONNECT_BUDGET_SECS)
-        except ChannelError as exc:
-            retryable = exc.code not in PERMANENT_CODES
-            self._set_fatal_error(exc.code, f"{exc.code}: {exc}", retryable=retryable)
+        except NotReadyError as exc:  # still trying: hermes may call connect() again later
+            self._set_fatal_error(exc.code, f"{exc.code}: {exc}", retryable=True)
+            return False
+        except ChannelError as exc:  # wrong password, untrusted certificate, ...
+            self._set_fatal_error(exc.code, f"{exc.code}: {exc}", retryable=False)
             return False
         self._bridge = bridge
         self._account = config.account
         self._mark_connected()
         return True
+
+    async def _status(self, status: ChannelStatus) -> None:
+        # After connect(): a failure that needs someone to act (the password was changed,
+        # the folder deleted) becomes hermes' fatal state, as for its own platforms.
+        if self._bridge is None or status.state is not ChannelState.FAILED:
+            return
+        code = status.code or "failed"
+        self._set_fatal_error(code, f"{code}: {status.message or ''}", retryable=False)
+        await self._notify_fatal_error()
 
     async def disconnect(self) -> None:
         bridge, self._bridge = self._bridge, None

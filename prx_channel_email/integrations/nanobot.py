@@ -33,6 +33,7 @@ from nanobot.channels.base import BaseChannel
 from ..errors import ChannelError, SendError
 from ..models import ChannelMessage, SendMessage
 from ..observability import log_event
+from ..status import ChannelState, ChannelStatus
 from ._bridge import (
     EmailBridge,
     build_send,
@@ -96,6 +97,7 @@ class PrxEmailChannel(BaseChannel):
         super().__init__(config, bus)
         self._bridge: EmailBridge | None = None
         self._stop = asyncio.Event()
+        self._failure: ChannelError | None = None
         self._unsubscribe: Any = None
 
     @classmethod
@@ -138,8 +140,13 @@ class PrxEmailChannel(BaseChannel):
                 table["allowed_senders"] = allow
         config = config_from_host_table(table, host_keys=HOST_KEYS, source=f"channels.{NAME}")
         self._stop.clear()
-        self._bridge = EmailBridge(config, self._publish, host="nanobot")
-        await self._bridge.start(READY_TIMEOUT_SECS)
+        self._failure = None
+        self._bridge = EmailBridge(config, self._publish, host="nanobot", on_status=self._status)
+        try:
+            await self._bridge.start(READY_TIMEOUT_SECS)
+        except BaseException:
+            self._bridge = None
+            raise
         self._unsubscribe = self.bus.subscribe(self._on_turn_completed, TurnCompleted)
         self._running = True
         try:
@@ -147,6 +154,20 @@ class PrxEmailChannel(BaseChannel):
         finally:
             self._running = False
             await self._shutdown()
+        if self._failure is not None:
+            raise self._failure  # the manager shows the channel as failed, with the reason
+
+    def _status(self, status: ChannelStatus) -> None:
+        # nanobot shows "running" only while is_running: a channel that lost its
+        # connection (and keeps retrying) shows "starting" until it is back. A failure
+        # that needs someone to act ends start() with it, so nanobot shows "failed".
+        if self._bridge is None or self._stop.is_set():
+            return
+        self._running = status.state is ChannelState.CONNECTED
+        if status.state is ChannelState.FAILED:
+            code = status.code or "failed"
+            self._failure = ChannelError(status.message or code, code=code)
+            self._stop.set()
 
     async def stop(self) -> None:
         self._stop.set()

@@ -93,7 +93,7 @@ class DeferredMail:
     def judge(self, message: ChannelMessage) -> Waiting | None:
         """None: hand ``message`` on now. Else the place in line it must be stored with."""
         verdict, waiting = self.gate.judge(
-            message.id, message.sender, message.in_reply_to, message.references
+            message.id, message.sender, message.in_reply_to, message.references, message.thread_ts
         )
         if waiting is None:
             return None
@@ -101,7 +101,7 @@ class DeferredMail:
             self.metrics.inc("inbound.held")
             log_event(log, logging.WARNING, "inbound.loop_suspected", account=self.account,
                       message_id=message.id, sender=message.sender,
-                      domain=waiting.domain, code=waiting.reason,
+                      domain=waiting.domain, thread=message.thread_ts, code=waiting.reason,
                       hold_secs=int(self.limits.loop_window))  # fmt: skip
         else:
             self.metrics.inc("inbound.deferred")

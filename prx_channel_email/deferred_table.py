@@ -12,6 +12,7 @@ of the state store's thread.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterable
 
@@ -65,9 +66,16 @@ def insert(conn: sqlite3.Connection, account: str, item: Waiting, message: Chann
 def load(conn: sqlite3.Connection, account: str) -> list[Waiting]:
     """Everything waiting, in line order (held mail is marked by its reason)."""
     return [
-        Waiting(seq, mid, sender, arrived_at, held=reason == LOOP_SUSPECTED)
-        for mid, seq, sender, reason, arrived_at in conn.execute(
-            "SELECT message_id, seq, sender, reason, arrived_at FROM deferred"
+        Waiting(
+            seq,
+            mid,
+            sender,
+            arrived_at,
+            held=reason == LOOP_SUSPECTED,
+            thread=str(json.loads(message).get("thread_ts") or ""),
+        )
+        for mid, seq, sender, reason, arrived_at, message in conn.execute(
+            "SELECT message_id, seq, sender, reason, arrived_at, message FROM deferred"
             " WHERE account=? ORDER BY seq",
             (account,),
         )

@@ -19,10 +19,10 @@ The limits, all sliding windows:
 * the loop guard: an answer that arrives within ``loop_reply_secs`` of the bot's
   reply it answers (the reply's Message-ID carries its minting time, see
   message_ids.py) is a *quick answer*. People do not read and answer that fast;
-  robots do. When one sender domain sends more than ``loop_max_quick_replies``
-  quick answers within ``loop_window_secs``, further quick answers from it are
-  held (``loop_suspected``) until the domain has sent none for
-  ``loop_window_secs``. Ordinary mail from that domain is not held.
+  robots do. When one sender domain, or one thread, sees more than
+  ``loop_max_quick_replies`` quick answers within ``loop_window_secs``, further
+  quick answers from that domain (or in that thread) are held (``loop_suspected``)
+  until it has seen none for ``loop_window_secs``. Ordinary mail is not held.
 """
 
 from __future__ import annotations
@@ -79,9 +79,15 @@ class Waiting:
     stored: bool = True
     handed_at: float = 0.0  # when due() counted it against the limits
 
+    thread: str = ""  # the conversation key (ChannelMessage.thread_ts)
+
     @property
     def domain(self) -> str:
         return domain_of(self.sender)
+
+    @property
+    def loop_keys(self) -> list[str]:
+        return loop_keys(self.sender, self.thread)
 
     @property
     def reason(self) -> str:
@@ -90,6 +96,11 @@ class Waiting:
 
 def domain_of(sender: str) -> str:
     return sender.rpartition("@")[2].lower()
+
+
+def loop_keys(sender: str, thread: str | None) -> list[str]:
+    """What quick answers are counted by: the sender's domain, and the thread."""
+    return ["domain:" + domain_of(sender)] + (["thread:" + thread] if thread else [])
 
 
 class SlidingWindow:
@@ -164,7 +175,8 @@ class HandoffGate:
             self._waiting[w.seq] = w
             self._next_seq = max(self._next_seq, w.seq + 1)
             if w.held:  # the loop was active at least until this arrived
-                self._quick.note(w.domain, w.arrived_at)
+                for key in w.loop_keys:
+                    self._quick.note(key, w.arrived_at)
             else:
                 self._in_line[w.sender] += 1
         self._waiting = dict(sorted(self._waiting.items()))
@@ -183,24 +195,26 @@ class HandoffGate:
         sender: str,
         in_reply_to: str | None = None,
         references: list[str] | None = None,
+        thread: str | None = None,
     ) -> tuple[Verdict, Waiting | None]:
         """The verdict for one accepted message. ``now`` counts it as handed on;
         ``defer``/``hold`` put it in line (the caller stores the returned item)."""
         now = self.clock()
-        domain = domain_of(sender)
         if self.is_quick_answer(in_reply_to, references or [], now):
-            self._quick.note(domain, now)
-            if self._quick.used(domain, now) > self.limits.loop_max_quick:
-                return "hold", self._enqueue(message_id, sender, now, held=True)
+            keys = loop_keys(sender, thread)
+            for key in keys:
+                self._quick.note(key, now)
+            if any(self._quick.used(k, now) > self.limits.loop_max_quick for k in keys):
+                return "hold", self._enqueue(message_id, sender, now, held=True, thread=thread)
         if self._sender_waits(sender) or self._budget_at(sender, now) > now:
-            return "defer", self._enqueue(message_id, sender, now, held=False)
+            return "defer", self._enqueue(message_id, sender, now, held=False, thread=thread)
         self._note(sender, now)
         return "now", None
 
     def loop_active(self, domain: str, now: float | None = None) -> bool:
         """More than the allowed quick answers from ``domain`` within the loop window."""
         at = self.clock() if now is None else now
-        return self._quick.used(domain, at) > self.limits.loop_max_quick
+        return self._quick.used("domain:" + domain, at) > self.limits.loop_max_quick
 
     # --- waiting mail ---
 
@@ -214,7 +228,7 @@ class HandoffGate:
         blocked: set[str] = set()
         for w in self._waiting.values():
             if w.held:
-                if self._quiet_since(w.domain) + self.limits.loop_window > now:
+                if self._quiet_since(w) + self.limits.loop_window > now:
                     continue  # held mail keeps no one else waiting
                 w.held = False
                 self._in_line[w.sender] += 1
@@ -241,7 +255,7 @@ class HandoffGate:
                 seen.add(w.sender)  # the store_step wakes the scheduler when it is stored
                 continue
             if w.held:
-                at = self._quiet_since(w.domain) + self.limits.loop_window
+                at = self._quiet_since(w) + self.limits.loop_window
             elif w.sender in seen:
                 continue  # it goes after the sender's first waiting message
             else:
@@ -269,8 +283,12 @@ class HandoffGate:
 
     # --- internals ---
 
-    def _enqueue(self, message_id: str, sender: str, now: float, *, held: bool) -> Waiting:
-        w = Waiting(self._next_seq, message_id, sender, now, held=held, stored=False)
+    def _enqueue(
+        self, message_id: str, sender: str, now: float, *, held: bool, thread: str | None
+    ) -> Waiting:
+        w = Waiting(
+            self._next_seq, message_id, sender, now, held=held, stored=False, thread=thread or ""
+        )
         self._next_seq += 1
         self._waiting[w.seq] = w
         if not held:
@@ -283,8 +301,9 @@ class HandoffGate:
     def _budget_at(self, sender: str, now: float) -> float:
         return max(self._sender.free_at(sender, now), self._domain.free_at(domain_of(sender), now))
 
-    def _quiet_since(self, domain: str) -> float:
-        return self._quick.last(domain) or 0.0
+    def _quiet_since(self, w: Waiting) -> float:
+        """The last quick answer counted by any key that held ``w``."""
+        return max(self._quick.last(key) or 0.0 for key in w.loop_keys)
 
     def _note(self, sender: str, at: float) -> None:
         self._sender.note(sender, at)

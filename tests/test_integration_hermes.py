@@ -209,3 +209,52 @@ async def test_a_failure_while_connected_becomes_hermes_fatal_state(
         assert not adapter.is_connected
     finally:
         await adapter.disconnect()
+
+
+async def test_a_mail_hermes_did_not_finish_comes_again_after_a_reconnect(
+    tmp_path: Path,
+    hermes_home: Path,
+    smtp_server: SmtpServer,
+    dovecot: DovecotServer,
+    account: Account,
+) -> None:
+    """At least once to the host: a message hermes processed (even without an answer)
+    is acknowledged; one whose processing was cancelled by a stop comes again."""
+    extra = host_table(tmp_path, smtp_server, dovecot, account)
+    seen: asyncio.Queue[MessageEvent] = asyncio.Queue()
+    never = asyncio.Event()
+
+    async def agent(event: MessageEvent) -> str | None:
+        await seen.put(event)
+        if event.message_id == "<b2@people.example>":
+            await never.wait()  # still thinking when the gateway stops
+        return None  # handled, nothing to say
+
+    adapter = adapter_from_config(hermes_home, extra)
+    adapter.set_message_handler(agent)
+    assert await asyncio.wait_for(adapter.connect(), timeout=30)
+    try:
+        dovecot.deliver(account, mail("<b1@people.example>", "One", "done"), mail_from=ANN)
+        assert (await asyncio.wait_for(seen.get(), 30)).message_id == "<b1@people.example>"
+        dovecot.deliver(account, mail("<b2@people.example>", "Two", "pending"), mail_from=ANN)
+        pending = await asyncio.wait_for(seen.get(), 30)
+        assert pending.message_id == "<b2@people.example>"
+        assert pending.metadata["redelivered"] is False
+    finally:
+        await adapter.cancel_background_tasks()  # what hermes' runner does on shutdown
+        await adapter.disconnect()
+
+    adapter = adapter_from_config(hermes_home, extra)
+    adapter.set_message_handler(agent)
+    never.set()
+    assert await asyncio.wait_for(adapter.connect(), timeout=30)
+    try:
+        again = await asyncio.wait_for(seen.get(), 30)
+        assert again.message_id == "<b2@people.example>"
+        assert again.metadata["redelivered"] is True
+        dovecot.deliver(account, mail("<b3@people.example>", "Three", "new"), mail_from=ANN)
+        # Handed on in order: had "<b1>" come again, it would be here first.
+        assert (await asyncio.wait_for(seen.get(), 30)).message_id == "<b3@people.example>"
+    finally:
+        await adapter.disconnect()
+    assert smtp_server.messages == []

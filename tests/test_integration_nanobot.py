@@ -233,3 +233,71 @@ async def test_a_failure_while_running_shows_as_a_failed_channel(
         state = status(manager)
         assert state["state"] == "failed"
         assert state["error"].startswith("folder_missing")
+
+
+class SilentAgent:
+    """An agent loop that answers nothing: it ends the turn of ``handled`` ids (as
+    nanobot's loop does, with a TurnCompleted event) and is still thinking about the
+    others when the gateway goes down."""
+
+    def __init__(self, bus: MessageBus, handled: set[str]) -> None:
+        self.bus = bus
+        self.handled = handled
+        self.seen: asyncio.Queue[InboundMessage] = asyncio.Queue()
+        self.task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            msg = await self.bus.consume_inbound()
+            if msg.metadata["message_id"] in self.handled:
+                ctx = RuntimeEventContext(
+                    channel=msg.channel,
+                    chat_id=msg.chat_id,
+                    session_key=msg.session_key,
+                    metadata=dict(msg.metadata),
+                )
+                await self.bus.publish(TurnCompleted(context=ctx))  # awaits the ack
+            await self.seen.put(msg)
+
+    async def next(self) -> InboundMessage:
+        return await asyncio.wait_for(self.seen.get(), timeout=30)
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def test_a_mail_whose_turn_never_ended_comes_again_after_a_restart(
+    tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, account: Account
+) -> None:
+    """At least once to the host: a finished turn acknowledges its mail; a mail the
+    agent was still on when the gateway stopped is handed on again, flagged."""
+    table = host_table(tmp_path, smtp_server, dovecot, account)
+    bus = MessageBus()
+    manager = nanobot_manager(bus, tmp_path, table)
+    agent = SilentAgent(bus, handled={"<a1@people.example>"})
+    async with running(manager):
+        await wait_until(lambda: status(manager)["state"] == "running")
+        dovecot.deliver(account, mail("<a1@people.example>", "One", "done"), mail_from=ANN)
+        dovecot.deliver(account, mail("<a2@people.example>", "Two", "pending"), mail_from=ANN)
+        first, second = await agent.next(), await agent.next()
+        assert [first.metadata["message_id"], second.metadata["message_id"]] == [
+            "<a1@people.example>",
+            "<a2@people.example>",
+        ]
+        assert not first.metadata["redelivered"] and not second.metadata["redelivered"]
+    await agent.stop()
+
+    bus = MessageBus()
+    manager = nanobot_manager(bus, tmp_path, table)
+    agent = SilentAgent(bus, handled={"<a2@people.example>"})
+    async with running(manager):
+        again = await agent.next()
+        assert again.metadata["message_id"] == "<a2@people.example>"
+        assert again.metadata["redelivered"] is True
+        assert again.session_key == f"{NAME}:<a2@people.example>"
+        dovecot.deliver(account, mail("<a3@people.example>", "Three", "new"), mail_from=ANN)
+        # Mail is handed on in order: had "<a1>" come again, it would be here first.
+        assert (await agent.next()).metadata["message_id"] == "<a3@people.example>"
+    await agent.stop()
+    assert smtp_server.messages == []

@@ -57,10 +57,15 @@ def gate(
 
 
 def judge(
-    g: HandoffGate, mid: str, sender: str, irt: str | None = None, refs: list[str] | None = None
+    g: HandoffGate,
+    mid: str,
+    sender: str,
+    irt: str | None = None,
+    refs: list[str] | None = None,
+    thread: str | None = None,
 ) -> tuple[Verdict, Waiting | None]:
     """``g.judge`` plus what the store does once the waiting message is written."""
-    verdict, waiting = g.judge(mid, sender, irt, refs)
+    verdict, waiting = g.judge(mid, sender, irt, refs, thread)
     if waiting is not None:
         waiting.stored = True
     return verdict, waiting
@@ -199,6 +204,40 @@ def test_quick_answers_to_bot_replies_are_held_once_a_domain_loops() -> None:
     assert not g.loop_active("example.com")
 
 
+def test_a_loop_across_domains_in_one_thread_is_held_by_its_thread() -> None:
+    clock = Clock()
+    g = gate(clock, max_quick=2, loop_window=600)
+    verdicts = []
+    for i in range(4):
+        clock.now = T0 + 5 * i
+        parent = bot_reply_id(clock.now - 1)
+        sender = f"robot@domain{i}.example"  # a new domain every time, one thread
+        verdicts.append(judge(g, f"<x{i}@a>", sender, parent, ["<root@a>", parent], "<root@a>")[0])
+    assert verdicts == ["now", "now", "hold", "hold"]
+    # Another thread of those domains is not held; the thread goes free once quiet.
+    parent = bot_reply_id(clock.now - 1)
+    assert judge(g, "<y@a>", "robot@domain9.example", parent, [parent], "<other@a>")[0] == "now"
+    clock.now = T0 + 15 + 600
+    released, unheld = g.due()
+    assert (
+        [w.message_id for w in unheld] == ["<x2@a>", "<x3@a>"] == [w.message_id for w in released]
+    )
+
+
+def test_held_mail_restored_after_a_restart_stays_held_until_quiet() -> None:
+    clock = Clock()
+    first = gate(clock, max_quick=0, loop_window=600)
+    parent = bot_reply_id(T0 - 1)
+    _, held = judge(first, "<h@a>", "robot@example.com", parent, [parent], "<t@a>")
+    assert held is not None and held.held
+    g = gate(clock, max_quick=0, loop_window=600)
+    g.restore([held])
+    assert g.counts() == (0, 1) and g.due() == ([], [])
+    assert g.next_due() == T0 + 600
+    clock.now = T0 + 600
+    assert [w.message_id for w in g.due()[0]] == ["<h@a>"]
+
+
 def test_an_answer_to_an_old_bot_reply_or_to_a_person_is_not_quick() -> None:
     clock = Clock()
     g = gate(clock, max_quick=0)
@@ -245,6 +284,7 @@ def test_deferred_table_round_trip_and_handoff_history() -> None:
     insert(conn, "acc", w, msg)
     (loaded,) = load(conn, "acc")
     assert (loaded.seq, loaded.message_id, loaded.held) == (w.seq, "<2@a>", False)
+    assert loaded.thread == "<2@a>"  # read back from the stored message
     assert message(conn, "acc", "<2@a>") == msg
     assert list(recent_handoffs(conn, "acc", T0 - 1)) == [("anna@example.com", T0)]
     mark_handed_on(conn, "acc", "<2@a>", T0 + 61)

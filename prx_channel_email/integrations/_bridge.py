@@ -90,7 +90,7 @@ def inbound_metadata(message: ChannelMessage) -> dict[str, Any]:
         "subject": message.subject,
         "sender_display": message.sender_display,
         "sender_verified": message.sender_verified,
-        "redelivered": bool(getattr(message, "redelivered", False)),
+        "redelivered": message.redelivered,
     }
     if skipped:
         meta["skipped_attachments"] = skipped
@@ -192,9 +192,8 @@ class EmailBridge:
     async def ack(self, message_id: str) -> None:
         """The host handled ``message_id`` without replying: it is not handed on again."""
         message = self._inflight.pop(message_id, None)
-        ack = getattr(self.channel, "ack", None)  # the hand-off ack, where this release has it
-        if message is not None and ack is not None:
-            await ack(message)
+        if message is not None:
+            await self.channel.ack(message)
 
     async def close(self) -> None:
         """Stop the pump and the listener, then close the channel (idempotent)."""

@@ -32,6 +32,7 @@ from gateway.platforms.base import (
     SendResult,
 )
 
+from ..config import EmailConfig
 from ..errors import ChannelError, ConfigError, NotReadyError
 from ..models import ChannelMessage
 from ..observability import log_event
@@ -42,6 +43,7 @@ from ._bridge import (
     config_from_host_table,
     inbound_metadata,
     inbound_text,
+    snake_case,
 )
 
 log = logging.getLogger(__name__)
@@ -58,10 +60,20 @@ def _message_id(value: Any) -> str | None:
     return None
 
 
-def email_config(platform: PlatformConfig) -> Any:
+def email_config(platform: PlatformConfig) -> EmailConfig:
     """The EmailConfig from ``platforms.prx_email.extra`` (hermes' own keys ignored)."""
     return config_from_host_table(
         platform.extra or {}, only_known=True, source=f"platforms.{NAME}.extra"
+    )
+
+
+def _ignored_keys(platform: PlatformConfig) -> list[str]:
+    """Keys of ``extra`` that are not EmailConfig fields: hermes' own, or a typo."""
+    fields = EmailConfig.model_fields
+    return sorted(
+        str(k)
+        for k in (platform.extra or {})
+        if snake_case(str(k)) not in fields and not str(k).startswith("_")
     )
 
 
@@ -83,6 +95,9 @@ class PrxEmailAdapter(BasePlatformAdapter):
         return True
 
     async def connect(self, *, is_reconnect: bool = False) -> bool:
+        ignored = _ignored_keys(self.config)
+        if ignored:  # named once, so a misspelt setting does not go unnoticed
+            log_event(log, logging.INFO, "hermes.extra_keys_ignored", keys=",".join(ignored))
         try:
             config = email_config(self.config)
         except ConfigError as exc:

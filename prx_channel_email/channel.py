@@ -250,7 +250,7 @@ class EmailChannel(Channel):
         """Log in to SMTP once, so readiness covers replies too; retried until it passes
         (slowly after a permanent failure: the server side may get fixed)."""
         transient = Backoff(base=1.0, cap=300.0)
-        permanent = Backoff(base=300.0, cap=1800.0)
+        permanent = auth_backoff(self.config, base=300.0)  # quick again after `auth login`
         while True:
             try:
                 await SmtpTransport(self.config, self.metrics).check_login()

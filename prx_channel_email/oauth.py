@@ -614,11 +614,11 @@ class _AuthBackoff(Backoff):
         return super().next()
 
 
-def auth_backoff(config: EmailConfig) -> Backoff:
-    """The listener's delay after a refused login: like a password's (30 s doubling to
-    30 min), except while waiting for a new OAuth sign-in (see REAUTH_POLL_SECS)."""
+def auth_backoff(config: EmailConfig, base: float = 30.0, cap: float = 1800.0) -> Backoff:
+    """The delay after a refused login: like a password's (``base`` doubling up to
+    ``cap``), except while waiting for a new OAuth sign-in (see REAUTH_POLL_SECS)."""
     manager = config._oauth_tokens if config.auth_method == "oauth2" else None
-    return _AuthBackoff(base=30.0, cap=1800.0, manager=manager)
+    return _AuthBackoff(base=base, cap=cap, manager=manager)
 
 
 # --- SASL strings ---

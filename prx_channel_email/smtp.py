@@ -190,6 +190,10 @@ class SmtpTransport:
 
     async def _open(self) -> aiosmtplib.SMTP:
         cfg = self.config
+        if cfg.auth_method == "oauth2":  # no usable grant: fail before connecting
+            from .oauth import token_source
+
+            await token_source(cfg).check_grant()
         smtp = self.client(auto_starttls=False)
         try:
             await smtp.connect(timeout=cfg.connect_timeout_secs)

@@ -12,11 +12,16 @@ from pathlib import Path
 import pytest
 
 from prx_channel_email import EmailChannel
-from prx_channel_email.errors import OAuthReauthRequired, OAuthUnavailable, SendError
+from prx_channel_email.errors import (
+    AuthenticationError,
+    OAuthReauthRequired,
+    OAuthUnavailable,
+    SendError,
+)
 from prx_channel_email.imap import ImapSession, open_session
 from prx_channel_email.models import ChannelMessage, SendMessage
 from prx_channel_email.oauth import TOKEN_FILE, TokenStore, token_source
-from prx_channel_email.smtp import SmtpTransport
+from prx_channel_email.smtp import SmtpFailure, SmtpTransport
 from tests.oauth_helpers import ANN, human_mail, oauth_config
 from tests.servers.dovecot import DovecotServer
 from tests.servers.oauth_server import OAuthServer
@@ -176,3 +181,24 @@ async def test_send_with_a_revoked_grant_raises_reauth_required(
         assert not await channel.health_check()
     assert oauth_server.token_requests["refresh_token"] == 1
     assert smtp_oauth.messages == []
+
+
+async def test_a_token_the_server_keeps_refusing_fails_fast_with_its_reason(
+    tmp_path: Path, oauth_server: OAuthServer, dovecot_oauth: DovecotServer, smtp_oauth: SmtpServer
+) -> None:
+    """A valid token of another account: the server's error challenge is answered (no
+    hang), one refresh is tried, then the login fails with a fix, not a reauth."""
+    account = dovecot_oauth.add_user()
+    other = dovecot_oauth.add_user()
+    config = oauth_config(
+        tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account,
+        oauth_refresh_token=oauth_server.issue(other.username),
+    )  # fmt: skip
+    with pytest.raises(AuthenticationError) as info:
+        await asyncio.wait_for(open_session(config), 30)
+    assert info.value.code == "oauth_token_refused"
+    assert not token_source(config).reauth_required
+    with pytest.raises(SmtpFailure) as sent:
+        await SmtpTransport(config).send(account.address, ANN, b"Subject: x\r\n\r\ny\r\n")
+    assert sent.value.code == "oauth_token_refused" and sent.value.permanent
+    assert "535" in sent.value.message

@@ -16,7 +16,7 @@ from pydantic import SecretStr
 
 from prx_channel_email import EmailChannel
 from prx_channel_email import oauth as oauth_module
-from prx_channel_email.errors import OAuthReauthRequired
+from prx_channel_email.errors import ChannelError, OAuthReauthRequired
 from prx_channel_email.imap import open_session
 from prx_channel_email.models import ChannelMessage, SendMessage
 from prx_channel_email.oauth import KILL_BEFORE_SAVE_ENV, TokenStore
@@ -183,6 +183,9 @@ async def test_a_running_channel_picks_up_a_new_sign_in(
         try:
             await until(lambda: channel.sync.status.last_error_code == "oauth_reauth_required")
             assert not await channel.health_check()
+            with pytest.raises(ChannelError) as info:
+                await channel.wait_ready(30)
+            assert info.value.code == "oauth_reauth_required"
             # Several listener retries later: still just the one refused request.
             await until(lambda: channel.stats().get("imap.reconnects.auth", 0) >= 4)
             assert oauth_server.token_requests["refresh_token"] == 1
@@ -192,6 +195,9 @@ async def test_a_running_channel_picks_up_a_new_sign_in(
             approve.join(10)
             await asyncio.wait_for(channel.sync.synced.wait(), timeout=30)
             assert await channel.health_check()
+            # The SMTP readiness check, failed with the same code, comes back as quickly.
+            await until(lambda: channel.state.code is None)
+            assert (await channel.wait_ready(30)).smtp_ready
             dovecot_oauth.deliver(
                 account, human_mail("<after@people.example>", "back", to=account.address)
             )

@@ -58,15 +58,10 @@ from prx_channel_email.store import LedgerEntry, StateStore  # noqa: E402
 from prx_channel_email.sync import SyncEngine  # noqa: E402
 from tests.servers.dovecot import Account, DovecotServer  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from idle_rss import rss_mb  # noqa: E402
+
 SENDERS = [f"person{i}@example.org" for i in range(50)]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 @contextlib.contextmanager

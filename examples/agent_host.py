@@ -8,6 +8,17 @@ The host owns three things the channel does not: the queue it consumes, the
 conversation memory (keyed by ``msg.thread_ts``, which stays the same for every
 mail of one email thread), and the agent that turns a conversation into an
 answer. Answers go back through ``msg.reply(...)`` so they land in the thread.
+
+What a host needs from the channel beyond that, shown below:
+
+* ``wait_ready``: start listening, then wait until IMAP and SMTP both logged in;
+  a wrong password or an untrusted certificate raises at once, with its code;
+* ``on_status``: be told when the channel connects, reconnects or fails;
+* acknowledgement (``handoff = "ack"``, the default): a message stays "in flight"
+  until the host is done with it. A reply acks it (once the reply is safely in
+  the outbox); a message handled without a reply is acked with ``channel.ack``.
+  If the host crashes in between, the message is handed on again at the next
+  start (``msg.redelivered``), so nobody's email is lost to a crash.
 """
 
 from __future__ import annotations
@@ -25,7 +36,16 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from prx_channel_email import Channel, ChannelMessage, EmailChannel, load_config
+from prx_channel_email import (
+    ChannelError,
+    ChannelMessage,
+    ChannelStatus,
+    EmailChannel,
+    NotReadyError,
+    load_config,
+)
+
+READY_WITHIN = 60.0  # seconds for both logins; a permanent failure raises sooner
 
 
 @dataclass(frozen=True)
@@ -50,8 +70,11 @@ class ConversationMemory:
 class ToyAgent:
     """Stands in for a language model: it only shows that it remembers the thread."""
 
-    async def respond(self, history: list[Turn]) -> str:
+    async def respond(self, history: list[Turn]) -> str | None:
+        """The answer, or None when there is nothing to say."""
         said = [t.text for t in history if t.role == "user"]
+        if not said[-1].strip():
+            return None
         if len(said) == 1:
             return (
                 f"Nice to meet you. You said: {said[0]!r}. This is message 1 of our conversation."
@@ -65,17 +88,21 @@ class ToyAgent:
 class AgentHost:
     """Consumes a channel's queue and answers each message with the agent."""
 
-    def __init__(self, channel: Channel, agent: ToyAgent) -> None:
+    def __init__(self, channel: EmailChannel, agent: ToyAgent) -> None:
         self.channel = channel
         self.agent = agent
         self.memory = ConversationMemory()
 
     async def handle(self, msg: ChannelMessage) -> None:
+        if msg.redelivered:  # handed on before a crash and never acknowledged
+            print(f"[{msg.thread_ts}] (again, after a restart)", flush=True)
         self.memory.add(msg.thread_ts, Turn("user", msg.content))
         answer = await self.agent.respond(self.memory.history(msg.thread_ts))
+        if answer is None:
+            await self.channel.ack(msg)  # handled without a reply: say so
+            return
         # Durably queued, the reply also acknowledges msg (handoff="ack"): a crash
         # before this line hands msg on again at the next start (msg.redelivered).
-        # A message the host decides not to answer: await channel.ack(msg).
         await self.channel.send(msg.reply(answer))
         self.memory.add(msg.thread_ts, Turn("agent", answer))
         print(f"[{msg.thread_ts}] {msg.sender}: {msg.content!r} -> {answer!r}", flush=True)
@@ -83,6 +110,16 @@ class AgentHost:
     async def run(self, stop: asyncio.Event) -> None:
         queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
         listener = asyncio.create_task(self.channel.listen(queue))
+        try:
+            await self.channel.wait_ready(READY_WITHIN)
+        except NotReadyError as exc:  # still trying (a server down?): go on, it reconnects
+            print(f"email channel not ready yet: {exc}", file=sys.stderr, flush=True)
+        except ChannelError as exc:  # wrong password, untrusted certificate, no folder...
+            print(f"email channel failed ({exc.code}): {exc}", file=sys.stderr, flush=True)
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            raise
         stopping = asyncio.create_task(stop.wait())
         try:
             while True:
@@ -101,6 +138,12 @@ class AgentHost:
                 await listener
 
 
+def show_status(status: ChannelStatus) -> None:
+    """What a host's dashboard would show: connected / reconnecting / failed (code)."""
+    detail = f" ({status.component}: {status.code})" if status.code else ""
+    print(f"channel {status.state.value}{detail}", file=sys.stderr, flush=True)
+
+
 def _headers(raw: bytes) -> email.message.EmailMessage:
     return email.message_from_bytes(raw, policy=email.policy.default)
 
@@ -111,7 +154,7 @@ async def conversation_on_sandbox(once: bool, stop: asyncio.Event) -> int:
 
     async with MailSandbox() as sandbox:
         state = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="agent-host-"))
-        async with EmailChannel(sandbox.channel_config(state)) as channel:
+        async with EmailChannel(sandbox.channel_config(state), on_status=show_status) as channel:
             host = AgentHost(channel, ToyAgent())
             task = asyncio.create_task(host.run(stop))
             if not once:
@@ -158,8 +201,11 @@ def main() -> int:
             loop.add_signal_handler(sig, stop.set)
         if args.sandbox:
             return await conversation_on_sandbox(args.once, stop)
-        async with EmailChannel(load_config(args.config)) as channel:
-            await AgentHost(channel, ToyAgent()).run(stop)
+        async with EmailChannel(load_config(args.config), on_status=show_status) as channel:
+            try:
+                await AgentHost(channel, ToyAgent()).run(stop)
+            except ChannelError:
+                return 1
         return 0
 
     return asyncio.run(go())

@@ -14,7 +14,7 @@ from types import TracebackType
 from . import senders_table
 from .backoff import Backoff
 from .config import EmailConfig, sender_entry
-from .errors import ChannelError, StorageError
+from .errors import ChannelError, SendError, StorageError
 from .inbound import InboundPipeline
 from .ledger import LedgerLookup
 from .models import Channel, ChannelMessage, SendMessage
@@ -131,13 +131,20 @@ class EmailChannel(Channel):
                 self._listeners.discard(task)
 
     async def send(self, message: SendMessage) -> None:
-        await self.start()
-        await self.outbox.send(message)
+        await self.send_message(message)
 
     async def send_message(self, message: SendMessage) -> str:
         """Like :meth:`send`, but returns the Message-ID of the sent mail."""
         await self.start()
-        return await self.outbox.send(message)
+        try:
+            return await self.outbox.send(message)
+        except SendError as exc:
+            if is_permanent(exc):  # a refused login, not a refused recipient: the status shows it
+                self.reporter.smtp_failed(exc, None)
+                if self._listeners and (self._smtp_check is None or self._smtp_check.done()):
+                    # Check again (slowly) so the status turns back once it is fixed.
+                    self._smtp_check = asyncio.create_task(self._check_smtp(after=True))
+            raise
 
     async def ack(self, message: ChannelMessage) -> None:
         """``handoff="ack"``: the host is done with ``message``; returns once that is on disk.
@@ -246,11 +253,14 @@ class EmailChannel(Channel):
                 await self.outbox.close()
                 await self.store.close()
 
-    async def _check_smtp(self) -> None:
+    async def _check_smtp(self, *, after: bool = False) -> None:
         """Log in to SMTP once, so readiness covers replies too; retried until it passes
-        (slowly after a permanent failure: the server side may get fixed)."""
+        (slowly after a permanent failure: the server side may get fixed). ``after``:
+        a send just failed to log in, so wait before the first try."""
         transient = Backoff(base=1.0, cap=300.0)
         permanent = auth_backoff(self.config, base=300.0)  # quick again after `auth login`
+        if after:
+            await asyncio.sleep(permanent.next())
         while True:
             try:
                 await SmtpTransport(self.config, self.metrics).check_login()

@@ -38,6 +38,7 @@ from .errors import ChannelError, ConfigError, SendError
 from .models import ChannelMessage, SendMessage
 from .observability import log_event
 from .outbox_table import OutboxEntry, OutboxTable
+from .policy import describe_sender_auth
 from .store import DB_NAME, StateStore
 
 Handler = Callable[[ChannelMessage], Awaitable[str | None]]
@@ -270,6 +271,8 @@ async def _run(config: EmailConfig, handler: Handler) -> None:
             f"[green]listening[/] on {escape(config.account)} folder {escape(config.imap_folder)}; "
             f"answering {escape(senders)}. Ctrl-C stops."
         )
+        problem, auth = describe_sender_auth(config)
+        err.print(f"[yellow]{escape(auth)}[/]" if problem else escape(auth))
         await serve(channel, handler, stop)
     err.print("stopped; unsent replies stay queued for the next start.")
 

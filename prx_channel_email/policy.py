@@ -139,6 +139,19 @@ NOTHING_TRUSTED = (
 )
 
 
+def describe_sender_auth(config: EmailConfig) -> tuple[bool, str]:
+    """(is it a problem, one line) on what sender authenticity does under ``config``."""
+    trusted = ", ".join(config.trusted_authserv_ids)
+    if config.sender_auth == "off":
+        return True, "sender_auth = 'off': From headers are not verified"
+    if not trusted:
+        if config.sender_auth == "enforce":
+            return True, NOTHING_TRUSTED
+        return False, "sender_auth = 'flag' with nothing trusted: sender_verified stays None"
+    verb = "refusing" if config.sender_auth == "enforce" else "flagging"
+    return False, f"{verb} senders not verified by {trusted}"
+
+
 class Policy:
     """The inbound policy of one channel. :meth:`decide` is cheap and header-only."""
 

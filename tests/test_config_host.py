@@ -16,6 +16,7 @@ from pydantic import BaseModel, ValidationError
 from prx_channel_email import ConfigError, EmailConfig, load_config
 from prx_channel_email.config import MAX_CONFIG_BYTES
 from tests.operator_helpers import ROOT, subprocess_env
+from tests.test_config import _clean_env  # noqa: F401 (autouse: no PRX_EMAIL_* leaks in)
 
 SECRET = "s3cr3t-Pa55w0rd!"
 
@@ -27,13 +28,6 @@ TABLE: dict[str, Any] = {
     "from_address": "bot@example.com",
     "sender_auth": "off",
 }
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("PRX_EMAIL_") or key == "PRX_CONFIG":
-            monkeypatch.delenv(key)
 
 
 def _no_leak(err: ConfigError) -> None:

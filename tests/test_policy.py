@@ -710,3 +710,23 @@ async def test_a_provider_temperror_quarantines_an_allowed_senders_mail(
     # A plain failure is still refused outright.
     forged = await p.process(mail("ceo@example.com", FORGED))
     assert (forged.decision, forged.reason) == ("reject", "unverified_sender")
+
+
+@pytest.mark.parametrize(
+    ("mode", "trusted", "problem", "words"),
+    [
+        ("enforce", [], True, "trusted_authserv_ids is empty"),
+        ("enforce", ["mx.example.net"], False, "refusing senders not verified by mx.example.net"),
+        ("flag", ["mx.example.net"], False, "flagging"),
+        ("flag", [], False, "sender_verified stays None"),
+        ("off", ["mx.example.net"], True, "not verified"),
+    ],
+)
+def test_run_says_what_sender_authenticity_does(
+    tmp_path: Path, mode: str, trusted: list[str], problem: bool, words: str
+) -> None:
+    from prx_channel_email.policy import describe_sender_auth
+
+    config = inbound_config(tmp_path, sender_auth=mode, trusted_authserv_ids=trusted)
+    is_problem, line = describe_sender_auth(config)
+    assert is_problem is problem and words in line

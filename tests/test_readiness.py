@@ -21,6 +21,7 @@ from prx_channel_email import (
     ChannelStatus,
     EmailChannel,
     NotReadyError,
+    SendMessage,
 )
 from prx_channel_email.config import config_from_table
 from tests.servers.dovecot import Account, DovecotServer, free_ports
@@ -178,3 +179,16 @@ async def _until(predicate: Any, changed: asyncio.Event, timeout: float = GENERO
             if predicate():
                 return
             await changed.wait()
+
+
+async def test_a_refused_smtp_login_at_send_time_shows_in_the_status(
+    dovecot: DovecotServer, account: Account, smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    table = make_table(dovecot, account, smtp_server, tmp_path, smtp_password="not-the-password")
+    seen: list[ChannelStatus] = []
+    async with EmailChannel(config_from_table(table), on_status=seen.append) as channel:
+        with pytest.raises(ChannelError) as info:
+            await channel.send(SendMessage(content="hi", recipient="alice@example.test"))
+        assert info.value.code == "auth_failed"
+        assert (channel.state.state, channel.state.component) == (ChannelState.FAILED, "smtp")
+    assert any(s.state is ChannelState.FAILED and s.code == "auth_failed" for s in seen)

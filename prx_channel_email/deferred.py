@@ -63,6 +63,7 @@ class DeferredMail:
         self.gate = HandoffGate(self.limits, clock)
         self._loaded = False
         self._wake = asyncio.Event()
+        self._planned: float | None = None  # when the scheduler wakes next (None: on news)
 
     async def load(self) -> None:
         """Read waiting mail and recent hand-offs back from the store (once)."""
@@ -110,7 +111,7 @@ class DeferredMail:
                       message_id=message.id, sender=message.sender, code=waiting.reason,
                       release_in=f"{max(wait, 0.0):.0f}s")  # fmt: skip
         self._gauges()
-        self._wake.set()
+        self._wake_for(waiting)
         return waiting
 
     def store_step(self, waiting: Waiting, message: ChannelMessage) -> StoreStep:
@@ -125,7 +126,7 @@ class DeferredMail:
         def step(conn: sqlite3.Connection) -> None:
             deferred_table.insert(conn, account, waiting, message)
             waiting.stored = True
-            loop.call_soon_threadsafe(self._wake.set)
+            loop.call_soon_threadsafe(self._wake_for, waiting)
 
         return step
 
@@ -146,6 +147,7 @@ class DeferredMail:
                           account=self.account, retry_in=f"{RETRY_SECS:.0f}s")  # fmt: skip
                 delay = RETRY_SECS
             self._wake.clear()
+            self._planned = None if delay is None else self.clock() + delay
             with contextlib.suppress(TimeoutError):
                 # Woken early when new mail waits (it may be due sooner).
                 await asyncio.wait_for(self._wake.wait(), delay)
@@ -186,6 +188,15 @@ class DeferredMail:
         self.metrics.inc("inbound.released")
         log_event(log, logging.INFO, "inbound.released", account=account, message_id=mid,
                   sender=w.sender, waited=f"{at - w.arrived_at:.0f}s")  # fmt: skip
+
+    def _wake_for(self, waiting: Waiting) -> None:
+        """Wake the scheduler if ``waiting`` may go before its planned wake-up (a
+        release pass walks the whole line: not once per deferred message)."""
+        if not waiting.stored:
+            return  # the store step wakes it once the row is written
+        at = self.gate.due_at(waiting)
+        if at is not None and (self._planned is None or at < self._planned):
+            self._wake.set()
 
     def _gauges(self) -> None:
         deferred, held = self.gate.counts()

@@ -27,8 +27,9 @@ The limits, all sliding windows:
 
 from __future__ import annotations
 
+import bisect
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -157,7 +158,9 @@ class HandoffGate:
         self._domain = SlidingWindow(limits.domain_count, limits.window)
         self._quick = SlidingWindow(limits.loop_max_quick, limits.loop_window)
         self._waiting: dict[int, Waiting] = {}  # by seq; dicts keep insertion order
-        self._in_line: Counter[str] = Counter()  # per sender: waiting, not held (FIFO)
+        # Per sender: the seqs of its waiting, not held mail, in order (FIFO).
+        self._lines: dict[str, list[int]] = {}
+        self._held = 0  # how many of _waiting are held
         self._next_seq = 1
 
     # --- state from the store ---
@@ -175,10 +178,11 @@ class HandoffGate:
             self._waiting[w.seq] = w
             self._next_seq = max(self._next_seq, w.seq + 1)
             if w.held:  # the loop was active at least until this arrived
+                self._held += 1
                 for key in w.loop_keys:
                     self._quick.note(key, w.arrived_at)
             else:
-                self._in_line[w.sender] += 1
+                self._line_add(w)
         self._waiting = dict(sorted(self._waiting.items()))
 
     # --- fresh mail ---
@@ -231,7 +235,8 @@ class HandoffGate:
                 if self._quiet_since(w) + self.limits.loop_window > now:
                     continue  # held mail keeps no one else waiting
                 w.held = False
-                self._in_line[w.sender] += 1
+                self._held -= 1
+                self._line_add(w)
                 unheld.append(w)
             if w.releasing or not w.stored or w.sender in blocked:
                 blocked.add(w.sender)
@@ -267,9 +272,11 @@ class HandoffGate:
     def released(self, w: Waiting) -> None:
         """``w`` is on the queue: it no longer waits."""
         if self._waiting.pop(w.seq, None) is not None and not w.held:
-            self._in_line[w.sender] -= 1
-            if self._in_line[w.sender] <= 0:
-                del self._in_line[w.sender]
+            line = self._lines.get(w.sender, [])
+            if w.seq in line:
+                line.remove(w.seq)
+            if not line:
+                self._lines.pop(w.sender, None)
 
     def release_failed(self, w: Waiting) -> None:
         """The hand-off of ``w`` did not happen: it waits again, at its place in line.
@@ -278,8 +285,16 @@ class HandoffGate:
 
     def counts(self) -> tuple[int, int]:
         """``(deferred, held)`` messages waiting now."""
-        held = sum(1 for w in self._waiting.values() if w.held)
-        return len(self._waiting) - held, held
+        return len(self._waiting) - self._held, self._held
+
+    def due_at(self, w: Waiting) -> float | None:
+        """When ``w`` alone may go (None: only after earlier mail of its sender),
+        so a newly waiting message wakes the scheduler only when it must."""
+        if w.held:
+            return self._quiet_since(w) + self.limits.loop_window
+        if self._lines.get(w.sender, [w.seq])[0] != w.seq:
+            return None
+        return self._budget_at(w.sender, self.clock())
 
     # --- internals ---
 
@@ -291,12 +306,17 @@ class HandoffGate:
         )
         self._next_seq += 1
         self._waiting[w.seq] = w
-        if not held:
-            self._in_line[sender] += 1
+        if held:
+            self._held += 1
+        else:
+            self._line_add(w)
         return w
 
     def _sender_waits(self, sender: str) -> bool:
-        return self._in_line[sender] > 0
+        return bool(self._lines.get(sender))
+
+    def _line_add(self, w: Waiting) -> None:
+        bisect.insort(self._lines.setdefault(w.sender, []), w.seq)
 
     def _budget_at(self, sender: str, now: float) -> float:
         return max(self._sender.free_at(sender, now), self._domain.free_at(domain_of(sender), now))

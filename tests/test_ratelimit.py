@@ -109,6 +109,20 @@ def test_over_the_limit_waits_and_goes_in_order_once_the_window_moves() -> None:
     assert g.counts() == (0, 0) and g.next_due() is None
 
 
+def test_when_a_newly_waiting_message_alone_may_go() -> None:
+    clock = Clock()
+    g = gate(clock, sender=1, max_quick=0, loop_window=600)
+    judge(g, "<1@a>", "anna@example.com")
+    _, first = judge(g, "<2@a>", "anna@example.com")
+    _, second = judge(g, "<3@a>", "anna@example.com")
+    assert first is not None and second is not None
+    assert g.due_at(first) == T0 + 60
+    assert g.due_at(second) is None  # behind <2>: no earlier than the scheduler knows
+    _, held = judge(g, "<4@a>", "bob@example.com", bot_reply_id(T0))
+    assert held is not None and g.due_at(held) == T0 + 600
+    assert g.counts() == (2, 1)
+
+
 def test_a_sender_with_mail_waiting_waits_behind_it() -> None:
     clock = Clock()
     g = gate(clock, sender=1)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import copy
 import fcntl
 import hashlib
 import json
@@ -361,7 +362,8 @@ class TokenManager:
     async def _refresh(self) -> AccessToken:
         now = self._clock()
         if now < self._outage_until and self.last_error is not None:
-            raise self.last_error
+            # A copy: re-raising one object from many callers would grow its traceback.
+            raise copy.copy(self.last_error).with_traceback(None)
         record = await self._current()
         refresh_token = record.refresh_token if record is not None else None
         if not refresh_token:

@@ -194,10 +194,16 @@ class PrxEmailChannel(BaseChannel):
         )
 
     async def _on_turn_completed(self, event: TurnCompleted) -> None:
-        # A turn that ended without a reply still handled the mail: acknowledge it.
+        # A turn that completed without a reply still handled the mail: acknowledge it.
+        # A failed one (the model was down) is not: the mail comes again after a restart.
         ctx = event.context
         message_id = ctx.metadata.get("message_id")
-        if ctx.channel == self.name and isinstance(message_id, str) and self._bridge is not None:
+        if (
+            ctx.channel == self.name
+            and event.outcome == "completed"
+            and isinstance(message_id, str)
+            and self._bridge is not None
+        ):
             await self._bridge.ack(message_id)
 
     async def send(self, msg: OutboundMessage) -> None:

@@ -50,14 +50,26 @@ def split_header_block(raw: bytes) -> tuple[bytes, bytes]:
     """Split at the first empty line; a message without one is all header."""
     if raw.startswith((b"\r\n", b"\n")):
         return b"", raw
+    at = body_start(raw)
+    return raw[:at], raw[at:]
+
+
+def body_start(raw: bytes) -> int:
+    """Where the body starts: after the first empty line (the end when there is none).
+
+    A message that starts with an empty line has no header block; its body is all
+    of it (the empty line included, as split_header_block has always read it).
+    """
+    if raw.startswith((b"\r\n", b"\n")):
+        return 0
     crlf = raw.find(b"\r\n\r\n")
     # Only look for a bare-LF blank line before the CRLF one (never scan the whole body).
     lf = raw.find(b"\n\n", 0, crlf + 2 if crlf >= 0 else len(raw))
     if lf >= 0 and (crlf < 0 or lf < crlf):
-        return raw[: lf + 2], raw[lf + 2 :]
+        return lf + 2
     if crlf >= 0:
-        return raw[: crlf + 4], raw[crlf + 4 :]
-    return raw, b""
+        return crlf + 4
+    return len(raw)
 
 
 def _fields(block: bytes) -> Iterator[bytes]:

@@ -35,7 +35,7 @@ from typing import Any, Literal
 from . import attachments as att
 from .config import EmailConfig
 from .envelope import Envelope, envelope
-from .headers import Headers, split_header_block
+from .headers import Headers, body_start, split_header_block
 from .message_ids import synthetic_message_id
 from .mime_body import Body, TooComplex, parse_message, read_body
 from .models import ChannelMessage
@@ -104,19 +104,19 @@ def _oversized_id_source(header_block: bytes, size: int) -> bytes:
 
 def read_envelope(
     raw: bytes, arrival: float, message_id: str | None = None
-) -> tuple[bytes, Envelope]:
-    """Split off and read the (capped) header block (CPU only: thread-safe).
+) -> tuple[int, Envelope]:
+    """Read the (capped) header block (CPU only: thread-safe).
 
-    Returns the body bytes too: the header block is read here once, and the body
-    parser is never given it again.
+    Returns where the body starts too: the header block is read here once, and the
+    body parser is never given it again (nor a copy of the body).
     """
-    block, body = split_header_block(raw)
-    return body, envelope(Headers.from_block(block), raw, arrival, message_id)
+    at = body_start(raw)
+    return at, envelope(Headers.from_block(raw[:at]), raw, arrival, message_id)
 
 
-def analyze_body(raw: bytes, config: EmailConfig, env: Envelope, body: bytes) -> _Parsed:
+def analyze_body(raw: bytes, config: EmailConfig, env: Envelope, body_at: int) -> _Parsed:
     """Parse, extract text, strip quotes and plan attachments (CPU only: thread-safe)."""
-    msg = parse_message(env.headers, body)
+    msg = parse_message(env.headers, raw, body_at)
     found: Body = read_body(msg)
     planned = att.plan(found.attachments, config)
     key = att.message_key(raw) if any(p.data is not None for p in planned) else ""
@@ -159,17 +159,17 @@ class InboundPipeline:
         env: Envelope | None = None
         try:
             if len(raw) > THREAD_THRESHOLD:
-                body, env_ = await asyncio.to_thread(read_envelope, raw, when, message_id)
+                body_at, env_ = await asyncio.to_thread(read_envelope, raw, when, message_id)
             else:
-                body, env_ = read_envelope(raw, when, message_id)
+                body_at, env_ = read_envelope(raw, when, message_id)
             env = env_
             decision = self.policy.decide(env)
             if decision.reason is not None:
                 return self._reject(env, decision)
             if len(raw) > THREAD_THRESHOLD:
-                parsed = await asyncio.to_thread(analyze_body, raw, self.config, env, body)
+                parsed = await asyncio.to_thread(analyze_body, raw, self.config, env, body_at)
             else:
-                parsed = analyze_body(raw, self.config, env, body)
+                parsed = analyze_body(raw, self.config, env, body_at)
             return await self._deliver(env, decision, parsed, when)
         except asyncio.CancelledError:
             raise

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from email.message import Message
+from typing import Any
 
 from .charsets import decode_bytes, decode_words, tidy, unescape_header
 from .headers import Headers
@@ -29,20 +30,23 @@ class TooComplex(ValueError):
     """The MIME structure is beyond what the parser may safely be given."""
 
 
-def check_structure(body: bytes) -> None:
+def check_structure(body: bytes, start: int = 0) -> None:
     """Refuse bodies whose MIME tree is too big to hand to a recursive parser.
 
     Counts are upper bounds found at C speed: lines starting with "--" (every
     part needs one), then, only when there are many of those, the "multipart/"
     declarations. Ordinary mail is far below both.
     """
-    lines = body.count(b"\n--")
+    lines = body.count(b"\n--", start)
     if lines > MAX_BOUNDARY_LINES:
         raise TooComplex(f"more than {MAX_BOUNDARY_LINES} MIME boundary lines")
     # Other spellings ("mUltipart") slip past this count, but not past mail-parser's
     # own recursion guard, which the pipeline turns into a quarantine.
     if lines > MAX_MULTIPARTS and (
-        body.count(b"multipart/") + body.count(b"Multipart/") + body.count(b"MULTIPART/")
+        sum(
+            body.count(spelling, start)
+            for spelling in (b"multipart/", b"Multipart/", b"MULTIPART/")
+        )
         > MAX_MULTIPARTS
     ):
         raise TooComplex(f"more than {MAX_MULTIPARTS} nested or sibling multiparts")
@@ -71,6 +75,30 @@ _MIME_FIELDS = frozenset(
 _PARSER = email.parser.BytesParser(policy=email.policy.compat32)
 
 
+class _SlicedPart(Message):
+    """A part built by the fast split. A leaf's payload stays a view of the message
+    bytes until something asks for it as text (the standard library keeps it as
+    text, and decoding it again costs two more copies of its size); the MIME walk
+    decodes straight from the view (see :func:`_payload`)."""
+
+    view: memoryview | None = None
+
+    @property
+    def _payload(self) -> Any:
+        if self.view is not None:
+            self.__dict__["_text"] = self.view.tobytes().decode("ascii", "surrogateescape")
+            self.view = None
+        return self.__dict__.get("_text")
+
+    @_payload.setter
+    def _payload(self, value: Any) -> None:
+        self.__dict__["_text"] = value
+        self.view = None
+
+
+_SPLIT_PARSER = email.parser.BytesParser(_SlicedPart, policy=email.policy.compat32)
+
+
 def mime_fields(headers: Headers) -> bytes:
     """The top-level MIME fields, as the lines the MIME parser is given."""
     return b"".join(
@@ -83,7 +111,7 @@ def mime_fields(headers: Headers) -> bytes:
     )
 
 
-def parse_message(headers: Headers, body: bytes) -> Message:
+def parse_message(headers: Headers, raw: bytes, body_at: int = 0) -> Message:
     """Parse the MIME tree of a message whose header block was already read.
 
     Only the top-level MIME fields are handed on with the body (the other fields
@@ -93,12 +121,12 @@ def parse_message(headers: Headers, body: bytes) -> Message:
     exactly (tests/test_mime_body.py checks that). Raises TooComplex for a MIME
     tree that must not be parsed at all.
     """
-    check_structure(body)
+    check_structure(raw, body_at)
     top = mime_fields(headers)
     try:
-        return _split_tree(top, body)
+        return _split_tree(top, raw, body_at)
     except _Unusual:
-        return _parse_unusual(top + b"\r\n" + body)
+        return _parse_unusual(top + b"\r\n" + raw[body_at:])
 
 
 def _parse_unusual(data: bytes) -> Message:
@@ -124,7 +152,7 @@ class _Unusual(Exception):
 _MAX_FAST_DEPTH = 20
 
 
-def _split_tree(top: bytes, body: bytes) -> Message:
+def _split_tree(top: bytes, raw: bytes, body_at: int = 0) -> Message:
     """The compat32 parser's tree for well-formed MIME, built without reading it line by line.
 
     The standard parser feeds every line of the body through Python code (3 ms
@@ -135,27 +163,28 @@ def _split_tree(top: bytes, body: bytes) -> Message:
     boundary, doubled boundary lines, message/* parts, malformed part headers)
     raises _Unusual.
     """
-    if b"\r" in body and body.count(b"\r") != body.count(b"\r\n"):
+    if raw.find(b"\r", body_at) >= 0 and raw.count(b"\r", body_at) != raw.count(b"\r\n", body_at):
         raise _Unusual("bare CR")  # the standard parser ends lines there too
     msg = _head(top + b"\r\n")
-    _fill(msg, body, 0, len(body), 0)
+    _fill(msg, raw, body_at, len(raw), 0)
     return msg
 
 
-def _head(block: bytes) -> Message:
-    msg = _PARSER.parsebytes(block, headersonly=True)
+def _head(block: bytes) -> _SlicedPart:
+    msg = _SPLIT_PARSER.parsebytes(block, headersonly=True)
+    assert isinstance(msg, _SlicedPart)
     if msg.get_payload() or msg.defects:
         raise _Unusual("not a clean header block")
     return msg
 
 
-def _fill(msg: Message, buf: bytes, lo: int, hi: int, depth: int) -> None:
+def _fill(msg: _SlicedPart, buf: bytes, lo: int, hi: int, depth: int) -> None:
     """Set ``msg``'s payload from ``buf[lo:hi]`` as the standard parser would."""
     maintype = msg.get_content_maintype()
     if maintype == "message" or depth > _MAX_FAST_DEPTH:
         raise _Unusual(maintype)
     if maintype != "multipart":
-        msg.set_payload(buf[lo:hi].decode("ascii", "surrogateescape"))
+        msg.view = memoryview(buf)[lo:hi]
         return
     boundary = msg.get_boundary()
     if not boundary:
@@ -230,7 +259,30 @@ def _fast_base64(part: Message) -> bytes | None:
         return None
 
 
+_UUENCODE = frozenset({"x-uuencode", "uuencode", "uue", "x-uue"})
+
+
+def _from_view(part: _SlicedPart, view: memoryview) -> bytes | None:
+    """A sliced leaf's payload decoded as ``get_payload(decode=True)`` would, from the
+    bytes themselves; None when the standard decoder must judge it."""
+    cte = str(part.get("content-transfer-encoding", "")).lower()
+    if cte == "base64":
+        try:
+            return binascii.a2b_base64(view)
+        except binascii.Error:
+            return None
+    if cte == "quoted-printable":
+        return binascii.a2b_qp(view)  # what quopri.decodestring runs
+    if cte in _UUENCODE:
+        return None
+    return view.tobytes()
+
+
 def _payload(part: Message) -> bytes:
+    if isinstance(part, _SlicedPart) and part.view is not None:
+        decoded = _from_view(part, part.view)
+        if decoded is not None:
+            return decoded
     fast = _fast_base64(part)
     if fast is not None:
         return fast

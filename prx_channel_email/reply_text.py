@@ -16,24 +16,43 @@ STRIP_BUDGET_SECS = 0.25  # wall clock for one message's stripping; then content
 
 MAX_STRIP_CHARS = 100_000  # quote stripping looks at this much text
 _QUOTE_LINE_RE = re.compile(r"^[ \t]*>")
-_FORWARD_RE = re.compile(
-    r"^[ \t]*(?:-{2,}[ \t]*(?:Forwarded message|Weitergeleitete Nachricht|Message transf[ée]r[ée]"
+_FORWARD_LINE = (
+    r"[ \t]*(?:-{2,}[ \t]*(?:Forwarded message|Weitergeleitete Nachricht|Message transf[ée]r[ée]"
     r"|Mensaje reenviado|Messaggio inoltrato|Doorgestuurd bericht)[ \t]*-*"
-    r"|Begin forwarded message:|Anfang der weitergeleiteten Nachricht:)[ \t]*$",
-    re.IGNORECASE | re.MULTILINE,
+    r"|Begin forwarded message:|Anfang der weitergeleiteten Nachricht:)[ \t]*$"
 )
+
+
+def _at_line_start(pattern: str, flags: int) -> tuple[re.Pattern[str], re.Pattern[str]]:
+    """``pattern`` (written for a line start) as two searches: at the text's start, and
+    behind a newline. The second lets the regex engine skip ahead to each newline at C
+    speed, where a MULTILINE ``^`` is tried at every position (six times slower)."""
+    return re.compile(pattern, flags), re.compile("\n" + pattern, flags)
+
+
+def _first_line(patterns: tuple[re.Pattern[str], re.Pattern[str]], text: str, end: int) -> int:
+    """Where the first line of ``text[:end]`` matching starts, or -1."""
+    first, rest = patterns
+    if first.match(text, 0, end):
+        return 0
+    found = rest.search(text, 0, end)
+    return found.start() + 1 if found else -1
+
+
+_FORWARD_STARTS = _at_line_start(_FORWARD_LINE, re.IGNORECASE | re.MULTILINE)
 
 # Where a signature starts. Deliberately narrow: cutting real text is worse than
 # leaving a signature in (mail-parser-reply's own rule took any line starting
 # with "-" for one, so a bulleted list lost everything below its first bullet).
-_SIGNATURE_START_RE = re.compile(
-    r"^(?:> ?)*(?:"
+_SIGNATURE_LINE = (
+    r"(?:> ?)*(?:"
     r"-- ?$"  # the RFC 3676 delimiter (many clients drop the trailing space)
     r"|_{20,}$|-{20,}$"  # a long rule above a footer or disclaimer
     r"|(?:Sent from my|Sent from Mail for|Get Outlook for|Gesendet von|Von meinem)\b.*$"
-    r")",
-    re.MULTILINE,
+    r")"
 )
+_SIGNATURE_START_RE = re.compile("^" + _SIGNATURE_LINE, re.MULTILINE)  # the rule, as one regex
+_SIGNATURE_STARTS = _at_line_start(_SIGNATURE_LINE, re.MULTILINE)
 # A closing salutation on a line of its own, e.g. "Best regards," or "Viele Grüße".
 _CLOSING_RE = re.compile(
     r"^(?:> ?)*(?:Best regards|Kind regards|Warm regards|Regards|Best wishes|Best|All the best"
@@ -67,9 +86,9 @@ def _closing_window(text: str, end: int) -> int:
 def _cut_signature(text: str) -> str | None:
     """``text`` without its trailing signature, or None when none was found."""
     cut: int | None = None
-    marker = _SIGNATURE_START_RE.search(text)
-    if marker is not None and text[: marker.start()].strip():
-        cut = marker.start()
+    marker = _first_line(_SIGNATURE_STARTS, text, len(text))
+    if marker >= 0 and text[:marker].strip():
+        cut = marker
     end = cut if cut is not None else len(text)
     first = len(text) - len(text.lstrip())  # the first non-blank character
     for closing in _CLOSING_RE.finditer(text, _closing_window(text, end), end):
@@ -92,7 +111,10 @@ def _latest_reply(text: str, deadline: Deadline) -> str | None:
     part is returned that way.
     """
     lines = [line.strip() for line in text.replace("\r\n", "\n").split("\n")]
-    header = find_reply_header(lines, deadline)
+    # Every reply header holds a colon (an attribution's or a field's) or a dashed
+    # separator; text with neither has none (a C-speed test, skipping the scan).
+    maybe = ":" in text or "\uff1a" in text or "---" in text
+    header = find_reply_header(lines, deadline) if maybe else None
     newest = "\n".join(lines if header is None else lines[:header])
     unsigned = _cut_signature(newest)
     if header is None and unsigned is None:
@@ -123,15 +145,15 @@ def _head_end(text: str) -> int:
 
 def _strip(text: str, deadline: Deadline) -> str:
     cut = _head_end(text)
-    head, tail = text[:cut], text[cut:]
+    head = text[:cut]
     latest = _latest_reply(head, deadline)
     # Lines are compared trimmed; when nothing was cut, the original layout
     # (list indentation, code) is kept.
     stripped = tidy(_strip_quote_lines(head if latest is None else latest))
-    if tail and len(stripped) >= len(head.strip()) - 1:
+    if cut < len(text) and len(stripped) >= len(head.strip()) - 1:
         if stripped == head:
             return text  # nothing changed: no second copy of a big text
-        stripped += tail  # nothing was cut: keep the rest too
+        stripped += text[cut:]  # nothing was cut: keep the rest too
     return stripped
 
 
@@ -149,10 +171,8 @@ def new_text(full_text: str, *, budget: float | None = STRIP_BUDGET_SECS) -> str
     if not full_text or full_text.isspace():
         return ""
     deadline = Deadline(budget)
-    marker = _FORWARD_RE.search(full_text, 0, _head_end(full_text))  # where stripping looks
-    own, forwarded = (
-        (full_text[: marker.start()], full_text[marker.start() :]) if marker else (full_text, "")
-    )
+    marker = _first_line(_FORWARD_STARTS, full_text, _head_end(full_text))  # where stripping looks
+    own, forwarded = (full_text[:marker], full_text[marker:]) if marker >= 0 else (full_text, "")
     stripped = _strip(own, deadline) if own.strip() else ""
     if not stripped and own.strip():
         stripped = tidy(_strip_quote_lines(own)) or tidy(own)

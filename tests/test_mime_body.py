@@ -31,6 +31,10 @@ def _same_as_stdlib(top: bytes, body: bytes) -> bool:
     except mime_body._Unusual:
         return False
     reference = mime_body._PARSER.parsebytes(top + b"\r\n" + body)
+    # Decoded straight from the bytes (before anything reads the parts as text)...
+    decoded = [mime_body._payload(p) for p in fast.walk() if not p.is_multipart()]
+    assert decoded == [mime_body._payload(p) for p in reference.walk() if not p.is_multipart()]
+    # ... and read as text, the same tree.
     assert _tree(fast) == _tree(reference)
     return True
 
@@ -92,7 +96,23 @@ def _tree_bytes(draw: st.DrawFn, depth: int = 0) -> bytes:
     eol = draw(st.sampled_from([b"\r\n", b"\n"]))
     if depth >= 3 or draw(st.booleans()):
         head = draw(st.sampled_from([b"Content-Type: text/plain", b"Content-Type: text/html", b""]))
-        text = draw(st.sampled_from([b"", b"hi", b"hi" + eol, b"a" + eol + eol + b"b", eol]))
+        cte = draw(st.sampled_from([b"", b"base64", b"quoted-printable", b"8bit", b"x-uuencode"]))
+        if head and cte:
+            head += eol + b"Content-Transfer-Encoding: " + cte
+        text = draw(
+            st.sampled_from(
+                [
+                    b"",
+                    b"hi",
+                    b"hi" + eol,
+                    b"a" + eol + eol + b"b",
+                    eol,
+                    b"aGk=",
+                    b"a=3Db=",
+                    b"\xe9t\xe9",
+                ]
+            )
+        )
         return head + eol + eol + text if head else eol + text
     boundary = draw(st.sampled_from([b"b1", b"b2", b"x y"]))
     kids = [draw(_tree_bytes(depth + 1)) for _ in range(draw(st.integers(0, 3)))]

@@ -2,9 +2,11 @@
 
 :class:`LedgerWriter` records what the sync engine decided about each message of
 one folder (handed on, refused, quarantined, a duplicate) and moves the UID cursor
-with it. :class:`LedgerLookup` answers the outbox's "which message does this reply
-answer?" questions; it also sees rows a hand-off has staged but not committed yet,
-so an agent that answers at once still threads onto the message it got.
+with it, committing each accepted message as in flight before it is put on the
+queue. :class:`LedgerLookup` answers the outbox's "which message does this reply
+answer?" questions from the ledger and the in-flight rows (so an agent that answers
+at once threads onto the message it got); it can also overlay entries staged in
+memory (``stage``), which the commit-before-put hand-off no longer needs itself.
 
 Both sit on :class:`~prx_channel_email.store.StateStore`, which is plain SQL.
 """

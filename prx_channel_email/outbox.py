@@ -47,7 +47,7 @@ from typing import Any, Protocol, TypeVar
 from .backoff import Backoff
 from .compose import Parent, compose, parent_from_ids, parse_recipient
 from .config import EmailConfig
-from .errors import SendError, StorageError
+from .errors import OAuthReauthRequired, SendError, StorageError
 from .message_ids import normalize_id
 from .models import SendMessage
 from .observability import Metrics, log_event
@@ -78,6 +78,9 @@ PRUNE_EVERY_SECS = 3600.0
 
 #: The longest the worker sleeps without looking at the table again.
 MAX_IDLE_WAIT_SECS = 60.0
+#: A queued reply whose login cannot succeed (refused password, OAuth sign-in needed)
+#: looks again this often, or when the auth hold-off ends, whichever is later.
+AUTH_WAIT_SECS = 20.0
 
 __all__ = ["EXHAUSTED_PREFIX", "AuthHoldoff", "Outbox", "SentFolder"]
 
@@ -622,6 +625,9 @@ class Outbox:
     async def _failed_attempt(
         self, row: OutboxRow, failure: SmtpFailure, *, foreground: bool
     ) -> None:
+        if not foreground and (failure.auth or failure.code == OAuthReauthRequired.code):
+            await self._wait_for_login(row, failure)
+            return
         attempts = row.attempts + 1
         final = failure.permanent or attempts >= self.config.send_max_attempts
         if final:
@@ -667,6 +673,26 @@ class Outbox:
             "outbound.retry_scheduled",
             row,
             attempt=attempts,
+            retry_in=round(delay, 3),
+            smtp_code=failure.smtp_code,
+            code=failure.code,
+            error=str(failure),
+        )
+        self._wake.set()
+
+    async def _wait_for_login(self, row: OutboxRow, failure: SmtpFailure) -> None:
+        """A queued reply met a login the account cannot make (refused password, OAuth grant
+        gone). That is no fault of the reply: it waits, its attempts unchanged, instead of
+        failing where nobody would see it, and goes out once a login works again."""
+        self._smtp_ok = False
+        delay = max(self.holdoff.remaining(), AUTH_WAIT_SECS)
+        await self.table.retry_later(row.id, row.attempts, delay, str(failure), failure.smtp_code)
+        self._changed.set()
+        self.metrics.inc("outbound.waiting_for_login")
+        self._log_row(
+            logging.WARNING,
+            "outbound.waiting_for_login",
+            row,
             retry_in=round(delay, 3),
             smtp_code=failure.smtp_code,
             code=failure.code,

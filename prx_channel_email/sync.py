@@ -1,18 +1,19 @@
-"""The sync engine: keeps an IMAP session alive and hands each new message on once.
+"""The sync engine: keeps an IMAP session alive and decides what to fetch and hand on.
 
 The loop, per connection: SELECT the folder, compare UIDVALIDITY with the stored
 cursor, hand on every message above the cursor, then wait for a push (IDLE) or the
-next poll, and repeat. What a crash at each step means:
+next poll, and repeat. A pass returns a :class:`PassResult`; it stops early (and
+asks for a new pass) only before a message whose body did not come.
 
-* before ``queue.put``: the message is still above the cursor, so the next start
-  fetches it again (nothing is lost);
-* between ``queue.put`` and the ledger/cursor transaction: it is handed on again
-  at the next start (at least once, never lost);
-* after that transaction: never again; the ledger also catches the same
-  Message-ID showing up under another UID (UIDVALIDITY change, a copy).
+Per message: its identity (header Message-ID, else a hash of the bytes) and sender
+come from the size fetch; mail already handed on with that id and sender is skipped
+before download; the rest goes through the pipeline, and the accepted mail through
+:class:`~prx_channel_email.ledger.LedgerWriter`, which commits before it puts. What
+a crash at each step means is listed there (and in the README's crash table).
 
 Nothing here marks mail ``\\Seen`` by fetching (``BODY.PEEK``); the optional
-``mark_seen`` / ``move_to_folder`` run only after the ledger row is on disk.
+``mark_seen`` / ``move_to_folder`` run only once a message is handled: after its
+state write (``handoff="queue"``), or after its acknowledgement (``"ack"``).
 """
 
 from __future__ import annotations

@@ -637,3 +637,32 @@ async def test_send_cancelled_before_its_attempt_is_delivered_promptly(
         await asyncio.wait_for(outbox.wait_idle(), timeout=5)
         await asyncio.to_thread(smtp_server.assert_no_more_messages, 2, 0.2)
     assert states(config) == ["sent", "sent"]
+
+
+async def test_queued_reply_waits_out_a_refused_login_instead_of_failing(
+    tmp_path: Path,
+    smtp_server: SmtpServer,
+    proxy: Callable[[str, int], TcpProxy],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reply already queued (after a temporary failure) meets a login the account
+    can no longer make. Nobody is waiting on that send() to hear about it, so failing
+    the row would lose the reply: it waits, attempts unchanged, and goes out once the
+    login works again."""
+    monkeypatch.setattr(outbox_module, "AUTH_WAIT_SECS", 0.2)
+    config, p = via_proxy(tmp_path, smtp_server, proxy, send_retry_max_secs=1)
+    smtp_server.script_rcpt(["451 4.3.0 try later"])
+    async with running_outbox(config, retry_base_secs=1.0) as outbox:
+        await outbox.send(SendMessage(content="queued", recipient=ANN))  # queued, not sent
+        assert [(r["state"], r["attempts"]) for r in rows(config)] == [("pending", 1)]
+        smtp_server.set_credentials(smtp_server.username, "rotated-by-the-admin")
+        p.cut()  # the retry must log in again
+        await until(lambda: len(smtp_server.auth_attempts) >= 2, timeout=10)
+        assert not smtp_server.auth_attempts[-1].success
+        await until(lambda: outbox.healthy is False)
+        row = rows(config)[0]
+        assert (row["state"], row["attempts"]) == ("pending", 1)
+        smtp_server.set_credentials(smtp_server.username, config.password.get_secret_value())
+        await asyncio.wait_for(outbox.wait_idle(), timeout=15)
+    assert [(r["state"], r["attempts"]) for r in rows(config)] == [("sent", 2)]
+    assert len(smtp_server.messages) == 1

@@ -16,7 +16,6 @@ from .backoff import Backoff
 from .config import EmailConfig, sender_entry
 from .errors import ChannelError, SendError, StorageError
 from .inbound import InboundPipeline
-from .ledger import LedgerLookup
 from .models import Channel, ChannelMessage, SendMessage
 from .oauth import TokenManager, TokenProvider, attach, auth_backoff
 from .observability import Metrics, log_event
@@ -69,15 +68,12 @@ class EmailChannel(Channel):
         self.metrics = Metrics()
         self.reporter = StatusReporter(config.account, on_status, on_rejected)
         self.store = StateStore(config.state_dir)
-        # Shared by the hand-off (which writes) and the outbox (which finds reply parents).
-        self.ledger = LedgerLookup(self.store)
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
         self.sync = SyncEngine(
             config,
             self.store,
             self.pipeline,
             self.metrics,
-            lookup=self.ledger,
             reporter=self.reporter,
             auth_backoff=auth_backoff(config),
         )
@@ -85,7 +81,6 @@ class EmailChannel(Channel):
             config,
             self.store,
             self.metrics,
-            parents=self.ledger,
             on_reply_durable=self._reply_durable,
         )
         self._started = False

@@ -11,6 +11,10 @@ Three ways in, one validation:
   a program says explicitly is not silently replaced); the environment still
   fills the fields not given.
 
+The environment is read by pydantic-settings (the design card's choice): the
+``PRX_EMAIL_*`` variables and nothing else (no .env file, no command line, no
+secrets directory).
+
 Every problem becomes one :class:`ConfigError` that names each bad field (and the
 file), and never echoes a value back (a value might be a password).
 """
@@ -29,8 +33,6 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     SecretStr,
@@ -38,6 +40,13 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
 )
 
 from .addresses import fold_address
@@ -139,26 +148,17 @@ def _split_list(value: Any) -> Any:
     return value
 
 
-StrList = list[str]  # from the environment: JSON or comma-separated (_split_list)
+# NoDecode: pydantic-settings hands the variable's text to _split_list (JSON or
+# comma-separated) instead of insisting on JSON itself.
+StrList = Annotated[list[str], NoDecode]
 
 
-def _environment() -> dict[str, Any]:
-    """The ``PRX_EMAIL_<FIELD>`` variables set, by field name (any case, like the
-    shell's habit). Reading them here rather than through pydantic-settings keeps
-    a listening channel ~7 MB smaller."""
-    wanted = {(ENV_PREFIX + name).lower(): name for name in EmailConfig.model_fields}
-    found: dict[str, Any] = {}
-    for key, value in os.environ.items():
-        name = wanted.get(key.lower())
-        if name is not None:
-            found[name] = value
-    return found
-
-
-class EmailConfig(BaseModel):
+class EmailConfig(BaseSettings):
     """Settings of one email account. Field names and defaults follow the reference channel."""
 
-    model_config = ConfigDict(
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,  # PRX_EMAIL_PASSWORD or prx_email_password, the shell's habit
         extra="forbid",
         frozen=True,
         hide_input_in_errors=True,
@@ -253,18 +253,37 @@ class EmailConfig(BaseModel):
     # (oauth.token_source); never part of the settings.
     _oauth_tokens: Any = PrivateAttr(default=None)
 
-    def __init__(self, **values: Any) -> None:
-        """Validate; every problem (bad value, missing field, bad env override) is a ConfigError.
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Earlier sources win. A table (file or host) yields to the environment,
+        where the secrets live; arguments given in code win over it. No .env file
+        and no secrets directory: the variables are the only other source."""
+        if _ENV_OVERRIDES.get():
+            return (env_settings, init_settings)
+        return (init_settings, env_settings)
 
-        A table (file or host) yields to the environment, where the secrets live;
-        arguments given in code win over it.
-        """
-        env = _environment()
-        merged = {**values, **env} if _ENV_OVERRIDES.get() else {**env, **values}
+    def __init__(self, **values: Any) -> None:
+        """Validate; every problem (bad value, missing field, bad env override) is a ConfigError."""
+        # BaseSettings would take "_env_file", "_cli_parse_args", "_secrets_dir" ...
+        # as options for itself: here no field starts with "_", so they are unknown
+        # fields like any other (reported after the value errors, as pydantic does).
+        options = [f"{key}: unknown field (check the spelling)" for key in values if key[:1] == "_"]
+        where = _TABLE_PATH.get()
         try:
-            super().__init__(**merged)
+            super().__init__(**{k: v for k, v in values.items() if k[:1] != "_"})
         except ValidationError as exc:
-            raise _invalid(exc, _TABLE_PATH.get()) from None
+            raise _invalid(exc, where, options) from None
+        except SettingsError as exc:  # a variable pydantic-settings itself could not decode
+            raise _config_error(where, [_settings_problem(exc), *options]) from None
+        if options:
+            raise _config_error(where, options) from None
 
     @classmethod
     def from_table(
@@ -473,14 +492,31 @@ def _describe(err: dict[str, Any]) -> list[str]:
     return [f"{loc}: {msg}"]
 
 
-def _invalid(exc: ValidationError, path: str | None) -> ConfigError:
+def _invalid(exc: ValidationError, path: str | None, more: list[str] | None = None) -> ConfigError:
     problems = [line for e in exc.errors(include_input=False) for line in _describe(dict(e))]
+    return _config_error(path, problems + (more or []))
+
+
+def _config_error(path: str | None, problems: list[str]) -> ConfigError:
     where = f" in {path}" if path else ""
     return ConfigError(
         f"invalid email configuration{where}:\n  - " + "\n  - ".join(problems),
         path=path,
         problems=problems,
     )
+
+
+_SETTINGS_FIELD_RE = re.compile(r'field "([^"]+)"')
+
+
+def _settings_problem(exc: SettingsError) -> str:
+    """pydantic-settings names the field in its message; the value (and the
+    decoder's complaint about it, in ``__cause__``) is left out: it may be a secret."""
+    found = _SETTINGS_FIELD_RE.search(str(exc))
+    if found is None:
+        return f"{ENV_PREFIX}*: a variable could not be decoded"
+    name = found.group(1)
+    return f"{name}: {ENV_PREFIX}{name.upper()} could not be decoded"
 
 
 _CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")

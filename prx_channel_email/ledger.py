@@ -3,12 +3,12 @@
 :class:`LedgerWriter` records what the sync engine decided about each message of
 one folder (handed on, refused, quarantined, a duplicate) and moves the UID cursor
 with it, committing each accepted message as in flight before it is put on the
-queue. :class:`LedgerLookup` answers the outbox's "which message does this reply
-answer?" questions from the ledger and the in-flight rows (so an agent that answers
-at once threads onto the message it got); it can also overlay entries staged in
-memory (``stage``), which the commit-before-put hand-off no longer needs itself.
+queue. Because the in-flight row is on disk before the put, the outbox's "which
+message does this reply answer?" lookups (``StateStore.find_message`` and friends,
+which read the ledger and the in-flight rows) see a message as soon as the agent
+has it: an agent that answers at once threads onto it.
 
-Both sit on :class:`~prx_channel_email.store.StateStore`, which is plain SQL.
+It sits on :class:`~prx_channel_email.store.StateStore`, which is plain SQL.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from .addresses import fold_address
 from .backoff import Backoff
 from .errors import StorageError
 from .models import ChannelMessage
@@ -31,54 +30,6 @@ from .store import IN_FLIGHT, Cursor, Decided, LedgerEntry, StateStore
 T = TypeVar("T")
 
 log = logging.getLogger("prx_channel_email.sync")
-
-
-class LedgerLookup:
-    """Reply-parent lookups: committed ledger rows plus staged ones (read-your-writes).
-
-    One instance is shared by the hand-off (which stages) and the outbox (which
-    looks up). Staging is memory only: a staged message whose row never commits is
-    handed on again at the next start anyway.
-    """
-
-    def __init__(self, store: StateStore) -> None:
-        self.store = store
-        self._staged: dict[tuple[str, str], LedgerEntry] = {}
-
-    def stage(self, account: str, entry: LedgerEntry) -> None:
-        self._staged[(account, entry.message_id)] = entry
-
-    def committed(self, account: str, message_ids: list[str]) -> None:
-        for mid in message_ids:
-            self._staged.pop((account, mid), None)
-
-    def _newest_staged(
-        self, account: str, match: Callable[[LedgerEntry], bool]
-    ) -> LedgerEntry | None:
-        found = [e for (acc, _), e in self._staged.items() if acc == account and match(e)]
-        return max(found, key=lambda e: e.received_at) if found else None
-
-    async def find_message(self, account: str, message_id: str) -> LedgerEntry | None:
-        staged = self._staged.get((account, message_id))
-        if staged is not None:
-            return staged
-        return await self.store.find_message(account, message_id)
-
-    async def latest_from(self, account: str, sender: str) -> LedgerEntry | None:
-        """The newest delivered message from ``sender`` (or whose reply target it is)."""
-        addr = fold_address(sender)
-        staged = self._newest_staged(account, lambda e: addr in (e.sender, e.reply_target))
-        return _newer(staged, await self.store.latest_from(account, addr))
-
-    async def latest_in_thread(self, account: str, thread_ts: str) -> LedgerEntry | None:
-        staged = self._newest_staged(account, lambda e: thread_ts in (e.thread_ts, e.message_id))
-        return _newer(staged, await self.store.latest_in_thread(account, thread_ts))
-
-
-def _newer(staged: LedgerEntry | None, stored: LedgerEntry | None) -> LedgerEntry | None:
-    if staged is None or stored is None:
-        return staged or stored
-    return staged if staged.received_at >= stored.received_at else stored
 
 
 class LedgerWriter:
@@ -119,7 +70,6 @@ class LedgerWriter:
         metrics: Metrics,
         *,
         handoff: str = "ack",
-        lookup: LedgerLookup | None = None,
         on_storage: Callable[[StorageError | None], None] | None = None,
         storage_backoff: Backoff | None = None,
     ) -> None:
@@ -128,7 +78,6 @@ class LedgerWriter:
         self.folder = folder
         self.metrics = metrics
         self.handoff = handoff
-        self.lookup = lookup
         self.on_storage = on_storage
         self.storage_backoff = storage_backoff or Backoff(base=0.5, cap=30.0)
         self.storage_fault: StorageError | None = None

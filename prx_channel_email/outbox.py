@@ -61,7 +61,7 @@ from .outbox_table import (
 )
 from .sent_folder import ImapSentFolder
 from .smtp import SmtpFailure, SmtpTransport
-from .store import LedgerEntry, ParentLookup, StateStore
+from .store import LedgerEntry, StateStore
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -148,15 +148,12 @@ class Outbox:
         retry_base_secs: float = 5.0,
         lease_secs: float | None = None,
         sent_folder: SentFolder | None = None,
-        parents: ParentLookup | None = None,
         on_accepted: Callable[[str], None] | None = None,
         on_reply_durable: Callable[[str], Awaitable[None]] | None = None,
         sent_mark_delay_secs: float = 0.0,
     ) -> None:
         self.config = config
         self.store = store
-        # Where reply parents are looked up (the channel shares its ledger view).
-        self.parents: ParentLookup = parents or store
         self.metrics = metrics
         # The SMTP side works (False after a refused login or an unreachable server) ...
         self._smtp_ok = True
@@ -474,11 +471,11 @@ class Outbox:
         reply_id = normalize_id(message.in_reply_to)
         thread = normalize_id(message.thread_ts)
         if reply_id is not None:
-            entry = await self.parents.find_message(account, reply_id)
+            entry = await self.store.find_message(account, reply_id)
         elif thread is not None:
-            entry = await self.parents.latest_in_thread(account, thread)
+            entry = await self.store.latest_in_thread(account, thread)
         elif message.in_reply_to is None and message.thread_ts is None:
-            entry = await self.parents.latest_from(account, recipient)
+            entry = await self.store.latest_from(account, recipient)
         if entry is not None:
             return Parent(
                 message_id=entry.message_id,

@@ -33,7 +33,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from . import deferred_table, senders_table
 from .addresses import fold_address
@@ -227,14 +227,6 @@ _ACCEPTED_WINS = (
     f" received_at=excluded.received_at WHERE excluded.outcome IN ({ACCEPTED_SQL})"
     f" AND ledger.outcome NOT IN ({ACCEPTED_SQL})"
 )
-
-
-class ParentLookup(Protocol):
-    """How the outbox finds the message a reply answers (StateStore, or LedgerLookup)."""
-
-    async def find_message(self, account: str, message_id: str) -> LedgerEntry | None: ...
-    async def latest_from(self, account: str, sender: str) -> LedgerEntry | None: ...
-    async def latest_in_thread(self, account: str, thread_ts: str) -> LedgerEntry | None: ...
 
 
 def _ledger_row(account: str, folder: str, item: Decided) -> tuple[Any, ...]:

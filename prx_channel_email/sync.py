@@ -41,7 +41,7 @@ from .errors import (
 from .headers import Headers
 from .imap import FetchedMessage, ImapSession, SelectInfo, open_session
 from .inbound import InboundPipeline, Outcome, message_identity
-from .ledger import LedgerLookup, LedgerWriter
+from .ledger import LedgerWriter
 from .models import ChannelMessage
 from .observability import Metrics, log_event
 from .status import StatusReporter
@@ -119,7 +119,6 @@ class SyncEngine:
         backoff: Backoff | None = None,
         auth_backoff: Backoff | None = None,
         session_factory: Callable[[EmailConfig], Awaitable[ImapSession]] = open_session,
-        lookup: LedgerLookup | None = None,
         storage_backoff: Backoff | None = None,
         reporter: StatusReporter | None = None,
     ) -> None:
@@ -144,7 +143,6 @@ class SyncEngine:
             self.folder,
             metrics,
             handoff=config.handoff,
-            lookup=lookup,
             on_storage=self._storage_changed,
             storage_backoff=storage_backoff,
         )

@@ -172,3 +172,54 @@ def test_an_oversized_file_is_refused(tmp_path: Path) -> None:
         fh.truncate(MAX_CONFIG_BYTES + 1)
     with pytest.raises(ConfigError, match="larger than"):
         load_config(big)
+
+
+# --- the environment is read by pydantic-settings: PRX_EMAIL_* and nothing else ---
+
+
+def test_environment_names_any_case_and_lists_as_json(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("prx_email_imap_port", "1993")
+    monkeypatch.setenv("Prx_Email_Own_Addresses", '["Me@Example.com", "alias@example.com"]')
+    cfg = EmailConfig.from_table(TABLE)
+    assert cfg.imap_port == 1993
+    assert cfg.own_addresses == ["me@example.com", "alias@example.com"]
+
+
+def test_no_dotenv_file_and_no_settings_options_from_a_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text("PRX_EMAIL_DEFAULT_SUBJECT=from dotenv\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["host", "--default_subject=from argv"])
+    assert EmailConfig(**TABLE).default_subject == "PRX Message"
+    # BaseSettings' own keyword options are unknown fields here, never obeyed.
+    with pytest.raises(ConfigError) as info:
+        EmailConfig.from_table(
+            {**TABLE, "imap_port": 0, "_env_file": ".env", "_cli_parse_args": True},
+            path="host.json",
+        )
+    assert info.value.problems == [
+        "imap_port: Input should be greater than or equal to 1",
+        "_env_file: unknown field (check the spelling)",
+        "_cli_parse_args: unknown field (check the spelling)",
+    ]
+    with pytest.raises(ConfigError) as info:
+        EmailConfig(**{**TABLE, "_secrets_dir": str(tmp_path)})
+    assert info.value.problems == ["_secrets_dir: unknown field (check the spelling)"]
+    _no_leak(info.value)
+
+
+def test_a_variable_pydantic_settings_cannot_decode_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Every list field takes its text as is (NoDecode); a field pydantic-settings
+    # decodes itself (a dict, in a host's subclass) fails inside pydantic-settings.
+    class HostEmailConfig(EmailConfig):
+        labels: dict[str, str] = {}
+
+    monkeypatch.setenv("PRX_EMAIL_LABELS", '{"secret": "' + SECRET)
+    with pytest.raises(ConfigError) as info:
+        HostEmailConfig.from_table(TABLE, path="host.json")
+    assert info.value.problems == ["labels: PRX_EMAIL_LABELS could not be decoded"]
+    assert "host.json" in str(info.value)
+    _no_leak(info.value)

@@ -44,7 +44,7 @@ async def test_a_refused_mail_never_shadows_the_allowed_one_with_its_id(
         assert run.channel.stats().get("inbound.skipped.duplicate") == 1
     # A reply to <X> threads onto alice's mail, not eve's.
     async with listening(config) as run:
-        parent = await run.channel.ledger.find_message(config.account, x)
+        parent = await run.channel.store.find_message(config.account, x)
         assert parent is not None and parent.sender == ALICE
 
 

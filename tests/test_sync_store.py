@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
-from prx_channel_email.ledger import LedgerLookup
+from prx_channel_email.ledger import LedgerWriter
+from prx_channel_email.models import ChannelMessage
+from prx_channel_email.observability import Metrics
 from prx_channel_email.store import Cursor, Decided, LedgerEntry, StateStore
 
 ACCOUNT, FOLDER = "bot@example.test@imap:993", "INBOX"
@@ -50,24 +53,36 @@ async def test_state_survives_reopening(tmp_path: Path) -> None:
         assert cursor is not None and cursor.last_uid == 4
 
 
-async def test_a_reply_finds_its_parent_before_the_ledger_row_commits(tmp_path: Path) -> None:
-    """The engine puts a message on the queue before its row's group commit; an agent
-    that answers at once must still thread onto it (not fall back to a new thread)."""
+async def test_a_reply_finds_its_parent_the_moment_the_agent_has_it(tmp_path: Path) -> None:
+    """An agent that answers at once must thread onto the message it got (not fall
+    back to a new thread): the hand-off commits the message before the put, so the
+    outbox's lookups see it while it is still in flight, before any ack or settling."""
     async with StateStore(tmp_path) as store:
         old = LedgerEntry("<old@x>", "a@example.test", "a@example.test", "old", "<old@x>", [], 1.0)
         await store.record(ACCOUNT, FOLDER, Cursor(1, 1), message_id="<old@x>", entry=old,
                            outcome="delivered")  # fmt: skip
         new = LedgerEntry("<new@x>", "a@example.test", "a@example.test", "new", "<t@x>", [], 2.0)
-        lookup = LedgerLookup(store)  # the channel's view, shared by hand-off and outbox
-        lookup.stage(ACCOUNT, new)
-        assert await lookup.find_message(ACCOUNT, "<new@x>") == new
-        assert await lookup.latest_from(ACCOUNT, "A@example.test") == new
-        assert await lookup.latest_in_thread(ACCOUNT, "<t@x>") == new
-        assert await lookup.latest_in_thread(ACCOUNT, "<old@x>") == old
-        # Staging is not the ledger: the message is not "seen" until its row commits.
-        assert await store.seen_ids(ACCOUNT, ["<new@x>"]) == set()
-        await store.record_many(
-            ACCOUNT, FOLDER, [Decided(Cursor(1, 2), "<new@x>", "delivered", uid=2, entry=new)]
-        )
-        assert await lookup.find_message(ACCOUNT, "<new@x>") == new
-        assert await lookup.latest_from(ACCOUNT, "a@example.test") == new
+        message = ChannelMessage(
+            id="<new@x>", sender="a@example.test", reply_target="a@example.test",
+            subject="new", content="hi", full_text="hi", timestamp=2, thread_ts="<t@x>",
+        )  # fmt: skip
+        seen_at_put: list[LedgerEntry | None] = []
+
+        class AgentQueue(asyncio.Queue[ChannelMessage]):
+            async def put(self, item: ChannelMessage) -> None:
+                # The instant the agent could have it: the outbox must already find it.
+                seen_at_put.append(await store.find_message(ACCOUNT, item.id))
+                await super().put(item)
+
+        writer = LedgerWriter(store, ACCOUNT, FOLDER, Metrics(), handoff="ack")
+        writer.begin(1)
+        queue = AgentQueue()
+        await writer.hand_on(2, message, new, queue)
+        assert (await queue.get()).id == "<new@x>"  # the agent has it; nothing acked yet
+        assert [e.message_id if e else None for e in seen_at_put] == ["<new@x>"]
+        found = await store.latest_from(ACCOUNT, "A@example.test")
+        assert found is not None and found.message_id == "<new@x>"
+        in_thread = await store.latest_in_thread(ACCOUNT, "<t@x>")
+        assert in_thread is not None and in_thread.message_id == "<new@x>"
+        old_thread = await store.latest_in_thread(ACCOUNT, "<old@x>")
+        assert old_thread is not None and old_thread.message_id == "<old@x>"

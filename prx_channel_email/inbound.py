@@ -299,50 +299,29 @@ class InboundPipeline:
     def _reject(self, env: Envelope, decision: Decision) -> Outcome:
         reason = decision.reason or "rejected"
         self.metrics.inc(f"inbound.skipped.{reason}")
+        extra: dict[str, Any] = {}
+        kind: Literal["reject", "quarantine"]
         if decision.quarantine:
             # An allowed sender's mail refused on a signal a person's mail can
             # carry too: never handed on, but said loudly, with who and what.
             self.metrics.inc("inbound.quarantined")
-            self._log(
-                logging.WARNING,
-                "inbound.quarantined",
-                message_id=env.message_id,
-                sender=env.sender or None,
-                subject=env.subject,
-                code=reason,
-                detail=decision.detail or None,
-            )
-            return Outcome(
-                "quarantine",
-                env.message_id,
-                reason=reason,
-                sender=env.sender or None,
-                subject=env.subject,
-                detail=decision.detail or None,
-            )
-        # A refusal that repeats for every mail of a sender (unverified) is
-        # explained once per sender; the repeats are logged at debug level.
-        level = logging.INFO
-        if not decision.first_for_sender:
-            level = logging.DEBUG
-        elif reason == UNVERIFIED:
-            level = logging.WARNING
-        self._log(
-            level,
-            "inbound.rejected",
-            message_id=env.message_id,
-            sender=env.sender or None,
-            code=reason,
-            detail=decision.detail or None,
-        )
-        return Outcome(
-            "reject",
-            env.message_id,
-            reason=reason,
-            sender=env.sender or None,
-            subject=env.subject,
-            detail=decision.detail or None,
-        )
+            level, event, kind = logging.WARNING, "inbound.quarantined", "quarantine"
+            extra["subject"] = env.subject
+        else:
+            # A refusal that repeats for every mail of a sender (unverified) is
+            # explained once per sender; the repeats are logged at debug level.
+            event, kind = "inbound.rejected", "reject"
+            level = logging.INFO
+            if not decision.first_for_sender:
+                level = logging.DEBUG
+            elif reason == UNVERIFIED:
+                level = logging.WARNING
+        sender = env.sender or None
+        detail = decision.detail or None
+        self._log(level, event, message_id=env.message_id, sender=sender, **extra,
+                  code=reason, detail=detail)  # fmt: skip
+        return Outcome(kind, env.message_id, reason=reason, sender=sender,
+                       subject=env.subject, detail=detail)  # fmt: skip
 
     def _quarantine(
         self,

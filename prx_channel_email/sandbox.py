@@ -135,7 +135,7 @@ class MailSandbox:
             def _create_session(self) -> Any:
                 return _QuietSession(self.loop)
 
-        class _Config(pm.Config):  # type: ignore[misc,name-defined]
+        class _Config(pm.Config):  # type: ignore[name-defined]
             @property
             def greeting(self) -> bytes:
                 # pymap's default asks the resolver for our FQDN (a blocking DNS call).

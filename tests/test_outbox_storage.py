@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,43 +9,19 @@ import pytest
 
 from prx_channel_email.errors import SendError
 from prx_channel_email.models import SendMessage
+from tests.disk_helpers import fill, tmpfs
 from tests.outbound_helpers import ANN, smtp_config
 from tests.servers.smtp import SmtpServer
 from tests.test_outbox import rows, running_outbox
 
 
-def _mount(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["mount", *args], capture_output=True, text=True, check=False)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 2 MiB tmpfs: small enough to fill in a moment. Needs root (CI runs as root)."""
+    """A 2 MiB tmpfs: small enough to fill in a moment."""
     where = tmp_path / "disk"
     where.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs the suite as root)")
-    done = _mount("-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(where))
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
+    with tmpfs(where, size="2m"):
         yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the disk has no byte left; returns it (delete it to free space)."""
-    filler = disk / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        for chunk in (65536, 4096, 512, 1):
-            with contextlib.suppress(OSError):
-                while os.write(fd, b"\0" * chunk):
-                    pass
-    finally:
-        os.close(fd)
-    return filler
 
 
 async def test_send_on_a_full_disk_is_a_clear_refusal(

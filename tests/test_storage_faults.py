@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import errno
 import logging
 import os
 import shutil
 import stat
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -26,45 +24,12 @@ from prx_channel_email.channel import EmailChannel
 from prx_channel_email.errors import ChannelError
 from prx_channel_email.models import ChannelMessage
 from prx_channel_email.store import DB_NAME, Cursor, StateStore
+from tests.disk_helpers import fill, tmpfs
 from tests.fakes.pipeline import imap_config
 from tests.inbound_helpers import inbound_config
 from tests.servers.dovecot import Account, DovecotServer
 
 V1 = Path(__file__).resolve().parent / "data" / "state_v1.sqlite3"
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, *, size: str = "1m", read_only: bool = False) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root (CI runs as root on a fresh machine)")
-    options = f"size={size},mode=0700" + (",ro" if read_only else "")
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Write a file into ``directory`` until its filesystem is full."""
-    filler = directory / "filler"
-    chunk = b"\0" * 65536
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(chunk)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-        try:
-            while True:
-                f.write(b"\0" * 512)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
 
 
 def letter(n: int) -> tuple[str, bytes]:

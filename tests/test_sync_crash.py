@@ -26,15 +26,9 @@ def ledger(config: EmailConfig) -> set[str]:
         return {r[0] for r in rows}
 
 
-async def run_child(
-    config: EmailConfig, *, kill_after: int | None, known: Collection[str] = ()
-) -> list[str]:
-    """Run the child; SIGKILL it after ``kill_after`` handed-on ids, or after a quiet sync.
-
-    Ids in ``known`` (handed on by an earlier run) do not count towards ``kill_after``:
-    a campaign that kills right after every redelivery would otherwise never get past it.
-    """
-    proc = await asyncio.create_subprocess_exec(
+async def spawn_child(config: EmailConfig) -> asyncio.subprocess.Process:
+    """Start the sync child (tests/fakes/sync_child.py) on ``config``; it prints what it hands on."""
+    return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "tests.fakes.sync_child",
@@ -43,6 +37,17 @@ async def run_child(
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
+
+
+async def run_child(
+    config: EmailConfig, *, kill_after: int | None, known: Collection[str] = ()
+) -> list[str]:
+    """Run the child; SIGKILL it after ``kill_after`` handed-on ids, or after a quiet sync.
+
+    Ids in ``known`` (handed on by an earlier run) do not count towards ``kill_after``:
+    a campaign that kills right after every redelivery would otherwise never get past it.
+    """
+    proc = await spawn_child(config)
     assert proc.stdout is not None
     got: list[str] = []
     try:
@@ -98,15 +103,7 @@ async def test_sigkill_while_draining_loses_nothing_and_repeats_nothing_recorded
 
 async def run_child_for(config: EmailConfig, seconds: float) -> list[str]:
     """Run the child; SIGKILL it ``seconds`` after its first hand-off (or first pass)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tests.fakes.sync_child",
-        json.dumps({**json.loads(config.model_dump_json()), "password": config.imap_login[1]}),
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    proc = await spawn_child(config)
     assert proc.stdout is not None
     got: list[str] = []
     first = asyncio.Event()

@@ -27,7 +27,7 @@ def ledger(config: EmailConfig) -> set[str]:
 
 
 async def spawn_child(config: EmailConfig) -> asyncio.subprocess.Process:
-    """Start the sync child (tests/fakes/sync_child.py) on ``config``; it prints what it hands on."""
+    """Start the sync child (tests/fakes/sync_child.py); it prints what it hands on."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

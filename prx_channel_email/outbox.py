@@ -662,20 +662,8 @@ class Outbox:
         if failure.smtp_code is None:
             self._smtp_ok = False  # the server could not be reached at all
         delay = self._backoff.peek(attempts - 1)
-        await self.table.retry_later(row.id, attempts, delay, str(failure), failure.smtp_code)
-        self._changed.set()
-        self.metrics.inc("outbound.retries")
-        self._log_row(
-            logging.WARNING,
-            "outbound.retry_scheduled",
-            row,
-            attempt=attempts,
-            retry_in=round(delay, 3),
-            smtp_code=failure.smtp_code,
-            code=failure.code,
-            error=str(failure),
-        )
-        self._wake.set()
+        await self._retry_later(row, attempts, delay, failure, "outbound.retries",
+                                "outbound.retry_scheduled", attempt=attempts)  # fmt: skip
 
     async def _wait_for_login(self, row: OutboxRow, failure: SmtpFailure) -> None:
         """A queued reply met a login the account cannot make (refused password, OAuth grant
@@ -683,13 +671,28 @@ class Outbox:
         failing where nobody would see it, and goes out once a login works again."""
         self._smtp_ok = False
         delay = max(self.holdoff.remaining(), AUTH_WAIT_SECS)
-        await self.table.retry_later(row.id, row.attempts, delay, str(failure), failure.smtp_code)
+        await self._retry_later(row, row.attempts, delay, failure, "outbound.waiting_for_login",
+                                "outbound.waiting_for_login")  # fmt: skip
+
+    async def _retry_later(
+        self,
+        row: OutboxRow,
+        attempts: int,
+        delay: float,
+        failure: SmtpFailure,
+        counter: str,
+        event: str,
+        **fields: Any,
+    ) -> None:
+        """Put ``row`` back in the queue, due in ``delay`` s with ``attempts`` counted."""
+        await self.table.retry_later(row.id, attempts, delay, str(failure), failure.smtp_code)
         self._changed.set()
-        self.metrics.inc("outbound.waiting_for_login")
+        self.metrics.inc(counter)
         self._log_row(
             logging.WARNING,
-            "outbound.waiting_for_login",
+            event,
             row,
+            **fields,
             retry_in=round(delay, 3),
             smtp_code=failure.smtp_code,
             code=failure.code,

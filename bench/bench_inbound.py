@@ -48,14 +48,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prx_channel_email.backoff import Backoff  # noqa: E402
+from prx_channel_email._inbound.pipeline import InboundPipeline, Outcome  # noqa: E402
+from prx_channel_email._inbound.sync import SyncEngine  # noqa: E402
+from prx_channel_email._net.imap import ImapSession, open_session  # noqa: E402
+from prx_channel_email._storage.sqlite.store import LedgerEntry, StateStore  # noqa: E402
+from prx_channel_email._support.backoff import Backoff  # noqa: E402
+from prx_channel_email._support.observability import Metrics  # noqa: E402
 from prx_channel_email.config import EmailConfig  # noqa: E402
-from prx_channel_email.imap import ImapSession, open_session  # noqa: E402
-from prx_channel_email.inbound import InboundPipeline, Outcome  # noqa: E402
 from prx_channel_email.models import ChannelMessage  # noqa: E402
-from prx_channel_email.observability import Metrics  # noqa: E402
-from prx_channel_email.store import LedgerEntry, StateStore  # noqa: E402
-from prx_channel_email.sync import SyncEngine  # noqa: E402
 from tests.servers.dovecot import Account, DovecotServer  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))

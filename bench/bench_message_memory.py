@@ -28,8 +28,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from prx_channel_email._inbound.pipeline import InboundPipeline  # noqa: E402
 from prx_channel_email.config import EmailConfig  # noqa: E402
-from prx_channel_email.inbound import InboundPipeline  # noqa: E402
 
 
 def message(kind: str, size: int) -> bytes:

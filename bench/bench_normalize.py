@@ -23,13 +23,13 @@ import mailparser
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prx_channel_email import attachments as att  # noqa: E402
+from prx_channel_email._inbound import attachments as att  # noqa: E402
+from prx_channel_email._inbound.policy import Policy  # noqa: E402
+from prx_channel_email._mail.envelope import envelope  # noqa: E402
+from prx_channel_email._mail.headers import Headers, split_header_block  # noqa: E402
+from prx_channel_email._mail.mime_body import parse_message, read_body  # noqa: E402
+from prx_channel_email._mail.reply_text import new_text  # noqa: E402
 from prx_channel_email.config import EmailConfig  # noqa: E402
-from prx_channel_email.envelope import envelope  # noqa: E402
-from prx_channel_email.headers import Headers, split_header_block  # noqa: E402
-from prx_channel_email.mime_body import parse_message, read_body  # noqa: E402
-from prx_channel_email.policy import Policy  # noqa: E402
-from prx_channel_email.reply_text import new_text  # noqa: E402
 
 STAGES = ("headers+policy", "parse", "text", "strip", "attachments")
 

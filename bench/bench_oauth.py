@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prx_channel_email import EmailChannel  # noqa: E402
+from prx_channel_email._oauth.flows import login_device  # noqa: E402
 from prx_channel_email.config import EmailConfig  # noqa: E402
 from prx_channel_email.models import ChannelMessage  # noqa: E402
-from prx_channel_email.oauth_flows import login_device  # noqa: E402
 from tests.oauth_helpers import oauth_config  # noqa: E402
 from tests.servers.certs import make_pki  # noqa: E402
 from tests.servers.dovecot import DovecotServer  # noqa: E402

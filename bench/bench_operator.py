@@ -21,9 +21,9 @@ from rich.console import Console
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from prx_channel_email._demo.sandbox import MailSandbox  # noqa: E402
 from prx_channel_email.cli import run_demo  # noqa: E402
 from prx_channel_email.doctor import run_doctor  # noqa: E402
-from prx_channel_email.sandbox import MailSandbox  # noqa: E402
 
 
 async def demo_once() -> float:

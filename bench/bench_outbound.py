@@ -36,12 +36,12 @@ from typing import Any
 import aiosmtplib
 from aiosmtpd.controller import Controller
 
-from prx_channel_email.compose import Parent, compose
+from prx_channel_email._outbound.compose import Parent, compose
+from prx_channel_email._outbound.outbox import Outbox
+from prx_channel_email._storage.sqlite.store import Cursor, LedgerEntry, StateStore
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import SendMessage
-from prx_channel_email.observability import Metrics
-from prx_channel_email.outbox import Outbox
-from prx_channel_email.store import Cursor, LedgerEntry, StateStore
 
 ANN = "ann@people.example"
 

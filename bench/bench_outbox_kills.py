@@ -80,11 +80,11 @@ def config_fields(state_dir: Path, port: int) -> dict[str, Any]:
 
 async def child(spec: dict[str, Any]) -> None:
     """One run: resend what a dead run left, then a reply every ``interval`` until killed."""
+    from prx_channel_email._outbound.outbox import Outbox
+    from prx_channel_email._storage.sqlite.store import StateStore
+    from prx_channel_email._support.observability import Metrics
     from prx_channel_email.config import EmailConfig
     from prx_channel_email.models import SendMessage
-    from prx_channel_email.observability import Metrics
-    from prx_channel_email.outbox import Outbox
-    from prx_channel_email.store import StateStore
 
     logging.disable(logging.WARNING)
     config = EmailConfig(**spec["config"])

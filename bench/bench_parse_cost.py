@@ -33,8 +33,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_inbound import backlog_kinds, make_message, read_default  # noqa: E402
 
+from prx_channel_email._inbound.pipeline import InboundPipeline, analyze_body, read_envelope  # noqa: E402
 from prx_channel_email.config import EmailConfig  # noqa: E402
-from prx_channel_email.inbound import InboundPipeline, analyze_body, read_envelope  # noqa: E402
 
 KINDS = ("plain2k", "multi20k", "attach200k")
 SHARE = {"plain2k": 0.6, "multi20k": 0.3, "attach200k": 0.1}  # bench_inbound's mix

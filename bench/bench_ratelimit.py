@@ -30,10 +30,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_inbound import make_message  # noqa: E402
 
+from prx_channel_email._inbound.pipeline import InboundPipeline  # noqa: E402
+from prx_channel_email._inbound.ratelimit import HandoffGate, Limits  # noqa: E402
+from prx_channel_email._mail.message_ids import mint_message_id  # noqa: E402
 from prx_channel_email.config import EmailConfig  # noqa: E402
-from prx_channel_email.inbound import InboundPipeline  # noqa: E402
-from prx_channel_email.message_ids import mint_message_id  # noqa: E402
-from prx_channel_email.ratelimit import HandoffGate, Limits  # noqa: E402
 
 
 class Clock:

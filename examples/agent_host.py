@@ -150,7 +150,7 @@ def _headers(raw: bytes) -> email.message.EmailMessage:
 
 async def conversation_on_sandbox(once: bool, stop: asyncio.Event) -> int:
     """Alice writes, reads the answer, and replies to it in the same thread."""
-    from prx_channel_email.sandbox import MailSandbox
+    from prx_channel_email._demo.sandbox import MailSandbox
 
     async with MailSandbox() as sandbox:
         state = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="agent-host-"))

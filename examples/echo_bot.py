@@ -66,7 +66,7 @@ async def run(config: EmailConfig, stop: asyncio.Event) -> None:
 
 
 async def run_on_sandbox(once: bool, stop: asyncio.Event) -> int:
-    from prx_channel_email.sandbox import MailSandbox
+    from prx_channel_email._demo.sandbox import MailSandbox
 
     async with MailSandbox() as sandbox:
         state = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="echo-bot-"))

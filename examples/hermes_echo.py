@@ -53,7 +53,7 @@ async def connect_adapter() -> Any:
 async def round_trip_on_sandbox(once: bool) -> int:
     import yaml
 
-    from prx_channel_email.sandbox import MailSandbox
+    from prx_channel_email._demo.sandbox import MailSandbox
 
     async with MailSandbox() as sandbox:
         home = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="hermes-echo-"))

@@ -70,7 +70,7 @@ async def serve(config: Any, config_path: Path, stop: asyncio.Event) -> None:
 async def round_trip_on_sandbox(once: bool) -> int:
     from nanobot.config.schema import Config
 
-    from prx_channel_email.sandbox import MailSandbox
+    from prx_channel_email._demo.sandbox import MailSandbox
 
     async with MailSandbox() as sandbox:
         state = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="nanobot-echo-"))

@@ -5,10 +5,10 @@ IMAP IDLE turns mail from allow-listed senders into :class:`ChannelMessage`;
 outbox. See the README for setup and the security model.
 """
 
-from ._version import __version__
-from .channel import EmailChannel
-from .config import EmailConfig, load_config
-from .errors import (
+from prx_channel_email._version import __version__
+from prx_channel_email.channel import EmailChannel
+from prx_channel_email.config import EmailConfig, load_config
+from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
     ConfigError,
@@ -21,8 +21,8 @@ from .errors import (
     StorageError,
     TransportError,
 )
-from .models import Attachment, Channel, ChannelMessage, SendMessage
-from .status import ChannelState, ChannelStatus, RejectedMessage
+from prx_channel_email.models import Attachment, Channel, ChannelMessage, SendMessage
+from prx_channel_email.status import ChannelState, ChannelStatus, RejectedMessage
 
 __all__ = [
     "Attachment",

@@ -11,17 +11,19 @@ import asyncio
 import logging
 from types import TracebackType
 
-from . import senders_table
-from .backoff import Backoff
-from .config import EmailConfig, sender_entry
-from .errors import ChannelError, SendError, StorageError
-from .inbound import InboundPipeline
-from .models import Channel, ChannelMessage, SendMessage
-from .oauth import TokenManager, TokenProvider, attach, auth_backoff
-from .observability import Metrics, log_event
-from .outbox import Outbox
-from .smtp import SmtpTransport
-from .status import (
+from prx_channel_email._inbound.pipeline import InboundPipeline
+from prx_channel_email._inbound.sync import SyncEngine, SyncStatus
+from prx_channel_email._net.smtp import SmtpTransport
+from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, attach, auth_backoff
+from prx_channel_email._outbound.outbox import Outbox
+from prx_channel_email._storage.sqlite import senders_table
+from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._support.backoff import Backoff
+from prx_channel_email._support.observability import Metrics, log_event
+from prx_channel_email.config import EmailConfig, sender_entry
+from prx_channel_email.errors import ChannelError, SendError, StorageError
+from prx_channel_email.models import Channel, ChannelMessage, SendMessage
+from prx_channel_email.status import (
     ChannelStatus,
     RejectedCallback,
     StatusCallback,
@@ -29,8 +31,6 @@ from .status import (
     failure_code,
     is_permanent,
 )
-from .store import StateStore
-from .sync import SyncEngine, SyncStatus
 
 log = logging.getLogger(__name__)
 

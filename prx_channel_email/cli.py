@@ -31,15 +31,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .channel import EmailChannel
-from .config import EmailConfig, load_config, resolve_path
-from .doctor import DoctorReport, doctor
-from .errors import ChannelError, ConfigError, SendError
-from .models import ChannelMessage, SendMessage
-from .observability import log_event
-from .outbox_table import OutboxEntry, OutboxTable
-from .policy import describe_sender_auth
-from .store import DB_NAME, StateStore
+from prx_channel_email._inbound.policy import describe_sender_auth
+from prx_channel_email._storage.sqlite.outbox_table import OutboxEntry, OutboxTable
+from prx_channel_email._storage.sqlite.store import DB_NAME, StateStore
+from prx_channel_email._support.observability import log_event
+from prx_channel_email.channel import EmailChannel
+from prx_channel_email.config import EmailConfig, load_config, resolve_path
+from prx_channel_email.doctor import DoctorReport, doctor
+from prx_channel_email.errors import ChannelError, ConfigError, SendError
+from prx_channel_email.models import ChannelMessage, SendMessage
 
 Handler = Callable[[ChannelMessage], Awaitable[str | None]]
 
@@ -407,7 +407,7 @@ async def run_demo(
     within: float = DEMO_SECS,
 ) -> int:
     """Sandbox server + echo bot on the real EmailChannel + one sample email. Returns 0/1."""
-    from .sandbox import MailSandbox
+    from prx_channel_email._demo.sandbox import MailSandbox
 
     console = console or out
     seen: asyncio.Queue[ChannelMessage] = asyncio.Queue()
@@ -773,7 +773,7 @@ def login_cmd(
         if no_browser and device:
             _fail("choose one of --no-browser and --device")
         cfg = _oauth_config(config)
-        from .oauth_flows import login_browser, login_device
+        from prx_channel_email._oauth.flows import login_browser, login_device
 
         if device:
             record = asyncio.run(login_device(cfg, say=_say))
@@ -790,7 +790,7 @@ def status_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
     """Show the provider, account, scopes and expiry of the stored grant (never a token)."""
     with _guard(debug):
         cfg = _oauth_config(config)
-        from .oauth_flows import describe
+        from prx_channel_email._oauth.flows import describe
 
         for key, value in describe(cfg):
             out.print(f"{key}: {escape(value)}")
@@ -802,7 +802,7 @@ def logout_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
     _logging(debug, quiet=not debug)
     with _guard(debug):
         cfg = _oauth_config(config)
-        from .oauth_flows import logout
+        from prx_channel_email._oauth.flows import logout
 
         for line in asyncio.run(logout(cfg)):
             out.print(escape(line))

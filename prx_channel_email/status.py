@@ -24,8 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
-from .errors import ChannelError, NotReadyError
-from .observability import log_event
+from prx_channel_email._support.observability import log_event
+from prx_channel_email.errors import ChannelError, NotReadyError
 
 log = logging.getLogger("prx_channel_email.status")
 

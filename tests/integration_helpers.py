@@ -12,7 +12,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from prx_channel_email.message_ids import parse_id_list
+from prx_channel_email._mail.message_ids import parse_id_list
 from tests.outbound_helpers import ANN, FROM, parse
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import SmtpServer

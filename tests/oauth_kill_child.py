@@ -11,8 +11,8 @@ import asyncio
 import json
 import sys
 
+from prx_channel_email._oauth.tokens import token_source
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.oauth import token_source
 
 
 async def main() -> None:

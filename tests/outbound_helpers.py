@@ -9,8 +9,8 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from prx_channel_email._storage.sqlite.store import Cursor, LedgerEntry, StateStore
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.store import Cursor, LedgerEntry, StateStore
 from tests.config_builder import build_config
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import SmtpServer

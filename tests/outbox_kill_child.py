@@ -15,11 +15,11 @@ import os
 import signal
 import sys
 
+from prx_channel_email._outbound.outbox import Outbox
+from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import SendMessage
-from prx_channel_email.observability import Metrics
-from prx_channel_email.outbox import Outbox
-from prx_channel_email.store import StateStore
 
 #: Set to "1" by the test to arm the kill.
 KILL_AFTER_ACCEPT_ENV = "PRX_EMAIL_TEST_KILL_AFTER_ACCEPT"

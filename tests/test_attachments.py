@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from prx_channel_email.attachments import (
+from prx_channel_email._inbound.attachments import (
     message_dir,
     message_key,
     plan,
@@ -16,8 +16,8 @@ from prx_channel_email.attachments import (
     save,
     type_allowed,
 )
-from prx_channel_email.inbound import InboundPipeline
-from prx_channel_email.mime_body import RawAttachment
+from prx_channel_email._inbound.pipeline import InboundPipeline
+from prx_channel_email._mail.mime_body import RawAttachment
 from tests.inbound_helpers import ARRIVAL, corpus_raw, inbound_config
 
 

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from prx_channel_email.authresults import organizational_domain, provider_field, trust_line
+from prx_channel_email._inbound.pipeline import InboundPipeline
+from prx_channel_email._mail.authresults import organizational_domain, provider_field, trust_line
 from prx_channel_email.doctor import judge_auth, read_auth
-from prx_channel_email.inbound import InboundPipeline
 from tests.inbound_helpers import ARRIVAL, inbound_config
 
 GOOGLE = "mx.google.com"

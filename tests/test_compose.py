@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from prx_channel_email.compose import (
+from prx_channel_email._mail.message_ids import is_minted, parse_id_list
+from prx_channel_email._outbound.compose import (
     MAX_REFERENCES,
     Parent,
     compose,
@@ -17,7 +18,6 @@ from prx_channel_email.compose import (
 )
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import ConfigError, SendError
-from prx_channel_email.message_ids import is_minted, parse_id_list
 from tests.config_builder import build_config
 from tests.outbound_helpers import parse
 

@@ -18,8 +18,8 @@ import aioimaplib
 from rich.console import Console
 from typer.testing import CliRunner
 
+from prx_channel_email._demo.sandbox import MailSandbox
 from prx_channel_email.cli import app, run_demo
-from prx_channel_email.sandbox import MailSandbox
 from tests.operator_helpers import read_until, reaped, subprocess_env
 
 BOUND = 90.0

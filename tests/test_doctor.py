@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from prx_channel_email.authresults import authserv_ids
+from prx_channel_email._mail.authresults import authserv_ids
 from prx_channel_email.config import config_from_table
 from prx_channel_email.doctor import DoctorReport, doctor, run_doctor
 from tests.config_builder import config_table

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from prx_channel_email import _imap_compat as compat
+from prx_channel_email._net import imap_compat as compat
 from prx_channel_email.errors import ChannelError
 from tests.servers.dovecot import Account, DovecotServer
 

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from prx_channel_email._net.imap import ImapSession, decode_mailbox, encode_mailbox, open_session
 from prx_channel_email.errors import (
     AuthenticationError,
     FolderNotFoundError,
     InsecureConnectionError,
     TransportError,
 )
-from prx_channel_email.imap import ImapSession, decode_mailbox, encode_mailbox, open_session
 from tests.fakes.pipeline import imap_config, mail
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.proxy import TcpProxy

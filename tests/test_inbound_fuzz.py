@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from prx_channel_email.inbound import THREAD_THRESHOLD, InboundPipeline, Outcome
+from prx_channel_email._inbound.pipeline import THREAD_THRESHOLD, InboundPipeline, Outcome
 from tests.inbound_helpers import ARRIVAL, corpus_names, corpus_raw, inbound_config
 
 CORPUS = {name: corpus_raw(name) for name in corpus_names()}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from prx_channel_email.inbound import InboundPipeline
+from prx_channel_email._inbound.pipeline import InboundPipeline
 from tests.inbound_helpers import inbound_config
 
 SIZE = 8 * 1024 * 1024

@@ -7,8 +7,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prx_channel_email import mime_body
-from prx_channel_email.headers import Headers, split_header_block
+from prx_channel_email._mail import mime_body
+from prx_channel_email._mail.headers import Headers, split_header_block
 from tests.inbound_helpers import corpus_names, corpus_raw
 
 

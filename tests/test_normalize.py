@@ -11,12 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from mailparser_reply.parser import EmailMessage
 
-from prx_channel_email import headers as header_block
-from prx_channel_email import inbound, reply_text
-from prx_channel_email.charsets import decode_bytes, decode_words
-from prx_channel_email.config import EmailConfig
-from prx_channel_email.envelope import envelope, parse_timestamp
-from prx_channel_email.headers import (
+from prx_channel_email._inbound import pipeline as inbound
+from prx_channel_email._inbound.pipeline import InboundPipeline
+from prx_channel_email._mail import headers as header_block
+from prx_channel_email._mail import reply_text
+from prx_channel_email._mail.charsets import decode_bytes, decode_words
+from prx_channel_email._mail.envelope import envelope, parse_timestamp
+from prx_channel_email._mail.headers import (
     MAX_FIELD_BYTES,
     MAX_HEADER_BYTES,
     MAX_HEADER_SCAN,
@@ -24,11 +25,11 @@ from prx_channel_email.headers import (
     cap_header_block,
     split_header_block,
 )
-from prx_channel_email.html_text import html_to_text
-from prx_channel_email.inbound import InboundPipeline
-from prx_channel_email.message_ids import synthetic_message_id
-from prx_channel_email.reply_headers import find_reply_header
-from prx_channel_email.reply_text import new_text
+from prx_channel_email._mail.html_text import html_to_text
+from prx_channel_email._mail.message_ids import synthetic_message_id
+from prx_channel_email._mail.reply_headers import find_reply_header
+from prx_channel_email._mail.reply_text import new_text
+from prx_channel_email.config import EmailConfig
 from tests.inbound_helpers import (
     ARRIVAL,
     corpus_expected,

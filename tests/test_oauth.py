@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 
 from prx_channel_email import EmailChannel
+from prx_channel_email._net.imap import ImapSession, open_session
+from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
+from prx_channel_email._oauth.tokens import TOKEN_FILE, TokenStore, token_source
 from prx_channel_email.errors import (
     AuthenticationError,
     OAuthReauthRequired,
     OAuthUnavailable,
     SendError,
 )
-from prx_channel_email.imap import ImapSession, open_session
 from prx_channel_email.models import ChannelMessage, SendMessage
-from prx_channel_email.oauth import TOKEN_FILE, TokenStore, token_source
-from prx_channel_email.smtp import SmtpFailure, SmtpTransport
 from tests.oauth_helpers import ANN, human_mail, oauth_config
 from tests.servers.dovecot import DovecotServer
 from tests.servers.oauth_server import OAuthServer

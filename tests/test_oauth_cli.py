@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 
-from prx_channel_email.oauth import TokenStore
+from prx_channel_email._oauth.tokens import TokenStore
 from tests.oauth_helpers import oauth_config
 from tests.operator_helpers import read_until, reaped, subprocess_env
 from tests.servers.dovecot import Account, DovecotServer

@@ -15,14 +15,14 @@ import pytest
 from pydantic import SecretStr
 
 from prx_channel_email import EmailChannel
-from prx_channel_email import oauth as oauth_module
+from prx_channel_email._net.imap import open_session
+from prx_channel_email._net.smtp import SmtpTransport
+from prx_channel_email._oauth import tokens as oauth_module
+from prx_channel_email._oauth.flows import login_device
+from prx_channel_email._oauth.tokens import KILL_BEFORE_SAVE_ENV, TokenStore
+from prx_channel_email._outbound.sent_folder import ImapSentFolder
 from prx_channel_email.errors import ChannelError, OAuthReauthRequired
-from prx_channel_email.imap import open_session
 from prx_channel_email.models import ChannelMessage, SendMessage
-from prx_channel_email.oauth import KILL_BEFORE_SAVE_ENV, TokenStore
-from prx_channel_email.oauth_flows import login_device
-from prx_channel_email.sent_folder import ImapSentFolder
-from prx_channel_email.smtp import SmtpTransport
 from tests.oauth_helpers import ANN, human_mail, oauth_config
 from tests.operator_helpers import subprocess_env
 from tests.servers.dovecot import DovecotServer

@@ -6,8 +6,8 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+from prx_channel_email._mail.message_ids import parse_id_list
 from prx_channel_email.channel import EmailChannel
-from prx_channel_email.message_ids import parse_id_list
 from prx_channel_email.models import ChannelMessage, SendMessage
 from tests.outbound_helpers import ANN, dovecot_config, human_mail, parse
 from tests.servers.dovecot import Account, DovecotServer

@@ -15,15 +15,15 @@ from typing import Any
 
 import pytest
 
-from prx_channel_email import outbox as outbox_module
+from prx_channel_email._mail.message_ids import parse_id_list
+from prx_channel_email._outbound import outbox as outbox_module
+from prx_channel_email._outbound.outbox import Outbox
+from prx_channel_email._storage.sqlite.outbox_table import OutboxTable
+from prx_channel_email._storage.sqlite.store import DB_NAME, StateStore
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import SendError
-from prx_channel_email.message_ids import parse_id_list
 from prx_channel_email.models import ChannelMessage, SendMessage
-from prx_channel_email.observability import Metrics
-from prx_channel_email.outbox import Outbox
-from prx_channel_email.outbox_table import OutboxTable
-from prx_channel_email.store import DB_NAME, StateStore
 from tests.outbound_helpers import ANN, dovecot_config, parse, seed_ledger, smtp_config
 from tests.outbox_kill_child import KILL_AFTER_ACCEPT_ENV
 from tests.servers.dovecot import Account, DovecotServer

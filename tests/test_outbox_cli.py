@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from prx_channel_email._outbound.outbox import Outbox
+from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.cli import app
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import SendError
 from prx_channel_email.models import SendMessage
-from prx_channel_email.observability import Metrics
-from prx_channel_email.outbox import Outbox
-from prx_channel_email.store import StateStore
 from tests.outbound_helpers import ANN, smtp_config
 from tests.servers.smtp import SmtpServer
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from prx_channel_email._outbound.outbox import Outbox
+from prx_channel_email._storage.sqlite.store import DB_NAME, StateStore
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.errors import SendError
 from prx_channel_email.models import ChannelMessage, SendMessage
-from prx_channel_email.observability import Metrics
-from prx_channel_email.outbox import Outbox
-from prx_channel_email.store import DB_NAME, StateStore
 from tests.outbound_helpers import ANN, seed_ledger, smtp_config
 from tests.servers.proxy import TcpProxy
 from tests.servers.smtp import SmtpServer

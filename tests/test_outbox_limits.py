@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from prx_channel_email._storage.sqlite.store import DB_NAME
 from prx_channel_email.errors import SendError
 from prx_channel_email.models import SendMessage
-from prx_channel_email.store import DB_NAME
 from tests.outbound_helpers import ANN, smtp_config
 from tests.servers.smtp import SmtpServer
 from tests.test_outbox import rows, running_outbox

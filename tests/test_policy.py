@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prx_channel_email.authresults import authserv_id_of, parse_auth_results, sender_verified
+from prx_channel_email._inbound.pipeline import InboundPipeline
+from prx_channel_email._inbound.policy import sender_allowed
+from prx_channel_email._mail.authresults import authserv_id_of, parse_auth_results, sender_verified
+from prx_channel_email._mail.envelope import envelope
+from prx_channel_email._mail.headers import Headers
+from prx_channel_email._mail.message_ids import mint_message_id
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.envelope import envelope
-from prx_channel_email.headers import Headers
-from prx_channel_email.inbound import InboundPipeline
-from prx_channel_email.message_ids import mint_message_id
-from prx_channel_email.observability import Metrics
-from prx_channel_email.policy import sender_allowed
 from tests.inbound_helpers import ARRIVAL, BOT, inbound_config
 
 _counter = iter(range(1_000_000))
@@ -653,7 +653,7 @@ def _forwarded(raw: bytes, *, drop: tuple[str, ...], replace: dict[str, str]) ->
 
 
 async def test_our_own_reply_forwarded_back_is_not_delivered(tmp_path: Path) -> None:
-    from prx_channel_email.compose import Parent, compose
+    from prx_channel_email._outbound.compose import Parent, compose
 
     p = pipeline(tmp_path)
     parent = Parent("<q1@example.com>", "Question", [])
@@ -725,7 +725,7 @@ async def test_a_provider_temperror_quarantines_an_allowed_senders_mail(
 def test_run_says_what_sender_authenticity_does(
     tmp_path: Path, mode: str, trusted: list[str], problem: bool, words: str
 ) -> None:
-    from prx_channel_email.policy import describe_sender_auth
+    from prx_channel_email._inbound.policy import describe_sender_auth
 
     config = inbound_config(tmp_path, sender_auth=mode, trusted_authserv_ids=trusted)
     is_problem, line = describe_sender_auth(config)

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
+from prx_channel_email._mail.message_ids import mint_message_id
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.message_ids import mint_message_id
 from prx_channel_email.models import ChannelMessage
 from tests.fakes.pipeline import imap_config
 from tests.servers.dovecot import Account, DovecotServer

@@ -10,18 +10,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prx_channel_email.config import EmailConfig
-from prx_channel_email.deferred_table import (
-    insert,
-    load,
-    mark_handed_on,
-    message,
-    migrate,
-    recent_handoffs,
-)
-from prx_channel_email.message_ids import MINTED_MARKER, mint_message_id, minted_at
-from prx_channel_email.models import ChannelMessage
-from prx_channel_email.ratelimit import (
+from prx_channel_email._inbound.ratelimit import (
     LOOP_SUSPECTED,
     RATE_LIMITED,
     HandoffGate,
@@ -29,7 +18,18 @@ from prx_channel_email.ratelimit import (
     Verdict,
     Waiting,
 )
-from prx_channel_email.store import migrate as migrate_all
+from prx_channel_email._mail.message_ids import MINTED_MARKER, mint_message_id, minted_at
+from prx_channel_email._storage.sqlite.deferred_table import (
+    insert,
+    load,
+    mark_handed_on,
+    message,
+    migrate,
+    recent_handoffs,
+)
+from prx_channel_email._storage.sqlite.store import migrate as migrate_all
+from prx_channel_email.config import EmailConfig
+from prx_channel_email.models import ChannelMessage
 from tests.inbound_helpers import inbound_config
 
 T0 = 1_700_000_000.0

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from prx_channel_email._storage.sqlite.store import DB_NAME
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.models import ChannelMessage
-from prx_channel_email.store import DB_NAME
 from tests.outbound_helpers import dovecot_config
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import ReceivedMessage, SmtpServer

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from prx_channel_email.reply_text import new_text
+from prx_channel_email._mail.reply_text import new_text
 from tests.inbound_helpers import corpus_names
 
 # One real-client reply per language in tests/corpus/ (content checked there).

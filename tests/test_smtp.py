@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from aiosmtpd.controller import Controller
 
-from prx_channel_email.compose import compose
-from prx_channel_email.observability import Metrics
-from prx_channel_email.smtp import SmtpFailure, SmtpTransport
+from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
+from prx_channel_email._outbound.compose import compose
+from prx_channel_email._support.observability import Metrics
 from tests.outbound_helpers import smtp_config
 from tests.servers.proxy import TcpProxy
 from tests.servers.smtp import SmtpServer

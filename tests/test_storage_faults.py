@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from prx_channel_email._storage.sqlite.store import DB_NAME, Cursor, StateStore
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.errors import ChannelError
 from prx_channel_email.models import ChannelMessage
-from prx_channel_email.store import DB_NAME, Cursor, StateStore
 from tests.disk_helpers import fill, tmpfs
 from tests.fakes.pipeline import imap_config
 from tests.inbound_helpers import inbound_config

@@ -8,8 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from prx_channel_email import store as store_mod
-from prx_channel_email.store import DB_NAME, SCHEMA_VERSION, Cursor, StateStore, ddl, migrate
+from prx_channel_email._storage.sqlite import store as store_mod
+from prx_channel_email._storage.sqlite.store import (
+    DB_NAME,
+    SCHEMA_VERSION,
+    Cursor,
+    StateStore,
+    ddl,
+    migrate,
+)
 
 V1 = Path(__file__).resolve().parent / "data" / "state_v1.sqlite3"  # see make_state_v1.py
 ACCOUNT = "bot@example.test@127.0.0.1:993"

@@ -12,8 +12,8 @@ import sys
 from collections.abc import Collection
 from pathlib import Path
 
+from prx_channel_email._storage.sqlite.store import DB_NAME
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.store import DB_NAME
 from tests.fakes.pipeline import imap_config, mail, mid
 from tests.servers.dovecot import Account, DovecotServer
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from prx_channel_email import sync
+from prx_channel_email._inbound import sync
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import ChannelMessage

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from prx_channel_email.ledger import LedgerWriter
+from prx_channel_email._handoff.ledger import LedgerWriter
+from prx_channel_email._storage.sqlite.store import Cursor, Decided, LedgerEntry, StateStore
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.models import ChannelMessage
-from prx_channel_email.observability import Metrics
-from prx_channel_email.store import Cursor, Decided, LedgerEntry, StateStore
 
 ACCOUNT, FOLDER = "bot@example.test@imap:993", "INBOX"
 

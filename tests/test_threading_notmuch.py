@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from prx_channel_email._outbound.outbox import Outbox
+from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.models import SendMessage
-from prx_channel_email.observability import Metrics
-from prx_channel_email.outbox import Outbox
-from prx_channel_email.store import StateStore
 from tests.outbound_helpers import ANN, human_mail, parse, seed_ledger, smtp_config
 from tests.servers.smtp import SmtpServer
 

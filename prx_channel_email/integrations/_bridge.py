@@ -19,11 +19,11 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..channel import EmailChannel
-from ..config import EmailConfig
-from ..models import ChannelMessage, SendMessage
-from ..observability import log_event
-from ..status import StatusCallback
+from prx_channel_email._support.observability import log_event
+from prx_channel_email.channel import EmailChannel
+from prx_channel_email.config import EmailConfig
+from prx_channel_email.models import ChannelMessage, SendMessage
+from prx_channel_email.status import StatusCallback
 
 log = logging.getLogger(__name__)
 

@@ -32,11 +32,12 @@ from gateway.platforms.base import (
     SendResult,
 )
 
-from ..config import EmailConfig
-from ..errors import ChannelError, ConfigError, NotReadyError
-from ..models import ChannelMessage
-from ..observability import log_event
-from ..status import ChannelState, ChannelStatus
+from prx_channel_email._support.observability import log_event
+from prx_channel_email.config import EmailConfig
+from prx_channel_email.errors import ChannelError, ConfigError, NotReadyError
+from prx_channel_email.models import ChannelMessage
+from prx_channel_email.status import ChannelState, ChannelStatus
+
 from ._bridge import (
     EmailBridge,
     build_send,

@@ -30,10 +30,11 @@ from nanobot.bus.queue import MessageBus
 from nanobot.bus.runtime_events import TurnCompleted
 from nanobot.channels.base import BaseChannel
 
-from ..errors import ChannelError, SendError
-from ..models import ChannelMessage, SendMessage
-from ..observability import log_event
-from ..status import ChannelState, ChannelStatus
+from prx_channel_email._support.observability import log_event
+from prx_channel_email.errors import ChannelError, SendError
+from prx_channel_email.models import ChannelMessage, SendMessage
+from prx_channel_email.status import ChannelState, ChannelStatus
+
 from ._bridge import (
     EmailBridge,
     build_send,

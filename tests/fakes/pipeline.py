@@ -21,14 +21,14 @@ from typing import Any
 
 import pytest
 
-from prx_channel_email.backoff import Backoff
+from prx_channel_email._inbound.pipeline import InboundPipeline, Outcome
+from prx_channel_email._inbound.sync import SyncEngine
+from prx_channel_email._mail.message_ids import normalize_id, synthetic_message_id
+from prx_channel_email._storage.sqlite.store import LedgerEntry, StateStore
+from prx_channel_email._support.backoff import Backoff
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.inbound import InboundPipeline, Outcome
-from prx_channel_email.message_ids import normalize_id, synthetic_message_id
 from prx_channel_email.models import ChannelMessage
-from prx_channel_email.observability import Metrics
-from prx_channel_email.store import LedgerEntry, StateStore
-from prx_channel_email.sync import SyncEngine
 from tests.config_builder import build_config
 from tests.servers.dovecot import Account, DovecotServer
 

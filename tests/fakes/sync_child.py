@@ -11,12 +11,12 @@ import asyncio
 import json
 import sys
 
-from prx_channel_email.backoff import Backoff
+from prx_channel_email._inbound.sync import SyncEngine
+from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._support.backoff import Backoff
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import ChannelMessage
-from prx_channel_email.observability import Metrics
-from prx_channel_email.store import StateStore
-from prx_channel_email.sync import SyncEngine
 from tests.fakes.pipeline import HeaderPipeline
 
 

@@ -1,0 +1,1 @@
+"""The built-in demo mail server (prx-email demo)."""

@@ -1,0 +1,1 @@
+"""Receiving: IMAP bytes -> parse/normalize -> policy -> hand-off."""

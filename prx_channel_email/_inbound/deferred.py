@@ -1,0 +1,204 @@
+"""Deferred mail at run time: judged on arrival, kept in the state store, released in order.
+
+The sync engine asks :meth:`DeferredMail.judge` about every message the policy
+accepted. ``None`` means "hand it on now"; otherwise the message is written
+(with its ledger row and the cursor move, one transaction) to the ``deferred``
+table instead of being put on the queue. :meth:`DeferredMail.run` is the
+release scheduler: it sleeps until the rules in ratelimit.py let the next
+waiting message go, then hands it on through the sync engine's hand-off path
+(commit, then put).
+
+Crash safety, step by step:
+
+* killed before the defer transaction: the message is still above the cursor
+  and is fetched and judged again at the next start;
+* after it: the message lives in the ``deferred`` table, is restored at the next
+  start (same place in line) and released later; it is never fetched again;
+* a release commits "handed on" (ledger ``delivered``, deferred row deleted, and
+  whatever the hand-off mode writes) before the put, exactly like fresh mail.
+
+The limits survive a restart: each sender's recent hand-offs are read back from
+the ledger when the store is first used.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+
+from prx_channel_email._inbound.ratelimit import HandoffGate, Limits, Waiting
+from prx_channel_email._storage.sqlite import deferred_table
+from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._support.observability import Metrics, log_event
+from prx_channel_email.config import EmailConfig
+from prx_channel_email.models import ChannelMessage
+
+log = logging.getLogger("prx_channel_email.sync")
+
+# A transaction step run inside the hand-off's commit (deferred_table.mark_handed_on).
+StoreStep = Callable[[sqlite3.Connection], None]
+HandOn = Callable[[ChannelMessage, StoreStep], Awaitable[None]]
+
+RETRY_SECS = 5.0  # after a failed release (a storage error): try again this much later
+
+
+class DeferredMail:
+    def __init__(
+        self,
+        config: EmailConfig,
+        store: StateStore,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.metrics = metrics
+        self.account = config.account
+        self.clock = clock
+        self.limits = Limits.from_config(config)
+        self.gate = HandoffGate(self.limits, clock)
+        self._loaded = False
+        self._wake = asyncio.Event()
+        self._planned: float | None = None  # when the scheduler wakes next (None: on news)
+
+    async def load(self) -> None:
+        """Read waiting mail and recent hand-offs back from the store (once)."""
+        if self._loaded:
+            return
+        since = self.clock() - self.limits.window
+        account = self.account
+
+        def q(conn: sqlite3.Connection) -> tuple[list[Waiting], list[tuple[str, float]]]:
+            return (
+                deferred_table.load(conn, account),
+                list(deferred_table.recent_handoffs(conn, account, since)),
+            )
+
+        waiting, recent = await self.store.run(q)
+        self.gate.seed(recent)
+        self.gate.restore(waiting)
+        self._loaded = True
+        self._gauges()
+        if waiting:
+            deferred, held = self.gate.counts()
+            log_event(log, logging.INFO, "inbound.deferred_restored", account=account,
+                      deferred=deferred, held=held)  # fmt: skip
+        self._wake.set()
+
+    # --- fresh mail ---
+
+    def judge(self, message: ChannelMessage) -> Waiting | None:
+        """None: hand ``message`` on now. Else the place in line it must be stored with."""
+        verdict, waiting = self.gate.judge(
+            message.id, message.sender, message.in_reply_to, message.references, message.thread_ts
+        )
+        if waiting is None:
+            return None
+        if verdict == "hold":
+            self.metrics.inc("inbound.held")
+            log_event(log, logging.WARNING, "inbound.loop_suspected", account=self.account,
+                      message_id=message.id, sender=message.sender,
+                      domain=waiting.domain, thread=message.thread_ts, code=waiting.reason,
+                      hold_secs=int(self.limits.loop_window))  # fmt: skip
+        else:
+            self.metrics.inc("inbound.deferred")
+            wait = (self.gate.next_due() or self.clock()) - self.clock()
+            log_event(log, logging.INFO, "inbound.deferred", account=self.account,
+                      message_id=message.id, sender=message.sender, code=waiting.reason,
+                      release_in=f"{max(wait, 0.0):.0f}s")  # fmt: skip
+        self._gauges()
+        self._wake_for(waiting)
+        return waiting
+
+    def store_step(self, waiting: Waiting, message: ChannelMessage) -> StoreStep:
+        """The write that keeps ``message`` waiting; runs in its ledger row's transaction.
+
+        If that transaction fails, the cursor did not move either: the message is
+        fetched and judged again, and the unstored entry is dropped at its turn.
+        """
+        account = self.account
+        loop = asyncio.get_running_loop()
+
+        def step(conn: sqlite3.Connection) -> None:
+            deferred_table.insert(conn, account, waiting, message)
+            waiting.stored = True
+            loop.call_soon_threadsafe(self._wake_for, waiting)
+
+        return step
+
+    # --- the release scheduler ---
+
+    async def run(self, hand_on: HandOn) -> None:
+        """Hand waiting mail on as the limits allow; runs until cancelled."""
+        await self.load()
+        while True:
+            try:
+                delay = await self._release_due(hand_on)
+                if delay is None:
+                    nxt = self.gate.next_due()
+                    delay = None if nxt is None else max(0.0, nxt - self.clock())
+            except Exception as exc:  # a bug must not stop releases until the next restart
+                self.metrics.inc("inbound.errors")
+                log_event(log, logging.ERROR, "inbound.release_failed", exc=exc,
+                          account=self.account, retry_in=f"{RETRY_SECS:.0f}s")  # fmt: skip
+                delay = RETRY_SECS
+            self._wake.clear()
+            self._planned = None if delay is None else self.clock() + delay
+            with contextlib.suppress(TimeoutError):
+                # Woken early when new mail waits (it may be due sooner).
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _release_due(self, hand_on: HandOn) -> float | None:
+        released, unheld = self.gate.due()
+        for w in unheld:
+            log_event(log, logging.INFO, "inbound.loop_quiet", account=self.account,
+                      message_id=w.message_id, sender=w.sender, domain=w.domain)  # fmt: skip
+        for i, w in enumerate(released):
+            try:
+                await self._release(w, hand_on)
+            except asyncio.CancelledError:
+                for rest in released[i:]:
+                    self.gate.release_failed(rest)
+                raise
+            except Exception as exc:
+                for rest in released[i:]:
+                    self.gate.release_failed(rest)
+                self.metrics.inc("inbound.errors")
+                log_event(log, logging.ERROR, "inbound.release_failed", exc=exc,
+                          account=self.account, message_id=w.message_id,
+                          retry_in=f"{RETRY_SECS:.0f}s")  # fmt: skip
+                return RETRY_SECS
+        if released or unheld:
+            self._gauges()
+        return None
+
+    async def _release(self, w: Waiting, hand_on: HandOn) -> None:
+        account, mid = self.account, w.message_id
+        message = await self.store.run(lambda conn: deferred_table.message(conn, account, mid))
+        if message is None:  # not in the store (cannot happen unless edited by hand)
+            self.gate.released(w)
+            return
+        at = w.handed_at  # the time the limits counted: the ledger must agree with them
+        await hand_on(message, lambda conn: deferred_table.mark_handed_on(conn, account, mid, at))
+        self.gate.released(w)
+        self.metrics.inc("inbound.released")
+        log_event(log, logging.INFO, "inbound.released", account=account, message_id=mid,
+                  sender=w.sender, waited=f"{at - w.arrived_at:.0f}s")  # fmt: skip
+
+    def _wake_for(self, waiting: Waiting) -> None:
+        """Wake the scheduler if ``waiting`` may go before its planned wake-up (a
+        release pass walks the whole line: not once per deferred message)."""
+        if not waiting.stored:
+            return  # the store step wakes it once the row is written
+        at = self.gate.due_at(waiting)
+        if at is not None and (self._planned is None or at < self._planned):
+            self._wake.set()
+
+    def _gauges(self) -> None:
+        deferred, held = self.gate.counts()
+        self.metrics.gauge("inbound.waiting.deferred", deferred)
+        self.metrics.gauge("inbound.waiting.held", held)

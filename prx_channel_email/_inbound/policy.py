@@ -1,0 +1,237 @@
+"""Which messages the agent may see: allow-list, loop guards, authenticity.
+
+Rate limits are not here: they defer rather than refuse (ratelimit.py, deferred.py).
+
+Everything here works on headers alone, so mail that will be refused is refused
+before its body is parsed, and oversized mail gets the same decisions.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from prx_channel_email._mail.addresses import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
+from prx_channel_email._mail.addresses import NO_SENDER as NO_SENDER
+from prx_channel_email._mail.addresses import fold_address
+from prx_channel_email._mail.authresults import TEMPERROR, sender_verified
+from prx_channel_email._mail.charsets import decode_words
+from prx_channel_email._mail.envelope import Envelope
+from prx_channel_email._mail.message_ids import STAMP_HEADER, channel_stamp, is_minted
+from prx_channel_email.config import EmailConfig
+
+# Reason codes (also the metric suffix: inbound.skipped.<reason>).
+OWN_ADDRESS = "own_address"
+OWN_MESSAGE_ID = "own_message_id"
+BOUNCE = "bounce"
+AUTO_SUBMITTED = "auto_submitted"
+AUTO_REPLY = "auto_reply"
+PRECEDENCE = "precedence_bulk"
+LIST_MAIL = "list_mail"
+LOOP_MARKER = "loop_marker"  # X-Loop: some system already saw this mail go round
+OWN_MAIL = "own_mail"  # our own mail back with a new Message-ID (stamp or Reply-To ours)
+# NO_SENDER ("no_sender") and AMBIGUOUS_SENDER ("ambiguous_sender") come from addresses.
+NOT_ALLOWED = "not_allowed"
+UNVERIFIED = "unverified_sender"
+
+_BULK_PRECEDENCE = frozenset({"bulk", "list", "junk", "auto_reply", "auto-reply"})
+_BOUNCE_LOCALPARTS = frozenset({"mailer-daemon", "postmaster"})
+_AUTO_HEADERS = ("x-autoreply", "x-autorespond", "x-auto-response-suppress", "x-autoresponder")
+# RFC 2369/2919 fields, and what ezmlm and older list managers write instead.
+_LIST_HEADERS = (
+    "list-id",
+    "list-unsubscribe",
+    "list-subscribe",
+    "list-post",
+    "list-help",
+    "list-owner",
+    "list-archive",
+    "mailing-list",
+    "x-mailing-list",
+)
+
+
+def sender_allowed(sender: str, allowed: Iterable[str]) -> bool:
+    """``allowed_senders`` semantics: exact address, ``@domain`` exactly, ``*``.
+
+    Case is ignored for ASCII letters only (:func:`fold_address`): a look-alike
+    such as the Kelvin sign never matches the ASCII letter it resembles.
+    """
+    addr = fold_address(sender)
+    if not addr or "@" not in addr:
+        return False
+    domain = "@" + addr.rpartition("@")[2]
+    for entry in allowed:
+        item = fold_address(entry)
+        if item == "*" or item == addr or (item.startswith("@") and item == domain):
+            return True
+    return False
+
+
+def loop_reason(env: Envelope, own_addresses: Iterable[str], stamp: str = "") -> str | None:
+    """Why this mail must never reach the agent (RFC 3834 and what bots learned), or None.
+
+    ``stamp``: the :data:`STAMP_HEADER` value this account puts on its own mail.
+    """
+    h = env.headers
+    own = {fold_address(a) for a in own_addresses}
+    if env.sender and env.sender in own:
+        return OWN_ADDRESS
+    if is_minted(env.message_id):
+        return OWN_MESSAGE_ID
+    # Our own mail back under a new Message-ID, its Auto-Submitted stripped and
+    # its From rewritten (a forwarder): our stamp survives, or the forwarder
+    # points Reply-To at the original author, i.e. us. A person's reply never
+    # copies our header fields, and never asks for answers to go to the bot.
+    if stamp and any(" ".join(v.split()) == stamp for v in h.get_all(STAMP_HEADER)):
+        return OWN_MAIL
+    if env.reply_target in own and env.reply_target != env.sender:
+        return OWN_MAIL
+    # A bounce: null reverse-path, or sent by the mail system itself.
+    return_path = h.get("return-path")
+    if return_path is not None and "".join(decode_words(return_path).split()) in ("<>", ""):
+        return BOUNCE
+    local = env.sender.partition("@")[0]
+    if local in _BOUNCE_LOCALPARTS:
+        return BOUNCE
+    ctype = (h.get("content-type") or "").lower()
+    if "multipart/report" in ctype and "delivery-status" in ctype:
+        return BOUNCE
+    auto = decode_words(h.get("auto-submitted")).lower()
+    if auto and auto.split(";")[0].strip() != "no":
+        return AUTO_SUBMITTED
+    if any(name in h for name in _AUTO_HEADERS):
+        return AUTO_REPLY
+    precedence = decode_words(h.get("precedence")).lower().split(";")[0].strip()
+    if precedence in _BULK_PRECEDENCE:
+        return PRECEDENCE
+    if any(name in h for name in _LIST_HEADERS):
+        return LIST_MAIL
+    if "x-loop" in h:
+        return LOOP_MARKER
+    # Our own mail quoted back (References carry an id we minted) is fine: that
+    # is a normal reply. Only the message's own id marks our mail returning.
+    return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    reason: str | None  # None: deliver
+    sender_verified: bool | None = None
+    detail: str = ""
+    # For refusals that repeat for every mail of a sender (unverified): True the
+    # first time this sender is refused for it, so the log explains it once.
+    first_for_sender: bool = True
+    # Accepted mail: where replies go (see Policy.reply_target), and the Reply-To
+    # address that was passed over because it may not write to the bot.
+    reply_target: str = ""
+    reply_to_refused: str | None = None
+    # Refused, but on a signal a person's mail can carry too, from an allowed
+    # sender: quarantined (warning log, kept unread on the server) instead of
+    # silently skipped. See Policy.decide.
+    quarantine: bool = False
+
+
+NOTHING_TRUSTED = (
+    "sender_auth is 'enforce' but trusted_authserv_ids is empty, so no sender can be"
+    " verified: run `prx-email doctor` for the line to paste, or set sender_auth = 'flag'"
+)
+
+
+def describe_sender_auth(config: EmailConfig) -> tuple[bool, str]:
+    """(is it a problem, one line) on what sender authenticity does under ``config``."""
+    trusted = ", ".join(config.trusted_authserv_ids)
+    if config.sender_auth == "off":
+        return True, "sender_auth = 'off': From headers are not verified"
+    if not trusted:
+        if config.sender_auth == "enforce":
+            return True, NOTHING_TRUSTED
+        return False, "sender_auth = 'flag' with nothing trusted: sender_verified stays None"
+    verb = "refusing" if config.sender_auth == "enforce" else "flagging"
+    return False, f"{verb} senders not verified by {trusted}"
+
+
+class Policy:
+    """The inbound policy of one channel. :meth:`decide` is cheap and header-only."""
+
+    def __init__(self, config: EmailConfig, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.own = [fold_address(config.from_address), *config.own_addresses]
+        self.stamp = channel_stamp(config.account)
+        self.allowed_senders: list[str] = list(config.allowed_senders)
+        self._refused_unverified: set[str] = set()
+
+    def set_runtime_senders(self, added: Iterable[str], removed: Iterable[str]) -> None:
+        """Replace the host's runtime changes (``allow_sender``/``remove_sender``):
+        the allow-list is the config's, minus ``removed``, plus ``added``."""
+        gone = set(removed)
+        merged = [e for e in self.config.allowed_senders if e not in gone]
+        merged += [e for e in added if e not in merged]
+        self.allowed_senders = merged
+
+    def _first_refusal(self, sender: str) -> bool:
+        """True the first time ``sender`` is refused as unverified (bounded memory)."""
+        if sender in self._refused_unverified:
+            return False
+        if len(self._refused_unverified) >= 10_000:
+            self._refused_unverified.clear()
+        self._refused_unverified.add(sender)
+        return True
+
+    def decide(self, env: Envelope) -> Decision:
+        """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py)."""
+        reason = loop_reason(env, self.own, self.stamp)
+        if reason is not None:
+            weak = self._weak_loop_signal(env, reason)
+            allowed = bool(env.sender) and sender_allowed(env.sender, self.allowed_senders)
+            return Decision(reason, quarantine=weak and allowed)
+        if env.sender_problem is not None:
+            return Decision(env.sender_problem)
+        if not env.sender:
+            return Decision(NO_SENDER)
+        if not sender_allowed(env.sender, self.allowed_senders):
+            return Decision(NOT_ALLOWED)
+        verified: bool | None = None
+        detail = ""
+        if self.config.sender_auth != "off":
+            verdict = sender_verified(env.headers, env.sender, self.config.trusted_authserv_ids)
+            verified, detail = verdict.verified, verdict.detail
+            if self.config.sender_auth == "enforce" and verified is not True:
+                if not self.config.trusted_authserv_ids:
+                    detail = NOTHING_TRUSTED
+                return Decision(
+                    UNVERIFIED,
+                    verified,
+                    detail or "no trusted result",
+                    first_for_sender=self._first_refusal(env.sender),
+                    quarantine=detail.startswith(TEMPERROR),
+                )
+        target, refused = self.reply_target(env)
+        return Decision(None, verified, detail, reply_target=target, reply_to_refused=refused)
+
+    def _weak_loop_signal(self, env: Envelope, reason: str) -> bool:
+        """A loop guard that fired on a signal a person's own mail can carry.
+
+        A person may point Reply-To at the bot; our stamp, by contrast, is never
+        in a person's mail. Mail from an allowed sender refused only for the
+        Reply-To is quarantined, not skipped: it is still never handed on (a loop
+        must not reach the agent), but it is logged as a warning with its sender
+        and subject, so it can be found.
+        """
+        return reason == OWN_MAIL and not env.headers.get_all(STAMP_HEADER)
+
+    def reply_target(self, env: Envelope) -> tuple[str, str | None]:
+        """Where replies to this (accepted) mail go: ``(address, passed-over Reply-To)``.
+
+        The Reply-To only when that address may itself write to the bot (it is
+        on the allow-list, runtime entries included); otherwise the From. A
+        Reply-To naming a stranger would let anyone who can get one mail through
+        read the agent's answers.
+        """
+        reply_to = env.reply_target
+        if not reply_to or reply_to == env.sender:
+            return env.sender, None
+        if sender_allowed(reply_to, self.allowed_senders):
+            return reply_to, None
+        return env.sender, reply_to

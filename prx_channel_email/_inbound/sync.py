@@ -1,0 +1,633 @@
+"""The sync engine: keeps an IMAP session alive and decides what to fetch and hand on.
+
+The loop, per connection: SELECT the folder, compare UIDVALIDITY with the stored
+cursor, hand on every message above the cursor, then wait for a push (IDLE) or the
+next poll, and repeat. A pass returns a :class:`PassResult`; it stops early (and
+asks for a new pass) only before a message whose body did not come.
+
+Per message: its identity (header Message-ID, else a hash of the bytes) and sender
+come from the size fetch; mail already handed on with that id and sender is skipped
+before download; the rest goes through the pipeline, and the accepted mail through
+:class:`~prx_channel_email._handoff.ledger.LedgerWriter`, which commits before it puts. What
+a crash at each step means is listed there (and in the README's crash table).
+
+Nothing here marks mail ``\\Seen`` by fetching (``BODY.PEEK``); the optional
+``mark_seen`` / ``move_to_folder`` run only once a message is handled: after its
+state write (``handoff="queue"``), or after its acknowledgement (``"ack"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from prx_channel_email._handoff.ledger import LedgerWriter
+from prx_channel_email._inbound.deferred import DeferredMail
+from prx_channel_email._inbound.pipeline import InboundPipeline, Outcome, message_identity
+from prx_channel_email._mail.envelope import header_message_id, sender_of
+from prx_channel_email._mail.headers import Headers
+from prx_channel_email._net.imap import FetchedMessage, ImapSession, SelectInfo, open_session
+from prx_channel_email._storage.sqlite.store import Cursor, StateStore
+from prx_channel_email._support.backoff import Backoff
+from prx_channel_email._support.observability import Metrics, log_event
+from prx_channel_email.config import EmailConfig
+from prx_channel_email.errors import (
+    AuthenticationError,
+    ChannelError,
+    FolderNotFoundError,
+    StorageError,
+    TransportError,
+)
+from prx_channel_email.models import ChannelMessage
+from prx_channel_email.status import StatusReporter
+
+log = logging.getLogger("prx_channel_email.sync")
+
+# Bytes of message bodies fetched in one UID FETCH (bounds memory during a backlog).
+FETCH_BYTES_BUDGET = 8 * 1024 * 1024
+# A message listed by SEARCH but missing from a FETCH answer (some servers do this
+# while they sync internally) is fetched again, after 1 s, 2 s, 4 s ... (at most 30 s),
+# and skipped with an error only once it has been missing for MISSING_GIVE_UP_SECS
+# and MISSING_BODY_RETRIES fetches. Meanwhile the cursor waits in front of it.
+MISSING_BODY_RETRIES = 3
+MISSING_GIVE_UP_SECS = 300.0
+MISSING_RETRY_BASE_SECS = 1.0
+
+
+@dataclass(frozen=True)
+class PassResult:
+    """How a pass over some UIDs ended.
+
+    ``complete``: every UID was decided. Otherwise it stopped before a message whose
+    body did not come (the cursor sits just before it) and wants a new pass from the
+    cursor after ``resync_in`` seconds.
+    """
+
+    complete: bool = True
+    resync_in: float | None = None
+
+
+DONE = PassResult()
+
+
+class StepKind(Enum):
+    BODIES = "bodies"  # download whole messages, then decide
+    OVERSIZED = "oversized"  # above max_message_bytes: decide on the header alone
+    DUPLICATE = "duplicate"  # its Message-ID was handed on before: skip, move the cursor
+    MISSING = "missing"  # listed by SEARCH but absent from the size fetch: ask again
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: StepKind
+    uids: list[int]
+
+
+@dataclass
+class SyncStatus:
+    connected: bool = False
+    mode: str | None = None  # "idle" | "poll"
+    auth_failed: bool = False
+    last_error: str | None = None
+    last_error_code: str | None = None
+    uidvalidity: int | None = None
+    last_uid: int | None = None
+    last_sync_at: float | None = None
+    reconnect_in_secs: float | None = None
+    idling: bool = False  # in IDLE right now, waiting for a push
+    # storage_full / storage_readonly / storage_error while the hand-off is paused
+    # on a state write that failed (retried with backoff); None when writable.
+    storage_error: str | None = None
+
+
+class SyncEngine:
+    """Runs until cancelled; reconnects with backoff after any failure, never gives up."""
+
+    def __init__(
+        self,
+        config: EmailConfig,
+        store: StateStore,
+        pipeline: InboundPipeline,
+        metrics: Metrics,
+        *,
+        backoff: Backoff | None = None,
+        auth_backoff: Backoff | None = None,
+        session_factory: Callable[[EmailConfig], Awaitable[ImapSession]] = open_session,
+        storage_backoff: Backoff | None = None,
+        reporter: StatusReporter | None = None,
+    ) -> None:
+        self.config = config
+        self.reporter = reporter or StatusReporter(config.account)
+        self.store = store
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self.status = SyncStatus()
+        self.account = config.account
+        self.folder = config.imap_folder
+        self.backoff = backoff or Backoff(base=1.0, cap=300.0)
+        # A refused password does not fix itself in a second; hammering the server
+        # with bad logins can also get the account locked.
+        self.auth_backoff = auth_backoff or Backoff(base=30.0, cap=1800.0)
+        self._open = session_factory
+        self._idle_refused = False  # the server advertised IDLE but refused it: poll instead
+        self._missing: dict[int, tuple[int, float]] = {}  # uid -> (misses, first miss)
+        self.writer = LedgerWriter(
+            store,
+            self.account,
+            self.folder,
+            metrics,
+            handoff=config.handoff,
+            on_storage=self._storage_changed,
+            storage_backoff=storage_backoff,
+        )
+        self._redelivered = False  # what an earlier run left in flight went out again
+        # Rate limits and the loop guard: accepted mail over a limit waits in the store.
+        self.deferred = DeferredMail(config, store, metrics)
+        self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
+
+    # --- the outer loop: connect, serve, back off ---
+
+    async def run(self, queue: asyncio.Queue[ChannelMessage]) -> None:
+        # Waiting mail and recent hand-offs first: they decide what the next mail does.
+        await self.deferred.load()
+        release = asyncio.create_task(
+            self.deferred.run(lambda msg, step: self.writer.hand_on_released(msg, step, queue))
+        )
+        try:
+            await self._connected(queue)
+        finally:
+            release.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await release
+
+    async def _connected(self, queue: asyncio.Queue[ChannelMessage]) -> None:
+        while True:
+            session: ImapSession | None = None
+            delay: float
+            try:
+                if not self._redelivered:
+                    await self.writer.redeliver(queue)
+                    self._redelivered = True
+                session = await self._open(self.config)
+                self.metrics.inc("imap.connects")
+                self.status.connected = True
+                self.status.auth_failed = False
+                self.auth_backoff.reset()
+                log_event(log, logging.INFO, "imap.connected", account=self.account,
+                          folder=self.folder, host=session.host, port=session.port)  # fmt: skip
+                await self._serve(session, queue)  # returns only by raising
+                continue
+            except AuthenticationError as exc:
+                self.status.auth_failed = True
+                self.metrics.inc("imap.reconnects.auth")
+                delay = self.auth_backoff.next()
+                self._failed(exc, "imap.auth_failed", logging.ERROR, delay)
+            except (TransportError, OSError, TimeoutError) as exc:
+                self.metrics.inc("imap.reconnects.network")
+                delay = self.backoff.next()
+                self._failed(exc, "imap.disconnected", logging.WARNING, delay)
+            except StorageError as exc:  # a read of the state failed (writes pause in place)
+                self._storage_changed(exc)
+                delay = self.backoff.next()
+                self._failed(exc, "storage.read_failed", logging.ERROR, delay)
+            except ChannelError as exc:
+                self.metrics.inc("imap.reconnects.error")
+                delay = self.backoff.next()
+                level = logging.ERROR if isinstance(exc, FolderNotFoundError) else logging.WARNING
+                self._failed(exc, "imap.session_failed", level, delay)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a bug must not stop the listener for good
+                self.metrics.inc("imap.reconnects.error")
+                self.metrics.inc("inbound.errors")
+                delay = self.backoff.next()
+                self._failed(exc, "imap.unexpected_error", logging.ERROR, delay)
+                log.debug("traceback", exc_info=exc)
+            finally:
+                self.status.connected = False
+                if session is not None:
+                    await _close(session)
+            self.status.reconnect_in_secs = delay
+            await asyncio.sleep(delay)
+            self.status.reconnect_in_secs = None
+
+    def _storage_changed(self, fault: StorageError | None) -> None:
+        self.status.storage_error = fault.code if fault is not None else None
+        if fault is not None:
+            self.status.last_error = str(fault)
+            self.status.last_error_code = fault.code
+            self.reporter.imap_failed(fault, None)  # the host sees the code, not "connected"
+        elif self.status.connected:
+            self.reporter.imap_ready()
+
+    async def ack(self, message_id: str) -> bool:
+        """The host is done with ``message_id`` (see LedgerWriter.ack)."""
+        return await self.writer.ack(message_id)
+
+    def _failed(self, exc: BaseException, event: str, level: int, delay: float) -> None:
+        self.status.last_error = str(exc)
+        self.status.last_error_code = getattr(exc, "code", None) or type(exc).__name__
+        self.reporter.imap_failed(exc, delay)
+        log_event(log, level, event, exc=exc, account=self.account, folder=self.folder,
+                  code=self.status.last_error_code, retry_in=f"{delay:.1f}s")  # fmt: skip
+
+    # --- one session ---
+
+    async def _serve(self, session: ImapSession, queue: asyncio.Queue[ChannelMessage]) -> None:
+        info = await session.select(self.folder)
+        self.reporter.imap_ready()
+        use_idle = session.has_idle and not self._idle_refused
+        self.status.mode = "idle" if use_idle else "poll"
+        self.status.uidvalidity = info.uidvalidity
+        while True:
+            session.changed.clear()
+            result = await self._sync(session, info, queue)
+            self.status.last_sync_at = time.time()
+            self.status.last_error = self.status.last_error_code = None
+            self.status.storage_error = None  # a pass completes only once its writes did
+            self.backoff.reset()  # the session is healthy: the next failure starts at 1 s
+            if self.config.handoff == "ack":
+                acked = self.writer.take_acked(info.uidvalidity)
+                if acked:
+                    await self._after_handoff(session, acked)
+            self.synced.set()
+            if session.changed.is_set():
+                continue  # mail was announced while we synced
+            if result.resync_in is not None:
+                await asyncio.sleep(result.resync_in)  # give the server a moment, then ask again
+                continue
+            if self.status.mode == "idle":
+                await self._idle_once(session)
+            else:
+                await asyncio.sleep(self.config.poll_interval_secs)
+                await session.noop(self._probe_timeout)
+
+    @property
+    def _probe_timeout(self) -> float:
+        return float(min(self.config.command_timeout_secs, max(self.config.keepalive_secs, 2)))
+
+    async def _idle_once(self, session: ImapSession) -> None:
+        """One IDLE cycle, ended by a push, the keepalive or the 29-minute re-arm."""
+        wait = float(min(self.config.keepalive_secs, self.config.idle_timeout_secs))
+        try:
+            await session.idle_start()
+        except ChannelError as exc:
+            if exc.code != "idle_failed":
+                raise
+            # Advertised but refused (some proxies do this): poll rather than fail forever.
+            self._idle_refused = True
+            self.status.mode = "poll"
+            log_event(log, logging.WARNING, "imap.idle_refused", exc=exc, account=self.account,
+                      folder=self.folder, code="idle_failed")  # fmt: skip
+            return
+        self.status.idling = True
+        try:
+            arrived = await session.idle_wait(wait)
+        finally:
+            self.status.idling = False
+        # DONE must be answered; a connection that died silently shows up here.
+        await session.idle_done(self._probe_timeout)
+        if not arrived:
+            await session.noop(self._probe_timeout)
+        self.metrics.inc("imap.idle_cycles")
+
+    # --- what to fetch ---
+
+    async def _sync(
+        self,
+        session: ImapSession,
+        info: SelectInfo,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> PassResult:
+        uv = info.uidvalidity
+        cursor = await self.store.get_cursor(self.account, self.folder)
+        if cursor is None:
+            if self.config.initial_sync == "unseen":
+                unseen = await session.uid_search("UNSEEN")
+                log_event(log, logging.INFO, "inbound.first_start", account=self.account,
+                          folder=self.folder, mode="unseen", count=len(unseen))  # fmt: skip
+                result = await self._handle(session, uv, unseen, queue, move_cursor=False)
+                if not result.complete:
+                    return result  # stopped before a message it must fetch again: no baseline yet
+            else:
+                log_event(log, logging.INFO, "inbound.first_start", account=self.account,
+                          folder=self.folder, mode="new", baseline=info.uidnext - 1)  # fmt: skip
+            # UIDNEXT is from SELECT, so anything that arrived since is still above it.
+            await self._set_cursor(Cursor(uv, info.uidnext - 1))
+            return DONE
+        if cursor.uidvalidity != uv:
+            return await self._rebaseline(session, info, cursor, queue)
+        uids = await session.uid_search("UID", f"{cursor.last_uid + 1}:*")
+        result = await self._handle(session, uv, [u for u in uids if u > cursor.last_uid], queue)
+        if time.time() - cursor.updated_at > 3600:
+            # Keep "last synced" fresh: a later UIDVALIDITY change rechecks mail since then.
+            await self._set_cursor(cursor)
+        return result
+
+    async def _rebaseline(
+        self,
+        session: ImapSession,
+        info: SelectInfo,
+        old: Cursor,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> PassResult:
+        """UIDVALIDITY changed: our UIDs mean nothing now.
+
+        Mail that arrived since the last sync (by date, with a day of slack for time
+        zones) is looked at again; the ledger drops what was already handed on, so
+        nothing is replayed and nothing that came in meanwhile is lost.
+        """
+        self.metrics.inc("imap.uidvalidity_changes")
+        since = time.gmtime((old.updated_at or time.time()) - 86400)
+        date = time.strftime("%d-%b-%Y", since)
+        uids = await session.uid_search("SINCE", date)
+        log_event(log, logging.WARNING, "inbound.uidvalidity_changed", account=self.account,
+                  folder=self.folder, old=old.uidvalidity, new=info.uidvalidity,
+                  rechecked=len(uids), code="uidvalidity_changed")  # fmt: skip
+        result = await self._handle(session, info.uidvalidity, uids, queue, move_cursor=False)
+        if result.complete:
+            await self._set_cursor(Cursor(info.uidvalidity, info.uidnext - 1))
+        return result
+
+    async def _set_cursor(self, cursor: Cursor) -> None:
+        await self.writer.durable(
+            functools.partial(self.store.set_cursor, self.account, self.folder, cursor)
+        )
+
+    # --- handing messages on ---
+
+    async def _handle(
+        self,
+        session: ImapSession,
+        uv: int,
+        uids: list[int],
+        queue: asyncio.Queue[ChannelMessage],
+        *,
+        move_cursor: bool = True,
+    ) -> PassResult:
+        """Hand on ``uids`` in ascending order, in bounded windows.
+
+        Stops early at a message it must fetch again (the cursor then sits just
+        before that message, and a new pass follows after ``resync_in``).
+        ``move_cursor=False`` (a first start, a re-baseline) writes ledger rows only.
+        """
+        uids = sorted(uids)
+        window = self.config.fetch_batch_size * 10
+        for start in range(0, len(uids), window):
+            self.writer.begin(uv, move_cursor=move_cursor)
+            result = await self._handle_window(session, uids[start : start + window], queue)
+            if not result.complete:
+                return result
+        return DONE
+
+    async def _handle_window(
+        self, session: ImapSession, uids: list[int], queue: asyncio.Queue[ChannelMessage]
+    ) -> PassResult:
+        """Sizes, Message-IDs and senders first, then bodies: the next chunk downloads
+        while this one is handed on.
+
+        A duplicate is mail with the Message-ID AND the sender of mail already handed
+        on (or waiting, deferred): refused mail never shadows a later allowed one.
+        """
+        meta = await session.fetch_meta(uids)
+        hints = {uid: _hints(m.data) for uid, m in meta.items()}
+        pairs = {uid: (mid, sender) for uid, (mid, sender) in hints.items() if mid}
+        known = await self.store.handed_on(self.account, list(pairs.values()))
+        steps = _plan(
+            uids,
+            meta,
+            {uid for uid, pair in pairs.items() if pair in known},
+            self.config.max_message_bytes,
+            self.config.fetch_batch_size,
+        )
+        writer = self.writer
+        ahead: asyncio.Task[dict[int, bytes]] | None = None
+        result = DONE
+        try:
+            for i, step in enumerate(steps):
+                if ahead is None:
+                    ahead = asyncio.create_task(self._download(session, step, meta))
+                data = await ahead
+                ahead = None
+                if i + 1 < len(steps):
+                    ahead = asyncio.create_task(self._download(session, steps[i + 1], meta))
+                result = await self._process_step(step, data, meta, hints, queue)
+                if not result.complete:
+                    break  # the serve loop syncs again, from the cursor
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+            await _to_completion(writer.flush())
+        if writer.delivered and self.config.handoff == "queue":
+            await self._after_handoff(session, writer.delivered)
+        return result
+
+    async def _download(
+        self, session: ImapSession, step: Step, meta: dict[int, FetchedMessage]
+    ) -> dict[int, bytes]:
+        if step.kind is StepKind.BODIES:
+            expected = sum(meta[u].size or 0 for u in step.uids if u in meta)
+            bodies = await session.fetch_bodies(step.uids, total_bytes=expected)
+            self.metrics.inc("inbound.fetched", len(bodies))
+            return bodies
+        if step.kind is StepKind.OVERSIZED:
+            return await session.fetch_headers(step.uids)
+        return {}
+
+    async def _process_step(
+        self,
+        step: Step,
+        data: dict[int, bytes],
+        meta: dict[int, FetchedMessage],
+        hints: dict[int, tuple[str | None, str]],
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> PassResult:
+        writer = self.writer
+        for uid in step.uids:
+            header_id, sender = hints.get(uid, (None, ""))
+            if step.kind is StepKind.DUPLICATE:
+                writer.skip(uid, header_id or "")
+                continue
+            raw = data.get(uid)
+            if raw is None:  # kind MISSING, or a FETCH answer that left it out
+                retry_in = self._body_missing(uid, header_id)
+                if retry_in is not None:
+                    return PassResult(complete=False, resync_in=retry_in)
+                continue
+            self._missing.pop(uid, None)
+            oversized = step.kind is StepKind.OVERSIZED
+            size = meta[uid].size or 0
+            # The message's identity, decided once: the header's Message-ID, else a
+            # hash of the bytes. It is checked before the pipeline runs, so a copy
+            # never counts against a limit or writes attachments.
+            mid = message_identity(raw, header_id, oversized_size=size if oversized else None)
+            if writer.seen_in_pass(mid, sender) or (
+                header_id is None and await self.store.handed_on(self.account, [(mid, sender)])
+            ):
+                writer.skip(uid, mid)
+                continue
+            if oversized:
+                outcome = await self._judge_oversized(uid, raw, size, mid)
+            else:
+                outcome = await self._judge(uid, raw, mid)
+            if outcome.decision == "deliver" and outcome.message is not None:
+                waiting = self.deferred.judge(outcome.message)
+                if waiting is None:
+                    await writer.hand_on(uid, outcome.message, outcome.entry, queue)
+                else:
+                    keep = self.deferred.store_step(waiting, outcome.message)
+                    writer.defer(uid, outcome.message, outcome.entry, waiting.reason, keep)
+            else:
+                kind = "rejected" if outcome.decision == "reject" else "quarantined"
+                writer.record(uid, mid, kind, outcome.reason or kind)
+                if outcome.decision == "reject":
+                    reason = outcome.reason or kind
+                    self.reporter.rejected(
+                        mid, outcome.sender, outcome.subject, reason, outcome.detail or ""
+                    )
+            self.status.last_uid = uid
+        return DONE
+
+    def _body_missing(self, uid: int, header_id: str | None) -> float | None:
+        """Never let the cursor pass a message we did not get: stop here and fetch it
+        again, backing off (returns the delay). Expunged meanwhile, it is no longer
+        listed and the next pass moves on; still listed after the give-up time, it is
+        skipped with an error (returns None)."""
+        misses, first = self._missing.get(uid, (0, time.monotonic()))
+        misses += 1
+        waited = time.monotonic() - first
+        if misses < MISSING_BODY_RETRIES or waited < MISSING_GIVE_UP_SECS:
+            self._missing[uid] = (misses, first)
+            delay = float(min(MISSING_RETRY_BASE_SECS * 2 ** (misses - 1), 30.0))
+            log_event(log, logging.WARNING, "inbound.fetch_incomplete", account=self.account,
+                      folder=self.folder, uid=uid, message_id=header_id, misses=misses,
+                      retry_in=f"{delay:.1f}s", code="fetch_incomplete")  # fmt: skip
+            return delay
+        self._missing.pop(uid, None)
+        self.metrics.inc("inbound.errors")
+        log_event(log, logging.ERROR, "inbound.body_missing", account=self.account,
+                  folder=self.folder, uid=uid, message_id=header_id, tries=misses,
+                  code="body_missing")  # fmt: skip
+        return None
+
+    async def _judge(self, uid: int, raw: bytes, mid: str) -> Outcome:
+        try:
+            return await self.pipeline.process(raw, arrival=time.time(), message_id=mid)
+        except Exception as exc:  # bad mail must not stop the listener
+            return self._pipeline_failed(exc, uid, mid)
+
+    async def _judge_oversized(self, uid: int, header: bytes, size: int, mid: str) -> Outcome:
+        """Too big to download: only the header goes to the policy (accepted mail is
+        handed on with a note instead of its body)."""
+        self.metrics.inc("inbound.too_large")
+        log_event(log, logging.WARNING, "inbound.too_large", account=self.account,
+                  folder=self.folder, uid=uid, message_id=mid, size=size,
+                  limit=self.config.max_message_bytes, code="too_large")  # fmt: skip
+        try:
+            return await self.pipeline.process_oversized(
+                header, size, arrival=time.time(), message_id=mid
+            )
+        except Exception as exc:
+            return self._pipeline_failed(exc, uid, mid)
+
+    def _pipeline_failed(self, exc: Exception, uid: int, mid: str) -> Outcome:
+        self.metrics.inc("inbound.errors")
+        log_event(log, logging.ERROR, "inbound.pipeline_failed", exc=exc, account=self.account,
+                  folder=self.folder, uid=uid, message_id=mid, code="pipeline_error")  # fmt: skip
+        return Outcome("quarantine", mid, reason=f"pipeline_error:{type(exc).__name__}")
+
+    async def _after_handoff(self, session: ImapSession, uids: list[int]) -> None:
+        """Optional ``\\Seen`` / move, for handled mail only (rejected mail stays as it was).
+
+        Handled: on the queue (``handoff="queue"``), or acknowledged (``"ack"``; then
+        at the end of the next pass, in this run: a message acked after its run ended
+        stays as it is on the server).
+        """
+        try:
+            if self.config.mark_seen:
+                await session.store_flags(uids, "(\\Seen)")
+            if self.config.move_to_folder:
+                await session.move(uids, self.config.move_to_folder)
+                self.metrics.inc("inbound.moved", len(uids))
+        except TransportError:
+            raise
+        except ChannelError as exc:
+            # The messages are handed on and recorded; only the tidy-up failed.
+            self.metrics.inc("inbound.errors")
+            log_event(log, logging.WARNING, "inbound.after_handoff_failed", exc=exc,
+                      account=self.account, folder=self.folder, uid=uid_list(uids))  # fmt: skip
+
+
+def _plan(
+    uids: list[int],
+    meta: dict[int, FetchedMessage],
+    duplicates: set[int],
+    max_bytes: int,
+    batch_size: int,
+) -> list[Step]:
+    """Split UIDs, in order, into body fetches (bounded in count and bytes) and single steps."""
+    steps: list[Step] = []
+    pending: list[int] = []
+    pending_bytes = 0
+    for uid in uids:
+        m = meta.get(uid)
+        if m is None:  # expunged since SEARCH, or left out: find out by asking again
+            if pending:
+                steps.append(Step(StepKind.BODIES, pending))
+                pending, pending_bytes = [], 0
+            steps.append(Step(StepKind.MISSING, [uid]))
+            continue
+        size = m.size or 0
+        kind = StepKind.BODIES
+        if uid in duplicates:
+            kind = StepKind.DUPLICATE
+        elif size > max_bytes:
+            kind = StepKind.OVERSIZED
+        full = len(pending) >= batch_size or pending_bytes + size > FETCH_BYTES_BUDGET
+        if pending and (kind is not StepKind.BODIES or full):
+            steps.append(Step(StepKind.BODIES, pending))
+            pending, pending_bytes = [], 0
+        if kind is StepKind.BODIES:
+            pending.append(uid)
+            pending_bytes += size
+        else:
+            steps.append(Step(kind, [uid]))
+    if pending:
+        steps.append(Step(StepKind.BODIES, pending))
+    return steps
+
+
+def uid_list(uids: list[int]) -> str:
+    return ",".join(map(str, uids[:20])) + ("..." if len(uids) > 20 else "")
+
+
+def _hints(block: bytes | None) -> tuple[str | None, str]:
+    """(Message-ID, sender) from the Message-ID/From block, read as the pipeline reads
+    them (the same functions), so the duplicate check and the pipeline agree."""
+    if not block:
+        return None, ""
+    headers = Headers.from_block(block)
+    return header_message_id(headers.get("message-id")), sender_of(headers)[1]
+
+
+async def _to_completion(aw: Awaitable[None]) -> None:
+    """Finish ``aw`` even when cancelled meanwhile; the cancellation is re-raised after."""
+    task = asyncio.ensure_future(aw)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await task
+        raise
+
+
+async def _close(session: ImapSession) -> None:
+    if session.is_open:
+        await session.logout()
+    else:
+        session.abort()

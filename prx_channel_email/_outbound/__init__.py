@@ -1,0 +1,1 @@
+"""Sending: reply -> compose -> outbox -> SMTP."""

@@ -1,0 +1,1 @@
+"""The durable state, behind one interface."""

@@ -1,0 +1,1 @@
+"""Small helpers every layer may use: backoff and structured logs."""

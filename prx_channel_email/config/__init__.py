@@ -1,0 +1,631 @@
+"""Configuration: the ``[channels_config.email]`` table of a framework's config.toml.
+
+Three ways in, one validation:
+
+* ``load_config(path)`` reads the TOML table; environment variables named
+  ``PRX_EMAIL_<FIELD>`` (e.g. ``PRX_EMAIL_PASSWORD``) override it, so secrets can
+  stay out of the file;
+* ``EmailConfig.from_table(table)``: a host framework's own table (snake_case or
+  camelCase keys), with the environment overriding it the same way;
+* ``EmailConfig(**kwargs)``: values given in code win over the environment (what
+  a program says explicitly is not silently replaced); the environment still
+  fills the fields not given.
+
+The environment is read by pydantic-settings (the design card's choice): the
+``PRX_EMAIL_*`` variables and nothing else (no .env file, no command line, no
+secrets directory).
+
+Every problem becomes one :class:`ConfigError` that names each bad field (and the
+file), and never echoes a value back (a value might be a password).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import ipaddress
+import json
+import os
+import re
+import ssl
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
+
+from prx_channel_email._mail.addresses import fold_address
+from prx_channel_email.errors import ConfigError
+
+ENV_PREFIX = "PRX_EMAIL_"
+TABLE = ("channels_config", "email")
+# A config file is a few KB; anything bigger is a mistake (or /dev/zero).
+MAX_CONFIG_BYTES = 1024 * 1024
+
+# While a table (file or host) is validated: the environment wins, errors name the file.
+_ENV_OVERRIDES: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "prx_email_env_overrides", default=False
+)
+_TABLE_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "prx_email_table_path", default=None
+)
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PositiveInt = Annotated[int, Field(gt=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+# Deliberately loose: the server decides what it delivers to. This only catches
+# values that cannot be an address at all (no @, spaces, empty parts).
+_ADDRESS_RE = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;.]+$|^[^@\s<>,;]+@localhost$")
+_DOMAIN_RE = re.compile(r"^@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$")
+
+# Providers whose Authentication-Results authserv-id is known and stable, by IMAP
+# host. Used only when the config does not set trusted_authserv_ids itself.
+# Gmail stamps "mx.google.com"; Microsoft (Outlook.com, Microsoft 365) writes
+# the field without an authserv-id, which the entry "@none" stands for. Others
+# stamp per-host names that are not documented as stable, so they are not preset.
+PROVIDER_AUTHSERV_IDS: dict[str, tuple[str, ...]] = {
+    "imap.gmail.com": ("mx.google.com",),
+    "imap.googlemail.com": ("mx.google.com",),
+    "outlook.office365.com": ("@none",),
+    "imap-mail.outlook.com": ("@none",),
+}
+
+
+def provider_authserv_ids(imap_host: str) -> list[str]:
+    """The preset trusted authserv-ids for a known provider's IMAP host ([] if unknown)."""
+    return list(PROVIDER_AUTHSERV_IDS.get(imap_host.strip().rstrip(".").lower(), ()))
+
+
+DEFAULT_ATTACHMENT_TYPES = [
+    "text/plain",
+    "text/csv",
+    "text/markdown",
+    "application/pdf",
+    "application/json",
+    "image/png",
+    "image/jpeg",
+    "image/gif",
+    "image/webp",
+]
+
+
+def is_loopback(host: str) -> bool:
+    """True for hosts that never leave this machine (plaintext is allowed there).
+
+    Only ``localhost`` and loopback IP literals: a name like ``x.localhost`` may be
+    sent to a DNS server (nsswitch "files dns"), and then anywhere.
+    """
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "prx-channel-email"
+
+
+def is_address(value: str) -> bool:
+    return bool(_ADDRESS_RE.match(value))
+
+
+def sender_entry(value: str) -> str | None:
+    """An ``allowed_senders`` entry in its stored form, or None when it is none of
+    an address, ``@domain`` or ``*`` (the config and ``allow_sender`` share this)."""
+    item = fold_address(value)
+    if item == "*" or _DOMAIN_RE.match(item) or is_address(item):
+        return item
+    return None
+
+
+def _split_list(value: Any) -> Any:
+    """Accept a JSON list or a comma-separated string (handy in env variables)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+# NoDecode: pydantic-settings hands the variable's text to _split_list (JSON or
+# comma-separated) instead of insisting on JSON itself.
+StrList = Annotated[list[str], NoDecode]
+
+
+class EmailConfig(BaseSettings):
+    """Settings of one email account. Field names and defaults follow the reference channel."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,  # PRX_EMAIL_PASSWORD or prx_email_password, the shell's habit
+        extra="forbid",
+        frozen=True,
+        hide_input_in_errors=True,
+        validate_default=True,
+    )
+
+    # --- the reference channel's fields (names and defaults fixed) ---
+    imap_host: str
+    imap_port: Port = 993
+    imap_folder: str = "INBOX"
+    smtp_host: str
+    smtp_port: Port = 465
+    smtp_tls: bool = True
+    username: str
+    # Before password: its validator needs to know whether a password is wanted.
+    auth_method: Literal["password", "oauth2"] = "password"
+    password: SecretStr | None = Field(default=None, validate_default=True)
+    from_address: str
+    idle_timeout_secs: PositiveInt = 1740
+    allowed_senders: StrList = Field(default_factory=list)
+    default_subject: str = "PRX Message"
+
+    # --- connection security ---
+    imap_security: Literal["tls", "starttls", "plain"] = "tls"
+    smtp_security: Literal["auto", "tls", "starttls", "plain"] = "auto"
+    allow_insecure: bool = False
+    ca_file: Path | None = None
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    connect_timeout_secs: PositiveFloat = 20.0
+    command_timeout_secs: PositiveFloat = 60.0
+
+    # --- OAuth 2.0 (auth_method = "oauth2"; see oauth.py) ---
+    oauth_provider: Literal["google", "microsoft", "custom"] | None = None
+    oauth_client_id: str | None = None
+    oauth_client_secret: SecretStr | None = None
+    oauth_tenant: str = "common"
+    oauth_scopes: StrList = Field(default_factory=list)
+    oauth_token_url: str | None = None
+    oauth_authorize_url: str | None = None
+    oauth_device_url: str | None = None
+    oauth_revoke_url: str | None = None
+    oauth_refresh_token: SecretStr | None = None
+    oauth_redirect_port: Annotated[int, Field(ge=0, le=65535)] = 0
+
+    # --- inbound transport ---
+    state_dir: Path = Field(default_factory=default_state_dir)
+    keepalive_secs: PositiveInt = 240
+    poll_interval_secs: PositiveInt = 60
+    initial_sync: Literal["new", "unseen"] = "new"
+    # "ack": handed-on mail stays in flight until channel.ack(msg) or a reply to it,
+    # and comes again after a restart; "queue": handled once it is on the queue.
+    handoff: Literal["ack", "queue"] = "ack"
+    mark_seen: bool = False
+    move_to_folder: str | None = None
+    max_message_bytes: PositiveInt = 25 * 1024 * 1024
+    fetch_batch_size: Annotated[int, Field(ge=1, le=500)] = 50
+
+    # --- inbound policy ---
+    trusted_authserv_ids: StrList = Field(default_factory=list)
+    sender_auth: Literal["off", "flag", "enforce"] = "enforce"
+    own_addresses: StrList = Field(default_factory=list)
+    # Rate limits defer, never drop (ratelimit.py; README "Rate limits and loops").
+    rate_limit_count: PositiveInt = 30
+    rate_limit_window_secs: PositiveInt = 3600
+    domain_rate_limit_count: PositiveInt = 100
+    loop_reply_secs: PositiveFloat = 30.0
+    loop_max_quick_replies: PositiveInt = 3
+    loop_window_secs: PositiveInt = 3600
+
+    # --- attachments ---
+    attachments_dir: Path | None = None
+    max_attachment_bytes: PositiveInt = 10 * 1024 * 1024
+    max_attachments_total_bytes: PositiveInt = 25 * 1024 * 1024
+    attachment_types: StrList = Field(default_factory=lambda: list(DEFAULT_ATTACHMENT_TYPES))
+
+    # --- outbound ---
+    from_name: str | None = None
+    send_max_attempts: Annotated[int, Field(ge=1, le=100)] = 40
+    send_retry_max_secs: PositiveInt = 900
+    max_outbound_attachment_bytes: PositiveInt = 20 * 1024 * 1024
+    # Reply text (UTF-8 bytes) above this is refused: too_large. An echo of a huge
+    # mail must not cost gigabytes of memory and seconds of Markdown rendering.
+    max_outbound_bytes: PositiveInt = 1_000_000
+    # Sent replies keep their stored text this many days (idempotency needs only
+    # the key and the Message-ID, which stay). Pruned at start and hourly.
+    outbox_retention_days: Annotated[float, Field(ge=0)] = 7
+    save_sent: bool = False
+    sent_folder: str | None = None
+
+    # The OAuth token manager shared by every connection made with this object
+    # (oauth.token_source); never part of the settings.
+    _oauth_tokens: Any = PrivateAttr(default=None)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Earlier sources win. A table (file or host) yields to the environment,
+        where the secrets live; arguments given in code win over it. No .env file
+        and no secrets directory: the variables are the only other source."""
+        if _ENV_OVERRIDES.get():
+            return (env_settings, init_settings)
+        return (init_settings, env_settings)
+
+    def __init__(self, **values: Any) -> None:
+        """Validate; every problem (bad value, missing field, bad env override) is a ConfigError."""
+        # BaseSettings would take "_env_file", "_cli_parse_args", "_secrets_dir" ...
+        # as options for itself: here no field starts with "_", so they are unknown
+        # fields like any other (reported after the value errors, as pydantic does).
+        options = [f"{key}: unknown field (check the spelling)" for key in values if key[:1] == "_"]
+        where = _TABLE_PATH.get()
+        try:
+            super().__init__(**{k: v for k, v in values.items() if k[:1] != "_"})
+        except ValidationError as exc:
+            raise _invalid(exc, where, options) from None
+        except SettingsError as exc:  # a variable pydantic-settings itself could not decode
+            raise _config_error(where, [_settings_problem(exc), *options]) from None
+        if options:
+            raise _config_error(where, options) from None
+
+    @classmethod
+    def from_table(
+        cls, table: Mapping[str, Any], *, path: str | os.PathLike[str] | None = None
+    ) -> EmailConfig:
+        """Validate a host framework's table: snake_case or camelCase keys, the
+        environment overriding it as it overrides a file; ``path`` only names the
+        source in errors. Unknown keys are refused (a typo must not go unnoticed)."""
+        shown = str(path) if path is not None else None
+        data = _snake_keys(table, shown)
+        env_token = _ENV_OVERRIDES.set(True)
+        path_token = _TABLE_PATH.set(shown)
+        try:
+            return cls(**data)
+        finally:
+            _TABLE_PATH.reset(path_token)
+            _ENV_OVERRIDES.reset(env_token)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset_trust(cls, data: Any) -> Any:
+        # A known provider's id is trusted unless the config says otherwise
+        # (an explicit list, even an empty one, wins).
+        if isinstance(data, dict) and "trusted_authserv_ids" not in data:
+            host = data.get("imap_host")
+            preset = provider_authserv_ids(host) if isinstance(host, str) else []
+            if preset:
+                data = {**data, "trusted_authserv_ids": preset}
+        return data
+
+    @field_validator(
+        "allowed_senders",
+        "trusted_authserv_ids",
+        "own_addresses",
+        "attachment_types",
+        "oauth_scopes",
+        mode="before",
+    )
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("imap_host", "smtp_host", "username", "imap_folder")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("password")
+    @classmethod
+    def _password(cls, value: SecretStr | None, info: ValidationInfo) -> SecretStr | None:
+        if info.data.get("auth_method") == "oauth2":
+            return value if value is not None and value.get_secret_value() else None
+        if value is None or not value.get_secret_value():
+            raise ValueError(f"required (set it in the file or in {ENV_PREFIX}PASSWORD)")
+        return value
+
+    @field_validator(
+        "imap_host", "smtp_host", "username", "imap_folder",
+        "default_subject", "from_name", "sent_folder", "move_to_folder",
+    )  # fmt: skip
+    @classmethod
+    def _one_line(cls, value: str | None) -> str | None:
+        # These end up in mail headers or protocol commands: a line break would inject.
+        if value is not None and any(ch in value for ch in "\r\n\x00"):
+            raise ValueError("must not contain line breaks or NUL")
+        return value
+
+    @field_validator("from_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if not is_address(value):
+            raise ValueError("is not an email address")
+        return value
+
+    @field_validator("allowed_senders")
+    @classmethod
+    def _senders(cls, value: list[str]) -> list[str]:
+        cleaned: list[str] = []
+        bad: list[str] = []
+        for entry in value:
+            item = sender_entry(entry)
+            if item is not None:
+                cleaned.append(item)
+            else:
+                bad.append(entry)
+        if bad:
+            shown = ", ".join(repr(b) for b in bad)
+            raise ValueError(
+                f"entries {shown} are neither an address, '@domain' nor '*'"
+                if len(bad) > 1
+                else f"entry {shown} is neither an address, '@domain' nor '*'"
+            )
+        return cleaned
+
+    @field_validator("own_addresses")
+    @classmethod
+    def _own(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not is_address(v.strip())]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))} not an email address")
+        return [fold_address(v) for v in value]
+
+    @field_validator("ca_file")
+    @classmethod
+    def _ca_exists(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        path = value.expanduser()
+        if not path.is_file():
+            raise ValueError(f"file {str(value)!r} does not exist")
+        try:  # fail here, with the file named, rather than at every connection
+            # A bare context: the system trust store is not needed to read one file.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=str(path))
+        except (ssl.SSLError, OSError, ValueError) as exc:
+            raise ValueError(
+                f"file {str(value)!r} holds no usable PEM certificate ({exc.__class__.__name__})"
+            ) from None
+        return path
+
+    @model_validator(mode="after")
+    def _security(self) -> EmailConfig:
+        problems: list[str] = []
+        if self.imap_security == "plain" and not self.plaintext_allowed(self.imap_host):
+            problems.append(
+                "imap_security: 'plain' sends the password unencrypted to "
+                f"{self.imap_host}; use 'tls' or 'starttls', or set allow_insecure = true"
+            )
+        if self.smtp_effective_security == "plain" and not self.plaintext_allowed(self.smtp_host):
+            problems.append(
+                "smtp_security: plaintext SMTP to "
+                f"{self.smtp_host} is refused; use port 465/587 with TLS, "
+                "or set allow_insecure = true"
+            )
+        if self.auth_method == "oauth2":
+            from prx_channel_email.config.providers import (
+                oauth_problems,  # the rules live with the presets
+            )
+
+            problems.extend(oauth_problems(self))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # --- derived values ---
+    def plaintext_allowed(self, host: str) -> bool:
+        """Plaintext may carry the password only on this machine, or by explicit opt-in."""
+        return is_loopback(host) or self.allow_insecure
+
+    @property
+    def smtp_effective_security(self) -> Literal["tls", "starttls", "plain"]:
+        """Resolve ``smtp_security = "auto"`` from the reference fields smtp_port/smtp_tls."""
+        if self.smtp_security != "auto":
+            return self.smtp_security
+        if not self.smtp_tls:
+            return "plain"
+        return "tls" if self.smtp_port == 465 else "starttls"
+
+    @property
+    def account(self) -> str:
+        """A stable key for this account in state and logs (no secret in it)."""
+        return f"{self.username}@{self.imap_host}:{self.imap_port}"
+
+    @property
+    def attachments_path(self) -> Path:
+        return self.attachments_dir or (self.state_dir / "attachments")
+
+    @property
+    def smtp_login(self) -> tuple[str, str]:
+        user = self.smtp_username or self.username
+        secret = self.smtp_password or self.password
+        return user, secret.get_secret_value() if secret is not None else ""
+
+    @property
+    def imap_login(self) -> tuple[str, str]:
+        return self.username, self.password.get_secret_value() if self.password else ""
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data with every secret masked (for `prx-email config`)."""
+        data = self.model_dump(mode="json")
+        for key in ("password", "smtp_password", "oauth_client_secret", "oauth_refresh_token"):
+            if data.get(key) is not None:
+                data[key] = "********"
+        data["smtp_effective_security"] = self.smtp_effective_security
+        return data
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path:
+    if path is not None:
+        return Path(path).expanduser()
+    env = os.environ.get("PRX_CONFIG")
+    return Path(env).expanduser() if env else Path("config.toml")
+
+
+def _describe(err: dict[str, Any]) -> list[str]:
+    loc = ".".join(str(p) for p in err.get("loc", ()))
+    kind = err.get("type", "")
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if kind == "missing":
+        return [f"{loc}: required field is missing"]
+    if kind == "extra_forbidden":
+        return [f"{loc}: unknown field (check the spelling)"]
+    if not loc:  # a cross-field check: its message already starts with the field names
+        return msg.split("; ")
+    return [f"{loc}: {msg}"]
+
+
+def _invalid(exc: ValidationError, path: str | None, more: list[str] | None = None) -> ConfigError:
+    problems = [line for e in exc.errors(include_input=False) for line in _describe(dict(e))]
+    return _config_error(path, problems + (more or []))
+
+
+def _config_error(path: str | None, problems: list[str]) -> ConfigError:
+    where = f" in {path}" if path else ""
+    return ConfigError(
+        f"invalid email configuration{where}:\n  - " + "\n  - ".join(problems),
+        path=path,
+        problems=problems,
+    )
+
+
+_SETTINGS_FIELD_RE = re.compile(r'field "([^"]+)"')
+
+
+def _settings_problem(exc: SettingsError) -> str:
+    """pydantic-settings names the field in its message; the value (and the
+    decoder's complaint about it, in ``__cause__``) is left out: it may be a secret."""
+    found = _SETTINGS_FIELD_RE.search(str(exc))
+    if found is None:
+        return f"{ENV_PREFIX}*: a variable could not be decoded"
+    name = found.group(1)
+    return f"{name}: {ENV_PREFIX}{name.upper()} could not be decoded"
+
+
+_CAMEL_RE = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+
+
+def _snake_keys(table: Mapping[str, Any], path: str | None) -> dict[str, Any]:
+    """``imapHost`` -> ``imap_host`` for known fields; other keys are kept as written,
+    so the error names them the way the host spelled them."""
+    where = f" in {path}" if path else ""
+    if not isinstance(table, Mapping):
+        raise ConfigError(
+            f"invalid email configuration{where}: expected a table of settings,"
+            f" got {type(table).__name__}",
+            path=path,
+        )
+    fields = EmailConfig.model_fields
+    out: dict[str, Any] = {}
+    problems: list[str] = []
+    for key, value in table.items():
+        if not isinstance(key, str):
+            problems.append(f"{key!r}: keys must be strings")
+            continue
+        name = key
+        if name not in fields:
+            snake = _CAMEL_RE.sub("_", key).lower()
+            if snake in fields:
+                name = snake
+        if name in out:
+            problems.append(f"{name}: given twice (as {name} and as {key})")
+            continue
+        out[name] = value
+    if problems:
+        raise ConfigError(
+            f"invalid email configuration{where}:\n  - " + "\n  - ".join(problems),
+            path=path,
+            problems=problems,
+        )
+    return out
+
+
+def config_from_table(table: Mapping[str, Any], *, path: str | None = None) -> EmailConfig:
+    """Same as :meth:`EmailConfig.from_table` (kept for existing callers)."""
+    return EmailConfig.from_table(table, path=path)
+
+
+def _read_config_file(file: Path) -> bytes:
+    """The file's bytes; only a regular file, at most MAX_CONFIG_BYTES.
+
+    Opened non-blocking and checked on the open descriptor: a FIFO must not hang
+    the command, a device such as /dev/zero must not be read forever.
+    """
+    shown = str(file)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(file, flags)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {shown} not found", path=shown) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {shown}: {exc.strerror}", path=shown) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+            raise ConfigError(f"config file {shown} is {kind}", path=shown)
+        if info.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {shown} is larger than {MAX_CONFIG_BYTES // 1024} KB", path=shown
+            )
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:  # st_size can lie (/proc): bound the read itself
+            chunk = os.read(fd, 64 * 1024)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"config file {shown} is larger than {MAX_CONFIG_BYTES // 1024} KB", path=shown
+            )
+        return b"".join(chunks)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {shown}: {exc.strerror}", path=shown) from None
+    finally:
+        os.close(fd)
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
+    """Read ``[channels_config.email]`` from ``path``, ``$PRX_CONFIG`` or ``./config.toml``."""
+    file = resolve_path(path)
+    shown = str(file)
+    raw = _read_config_file(file)
+    import tomllib  # only for a file: a host building its config in code never needs it
+
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {shown} is not UTF-8 text", path=shown) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"TOML syntax error in {shown}: {exc}", path=shown) from None
+    table: Any = doc
+    for key in TABLE:
+        table = table.get(key) if isinstance(table, dict) else None
+    if not isinstance(table, dict):
+        raise ConfigError(
+            f"{shown} has no [{'.'.join(TABLE)}] table",
+            path=shown,
+            problems=[f"[{'.'.join(TABLE)}]: table is missing"],
+        )
+    return EmailConfig.from_table(table, path=shown)

@@ -1,0 +1,155 @@
+"""The doctor's OAuth checks: the token store, a real refresh, the scopes.
+
+They run before the IMAP and SMTP chains and hand those chains the config with
+the token just obtained, so the logins that follow use the channel's own
+XOAUTH2 code with no further token request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Literal
+
+from prx_channel_email._oauth.tokens import TokenStore, attach
+from prx_channel_email.config import EmailConfig
+from prx_channel_email.config.providers import missing_scopes
+from prx_channel_email.errors import (
+    AuthenticationError,
+    ChannelError,
+    OAuthReauthRequired,
+    OAuthUnavailable,
+)
+
+if TYPE_CHECKING:
+    from prx_channel_email.doctor import Check
+
+Status = Literal["pass", "warn", "fail", "skip"]
+
+LOGIN_FIX = (
+    "run `prx-email auth login` (add --device or --no-browser on a machine without a browser)"
+)
+
+
+def reauth_fix(provider: str) -> str:
+    """What to do when the grant is gone, with the provider's usual cause."""
+    if provider == "google":
+        return (
+            f"{LOGIN_FIX}. If this keeps happening every 7 days, the app's OAuth consent "
+            "screen is in 'Testing' mode: publish it (Google Cloud console > APIs & Services "
+            "> OAuth consent screen > Publish app)."
+        )
+    if provider == "microsoft":
+        return (
+            f"{LOGIN_FIX}. If sign-in then fails, an administrator must grant admin consent "
+            "for IMAP.AccessAsUser.All and SMTP.Send (Entra admin center > App registrations "
+            "> API permissions > Grant admin consent)."
+        )
+    return LOGIN_FIX
+
+
+def login_fix(provider: str) -> str:
+    """The fix for a token the mail server refused (the grant itself is fine)."""
+    if provider == "microsoft":
+        return (
+            "Microsoft 365: enable IMAP and 'Authenticated SMTP' for this mailbox (admin center "
+            "> Users > the user > Mail > Manage email apps); SMTP 5.7.139 means SMTP AUTH is "
+            "off for the mailbox or tenant, 5.7.30 means a password was used where OAuth is "
+            "required. The app needs the delegated permissions IMAP.AccessAsUser.All and "
+            "SMTP.Send with admin consent, and username must be the mailbox that signed in."
+        )
+    if provider == "google":
+        return (
+            "Google: username must be the account that signed in and the grant must include "
+            "https://mail.google.com/; a Workspace admin may have turned IMAP off. " + LOGIN_FIX
+        )
+    return "check that username is the account that signed in, then " + LOGIN_FIX
+
+
+async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig, list[Check]]:
+    """Store, refresh and scope checks; returns the config the later chains should use."""
+    from prx_channel_email.doctor import Check
+
+    config, manager = attach(config, None)
+    provider = manager.provider
+    store = TokenStore(config.state_dir)
+    checks: list[Check] = []
+    record = store.load() if store.path.exists() else None
+    if record is None and config.oauth_refresh_token is None:
+        checks.append(Check("oauth store", "fail", f"no token stored at {store.path}", LOGIN_FIX))
+        checks.append(Check("oauth refresh", "skip", "skipped: nothing to refresh", None))
+        checks.append(Check("oauth scopes", "skip", "skipped: nothing to refresh", None))
+        return config, checks
+    if record is None:
+        checks.append(
+            Check("oauth store", "pass", "seeded from oauth_refresh_token (saved at first use)")
+        )
+    elif not store.owner_only():
+        checks.append(
+            Check(
+                "oauth store",
+                "fail",
+                f"{store.path} or its directory can be read by others",
+                f"chmod 600 {store.path}; chmod 700 {store.dir}",
+            )
+        )
+    else:
+        checks.append(Check("oauth store", "pass", f"{store.path} (owner-only)"))
+    try:
+        async with asyncio.timeout(2 * budget):
+            token = await manager.refresh_now()
+    except TimeoutError:
+        checks.append(
+            Check(
+                "oauth refresh",
+                "fail",
+                f"the token endpoint did not answer within {2 * budget:g} s",
+                f"check the network path to {provider.token_url}",
+            )
+        )
+        checks.append(Check("oauth scopes", "skip", "skipped: no token", None))
+        return config, checks
+    except OAuthReauthRequired as exc:
+        checks.append(Check("oauth refresh", "fail", exc.message, reauth_fix(provider.name)))
+        checks.append(Check("oauth scopes", "skip", "skipped: no token", None))
+        return config, checks
+    except OAuthUnavailable as exc:
+        checks.append(
+            Check(
+                "oauth refresh",
+                "fail",
+                exc.message,
+                f"the token endpoint {provider.token_url} is down or unreachable; try again later",
+            )
+        )
+        checks.append(Check("oauth scopes", "skip", "skipped: no token", None))
+        return config, checks
+    except (AuthenticationError, ChannelError) as exc:
+        fix = (
+            "check oauth_client_id and oauth_client_secret (a Google 'Desktop app' client "
+            "needs its client secret too)"
+            if exc.code == "oauth_client_invalid"
+            else reauth_fix(provider.name)
+        )
+        checks.append(Check("oauth refresh", "fail", f"{exc.message} [{exc.code}]", fix))
+        checks.append(Check("oauth scopes", "skip", "skipped: no token", None))
+        return config, checks
+    left = f"valid for {token.expires_at - manager.now():.0f} s" if token.expires_at else "issued"
+    checks.append(
+        Check("oauth refresh", "pass", f"the token endpoint answered: access token {left}")
+    )
+    granted = manager.granted_scope()
+    missing = missing_scopes(provider, granted)
+    if missing:
+        checks.append(
+            Check(
+                "oauth scopes",
+                "fail",
+                f"the grant lacks {' '.join(missing)} (granted: {granted})",
+                "sign in again after adding the scopes: " + reauth_fix(provider.name),
+            )
+        )
+    else:
+        checks.append(
+            Check("oauth scopes", "pass", f"cover IMAP and SMTP ({granted or 'as requested'})")
+        )
+    return config, checks

@@ -185,7 +185,7 @@ class SyncEngine:
         self.folder = config.imap_folder  # the configured name: the key of its state
         self.wire_folder = self.folder  # the server's name for it (see ImapSession.resolve_folder)
         self.push = PushWatch(self.account, self.folder, metrics)
-        self._found = 0  # new UIDs the last pass found above the cursor
+        self._quiet_idle = False  # the last IDLE cycle ran out without a push
         self.backoff = backoff or Backoff(base=1.0, cap=300.0)
         # A refused password does not fix itself in a second; hammering the server
         # with bad logins can also get the account locked.
@@ -302,13 +302,10 @@ class SyncEngine:
         use_idle = session.has_idle and not self._idle_refused
         self.status.mode = "idle" if use_idle else "poll"
         self.status.uidvalidity = info.uidvalidity
-        quiet = False  # the last IDLE cycle ended without a push
+        self._quiet_idle = False
         while True:
             session.changed.clear()
             result = await self._sync(session, info, queue)
-            if quiet and self._found:
-                self.push.missed(session, self._found)
-            self.status.push_silent = self.push.silent
             self.status.last_sync_at = time.time()
             self.status.last_error = self.status.last_error_code = None
             self.status.storage_error = None  # a pass completes only once its writes did
@@ -324,7 +321,7 @@ class SyncEngine:
                 await asyncio.sleep(result.resync_in)  # give the server a moment, then ask again
                 continue
             if self.status.mode == "idle":
-                quiet = not await self._idle_once(session)
+                self._quiet_idle = not await self._idle_once(session)
             else:
                 await asyncio.sleep(self.config.poll_interval_secs)
                 await session.noop(self._probe_timeout)
@@ -373,7 +370,6 @@ class SyncEngine:
         queue: asyncio.Queue[ChannelMessage],
     ) -> PassResult:
         uv = info.uidvalidity
-        self._found = 0
         cursor = await self.store.get_cursor(self.account, self.folder)
         if cursor is None:
             # Before anything else: what arrives while the unseen mail is handled stays above.
@@ -395,7 +391,10 @@ class SyncEngine:
         if cursor.last_uid < 0:
             cursor = await self._repair_cursor(session, info, cursor)
         uids = await session.uids_above(cursor.last_uid)
-        self._found = len(uids)
+        if self._quiet_idle and uids:
+            self.push.missed(session, len(uids))  # before the hand-on: counters first
+            self.status.push_silent = self.push.silent
+        self._quiet_idle = False
         result = await self._handle(session, uv, uids, queue)
         if time.time() - cursor.updated_at > 3600:
             # Keep "last synced" fresh: a later UIDVALIDITY change rechecks mail since then.
@@ -403,10 +402,9 @@ class SyncEngine:
         return result
 
     async def _baseline(self, session: ImapSession, info: SelectInfo) -> int:
-        """The highest UID the folder has now (0 when empty): mail above it is new.
-
-        From what the server really has, never from a missing UIDNEXT read as 0."""
-        return await session.uid_next(self.wire_folder, info) - 1
+        """The highest UID the folder had when selected (0 when empty): mail above it
+        is new. From what the server really has, never from a missing UIDNEXT read as 0."""
+        return await session.last_uid_at_select(self.wire_folder, info)
 
     async def _repair_cursor(self, session: ImapSession, info: SelectInfo, old: Cursor) -> Cursor:
         """A cursor of -1: written by releases up to 0.x on a first start against a

@@ -14,7 +14,7 @@ for a long-running listener:
 * it quotes the password but not the user name or mailbox names; we quote both
   (and encode mailbox names as modified UTF-7);
 * servers differ in what RFC 3501 they follow: a SELECT without ``[UIDNEXT]``
-  (Courier) is answered from STATUS or the highest UID (:meth:`ImapSession.uid_next`),
+  (Courier) is answered from what the server has (:meth:`ImapSession.last_uid_at_select`),
   no UID range ever starts at 0, and folder names follow the server's personal
   namespace (:meth:`ImapSession.resolve_folder`: ``Processed`` is
   ``INBOX.Processed`` on Courier, ``INBOX/Processed`` on Cyrus).
@@ -71,7 +71,7 @@ _INTERNALDATE_RE = re.compile(rb'\bINTERNALDATE "([^"]+)"')
 @dataclass(frozen=True)
 class SelectInfo:
     uidvalidity: int
-    uidnext: int  # 0: the server did not say (Courier); ask ImapSession.uid_next
+    uidnext: int  # 0: the server did not say (Courier): see last_uid_at_select
     exists: int
 
 
@@ -409,23 +409,32 @@ class ImapSession:
             exists=_int(rb"(?m)^(\d+) EXISTS", joined),
         )
 
-    async def uid_next(self, folder: str, info: SelectInfo) -> int:
-        """The UID the next message will get, from what the server really has.
+    async def last_uid_at_select(self, folder: str, info: SelectInfo) -> int:
+        """The highest UID the folder had when ``info`` was selected (0: it was empty).
 
-        SELECT's ``[UIDNEXT]`` when given (RFC 3501 requires it, Courier omits it),
-        else ``STATUS (UIDNEXT)``, else one above the highest UID (``UID FETCH *``),
-        else 1 for an empty mailbox. Never 0: a baseline of -1 would make the next
-        search ``UID 0:*``, which strict servers refuse.
+        From SELECT's ``[UIDNEXT]`` when given (RFC 3501 requires it, Courier omits
+        it); else from what the server really has: nothing when SELECT counted no
+        messages, else the UID of the last one it counted (``FETCH n (UID)``, so mail
+        that arrived since stays above), else ``STATUS (UIDNEXT)``, else the highest
+        UID now. Never -1: that baseline made the next search ``UID 0:*``, which
+        strict servers refuse.
         """
         if info.uidnext > 0:
-            return info.uidnext
+            return info.uidnext - 1
+        if info.exists == 0:
+            return 0
+        resp = await self._execute("FETCH", str(info.exists), "(UID)")
+        if resp.result == "OK":
+            fetched = _parse_fetch(resp.lines)
+            if fetched:
+                return max(fetched)
         resp = await self._execute("STATUS", quote(encode_mailbox(folder)), "(UIDNEXT)")
         if resp.result == "OK":
             joined = b" ".join(x for x in resp.lines if isinstance(x, bytes))
             found = _int(rb"\bUIDNEXT (\d+)", joined)
             if found > 0:
-                return found
-        return await self.highest_uid() + 1
+                return found - 1
+        return await self.highest_uid()
 
     async def highest_uid(self) -> int:
         """The highest UID in the selected folder; 0 when it is empty."""

@@ -238,9 +238,9 @@ class QuirkProxy:
             return b"BAD Unknown command\r\n"
         if "no_uidplus" in q and sub == b"EXPUNGE":
             return b"BAD Unknown command\r\n"
-        if "no_esearch" in q and (name == b"SEARCH" or sub == b"SEARCH"):
-            if b"RETURN" in (w.upper() for w in words):
-                return COURIER_BAD
+        searching = name == b"SEARCH" or sub == b"SEARCH"
+        if "no_esearch" in q and searching and b"RETURN" in (w.upper() for w in words):
+            return COURIER_BAD
         if name == b"UID" and sub in (b"SEARCH", b"FETCH", b"STORE", b"COPY", b"MOVE", b"EXPUNGE"):
             for word in words[3:]:
                 if _SET_RE.match(word) and any(part == b"0" for part in re.split(rb"[:,]", word)):

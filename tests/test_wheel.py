@@ -58,7 +58,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(tree)],
-        check=True, capture_output=True, timeout=300,
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     (built,) = out.glob("prx_channel_email-*.whl")
     return built
@@ -85,7 +87,8 @@ def test_every_module_imports_from_the_installed_package() -> None:
         # The package must come from site-packages, not from a source tree on sys.path.
         here = Path(prx_channel_email.__file__).resolve()
         assert "site-packages" in here.parts, here
-    names = [m.name for m in pkgutil.walk_packages(prx_channel_email.__path__, "prx_channel_email.")]
+    walk = pkgutil.walk_packages(prx_channel_email.__path__, "prx_channel_email.")
+    names = [m.name for m in walk]
     optional = {"prx_channel_email.integrations.nanobot": "nanobot",
                 "prx_channel_email.integrations.hermes": "gateway"}  # fmt: skip
     failed = {}

@@ -26,6 +26,7 @@ import ipaddress
 import json
 import os
 import re
+import socket
 import ssl
 import stat
 from collections.abc import Mapping
@@ -63,6 +64,11 @@ _ENV_OVERRIDES: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 _TABLE_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "prx_email_table_path", default=None
+)
+# While an account of an ``accounts`` table is validated: its own PRX_EMAIL_<NAME>__*
+# variables (field -> text), which win over the general ones (config/accounts.py).
+_ACCOUNT_ENV: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "prx_email_account_env", default=None
 )
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -123,6 +129,20 @@ def is_loopback(host: str) -> bool:
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "prx-channel-email"
+
+
+def default_replica_id() -> str:
+    """This process, as logs, metrics and ``mailboxes()`` name it: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# What an account may do (``capabilities``); all of them unless the config says less.
+CAPABILITIES = ("receive", "reply", "send", "tools")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its userinfo (``user:password@``) masked."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:********@", url)
 
 
 def is_address(value: str) -> bool:
@@ -249,6 +269,30 @@ class EmailConfig(BaseSettings):
     save_sent: bool = False
     sent_folder: str | None = None
 
+    # --- several mailboxes (config/accounts.py; docs/guides/accounts.md) ---
+    # Each folder is a mailbox of its own (own session, cursor, backoff); [] means
+    # [imap_folder]. More folders than max_imap_connections is refused: each holds a
+    # connection, and providers cap them per account (docs/guides/provider-limits.md).
+    imap_folders: StrList = Field(default_factory=list)
+    max_imap_connections: Annotated[int, Field(ge=1, le=1000)] = 10
+    capabilities: StrList = Field(default_factory=lambda: list(CAPABILITIES))
+    # The share of senders (stable hash of the address) whose mail is handed on.
+    rollout_percent: Annotated[float, Field(ge=0, le=100)] = 100
+
+    # --- service-wide: the top-level table only (accounts.SERVICE_FIELDS) ---
+    state_url: SecretStr | None = None
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    metrics_host: str = "127.0.0.1"
+    replica_id: str = Field(default_factory=default_replica_id)
+    lease_secs: PositiveFloat = 30.0
+    # Logins in progress at once per IMAP server (host and port), over all accounts.
+    max_concurrent_logins: Annotated[int, Field(ge=1, le=1000)] = 10
+
+    # --- mailbox tools for the agent ---
+    tools_scope: Literal["allowed", "all"] = "allowed"
+    tools_write: bool = False
+    tools_max_chars: PositiveInt = 20000
+
     # The OAuth token manager shared by every connection made with this object
     # (oauth.token_source); never part of the settings.
     _oauth_tokens: Any = PrivateAttr(default=None)
@@ -265,6 +309,9 @@ class EmailConfig(BaseSettings):
         """Earlier sources win. A table (file or host) yields to the environment,
         where the secrets live; arguments given in code win over it. No .env file
         and no secrets directory: the variables are the only other source."""
+        account_env = _ACCOUNT_ENV.get()
+        if account_env is not None:  # an account of load_accounts: its own variables first
+            return (_Values(settings_cls, account_env), env_settings, init_settings)
         if _ENV_OVERRIDES.get():
             return (env_settings, init_settings)
         return (init_settings, env_settings)
@@ -320,13 +367,17 @@ class EmailConfig(BaseSettings):
         "own_addresses",
         "attachment_types",
         "oauth_scopes",
+        "imap_folders",
+        "capabilities",
         mode="before",
     )
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("imap_host", "smtp_host", "username", "imap_folder")
+    @field_validator(
+        "imap_host", "smtp_host", "username", "imap_folder", "metrics_host", "replica_id"
+    )
     @classmethod
     def _not_blank(cls, value: str) -> str:
         value = value.strip()
@@ -353,6 +404,35 @@ class EmailConfig(BaseSettings):
         if value is not None and any(ch in value for ch in "\r\n\x00"):
             raise ValueError("must not contain line breaks or NUL")
         return value
+
+    @field_validator("imap_folders")
+    @classmethod
+    def _folders(cls, value: list[str]) -> list[str]:
+        folders = [f.strip() for f in value]
+        problems = []
+        if any(not f for f in folders):
+            problems.append("a folder name must not be empty")
+        if any(ch in f for f in folders for ch in "\r\n\x00"):
+            problems.append("a folder name must not contain line breaks or NUL")
+        # INBOX is case-insensitive (RFC 3501); other names are the server's business.
+        keys = [f.upper() if f.upper() == "INBOX" else f for f in folders]
+        twice = sorted({f for f, k in zip(folders, keys, strict=True) if keys.count(k) > 1})
+        if twice:
+            problems.append(f"{', '.join(map(repr, twice))} listed twice")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return folders
+
+    @field_validator("capabilities")
+    @classmethod
+    def _capabilities(cls, value: list[str]) -> list[str]:
+        wanted = [c.strip().lower() for c in value]
+        bad = [c for c in wanted if c not in CAPABILITIES]
+        if bad:
+            raise ValueError(
+                f"{', '.join(map(repr, bad))} unknown; choose from {', '.join(CAPABILITIES)}"
+            )
+        return [c for c in CAPABILITIES if c in wanted]  # one order, no repeats
 
     @field_validator("from_address")
     @classmethod
@@ -406,6 +486,18 @@ class EmailConfig(BaseSettings):
                 f"file {str(value)!r} holds no usable PEM certificate ({exc.__class__.__name__})"
             ) from None
         return path
+
+    @model_validator(mode="after")
+    def _mailboxes(self) -> EmailConfig:
+        if not self.imap_folders:  # the reference field names the one folder
+            object.__setattr__(self, "imap_folders", [self.imap_folder])
+        if len(self.imap_folders) > self.max_imap_connections:
+            raise ValueError(
+                f"imap_folders: {len(self.imap_folders)} folders need as many IMAP "
+                f"connections, more than max_imap_connections ({self.max_imap_connections}); "
+                "providers cap connections per account (Gmail: 15)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _security(self) -> EmailConfig:
@@ -470,8 +562,24 @@ class EmailConfig(BaseSettings):
         for key in ("password", "smtp_password", "oauth_client_secret", "oauth_refresh_token"):
             if data.get(key) is not None:
                 data[key] = "********"
+        if self.state_url is not None:  # the URL is useful to see, its password is not
+            data["state_url"] = mask_url(self.state_url.get_secret_value())
         data["smtp_effective_security"] = self.smtp_effective_security
         return data
+
+
+class _Values(PydanticBaseSettingsSource):
+    """A settings source of fixed values (an account's own environment variables)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> Path:
@@ -606,8 +714,9 @@ def _read_config_file(file: Path) -> bytes:
         os.close(fd)
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
-    """Read ``[channels_config.email]`` from ``path``, ``$PRX_CONFIG`` or ``./config.toml``."""
+def read_table(path: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], str]:
+    """The ``[channels_config.email]`` table of ``path`` (``$PRX_CONFIG``, ``./config.toml``)
+    and the file's name as errors show it."""
     file = resolve_path(path)
     shown = str(file)
     raw = _read_config_file(file)
@@ -628,4 +737,54 @@ def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
             path=shown,
             problems=[f"[{'.'.join(TABLE)}]: table is missing"],
         )
+    return table, shown
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
+    """Read ``[channels_config.email]`` from ``path``, ``$PRX_CONFIG`` or ``./config.toml``.
+
+    A file with an ``accounts`` table yields its account when it has exactly one;
+    with several, :func:`load_accounts` is the way to read them (ConfigError here).
+    """
+    table, shown = read_table(path)
+    if ACCOUNTS_KEY in table:
+        accounts = accounts_from_table(table, path=shown)
+        if len(accounts) == 1:
+            return next(iter(accounts.values()))
+        raise ConfigError(
+            f"{shown} configures {len(accounts)} accounts ({', '.join(accounts)}):"
+            " load_accounts() reads them all",
+            path=shown,
+            problems=[f"{ACCOUNTS_KEY}: {len(accounts)} accounts where one was expected"],
+        )
     return EmailConfig.from_table(table, path=shown)
+
+
+# At the end: accounts.py builds on everything above (re-exported for callers).
+from prx_channel_email.config.accounts import (  # noqa: E402
+    ACCOUNTS_KEY,
+    DEFAULT_ACCOUNT,
+    SERVICE_FIELDS,
+    account_env_prefix,
+    accounts_from_table,
+    load_accounts,
+)
+
+__all__ = [
+    "ACCOUNTS_KEY",
+    "CAPABILITIES",
+    "DEFAULT_ACCOUNT",
+    "ENV_PREFIX",
+    "SERVICE_FIELDS",
+    "EmailConfig",
+    "account_env_prefix",
+    "accounts_from_table",
+    "config_from_table",
+    "is_address",
+    "is_loopback",
+    "load_accounts",
+    "load_config",
+    "read_table",
+    "resolve_path",
+    "sender_entry",
+]

@@ -192,3 +192,10 @@ def test_state_url_password_is_masked_in_the_redacted_view(tmp_path: Path) -> No
     shown = cfg.redacted()
     assert shown["state_url"] == "postgresql://prx:********@db.example.com:5432/prx"
     assert "hunter2" not in repr(cfg) and "hunter2" not in str(shown)
+
+
+def test_two_accounts_with_one_login_are_refused(tmp_path: Path) -> None:
+    text = TWO.replace('username = "billing@example.com"', 'username = "support@example.com"')
+    text = text.replace("imap_port = 1993\n", "")
+    with pytest.raises(ConfigError, match=r"accounts\.billing-eu\.username: the same login"):
+        load_accounts(write(tmp_path, text))

@@ -190,11 +190,13 @@ async def test_receive_restart_and_reply_through_each_quirk(
             assert fourth.id == "<q4@people.example>"
             await channel.send(fourth.reply("Done."))
             await wait_until(lambda: len(server.list_uids(account, rig.processed)) == moved + 2, 30)
+            # Moved, not only copied: without MOVE the copy is expunged after it.
+            await wait_until(lambda: len(server.list_uids(account, "INBOX")) == 1, 30)
         finally:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
     assert parse(smtp_server.messages[-1].raw)["In-Reply-To"] == "<q4@people.example>"
     # The old mail is still where it was, untouched by the channel.
-    assert len(server.list_uids(account, "INBOX")) == 1
+    assert server.flags(account, "INBOX", server.list_uids(account, "INBOX")[0]) == set()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]

@@ -183,7 +183,7 @@ class EmailChannel(Channel):
         await self._change_sender(entry, allow=False)
 
     async def _change_sender(self, entry: str, *, allow: bool) -> None:
-        item = sender_entry(entry)
+        item = sender_entry(entry) if isinstance(entry, str) else None
         if item is None:
             raise ChannelError(
                 f"{entry!r} is neither an address, '@domain' nor '*'", code="invalid_argument"

@@ -22,7 +22,6 @@ file), and never echoes a value back (a value might be a password).
 from __future__ import annotations
 
 import contextvars
-import ipaddress
 import json
 import os
 import re
@@ -50,6 +49,8 @@ from pydantic_settings import (
 )
 
 from prx_channel_email._mail.addresses import fold_address
+from prx_channel_email._support.hosts import is_loopback as is_loopback
+from prx_channel_email.config.providers import oauth_problems  # the rules live with the presets
 from prx_channel_email.errors import ConfigError
 
 ENV_PREFIX = "PRX_EMAIL_"
@@ -103,21 +104,6 @@ DEFAULT_ATTACHMENT_TYPES = [
     "image/gif",
     "image/webp",
 ]
-
-
-def is_loopback(host: str) -> bool:
-    """True for hosts that never leave this machine (plaintext is allowed there).
-
-    Only ``localhost`` and loopback IP literals: a name like ``x.localhost`` may be
-    sent to a DNS server (nsswitch "files dns"), and then anywhere.
-    """
-    name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
 
 
 def default_state_dir() -> Path:
@@ -422,10 +408,6 @@ class EmailConfig(BaseSettings):
                 "or set allow_insecure = true"
             )
         if self.auth_method == "oauth2":
-            from prx_channel_email.config.providers import (
-                oauth_problems,  # the rules live with the presets
-            )
-
             problems.extend(oauth_problems(self))
         if problems:
             raise ValueError("; ".join(problems))

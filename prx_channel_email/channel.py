@@ -70,7 +70,7 @@ class EmailChannel(Channel):
             config, self.tokens = attach(config, token_provider)
         self.config = config
         self.metrics = Metrics()
-        self.reporter = StatusReporter(config.account, on_status, on_rejected)
+        self.reporter = StatusReporter(config.account, on_status, on_rejected, metrics=self.metrics)
         self.store = StateStore(config.state_dir)
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
         self.sync = SyncEngine(

@@ -33,7 +33,12 @@ from prx_channel_email._oauth.tokens import (
     usable_answer,
 )
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.config.providers import Provider, missing_scopes, provider_for
+from prx_channel_email.config.providers import (
+    OAuthEndpoints,
+    missing_scopes,
+    oauth_endpoints,
+    provider_named,
+)
 from prx_channel_email.errors import ChannelError
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -50,15 +55,13 @@ class LoginError(ChannelError):
     code = "oauth_login_failed"
 
 
-def _store_grant(config: EmailConfig, provider: Provider, token: dict[str, Any]) -> TokenRecord:
+def _store_grant(
+    config: EmailConfig, provider: OAuthEndpoints, token: dict[str, Any]
+) -> TokenRecord:
     if not token.get("refresh_token"):
         raise LoginError(
             "the provider returned no refresh token, so the channel could not renew access; "
-            + (
-                "Microsoft: include the offline_access scope"
-                if provider.name == "microsoft"
-                else "ask for offline access (Google: access_type=offline, prompt=consent)"
-            )
+            + provider_named(provider.name).oauth_refresh_hint
         )
     try:
         expires_in = usable_answer(token)
@@ -163,7 +166,7 @@ async def login_browser(
     """Authorization code + PKCE with a loopback redirect; returns the stored grant."""
     from authlib.common.security import generate_token
 
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     if not provider.authorize_url:
         raise LoginError(
             "no authorization URL is configured (oauth_authorize_url); use --device",
@@ -230,7 +233,7 @@ async def login_device(
     config: EmailConfig, *, say: Say = print, within: float = LOGIN_TIMEOUT_SECS
 ) -> TokenRecord:
     """Device authorization grant (RFC 8628): show a code, poll until approved."""
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     if provider.device_refusal:
         raise LoginError(provider.device_refusal, code="oauth_device_unsupported")
     if not provider.device_url:
@@ -305,7 +308,7 @@ async def login_device(
 
 def describe(config: EmailConfig) -> list[tuple[str, str]]:
     """``auth status``: what is stored, never a token."""
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     store = TokenStore(config.state_dir)
     rows = [("provider", provider.name), ("account", config.username), ("store", str(store.path))]
     record = store.load()
@@ -341,7 +344,7 @@ def describe(config: EmailConfig) -> list[tuple[str, str]]:
 
 async def logout(config: EmailConfig) -> list[str]:
     """Revoke the stored grant where the provider can, delete the store; what was done."""
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     store = TokenStore(config.state_dir)
     record = await asyncio.to_thread(store.load)
     done: list[str] = []

@@ -305,19 +305,31 @@ def render_report(report: DoctorReport, console: Console) -> None:
         console.print(f"[green]All checks passed[/] with {warned} warning(s).")
 
 
-def _doctor(config_path: Path | None, as_json: bool, send_test: str | None, budget: float) -> int:
+def _doctor(
+    config_path: Path | None,
+    as_json: bool,
+    send_test: str | None,
+    budget: float,
+    push_test: bool = False,
+) -> int:
     shown = str(resolve_path(config_path))
 
     async def go() -> DoctorReport:
         if as_json or not err.is_terminal:
-            return await doctor(config_path, send_test=send_test, check_timeout=budget)
+            return await doctor(
+                config_path, send_test=send_test, push_test=push_test, check_timeout=budget
+            )
         with err.status(f"checking {escape(shown)} ...") as status:
 
             def progress(text: str) -> None:
                 status.update(f"checking: {escape(text)}")
 
             return await doctor(
-                config_path, send_test=send_test, check_timeout=budget, progress=progress
+                config_path,
+                send_test=send_test,
+                push_test=push_test,
+                check_timeout=budget,
+                progress=progress,
             )
 
     report = asyncio.run(go())
@@ -543,6 +555,14 @@ def doctor_cmd(
     check_timeout: Annotated[
         float, typer.Option("--timeout", min=1.0, help="Seconds allowed for each check.")
     ] = 10.0,
+    push_test: Annotated[
+        bool,
+        typer.Option(
+            "--push-test",
+            help="Measure push: APPEND a marked test message to the folder, time the "
+            "server's announcement while idling, delete the message again.",
+        ),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Check the whole mail setup and say how to fix what is wrong.
@@ -556,7 +576,7 @@ def doctor_cmd(
     """
     _logging(debug, quiet=True)
     with _guard(debug):
-        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout))
+        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout, push_test))
 
 
 @app.command("run")

@@ -165,7 +165,7 @@ class EmailConfig(BaseSettings):
         validate_default=True,
     )
 
-    # --- the reference channel's fields (names and defaults fixed) ---
+    # --- the account (the reference channel's fields: names and defaults fixed) ---
     imap_host: str = Field(description="Host name of the IMAP server mail is received from.")
     imap_port: Port = Field(
         993,

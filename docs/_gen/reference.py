@@ -194,7 +194,7 @@ def _default_text(info: Any) -> str:
         return "**required**"
     if info.default_factory is not None:
         value = info.default_factory()
-        if isinstance(value, Path):
+        if not isinstance(value, list):  # computed where it runs (a path, a host name)
             return "see description"
     else:
         value = info.default

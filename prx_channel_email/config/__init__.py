@@ -249,6 +249,14 @@ class EmailConfig(BaseSettings):
     save_sent: bool = False
     sent_folder: str | None = None
 
+    # --- mailbox tools for the agent (channel.tools, `prx-email mcp`) ---
+    # "allowed": the tools see only mail the channel itself would hand on; "all": opt-out.
+    tools_scope: Literal["allowed", "all"] = "allowed"
+    # mark_read / move / send / reply refuse (tools_read_only) unless this is true.
+    tools_write: bool = False
+    # Every text a tool returns from mail is cut at this many characters, with a marker.
+    tools_max_chars: Annotated[int, Field(ge=100, le=1_000_000)] = 20_000
+
     # The OAuth token manager shared by every connection made with this object
     # (oauth.token_source); never part of the settings.
     _oauth_tokens: Any = PrivateAttr(default=None)

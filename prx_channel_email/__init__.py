@@ -5,6 +5,7 @@ IMAP IDLE turns mail from allow-listed senders into :class:`ChannelMessage`;
 outbox. See the README for setup and the security model.
 """
 
+from prx_channel_email._tools import MailboxTools
 from prx_channel_email._version import __version__
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.config import EmailConfig, load_config
@@ -37,6 +38,7 @@ __all__ = [
     "EmailConfig",
     "FolderNotFoundError",
     "InsecureConnectionError",
+    "MailboxTools",
     "NotReadyError",
     "OAuthReauthRequired",
     "OAuthUnavailable",

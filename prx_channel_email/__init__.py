@@ -23,7 +23,7 @@ from prx_channel_email.errors import (
     TransportError,
 )
 from prx_channel_email.models import Attachment, Channel, ChannelMessage, SendMessage
-from prx_channel_email.status import ChannelState, ChannelStatus, RejectedMessage
+from prx_channel_email.status import ChannelState, ChannelStatus, MailboxStatus, RejectedMessage
 
 __all__ = [
     "Attachment",
@@ -38,6 +38,7 @@ __all__ = [
     "EmailConfig",
     "FolderNotFoundError",
     "InsecureConnectionError",
+    "MailboxStatus",
     "MailboxTools",
     "NotReadyError",
     "OAuthReauthRequired",

@@ -99,6 +99,7 @@ class LedgerWriter:
         self._unsettled: list[str] = []  # handoff="queue": put, settled by the next commit
         self._handed: set[tuple[str, str]] = set()
         self._acked: list[tuple[int, int]] = []  # (uidvalidity, uid) acked in this folder
+        self.last_handed_on_at: float | None = None  # MailboxStatus.last_message_at
         self._lock = asyncio.Lock()
 
     def begin(self, uidvalidity: int, *, move_cursor: bool = True) -> None:
@@ -187,6 +188,7 @@ class LedgerWriter:
         await self._commit([item])
         self._handed.add((mid, message.sender))
         await queue.put(message)
+        self.last_handed_on_at = time.time()
         if self.handoff == "queue":
             self._unsettled.append(mid)
         self.metrics.inc("inbound.handed_on")

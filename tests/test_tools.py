@@ -365,3 +365,44 @@ async def test_writes_work_with_tools_write_and_never_touch_hidden_mail(
         after = state()
         hidden_uids = {uid for uid, _ in before[ARCHIVE]}
         assert [x for x in after[ARCHIVE] if x[0] in hidden_uids] == before[ARCHIVE]
+
+
+async def test_search_pages_across_accounts_and_watched_folders(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
+    from tests.tools_helpers import mail
+
+    first, second = dovecot.add_user(), dovecot.add_user()
+    for i in range(3):
+        dovecot.append(first, "INBOX", mail(f"<a{i}@people.example>", ANN, f"A {i}"))
+        dovecot.append(first, ARCHIVE, mail(f"<b{i}@people.example>", ANN, f"B {i}"))
+        dovecot.append(second, "INBOX", mail(f"<c{i}@people.example>", ANN, f"C {i}"))
+    dovecot.append(second, "INBOX", mail("<c-x@elsewhere.example>", STRANGER, "C stranger"))
+    one = tools_config(dovecot, first, tmp_path / "one", imap_folders=["INBOX", ARCHIVE])
+    two = tools_config(dovecot, second, tmp_path / "two")
+    tools = MailboxTools(
+        [
+            ToolAccount("one", one, InboundPipeline(one)),
+            ToolAccount("two", two, InboundPipeline(two)),
+        ]
+    )
+    try:
+        ids, pages = await all_pages(tools, limit=4)
+        expected = [f"<{p}{i}@people.example>" for p in "abc" for i in (2, 1, 0)]
+        assert ids == expected and pages == 3
+        only_two = await tools.search(account="two")
+        assert {m["account"] for m in only_two["messages"]} == {"two"}
+        assert len(only_two["messages"]) == 3
+        archive = await tools.search(folder=ARCHIVE, account="one")
+        assert [m["folder"] for m in archive["messages"]] == [ARCHIVE] * 3
+        folders = await tools.list_folders("one")
+        assert {(f["name"], f["watched"]) for f in folders["folders"]} == {
+            ("INBOX", True), (ARCHIVE, True)
+        }  # fmt: skip
+        got = await tools.get("<c1@people.example>")  # found in whichever account has it
+        assert got["account"] == "two"
+        with pytest.raises(ChannelError) as caught:
+            await tools.search(account="three")
+        assert caught.value.code == "unknown_account"
+    finally:
+        await tools.close()

@@ -4,9 +4,11 @@ answered as missing, and the write tools offered only with tools_write."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,19 @@ def server_params(config: Path) -> StdioServerParameters:
     )
 
 
+@contextlib.asynccontextmanager
+async def mcp_session(
+    dovecot: DovecotServer, account: Account, tmp_path: Path, *, write: bool
+) -> AsyncIterator[tuple[ClientSession, Any]]:
+    """`prx-email mcp` started by the SDK's stdio client, initialized."""
+    config = write_config(tmp_path / "config.toml", dovecot, account, tmp_path, write=write)
+    async with (
+        stdio_client(server_params(config)) as (read, write_stream),
+        ClientSession(read, write_stream) as session,
+    ):
+        yield session, await session.initialize()
+
+
 def error_of(result: Any) -> dict[str, str]:
     assert result.isError
     return json.loads(result.content[0].text)["error"]  # type: ignore[no-any-return]
@@ -71,12 +86,7 @@ async def test_mcp_server_over_stdio_with_the_sdk_client(
     dovecot: DovecotServer, account: Account, tmp_path: Path
 ) -> None:
     s = seed(dovecot, account)
-    config = write_config(tmp_path / "config.toml", dovecot, account, tmp_path, write=False)
-    async with (
-        stdio_client(server_params(config)) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        init = await session.initialize()
+    async with mcp_session(dovecot, account, tmp_path, write=False) as (session, init):
         assert init.serverInfo.name == "prx-email"
         listed = (await session.list_tools()).tools
         assert {t.name for t in listed} == READ_TOOLS
@@ -132,12 +142,7 @@ async def test_mcp_lists_the_write_tools_only_with_tools_write(
     dovecot: DovecotServer, account: Account, tmp_path: Path
 ) -> None:
     s = seed(dovecot, account)
-    config = write_config(tmp_path / "config.toml", dovecot, account, tmp_path, write=True)
-    async with (
-        stdio_client(server_params(config)) as (read, write),
-        ClientSession(read, write) as session,
-    ):
-        await session.initialize()
+    async with mcp_session(dovecot, account, tmp_path, write=True) as (session, _):
         listed = {t.name: t for t in (await session.list_tools()).tools}
         assert set(listed) == READ_TOOLS | WRITE_TOOLS
         assert listed["email_move"].annotations is not None

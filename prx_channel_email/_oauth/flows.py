@@ -30,7 +30,12 @@ from prx_channel_email._oauth.tokens import (
     oauth_client,
 )
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.config.providers import Provider, missing_scopes, provider_for
+from prx_channel_email.config.providers import (
+    OAuthEndpoints,
+    missing_scopes,
+    oauth_endpoints,
+    provider_named,
+)
 from prx_channel_email.errors import ChannelError
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -47,15 +52,13 @@ class LoginError(ChannelError):
     code = "oauth_login_failed"
 
 
-def _store_grant(config: EmailConfig, provider: Provider, token: dict[str, Any]) -> TokenRecord:
+def _store_grant(
+    config: EmailConfig, provider: OAuthEndpoints, token: dict[str, Any]
+) -> TokenRecord:
     if not token.get("refresh_token"):
         raise LoginError(
             "the provider returned no refresh token, so the channel could not renew access; "
-            + (
-                "Microsoft: include the offline_access scope"
-                if provider.name == "microsoft"
-                else "ask for offline access (Google: access_type=offline, prompt=consent)"
-            )
+            + provider_named(provider.name).oauth_refresh_hint
         )
     now = time.time()
     expires_in = token.get("expires_in")
@@ -130,7 +133,7 @@ async def login_browser(
     """Authorization code + PKCE with a loopback redirect; returns the stored grant."""
     from authlib.common.security import generate_token
 
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     if not provider.authorize_url:
         raise LoginError(
             "no authorization URL is configured (oauth_authorize_url); use --device",
@@ -193,7 +196,7 @@ async def login_device(
     config: EmailConfig, *, say: Say = print, within: float = LOGIN_TIMEOUT_SECS
 ) -> TokenRecord:
     """Device authorization grant (RFC 8628): show a code, poll until approved."""
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     if provider.device_refusal:
         raise LoginError(provider.device_refusal, code="oauth_device_unsupported")
     if not provider.device_url:
@@ -258,7 +261,7 @@ async def login_device(
 
 def describe(config: EmailConfig) -> list[tuple[str, str]]:
     """``auth status``: what is stored, never a token."""
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     store = TokenStore(config.state_dir)
     rows = [("provider", provider.name), ("account", config.username), ("store", str(store.path))]
     record = store.load()
@@ -294,7 +297,7 @@ def describe(config: EmailConfig) -> list[tuple[str, str]]:
 
 async def logout(config: EmailConfig) -> list[str]:
     """Revoke the stored grant where the provider can, delete the store; what was done."""
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     store = TokenStore(config.state_dir)
     record = await asyncio.to_thread(store.load)
     done: list[str] = []

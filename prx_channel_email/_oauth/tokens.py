@@ -47,7 +47,7 @@ from typing import Any
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.config.providers import Provider, provider_for
+from prx_channel_email.config.providers import OAuthEndpoints, oauth_endpoints, provider_named
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
@@ -216,7 +216,7 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.provider: Provider = provider_for(config)
+        self.provider: OAuthEndpoints = oauth_endpoints(config)
         self.store = TokenStore(config.state_dir)
         self._host_provider = token_provider
         self._clock = clock
@@ -738,21 +738,6 @@ async def smtp_login(config: EmailConfig, smtp: Any, user: str) -> None:
     await login_with_token(token_source(config), attempt, refusal)
 
 
-def _imap_hint(provider: str) -> str:
-    if provider == "microsoft":
-        return (
-            "Microsoft: IMAP must be enabled for the mailbox, the app needs the delegated "
-            "permission IMAP.AccessAsUser.All with admin consent, and username must be the "
-            "mailbox that signed in"
-        )
-    if provider == "google":
-        return (
-            "Google: username must be the account that signed in, and IMAP must be allowed "
-            "(Workspace admins can turn it off)"
-        )
-    return "check that the token's account is username and that it may use IMAP"
-
-
 async def imap_login(config: EmailConfig, session: Any, user: str) -> None:
     """AUTHENTICATE XOAUTH2, or OAUTHBEARER (RFC 7628) where only that is offered."""
     caps = session.capabilities
@@ -785,7 +770,8 @@ async def imap_login(config: EmailConfig, session: Any, user: str) -> None:
     def refusal() -> AuthenticationError:
         return AuthenticationError(
             f"{session.host} refused the OAuth token for {user} ({mechanism}): "
-            f"{said[0] if said else 'refused'}; " + _imap_hint(manager.provider.name),
+            f"{said[0] if said else 'refused'}; "
+            + provider_named(manager.provider.name).oauth_imap_hint,
             server=session.host,
             code="oauth_token_refused",
         )

@@ -553,7 +553,8 @@ class EmailConfig(BaseSettings):
         ),
     )
 
-    # --- mailbox tools for the agent ---
+    # --- mailbox tools for the agent (channel.tools, `prx-email mcp`; docs/guides/tools.md) ---
+    # "allowed": the tools see only mail the channel itself would hand on; "all": opt-out.
     tools_scope: Literal["allowed", "all"] = Field(
         "allowed",
         description=(
@@ -561,6 +562,7 @@ class EmailConfig(BaseSettings):
             'would hand on) or "all".'
         ),
     )
+    # mark_read / move / send / reply refuse (tools_read_only) unless this is true.
     tools_write: bool = Field(
         False,
         description=(
@@ -568,8 +570,10 @@ class EmailConfig(BaseSettings):
             "they fail with `tools_read_only`."
         ),
     )
-    tools_max_chars: PositiveInt = Field(
-        20000, description="Longest text field in a tool result; longer text is cut with a marker."
+    # Every text a tool returns from mail is cut at this many characters, with a marker.
+    tools_max_chars: Annotated[int, Field(ge=100, le=1_000_000)] = Field(
+        20_000,
+        description="Longest text field in a tool result; longer text is cut with a marker.",
     )
 
     # The OAuth token manager shared by every connection made with this object

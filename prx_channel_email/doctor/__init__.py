@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import os
 import re
 import ssl
@@ -32,7 +33,7 @@ import aiosmtplib
 from prx_channel_email._mail.authresults import authserv_ids, provider_field, trust_line, verdict
 from prx_channel_email._mail.envelope import sender_of
 from prx_channel_email._mail.headers import Headers, split_header_block
-from prx_channel_email._net.imap import ImapSession, SelectInfo
+from prx_channel_email._net.imap import ImapSession, SelectInfo, open_session
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._net.tls import ssl_context
 from prx_channel_email._outbound.compose import parse_recipient
@@ -414,16 +415,8 @@ async def _imap_chain(
                 "(lower poll_interval_secs for faster answers).",
             )
         elif push_test and info is not None:
-
-            async def second() -> ImapSession:
-                other = await ImapSession.connect(bounded)
-                try:
-                    await other.login()
-                except BaseException:
-                    other.abort()
-                    raise
-                return other
-
+            # The second connection logs in as the channel does (open_session).
+            second = functools.partial(open_session, bounded)
             record(*await push_check(config, session, wire, second, budget))
         else:
             record(

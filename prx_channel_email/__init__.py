@@ -7,7 +7,7 @@ outbox. See the README for setup and the security model.
 
 from prx_channel_email._version import __version__
 from prx_channel_email.channel import EmailChannel
-from prx_channel_email.config import EmailConfig, load_config
+from prx_channel_email.config import EmailConfig, load_accounts, load_config
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
@@ -47,5 +47,6 @@ __all__ = [
     "StorageError",
     "TransportError",
     "__version__",
+    "load_accounts",
     "load_config",
 ]

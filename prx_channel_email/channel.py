@@ -21,7 +21,7 @@ from prx_channel_email._storage.sqlite import senders_table
 from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
-from prx_channel_email.config import EmailConfig, sender_entry
+from prx_channel_email.config import DEFAULT_ACCOUNT, EmailConfig, sender_entry
 from prx_channel_email.errors import ChannelError, SendError, StorageError
 from prx_channel_email.models import Channel, ChannelMessage, SendMessage
 from prx_channel_email.status import (
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
     from prx_channel_email._ops.prometheus import CounterSet
 
 log = logging.getLogger(__name__)
-
-# The name of the one account of a config without an ``accounts`` table.
-DEFAULT_ACCOUNT = "default"
 
 # How long close() waits for a cancelled listen() to finish its last ledger write.
 LISTENER_STOP_SECS = 15.0

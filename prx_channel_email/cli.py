@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import email
 import email.policy
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -36,8 +37,8 @@ from prx_channel_email._storage.sqlite.outbox_table import OutboxEntry, OutboxTa
 from prx_channel_email._storage.sqlite.store import DB_NAME, StateStore
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.channel import EmailChannel
-from prx_channel_email.config import EmailConfig, load_config, resolve_path
-from prx_channel_email.doctor import DoctorReport, doctor
+from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
+from prx_channel_email.doctor import DoctorReport, doctor_accounts
 from prx_channel_email.errors import ChannelError, ConfigError, SendError
 from prx_channel_email.models import ChannelMessage, SendMessage
 from prx_channel_email.status import MailboxStatus
@@ -306,28 +307,55 @@ def render_report(report: DoctorReport, console: Console) -> None:
         console.print(f"[green]All checks passed[/] with {warned} warning(s).")
 
 
-def _doctor(config_path: Path | None, as_json: bool, send_test: str | None, budget: float) -> int:
+def _doctor(
+    config_path: Path | None,
+    as_json: bool,
+    send_test: str | None,
+    budget: float,
+    account: str | None = None,
+) -> int:
     shown = str(resolve_path(config_path))
+    run = functools.partial(
+        doctor_accounts, config_path, account=account, send_test=send_test, check_timeout=budget
+    )
 
-    async def go() -> DoctorReport:
+    async def go() -> list[DoctorReport]:
         if as_json or not err.is_terminal:
-            return await doctor(config_path, send_test=send_test, check_timeout=budget)
+            return await run()
         with err.status(f"checking {escape(shown)} ...") as status:
 
             def progress(text: str) -> None:
                 status.update(f"checking: {escape(text)}")
 
-            return await doctor(
-                config_path, send_test=send_test, check_timeout=budget, progress=progress
-            )
+            return await run(progress=progress)
 
-    report = asyncio.run(go())
+    reports = asyncio.run(go())
+    worst = max(r.exit_code for r in reports)
+    # One account (the config's only one, or the one asked for): the report as it
+    # always was. Several: one report per account, and the worst exit code.
+    several = len(reports) > 1
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        out.print(f"prx-email doctor: {escape(shown)}")
+        if several:
+            data: dict[str, Any] = {
+                "ok": worst == EXIT_OK,
+                "exit_code": worst,
+                "config": shown,
+                "accounts": {r.account: r.to_dict() for r in reports},
+            }
+        else:
+            data = reports[0].to_dict()
+        print(json.dumps(data, indent=2))
+        return worst
+    out.print(f"prx-email doctor: {escape(shown)}")
+    for report in reports:
+        if several or account is not None:
+            out.print(f"\n[bold]account {escape(report.account or '')}[/]")
         render_report(report, out)
-    return report.exit_code
+    if several:
+        bad = ", ".join(r.account or "" for r in reports if r.exit_code != EXIT_OK)
+        verdict = f"[bold red]problems in {escape(bad)}[/]" if bad else "[green]all fine[/]"
+        out.print(f"\n{len(reports)} accounts: {verdict}")
+    return worst
 
 
 # --------------------------------------------------------------------------- send
@@ -544,20 +572,25 @@ def doctor_cmd(
     check_timeout: Annotated[
         float, typer.Option("--timeout", min=1.0, help="Seconds allowed for each check.")
     ] = 10.0,
+    account: Annotated[
+        str | None,
+        typer.Option("--account", metavar="NAME", help="Check only this account of the config."),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Check the whole mail setup and say how to fix what is wrong.
 
     Checks the config, DNS, TCP, TLS (certificate, host name, expiry), the IMAP
     greeting, login, IDLE, the folder, sender-verification headers, SMTP EHLO,
-    STARTTLS and AUTH, the From address, allowed_senders and the directories.
+    STARTTLS and AUTH, the From address, allowed_senders and the directories;
+    for every account of the config, or only the one named by --account.
 
     Exit status: 0 nothing failed (warnings allowed), 1 a check failed,
     2 the config is invalid.
     """
     _logging(debug, quiet=True)
     with _guard(debug):
-        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout))
+        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout, account))
 
 
 @app.command("run")
@@ -753,7 +786,8 @@ def mailboxes_status_cmd(
 
     with _guard(debug):
         if url is None:
-            cfg = _load(config)
+            # Service-wide settings: every account has the same (load_accounts checks).
+            cfg = next(iter(load_accounts(config).values()))
             if not cfg.metrics_port:
                 _fail(
                     f"metrics_port is 0 (off) in {resolve_path(config)}: set it and restart "

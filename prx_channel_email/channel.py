@@ -21,6 +21,7 @@ from prx_channel_email._storage.sqlite import senders_table
 from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
+from prx_channel_email._tools import MailboxTools, ToolAccount
 from prx_channel_email.config import DEFAULT_ACCOUNT, EmailConfig, sender_entry
 from prx_channel_email.errors import ChannelError, SendError, StorageError
 from prx_channel_email.models import Channel, ChannelMessage, SendMessage
@@ -94,6 +95,20 @@ class EmailChannel(Channel):
         self._listeners: set[asyncio.Task[object]] = set()
         self._smtp_check: asyncio.Task[None] | None = None
         self._ops: OpsEndpoint | None = None
+        self._tools: MailboxTools | None = None
+
+    @property
+    def tools(self) -> MailboxTools:
+        """The mailbox tools for the agent: search, read, thread and attachment text,
+        showing only mail this channel would hand on (``tools_scope``); writes only with
+        ``tools_write``. They use their own IMAP session, opened on demand."""
+        if self._tools is None:
+            self._tools = MailboxTools(
+                [ToolAccount("default", self.config, self.pipeline)],
+                send=self.send_message,
+                prepare=self.start,
+            )
+        return self._tools
 
     async def start(self) -> EmailChannel:
         async with self._start_lock:
@@ -309,6 +324,8 @@ class EmailChannel(Channel):
             self._smtp_check.cancel()
             self._smtp_check = None
         await self._stop_listeners()
+        if self._tools is not None:
+            await self._tools.close()
         self.reporter.closed()
         async with self._start_lock:
             if self._started:

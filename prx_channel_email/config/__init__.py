@@ -259,10 +259,13 @@ class EmailConfig(BaseSettings):
     # Logins in progress at once per IMAP server (host and port), over all accounts.
     max_concurrent_logins: Annotated[int, Field(ge=1, le=1000)] = 10
 
-    # --- mailbox tools for the agent ---
+    # --- mailbox tools for the agent (channel.tools, `prx-email mcp`; docs/guides/tools.md) ---
+    # "allowed": the tools see only mail the channel itself would hand on; "all": opt-out.
     tools_scope: Literal["allowed", "all"] = "allowed"
+    # mark_read / move / send / reply refuse (tools_read_only) unless this is true.
     tools_write: bool = False
-    tools_max_chars: PositiveInt = 20000
+    # Every text a tool returns from mail is cut at this many characters, with a marker.
+    tools_max_chars: Annotated[int, Field(ge=100, le=1_000_000)] = 20_000
 
     # The OAuth token manager shared by every connection made with this object
     # (oauth.token_source); never part of the settings.

@@ -880,7 +880,7 @@ def _oauth_config(config: ConfigOpt) -> EmailConfig:
     if cfg.auth_method != "oauth2":
         _fail(
             "auth_method is 'password' in this config; set auth_method = 'oauth2', "
-            "oauth_provider and oauth_client_id first (see README, OAuth)"
+            "oauth_provider and oauth_client_id first (see docs/guides/providers.md, OAuth)"
         )
     return cfg
 

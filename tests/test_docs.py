@@ -127,3 +127,18 @@ def test_every_nav_entry_exists() -> None:
     assert len(nav) >= 20
     for page in nav:
         assert page in generated or (ROOT / "docs" / page).is_file(), page
+
+
+def test_prometheus_names_map_counters_the_code_counts() -> None:
+    """The /metrics tables name counters by their dotted names: each must be one the
+    code counts (or the prefix of a family), or its metric would stay at zero."""
+    generator = _generator()
+    table = generator.prometheus_names()
+    if not table:
+        pytest.skip("no operations endpoint (prx_channel_email._ops.prometheus) in this tree")
+    counted = [c.name for c in generator.counters()]
+    for name in table:
+        if name.endswith("."):
+            assert any(c.startswith(name) for c in counted), name
+        else:
+            assert name in counted, f"{name} is mapped to a Prometheus metric but never counted"

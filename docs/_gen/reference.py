@@ -661,7 +661,63 @@ def _parameter_values(tree: ast.AST, func: ast.AST | None, param: str) -> list[s
     return out
 
 
+def prometheus_names() -> dict[str, tuple[str, str]]:
+    """Dotted counter name (or ``prefix.`` of a family) -> (Prometheus metric, help),
+    from the operations endpoint's tables when that module is there."""
+    try:
+        from prx_channel_email._ops import prometheus
+    except ImportError:  # no operations endpoint in this version, or no prometheus_client
+        return {}
+    prefix = getattr(prometheus, "PREFIX", "prx_email")
+    out: dict[str, tuple[str, str]] = {}
+    for table, labels in (
+        ("_FOLDER_COUNTERS", "account, folder"),
+        ("_ACCOUNT_COUNTERS", "account"),
+    ):
+        for name, (metric, doc) in getattr(prometheus, table, {}).items():
+            out[name] = (f"{prefix}_{metric}_total{{{labels}}}", doc)
+    for start, (metric, label, doc, *_rest) in getattr(prometheus, "_FAMILIES", {}).items():
+        out[start] = (f"{prefix}_{metric}_total{{account, {label}}}", doc)
+    for start, (metric, label, doc) in getattr(prometheus, "_GAUGE_FAMILIES", {}).items():
+        out[start] = (f"{prefix}_{metric}{{account, {label}}}", doc)
+    return out
+
+
+def _prometheus_for(name: str, table: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    if name in table:
+        return table[name]
+    for start, entry in table.items():
+        if start.endswith(".") and name.startswith(start):
+            return entry
+    return ("", "")
+
+
+def metric_families() -> list[tuple[str, str, str]]:
+    """Prometheus families built directly (``GaugeMetricFamily(f"{PREFIX}_name", "help")``):
+    (name, kind, help)."""
+    out = []
+    for _path, tree in _sources():
+        for node in ast.walk(tree):
+            kind = _call_name(node) if isinstance(node, ast.Call) else ""
+            if kind not in ("CounterMetricFamily", "GaugeMetricFamily") or len(node.args) < 2:
+                continue
+            assert isinstance(node, ast.Call)
+            name_node, doc_node = node.args[0], node.args[1]
+            if not isinstance(name_node, ast.JoinedStr) or not isinstance(doc_node, ast.Constant):
+                continue  # built from a table: listed with its counter
+            parts = name_node.values
+            if any(isinstance(p, ast.FormattedValue) for p in parts[1:]):
+                continue
+            tail = "".join(str(p.value) for p in parts if isinstance(p, ast.Constant))
+            suffix = "_total" if kind == "CounterMetricFamily" else ""
+            out.append(
+                (f"prx_email{tail}{suffix}", kind[: -len("MetricFamily")].lower(), doc_node.value)
+            )
+    return sorted(set(out))
+
+
 def observability_page() -> str:
+    prom = prometheus_names()
     out = [
         "# Counters and log events",
         "",
@@ -674,12 +730,39 @@ def observability_page() -> str:
         "## Counters",
         "",
         "`<x>` in a name stands for a value (a reason code, an error code).",
-        "",
-        "| name | kind | counted in |",
-        "|---|---|---|",
     ]
+    if prom:
+        out += [
+            "With `metrics_port` set, `/metrics` serves them in the Prometheus format, "
+            "under the metric named beside each (with its help text).",
+            "",
+            "| name | kind | Prometheus metric | meaning | counted in |",
+            "|---|---|---|---|---|",
+        ]
+    else:
+        out += ["", "| name | kind | counted in |", "|---|---|---|"]
+    families = metric_families()
+    catch_all = next((n for n, _kind, _doc in families if n.endswith("_events_total")), "")
     for c in counters():
-        out.append(f"| `{c.name}` | {c.kind} | {', '.join(f'`{m}`' for m in sorted(c.modules))} |")
+        where = ", ".join(f"`{m}`" for m in sorted(c.modules))
+        if prom:
+            metric, doc = _prometheus_for(c.name, prom)
+            if metric:
+                shown = f"`{metric}`"
+            else:  # counted under its own name in the catch-all family
+                shown = f"`{catch_all}{{account, event}}`" if catch_all else "-"
+            out.append(f"| `{c.name}` | {c.kind} | {shown} | {_cell(doc) or '-'} | {where} |")
+        else:
+            out.append(f"| `{c.name}` | {c.kind} | {where} |")
+    if families:
+        out += [
+            "",
+            "## Other Prometheus metrics",
+            "",
+            "| metric | kind | meaning |",
+            "|---|---|---|",
+        ]
+        out += [f"| `{name}` | {kind} | {_cell(doc)} |" for name, kind, doc in families]
     out += [
         "",
         "## Log events",

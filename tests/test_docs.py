@@ -152,3 +152,23 @@ def test_every_provider_row_is_in_the_reference(pages: dict[str, str]) -> None:
         assert f"| {row.label}" in page, row.key
         if row.imap is not None:
             assert f"`{row.imap.host}` {row.imap.port}" in page
+
+
+def test_every_command_and_option_is_in_the_cli_reference(pages: dict[str, str]) -> None:
+    import typer
+
+    from prx_channel_email import cli
+
+    page = pages["reference/cli.md"]
+    group = typer.main.get_command(cli.app)
+    seen = 0
+    for path, command in _generator()._commands(group, ["prx-email"]):
+        if getattr(command, "commands", None):
+            continue
+        seen += 1
+        assert f"## `{' '.join(path)}`" in page
+        for param in command.params:
+            for opt in getattr(param, "opts", []):
+                if opt.startswith("-"):
+                    assert f"`{opt}" in page or f", {opt}" in page, (path, opt)
+    assert seen >= 10

@@ -142,3 +142,13 @@ def test_prometheus_names_map_counters_the_code_counts() -> None:
             assert any(c.startswith(name) for c in counted), name
         else:
             assert name in counted, f"{name} is mapped to a Prometheus metric but never counted"
+
+
+def test_every_provider_row_is_in_the_reference(pages: dict[str, str]) -> None:
+    from prx_channel_email.config.providers import PROVIDERS
+
+    page = pages["reference/providers.md"]
+    for row in PROVIDERS:
+        assert f"| {row.label}" in page, row.key
+        if row.imap is not None:
+            assert f"`{row.imap.host}` {row.imap.port}" in page

@@ -778,6 +778,55 @@ def observability_page() -> str:
     return "\n".join(out)
 
 
+# --- providers -----------------------------------------------------------------------
+
+
+def providers_page() -> str:
+    """The provider table (``config/providers.py``), which config, OAuth and the doctor read."""
+    from prx_channel_email.config import providers
+
+    out = [
+        "# Providers",
+        "",
+        GENERATED_NOTE,
+        "What the package knows about each provider, from its one table "
+        "(`config/providers.py`): the config presets `trusted_authserv_ids` from it, "
+        "OAuth takes its endpoints and scopes from it, and the doctor recognises the "
+        "provider from the host and words its fixes with it. How to set a provider up: "
+        "[providers and OAuth](../guides/providers.md).",
+        "",
+        "| provider | IMAP | SMTP | trusted authserv-ids (preset) | OAuth "
+        "| when a password login is refused |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def server(s: Any) -> str:
+        return f"`{s.host}` {s.port} ({s.security})" if s is not None else "-"
+
+    for row in providers.PROVIDERS:
+        ids = ", ".join(f"`{i}`" for i in row.authserv_ids) or "-"
+        if row.oauth is None:
+            oauth = "-"
+        elif not row.oauth.token_url:
+            oauth = '`oauth_provider = "custom"`: the config names every endpoint'
+        else:
+            scopes = ", ".join(f"`{s}`" for s in row.oauth.scopes)
+            device = (
+                "no device flow"
+                if row.oauth.device_refusal
+                else ("device flow" if row.oauth.device_url else "no device flow")
+            )
+            oauth = f'`oauth_provider = "{row.oauth.name}"`; scopes {scopes}; {device}'
+        names = ", ".join(f"`{h}`" for h in row.imap_aliases)
+        label = row.label + (f" (also {names})" if names else "")
+        out.append(
+            f"| {_cell(label)} | {server(row.imap)} | {server(row.smtp)} | {ids} "
+            f"| {_cell(oauth)} | {_cell(row.login_hint or '-')} |"
+        )
+    out.append("")
+    return "\n".join(out)
+
+
 # --- the Python API ------------------------------------------------------------------
 
 
@@ -814,6 +863,7 @@ def pages() -> dict[str, str]:
         "reference/configuration.md": configuration_page(),
         "reference/errors.md": errors_page(),
         "reference/observability.md": observability_page(),
+        "reference/providers.md": providers_page(),
         "reference/python-api.md": python_api_page(),
     }
 

@@ -37,8 +37,10 @@ GENERATED_NOTE = (
 
 
 def _cell(text: str) -> str:
-    """Text that fits one Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text that fits one Markdown table cell; a ``<`` outside code is shown, not read
+    as HTML (a message such as "<id> not found" must not vanish)."""
+    parts = " ".join(text.split()).replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def _module_name(path: Path) -> str:

@@ -167,12 +167,7 @@ class QuirkProxy(TcpProxy):
                 if len(words) >= 2 and words[1].upper() == b"IDLE":
                     state.idle_tag = words[0]
                 upstream.write(line)
-                while literal:
-                    upstream.write(await reader.readexactly(int(literal.group(1))))
-                    line = await reader.readline()
-                    upstream.write(line)
-                    literal = _LITERAL_RE.search(line)
-                await upstream.drain()
+                await _pass_literals(reader, upstream, literal)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             upstream.transport.abort()
 
@@ -211,12 +206,7 @@ class QuirkProxy(TcpProxy):
                 first = False
                 if out:
                     client.write(out)
-                while literal:
-                    client.write(await reader.readexactly(int(literal.group(1))))
-                    line = await reader.readline()
-                    client.write(line)
-                    literal = _LITERAL_RE.search(line)
-                await client.drain()
+                await _pass_literals(reader, client, literal)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             client.transport.abort()
 
@@ -270,3 +260,16 @@ class QuirkProxy(TcpProxy):
         if GMAIL_SENT.encode() in m.group(3):
             flags.append(b"\\Sent")
         return m.group(1) + b" ".join(flags) + m.group(3) + b"\r\n"
+
+
+async def _pass_literals(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, literal: re.Match[bytes] | None
+) -> None:
+    """Forward the literal a line announced, and the rest of that command or response
+    (which may announce another), untouched; then flush."""
+    while literal:
+        writer.write(await reader.readexactly(int(literal.group(1))))
+        line = await reader.readline()
+        writer.write(line)
+        literal = _LITERAL_RE.search(line)
+    await writer.drain()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 from prx_channel_email._net.imap import ImapSession
+from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import ChannelError
@@ -23,8 +24,9 @@ log = logging.getLogger(__name__)
 class ImapSentFolder:
     """One lazily opened IMAP session that APPENDs sent replies, reopened when it fails."""
 
-    def __init__(self, config: EmailConfig) -> None:
+    def __init__(self, config: EmailConfig, tokens: TokenManager | None = None) -> None:
         self.config = config
+        self.tokens = tokens  # the account's OAuth tokens (None: a password login)
         self._session: ImapSession | None = None
         self._folder: str | None = config.sent_folder
         self._lock = asyncio.Lock()
@@ -32,7 +34,7 @@ class ImapSentFolder:
     async def _ready(self) -> tuple[ImapSession, str]:
         session = self._session
         if session is None or not session.is_open:
-            session = await ImapSession.connect(self.config)
+            session = await ImapSession.connect(self.config, tokens=self.tokens)
             try:
                 await session.login()
             except BaseException:

@@ -34,7 +34,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
-    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -260,10 +259,6 @@ class EmailConfig(BaseSettings):
     tools_scope: Literal["allowed", "all"] = "allowed"
     tools_write: bool = False
     tools_max_chars: PositiveInt = 20000
-
-    # The OAuth token manager shared by every connection made with this object
-    # (oauth.token_source); never part of the settings.
-    _oauth_tokens: Any = PrivateAttr(default=None)
 
     @classmethod
     def settings_customise_sources(

@@ -71,7 +71,7 @@ class EmailChannel(Channel):
         config, self.tokens = token_manager(config, token_provider)
         self.config = config
         self.metrics = Metrics()
-        self.reporter = StatusReporter(config.account, on_status, on_rejected)
+        self.reporter = StatusReporter(config.account, on_status, on_rejected, metrics=self.metrics)
         self.store = StateStore(config.state_dir)
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
         self.sync = SyncEngine(
@@ -190,7 +190,7 @@ class EmailChannel(Channel):
         await self._change_sender(entry, allow=False)
 
     async def _change_sender(self, entry: str, *, allow: bool) -> None:
-        item = sender_entry(entry)
+        item = sender_entry(entry) if isinstance(entry, str) else None
         if item is None:
             raise ChannelError(
                 f"{entry!r} is neither an address, '@domain' nor '*'", code="invalid_argument"

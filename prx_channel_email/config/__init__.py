@@ -150,6 +150,9 @@ class EmailConfig(BaseSettings):
         frozen=True,
         hide_input_in_errors=True,
         validate_default=True,
+        # PRX_EMAIL_CA_FILE= (as a compose file or a shell leaves it) means "not set",
+        # not "the current directory".
+        env_ignore_empty=True,
     )
 
     # --- the reference channel's fields (names and defaults fixed) ---
@@ -764,12 +767,13 @@ def account_env_prefix(name: str) -> str:
 
 def _account_env(name: str) -> dict[str, str]:
     """The account's own variables, field name -> text (unknown names included, so a
-    misspelt variable is an error rather than silently ignored)."""
+    misspelt variable is an error rather than silently ignored). An empty one is unset,
+    as for the general variables."""
     prefix = account_env_prefix(name)
     return {
         key[len(prefix) :].lower(): value
         for key, value in os.environ.items()
-        if key.upper().startswith(prefix) and len(key) > len(prefix)
+        if key.upper().startswith(prefix) and len(key) > len(prefix) and value != ""
     }
 
 

@@ -37,7 +37,7 @@ from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._net.tls import ssl_context
 from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._outbound.compose import parse_recipient
-from prx_channel_email._storage.sqlite.store import low_space
+from prx_channel_email._storage.sqlite.store import low_space, make_private_dir
 from prx_channel_email.config import EmailConfig, load_config, resolve_path
 from prx_channel_email.config.providers import detect_provider, provider_named
 from prx_channel_email.doctor.oauth import oauth_checks
@@ -811,9 +811,10 @@ def _local_checks(config: EmailConfig) -> list[Check]:
 
 
 def _writable(path: Path) -> str | None:
-    """None when ``path`` (created if needed) accepts a file; else why not."""
+    """None when ``path`` (created if needed, owner-only as the channel makes it)
+    accepts a file; else why not."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path)
         fd, name = tempfile.mkstemp(prefix=".doctor-", dir=path)
         os.close(fd)
         os.unlink(name)

@@ -107,7 +107,7 @@ class EmailChannel(Channel):
         ``tools_write``. They use their own IMAP session, opened on demand."""
         if self._tools is None:
             self._tools = MailboxTools(
-                [ToolAccount("default", self.config, self.pipeline)],
+                [ToolAccount("default", self.config, self.pipeline, self.tokens)],
                 send=self.send_message,
                 prepare=self.start,
             )

@@ -234,3 +234,21 @@ async def test_a_host_token_provider_is_asked_before_every_login(
     assert calls == 3
     assert smtp_oauth.wait_for_messages(1)[0].auth_login == account.username
     assert not TokenStore(config.state_dir).path.exists()  # the host keeps its tokens
+
+
+async def test_the_mailbox_tools_log_in_with_the_channels_token_manager(
+    tmp_path: Path, oauth_server: OAuthServer, dovecot_oauth: DovecotServer, smtp_oauth: SmtpServer
+) -> None:
+    """The tools' own IMAP session is handed the channel's manager: it logs in with the
+    token the channel already holds, no second refresh."""
+    account = dovecot_oauth.add_user()
+    config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
+    async with EmailChannel(config) as channel:
+        assert channel.tokens is not None
+        await channel.tokens.token()
+        try:
+            listed = await channel.tools.list_folders()
+        finally:
+            await channel.tools.close()
+    assert "INBOX" in str(listed)
+    assert oauth_server.token_requests["refresh_token"] == 1

@@ -33,6 +33,7 @@ from prx_channel_email._mail.message_ids import normalize_id
 from prx_channel_email._mail.mime_body import parse_message, read_body
 from prx_channel_email._net.imap import FetchedMessage
 from prx_channel_email._net.imap_compat import quote
+from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._outbound.compose import reply_subject
 from prx_channel_email._support.observability import log_event
 from prx_channel_email._tools import cursor as cursors
@@ -67,6 +68,8 @@ class ToolAccount:
     name: str
     config: EmailConfig
     pipeline: InboundPipeline
+    #: The account's OAuth tokens, shared with the channel's connections (None: password).
+    tokens: TokenManager | None = None
 
     @property
     def folders(self) -> list[str]:
@@ -129,7 +132,7 @@ class MailboxTools:
         items = accounts.values() if isinstance(accounts, Mapping) else accounts
         self._accounts = {a.name: a for a in items}
         self._sessions = {
-            name: AccountSessions(a.config, name, idle_close_secs=idle_close_secs)
+            name: AccountSessions(a.config, name, tokens=a.tokens, idle_close_secs=idle_close_secs)
             for name, a in self._accounts.items()
         }
         self._send = send

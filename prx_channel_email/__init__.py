@@ -7,7 +7,7 @@ outbox. See the README for setup and the security model.
 
 from prx_channel_email._version import __version__
 from prx_channel_email.channel import EmailChannel
-from prx_channel_email.config import EmailConfig, load_config
+from prx_channel_email.config import EmailConfig, load_accounts, load_config
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
@@ -22,7 +22,7 @@ from prx_channel_email.errors import (
     TransportError,
 )
 from prx_channel_email.models import Attachment, Channel, ChannelMessage, SendMessage
-from prx_channel_email.status import ChannelState, ChannelStatus, RejectedMessage
+from prx_channel_email.status import ChannelState, ChannelStatus, MailboxStatus, RejectedMessage
 
 __all__ = [
     "Attachment",
@@ -37,6 +37,7 @@ __all__ = [
     "EmailConfig",
     "FolderNotFoundError",
     "InsecureConnectionError",
+    "MailboxStatus",
     "NotReadyError",
     "OAuthReauthRequired",
     "OAuthUnavailable",
@@ -46,5 +47,6 @@ __all__ = [
     "StorageError",
     "TransportError",
     "__version__",
+    "load_accounts",
     "load_config",
 ]

@@ -26,6 +26,7 @@ from prx_channel_email.errors import ChannelError, SendError
 from prx_channel_email.models import Channel, ChannelMessage, SendMessage
 from prx_channel_email.status import (
     ChannelStatus,
+    MailboxStatus,
     RejectedCallback,
     StatusCallback,
     StatusReporter,
@@ -34,6 +35,9 @@ from prx_channel_email.status import (
 )
 
 log = logging.getLogger(__name__)
+
+# The name of the one account of a config without an ``accounts`` table.
+DEFAULT_ACCOUNT = "default"
 
 # How long close() waits for a cancelled listen() to finish its last ledger write.
 LISTENER_STOP_SECS = 15.0
@@ -198,6 +202,23 @@ class EmailChannel(Channel):
     def state(self) -> ChannelStatus:
         """The current :class:`ChannelStatus` (what ``on_status`` was last called with)."""
         return self.reporter.current
+
+    def mailboxes(self) -> list[MailboxStatus]:
+        """One :class:`MailboxStatus` per mailbox (account, folder) this channel serves:
+        a snapshot, cheap enough for a status page or a health probe to call often."""
+        status, sync = self.reporter.current, self.sync
+        return [
+            MailboxStatus(
+                account=DEFAULT_ACCOUNT,
+                folder=sync.folder,
+                state=status.state,
+                code=status.code,
+                message=status.message,
+                idling=sync.status.idling,
+                last_message_at=sync.writer.last_handed_on_at,
+                last_sync_at=sync.status.last_sync_at,
+            )
+        ]
 
     @property
     def status(self) -> SyncStatus:

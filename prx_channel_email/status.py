@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from pydantic import BaseModel, ConfigDict
+
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.errors import ChannelError, NotReadyError
 
@@ -86,6 +88,35 @@ class ChannelStatus:
 
 
 StatusCallback = Callable[[ChannelStatus], Awaitable[None] | None]
+
+
+class MailboxStatus(BaseModel):
+    """One mailbox (an account's folder) as ``EmailChannel.mailboxes()`` reports it.
+
+    A snapshot built on demand, so it costs nothing per mailbox while nobody asks.
+    ``state`` is ``connected`` when logged in with the folder selected, ``failed``
+    (with ``code``) after a failure that needs someone to act. ``idling``: in IDLE
+    right now, waiting for a push. ``last_message_at``: Unix seconds of the last
+    hand-off from this mailbox in this run. ``replica``: the process serving it,
+    when known (shared state). It is plain JSON: the ``/status`` endpoint serves it.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    account: str
+    folder: str
+    state: ChannelState
+    code: str | None = None
+    message: str | None = None
+    idling: bool = False
+    last_message_at: float | None = None
+    last_sync_at: float | None = None
+    replica: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        """Serving mail right now (what ``/healthz`` asks of every mailbox)."""
+        return self.state is ChannelState.CONNECTED
 
 
 @dataclass(frozen=True)

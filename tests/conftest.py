@@ -41,6 +41,7 @@ from tests.fakes.chat_model import EchoChatModel
 from tests.servers.certs import TestPKI, make_pki, make_unrelated_ca
 from tests.servers.dovecot import Account, DovecotError, DovecotServer
 from tests.servers.oauth_server import OAuthServer
+from tests.servers.postgres import PgBouncer, PostgresServer
 from tests.servers.proxy import TcpProxy
 from tests.servers.smtp import ReceivedMessage, SmtpServer
 
@@ -108,6 +109,26 @@ def smtp_server(pki: TestPKI) -> Iterator[SmtpServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster on loopback (shared state, replicas)."""
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresServer) -> str:
+    """A ``state_url`` naming a fresh, empty database of its own."""
+    return postgres.url(postgres.new_database())
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction pooling mode in front of the cluster."""
+    with PgBouncer(postgres) as bouncer:
+        yield bouncer
 
 
 @pytest.fixture(scope="session")

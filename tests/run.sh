@@ -11,7 +11,7 @@ export DEBIAN_FRONTEND=noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
 # --- system packages: real servers the tests run against ------------------------
-APT_PACKAGES=(dovecot-imapd dovecot-lmtpd notmuch)
+APT_PACKAGES=(dovecot-imapd dovecot-lmtpd notmuch postgresql pgbouncer)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
@@ -46,6 +46,34 @@ fi
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 # The host-framework extras too, so the integration tests run (they skip without them).
 "$PYTHON" -m pip install -q -e ".[test,nanobot,hermes]"
+
+# --- what users install: the wheel, non-editable, in a fresh virtualenv -----------
+# The suite below runs from the checkout, where a file missing from the wheel goes
+# unnoticed. Here the built wheel is installed with both host extras into a new venv,
+# and the wheel checks plus the host-integration tests run from a copy of tests/ with
+# no source tree beside it. Skipped when arguments select tests (a quick local run).
+if [ "$#" -eq 0 ] || [ "${PRX_WHEEL_STAGE:-}" = 1 ]; then
+    stage=$(mktemp -d "${TMPDIR:-/tmp}/prx-wheel.XXXXXX")
+    trap 'rm -rf "$stage"' EXIT
+    mkdir -p "$stage/src"
+    # A clean copy to build from: setuptools would reuse a stale build/ of the checkout.
+    cp -r pyproject.toml README.md prx_channel_email "$stage/src/"
+    find "$stage/src" -name __pycache__ -prune -exec rm -rf {} +
+    "$PYTHON" -m pip wheel -q --no-deps -w "$stage/dist" "$stage/src"
+    wheel=$(ls "$stage"/dist/prx_channel_email-*.whl)
+    "$PYTHON" -m venv "$stage/venv"
+    "$stage/venv/bin/python" -m pip install -q "${wheel}[test,nanobot,hermes]"
+    mkdir -p "$stage/run"
+    cp -r tests pyproject.toml "$stage/run/"
+    echo "tests/run.sh: wheel stage: $(basename "$wheel") installed non-editable" >&2
+    (cd "$stage/run" && PRX_TEST_INSTALLED=1 PRX_WHEEL="$wheel" PRX_SOURCE_ROOT="$OLDPWD" \
+        "$stage/venv/bin/python" -m pytest -q -p no:cacheprovider \
+        tests/test_wheel.py tests/test_integration_nanobot.py \
+        tests/test_integration_nanobot_gateway.py tests/test_integration_hermes.py \
+        tests/test_integration_hermes_gateway.py)
+    rm -rf "$stage"
+    trap - EXIT
+fi
 
 # --- run -------------------------------------------------------------------------
 # pytest's exit status is ours (5 = no tests collected counts as a failure).

@@ -27,6 +27,8 @@ import pytest
 
 from tests.servers.certs import TestPKI
 from tests.servers.dovecot import Account, DovecotError, DovecotServer, live_group_members
+from tests.servers.postgres import PASSWORD as PG_PASSWORD
+from tests.servers.postgres import PgBouncer, PostgresServer
 from tests.servers.proxy import TcpProxy
 from tests.servers.smtp import SmtpServer
 
@@ -692,3 +694,40 @@ def test_proxy_cut_closes_connections_but_keeps_listening(
     with imaplib.IMAP4(p.host, p.port, timeout=TIMEOUT) as again:
         assert again.login(account.username, account.password)[0] == "OK"
     assert p.connections_accepted == 2
+
+
+def test_postgres_cluster_takes_password_logins_and_gives_each_test_a_database(
+    postgres: PostgresServer, pg_url: str
+) -> None:
+    import psycopg
+
+    with psycopg.connect(pg_url, connect_timeout=10) as conn:
+        assert conn.execute(
+            "SELECT count(*) FROM pg_tables WHERE schemaname='public'"
+        ).fetchone() == (0,)
+    wrong = pg_url.replace(f":{PG_PASSWORD}@", ":wrong@")
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(wrong, connect_timeout=10).close()
+
+
+def test_pgbouncer_pools_per_transaction(pgbouncer: PgBouncer, postgres: PostgresServer) -> None:
+    """Session state does not survive a transaction there: what replicas must live with."""
+    import psycopg
+
+    db = postgres.new_database()
+    with (
+        psycopg.connect(
+            pgbouncer.url(db), connect_timeout=10, autocommit=True, prepare_threshold=None
+        ) as a,
+        psycopg.connect(
+            pgbouncer.url(db), connect_timeout=10, autocommit=True, prepare_threshold=None
+        ) as b,
+    ):
+        a.execute("SELECT pg_advisory_lock(42)")
+        # Through a transaction pool the lock lands on a server session that another
+        # client may be handed next: b can see it held although b never asked for it,
+        # or a's own next statement runs on a session that does not hold it.
+        a_pid = {a.execute("SELECT pg_backend_pid()").fetchone() for _ in range(5)}
+        b_pid = {b.execute("SELECT pg_backend_pid()").fetchone() for _ in range(5)}
+        assert a_pid & b_pid, "two clients should share server sessions in transaction mode"
+        a.execute("SELECT pg_advisory_unlock_all()")

@@ -196,6 +196,7 @@ class LedgerWriter:
         self._pending: list[_Pending] = []  # decisions that ride on the next commit
         self._unsettled: list[MailKey] = []  # handoff="queue": put, settled by the next commit
         self._handed: set[tuple[str, str]] = set()
+        self.last_handed_on_at: float | None = None  # MailboxStatus.last_message_at
         self._lock = asyncio.Lock()
 
     def begin(self, uidvalidity: int, *, move_cursor: bool = True) -> None:
@@ -297,6 +298,7 @@ class LedgerWriter:
         await self._commit(cursor, item, release)
         self._handed.add((mid, message.sender))
         await queue.put(message)
+        self.last_handed_on_at = time.time()
         if self.handoff == "queue":
             self._unsettled.append(key)
         self.metrics.inc("inbound.handed_on")

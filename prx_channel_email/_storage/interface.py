@@ -160,6 +160,10 @@ class HandoffBatch:
     settle: Sequence[MailKey] = ()
     # Applied in order; a move within one UIDVALIDITY never goes backwards.
     cursors: Sequence[Cursor] = ()
+    # The fencing token (lease epoch) the writer holds for ``mailbox``, where a backend
+    # shares state between replicas: a write under a lost or stale lease is refused
+    # (StorageError, nothing written). None: no lease (a backend serving one process).
+    fence: int | None = None
 
 
 @dataclass(frozen=True)
@@ -358,8 +362,11 @@ class Storage(Protocol):
 
     async def get_cursor(self, mailbox: Mailbox) -> Cursor | None: ...
 
-    async def set_cursor(self, mailbox: Mailbox, cursor: Cursor) -> None:
-        """Within one UIDVALIDITY the cursor never goes back; a new one replaces it."""
+    async def set_cursor(
+        self, mailbox: Mailbox, cursor: Cursor, *, fence: int | None = None
+    ) -> None:
+        """Within one UIDVALIDITY the cursor never goes back; a new one replaces it.
+        ``fence``: as :attr:`HandoffBatch.fence`."""
         ...
 
     # the hand-off (per mail)

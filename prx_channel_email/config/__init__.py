@@ -22,10 +22,10 @@ file), and never echoes a value back (a value might be a password).
 from __future__ import annotations
 
 import contextvars
-import ipaddress
 import json
 import os
 import re
+import socket
 import ssl
 import stat
 from collections.abc import Mapping
@@ -50,6 +50,8 @@ from pydantic_settings import (
 )
 
 from prx_channel_email._mail.addresses import fold_address
+from prx_channel_email._support.hosts import is_loopback as is_loopback
+from prx_channel_email.config.providers import oauth_problems  # the rules live with the presets
 from prx_channel_email.errors import ConfigError
 
 ENV_PREFIX = "PRX_EMAIL_"
@@ -63,6 +65,11 @@ _ENV_OVERRIDES: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 _TABLE_PATH: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "prx_email_table_path", default=None
+)
+# While an account of an ``accounts`` table is validated: its own PRX_EMAIL_<NAME>__*
+# variables (field -> text), which win over the general ones (config/accounts.py).
+_ACCOUNT_ENV: contextvars.ContextVar[dict[str, str] | None] = contextvars.ContextVar(
+    "prx_email_account_env", default=None
 )
 
 Port = Annotated[int, Field(ge=1, le=65535)]
@@ -105,24 +112,23 @@ DEFAULT_ATTACHMENT_TYPES = [
 ]
 
 
-def is_loopback(host: str) -> bool:
-    """True for hosts that never leave this machine (plaintext is allowed there).
-
-    Only ``localhost`` and loopback IP literals: a name like ``x.localhost`` may be
-    sent to a DNS server (nsswitch "files dns"), and then anywhere.
-    """
-    name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "prx-channel-email"
+
+
+def default_replica_id() -> str:
+    """This process, as logs, metrics and ``mailboxes()`` name it: host and pid."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# What an account may do (``capabilities``); all of them unless the config says less.
+CAPABILITIES = ("receive", "reply", "send", "tools")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its userinfo (``user:password@``) masked."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://[^:/@]*):[^@/]*@", r"\1:********@", url)
 
 
 def is_address(value: str) -> bool:
@@ -249,6 +255,30 @@ class EmailConfig(BaseSettings):
     save_sent: bool = False
     sent_folder: str | None = None
 
+    # --- several mailboxes (config/accounts.py; docs/guides/accounts.md) ---
+    # Each folder is a mailbox of its own (own session, cursor, backoff); [] means
+    # [imap_folder]. More folders than max_imap_connections is refused: each holds a
+    # connection, and providers cap them per account (docs/guides/provider-limits.md).
+    imap_folders: StrList = Field(default_factory=list)
+    max_imap_connections: Annotated[int, Field(ge=1, le=1000)] = 10
+    capabilities: StrList = Field(default_factory=lambda: list(CAPABILITIES))
+    # The share of senders (stable hash of the address) whose mail is handed on.
+    rollout_percent: Annotated[float, Field(ge=0, le=100)] = 100
+
+    # --- service-wide: the top-level table only (accounts.SERVICE_FIELDS) ---
+    state_url: SecretStr | None = None
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    metrics_host: str = "127.0.0.1"
+    replica_id: str = Field(default_factory=default_replica_id)
+    lease_secs: PositiveFloat = 30.0
+    # Logins in progress at once per IMAP server (host and port), over all accounts.
+    max_concurrent_logins: Annotated[int, Field(ge=1, le=1000)] = 10
+
+    # --- mailbox tools for the agent ---
+    tools_scope: Literal["allowed", "all"] = "allowed"
+    tools_write: bool = False
+    tools_max_chars: PositiveInt = 20000
+
     # The OAuth token manager shared by every connection made with this object
     # (oauth.token_source); never part of the settings.
     _oauth_tokens: Any = PrivateAttr(default=None)
@@ -265,6 +295,9 @@ class EmailConfig(BaseSettings):
         """Earlier sources win. A table (file or host) yields to the environment,
         where the secrets live; arguments given in code win over it. No .env file
         and no secrets directory: the variables are the only other source."""
+        account_env = _ACCOUNT_ENV.get()
+        if account_env is not None:  # an account of load_accounts: its own variables first
+            return (_Values(settings_cls, account_env), env_settings, init_settings)
         if _ENV_OVERRIDES.get():
             return (env_settings, init_settings)
         return (init_settings, env_settings)
@@ -320,13 +353,17 @@ class EmailConfig(BaseSettings):
         "own_addresses",
         "attachment_types",
         "oauth_scopes",
+        "imap_folders",
+        "capabilities",
         mode="before",
     )
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)
 
-    @field_validator("imap_host", "smtp_host", "username", "imap_folder")
+    @field_validator(
+        "imap_host", "smtp_host", "username", "imap_folder", "metrics_host", "replica_id"
+    )
     @classmethod
     def _not_blank(cls, value: str) -> str:
         value = value.strip()
@@ -353,6 +390,35 @@ class EmailConfig(BaseSettings):
         if value is not None and any(ch in value for ch in "\r\n\x00"):
             raise ValueError("must not contain line breaks or NUL")
         return value
+
+    @field_validator("imap_folders")
+    @classmethod
+    def _folders(cls, value: list[str]) -> list[str]:
+        folders = [f.strip() for f in value]
+        problems = []
+        if any(not f for f in folders):
+            problems.append("a folder name must not be empty")
+        if any(ch in f for f in folders for ch in "\r\n\x00"):
+            problems.append("a folder name must not contain line breaks or NUL")
+        # INBOX is case-insensitive (RFC 3501); other names are the server's business.
+        keys = [f.upper() if f.upper() == "INBOX" else f for f in folders]
+        twice = sorted({f for f, k in zip(folders, keys, strict=True) if keys.count(k) > 1})
+        if twice:
+            problems.append(f"{', '.join(map(repr, twice))} listed twice")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return folders
+
+    @field_validator("capabilities")
+    @classmethod
+    def _capabilities(cls, value: list[str]) -> list[str]:
+        wanted = [c.strip().lower() for c in value]
+        bad = [c for c in wanted if c not in CAPABILITIES]
+        if bad:
+            raise ValueError(
+                f"{', '.join(map(repr, bad))} unknown; choose from {', '.join(CAPABILITIES)}"
+            )
+        return [c for c in CAPABILITIES if c in wanted]  # one order, no repeats
 
     @field_validator("from_address")
     @classmethod
@@ -408,6 +474,18 @@ class EmailConfig(BaseSettings):
         return path
 
     @model_validator(mode="after")
+    def _mailboxes(self) -> EmailConfig:
+        if not self.imap_folders:  # the reference field names the one folder
+            object.__setattr__(self, "imap_folders", [self.imap_folder])
+        if len(self.imap_folders) > self.max_imap_connections:
+            raise ValueError(
+                f"imap_folders: {len(self.imap_folders)} folders need as many IMAP "
+                f"connections, more than max_imap_connections ({self.max_imap_connections}); "
+                "providers cap connections per account (Gmail: 15)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _security(self) -> EmailConfig:
         problems: list[str] = []
         if self.imap_security == "plain" and not self.plaintext_allowed(self.imap_host):
@@ -422,10 +500,6 @@ class EmailConfig(BaseSettings):
                 "or set allow_insecure = true"
             )
         if self.auth_method == "oauth2":
-            from prx_channel_email.config.providers import (
-                oauth_problems,  # the rules live with the presets
-            )
-
             problems.extend(oauth_problems(self))
         if problems:
             raise ValueError("; ".join(problems))
@@ -470,8 +544,24 @@ class EmailConfig(BaseSettings):
         for key in ("password", "smtp_password", "oauth_client_secret", "oauth_refresh_token"):
             if data.get(key) is not None:
                 data[key] = "********"
+        if self.state_url is not None:  # the URL is useful to see, its password is not
+            data["state_url"] = mask_url(self.state_url.get_secret_value())
         data["smtp_effective_security"] = self.smtp_effective_security
         return data
+
+
+class _Values(PydanticBaseSettingsSource):
+    """A settings source of fixed values (an account's own environment variables)."""
+
+    def __init__(self, settings_cls: type[BaseSettings], values: dict[str, str]) -> None:
+        super().__init__(settings_cls)
+        self._values = values
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._values.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._values)
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> Path:
@@ -606,8 +696,9 @@ def _read_config_file(file: Path) -> bytes:
         os.close(fd)
 
 
-def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
-    """Read ``[channels_config.email]`` from ``path``, ``$PRX_CONFIG`` or ``./config.toml``."""
+def read_table(path: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], str]:
+    """The ``[channels_config.email]`` table of ``path`` (``$PRX_CONFIG``, ``./config.toml``)
+    and the file's name as errors show it."""
     file = resolve_path(path)
     shown = str(file)
     raw = _read_config_file(file)
@@ -628,4 +719,262 @@ def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
             path=shown,
             problems=[f"[{'.'.join(TABLE)}]: table is missing"],
         )
+    return table, shown
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> EmailConfig:
+    """Read ``[channels_config.email]`` from ``path``, ``$PRX_CONFIG`` or ``./config.toml``.
+
+    A file with an ``accounts`` table yields its account when it has exactly one;
+    with several, :func:`load_accounts` is the way to read them (ConfigError here).
+    """
+    table, shown = read_table(path)
+    if ACCOUNTS_KEY in table:
+        accounts = accounts_from_table(table, path=shown)
+        if len(accounts) == 1:
+            return next(iter(accounts.values()))
+        raise ConfigError(
+            f"{shown} configures {len(accounts)} accounts ({', '.join(accounts)}):"
+            " load_accounts() reads them all",
+            path=shown,
+            problems=[f"{ACCOUNTS_KEY}: {len(accounts)} accounts where one was expected"],
+        )
     return EmailConfig.from_table(table, path=shown)
+
+
+# --- several accounts: [channels_config.email.accounts.NAME] tables ---
+#
+# Several accounts in one config: ``[channels_config.email.accounts.NAME]`` tables.
+#
+# Each account table inherits every key it does not set from the top-level table
+# (the shared defaults). The environment overrides the file, the more specific
+# variable first::
+#
+#     PRX_EMAIL_<NAME>__<FIELD>   one account (NAME upper-cased, "-" as "_")
+#     PRX_EMAIL_<FIELD>           every account
+#     [...accounts.NAME]          the account's table
+#     [channels_config.email]     the shared defaults
+#
+# Without an ``accounts`` table the top-level table is the one account, named
+# "default", exactly as before. Service-wide settings (one store, one endpoint,
+# one replica identity) live in the top-level table only: an account that sets one
+# differently is an error. Every problem of every account is collected into one
+# :class:`ConfigError`, each line naming the account and the field, never a value.
+
+ACCOUNTS_KEY = "accounts"
+# The name of the one account of a config without an ``accounts`` table.
+DEFAULT_ACCOUNT = "default"
+# One value for the whole process: an account may not set them differently.
+SERVICE_FIELDS = (
+    "state_dir",
+    "state_url",
+    "metrics_port",
+    "metrics_host",
+    "replica_id",
+    "lease_secs",
+    "max_concurrent_logins",
+)
+# Letters and digits, single "-" or "_" between them: the name is part of variable
+# names, metric labels and host chat ids, so nothing there needs quoting.
+_NAME_RE = re.compile(r"^[A-Za-z0-9]+(?:[-_][A-Za-z0-9]+)*$")
+MAX_NAME_CHARS = 64
+
+
+def account_env_prefix(name: str) -> str:
+    """``PRX_EMAIL_<NAME>__``: the prefix of the variables of account ``name``."""
+    return f"{ENV_PREFIX}{name.upper().replace('-', '_')}__"
+
+
+def _account_env(name: str) -> dict[str, str]:
+    """The account's own variables, field name -> text (unknown names included, so a
+    misspelt variable is an error rather than silently ignored)."""
+    prefix = account_env_prefix(name)
+    return {
+        key[len(prefix) :].lower(): value
+        for key, value in os.environ.items()
+        if key.upper().startswith(prefix) and len(key) > len(prefix)
+    }
+
+
+def load_accounts(path: str | os.PathLike[str] | None = None) -> dict[str, EmailConfig]:
+    """Read every account of ``path`` (``$PRX_CONFIG``, ``./config.toml``): name -> settings.
+
+    Without an ``accounts`` table: ``{"default": load_config(path)}``.
+    """
+    table, shown = read_table(path)
+    return accounts_from_table(table, path=shown)
+
+
+def accounts_from_table(
+    table: Mapping[str, Any], *, path: str | os.PathLike[str] | None = None
+) -> dict[str, EmailConfig]:
+    """The accounts of a ``[channels_config.email]`` table (a file's or a host's)."""
+    shown = str(path) if path is not None else None
+    if not isinstance(table, Mapping) or ACCOUNTS_KEY not in table:
+        return {DEFAULT_ACCOUNT: EmailConfig.from_table(table, path=shown)}
+    shared = dict(table)
+    accounts = shared.pop(ACCOUNTS_KEY)
+    problems: list[str] = []
+    if not isinstance(accounts, Mapping) or not accounts:
+        raise _config_error(shown, [f"{ACCOUNTS_KEY}: expected a table of named account tables"])
+    defaults = _snake_keys(shared, shown)
+    unknown = [k for k in defaults if k not in EmailConfig.model_fields]
+    problems += [f"{k}: unknown field (check the spelling)" for k in unknown]
+    defaults = {k: v for k, v in defaults.items() if k not in unknown}
+    bad_names = _name_problems(list(accounts))
+    problems += [problem for _name, problem in bad_names]
+
+    resolved: dict[str, EmailConfig] = {}
+    for name, own in accounts.items():
+        where = f"{ACCOUNTS_KEY}.{name}"
+        if name in dict(bad_names):
+            continue
+        if not isinstance(own, Mapping):
+            problems.append(f"{where}: expected a table of settings")
+            continue
+        try:
+            mine = _snake_keys(own, shown)
+        except ConfigError as exc:
+            problems += [f"{where}.{p}" for p in exc.problems]
+            continue
+        env = _account_env(str(name))
+        try:
+            config = _validate(name, {**defaults, **mine}, env, shown)
+        except ConfigError as exc:
+            problems += _attribute(exc.problems, str(name), set(mine) | set(env), set(defaults))
+            # Still say which service-wide values it changes (as written in the file).
+            problems += [
+                _service_problem(str(name), f)
+                for f in SERVICE_FIELDS
+                if f in mine and mine[f] != defaults.get(f, _default(f))
+            ]
+            continue
+        problems += _service_problems(str(name), config, defaults, mine, env, shown)
+        resolved[str(name)] = config
+    problems += same_login_problems(resolved)
+    if problems:
+        # An inherited bad value is reported once, under its own name, not per account.
+        raise _config_error(shown, list(dict.fromkeys(problems)))
+    return resolved
+
+
+def same_login_problems(accounts: Mapping[str, EmailConfig]) -> list[str]:
+    """Two accounts with one login would share their state (it is keyed by the login)
+    and each send the other's queued replies: one account, several folders, instead."""
+    problems = []
+    first: dict[str, str] = {}
+    for name, config in accounts.items():
+        other = first.setdefault(config.account, name)
+        if other != name:
+            problems.append(
+                f"{ACCOUNTS_KEY}.{name}.username: the same login on the same server as"
+                f" account {other!r}; list the folders of one account in imap_folders instead"
+            )
+    return problems
+
+
+def _validate(
+    name: str, data: dict[str, Any], env: dict[str, str], shown: str | None
+) -> EmailConfig:
+    token = _ACCOUNT_ENV.set(env)
+    path_token = _TABLE_PATH.set(shown)
+    try:
+        return EmailConfig(**data)
+    finally:
+        _TABLE_PATH.reset(path_token)
+        _ACCOUNT_ENV.reset(token)
+
+
+def _attribute(problems: list[str], name: str, own: set[str], shared: set[str]) -> list[str]:
+    """Name each problem's account: a field the account sets (in its table or its
+    variables), or one nobody set (a missing required field), is the account's; a
+    field only the shared table sets is reported as the shared table's."""
+    out = []
+    for problem in problems:
+        field = problem.split(":", 1)[0].split(".", 1)[0]
+        if field in shared and field not in own:
+            out.append(problem)
+            continue
+        # The password hint names the general variable; this account has its own.
+        text = problem.replace(f"{ENV_PREFIX}PASSWORD", f"{account_env_prefix(name)}PASSWORD")
+        out.append(f"{ACCOUNTS_KEY}.{name}.{text}")
+    return out
+
+
+def _service_problems(
+    name: str,
+    config: EmailConfig,
+    defaults: dict[str, Any],
+    mine: dict[str, Any],
+    env: dict[str, str],
+    shown: str | None,
+) -> list[str]:
+    """An account may repeat a service-wide value, never change it."""
+    touched = [f for f in SERVICE_FIELDS if f in mine or f in env]
+    if not touched:
+        return []
+    plain = {k: v for k, v in {**defaults, **mine}.items() if k not in SERVICE_FIELDS}
+    base = _validate(name, plain, {k: v for k, v in env.items() if k not in SERVICE_FIELDS}, shown)
+    return [
+        _service_problem(name, field)
+        for field in touched
+        if getattr(config, field) != getattr(base, field)
+    ]
+
+
+def _default(field: str) -> Any:
+    return EmailConfig.model_fields[field].get_default(call_default_factory=True)
+
+
+def _service_problem(name: str, field: str) -> str:
+    return (
+        f"{ACCOUNTS_KEY}.{name}.{field}: a service-wide setting (one for all accounts);"
+        " set it in the top-level table only"
+    )
+
+
+def _name_problems(names: list[Any]) -> list[tuple[Any, str]]:
+    """(name, problem) for each name that cannot be an account's."""
+    problems = []
+    seen: dict[str, str] = {}
+    for name in names:
+        if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > MAX_NAME_CHARS:
+            problems.append(
+                (
+                    name,
+                    f"{ACCOUNTS_KEY}.{name}: an account name is letters and digits, with single"
+                    f" '-' or '_' between them (at most {MAX_NAME_CHARS} characters)",
+                )
+            )
+            continue
+        prefix = account_env_prefix(name)
+        if prefix in seen:
+            problems.append(
+                (
+                    name,
+                    f"{ACCOUNTS_KEY}.{name}: the same variables ({prefix}*) as account"
+                    f" {seen[prefix]!r}; rename one",
+                )
+            )
+        seen[prefix] = name
+    return problems
+
+
+__all__ = [
+    "ACCOUNTS_KEY",
+    "CAPABILITIES",
+    "DEFAULT_ACCOUNT",
+    "ENV_PREFIX",
+    "SERVICE_FIELDS",
+    "EmailConfig",
+    "account_env_prefix",
+    "accounts_from_table",
+    "config_from_table",
+    "is_address",
+    "is_loopback",
+    "load_accounts",
+    "load_config",
+    "read_table",
+    "resolve_path",
+    "sender_entry",
+]

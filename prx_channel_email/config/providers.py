@@ -7,15 +7,39 @@ imports an HTTP client: a password-only user pays nothing for OAuth.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
-if TYPE_CHECKING:
-    from prx_channel_email.config import EmailConfig
+from prx_channel_email._support.hosts import is_loopback
 
 GOOGLE_MAIL_SCOPE = "https://mail.google.com/"
 MS_IMAP_SCOPE = "https://outlook.office.com/IMAP.AccessAsUser.All"
 MS_SMTP_SCOPE = "https://outlook.office.com/SMTP.Send"
+
+
+class OAuthFields(Protocol):
+    """The OAuth settings this module reads (``EmailConfig`` has them).
+
+    A protocol, not ``EmailConfig`` itself: the config imports this module to
+    validate itself, so this module must not import the config.
+    """
+
+    @property
+    def oauth_provider(self) -> Literal["google", "microsoft", "custom"] | None: ...
+    @property
+    def oauth_client_id(self) -> str | None: ...
+    @property
+    def oauth_tenant(self) -> str: ...
+    @property
+    def oauth_scopes(self) -> list[str]: ...
+    @property
+    def oauth_token_url(self) -> str | None: ...
+    @property
+    def oauth_authorize_url(self) -> str | None: ...
+    @property
+    def oauth_device_url(self) -> str | None: ...
+    @property
+    def oauth_revoke_url(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -63,7 +87,7 @@ GOOGLE = Provider(
 )
 
 
-def provider_for(config: EmailConfig) -> Provider:
+def provider_for(config: OAuthFields) -> Provider:
     """The provider with the config's explicit endpoints and scopes applied."""
     if config.oauth_provider == "google":
         base = GOOGLE
@@ -110,8 +134,6 @@ def missing_scopes(provider: Provider, granted: str | None) -> list[str]:
 def _url_problem(field: str, url: str | None) -> str | None:
     if url is None:
         return None
-    from prx_channel_email.config import is_loopback
-
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
         return None
@@ -120,7 +142,7 @@ def _url_problem(field: str, url: str | None) -> str | None:
     return f"{field}: must be an https:// URL (http only to a loopback host)"
 
 
-def oauth_problems(config: EmailConfig) -> list[str]:
+def oauth_problems(config: OAuthFields) -> list[str]:
     """What is missing or wrong in the OAuth settings (one line each, no values)."""
     problems: list[str] = []
     if config.oauth_provider is None:

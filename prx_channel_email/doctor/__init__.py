@@ -22,10 +22,10 @@ import ssl
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import aiosmtplib
 
@@ -38,6 +38,11 @@ from prx_channel_email._net.tls import ssl_context
 from prx_channel_email._outbound.compose import parse_recipient
 from prx_channel_email._storage import low_space
 from prx_channel_email.config import EmailConfig, is_loopback, load_config, resolve_path
+
+# Re-exported: callers build and read reports from here, as before.
+from prx_channel_email.doctor.report import Check as Check
+from prx_channel_email.doctor.report import DoctorReport as DoctorReport
+from prx_channel_email.doctor.report import Status as Status
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
@@ -46,7 +51,6 @@ from prx_channel_email.errors import (
     TransportError,
 )
 
-Status = Literal["pass", "warn", "fail", "skip"]
 Progress = Callable[[str], None]
 
 DEFAULT_CHECK_TIMEOUT = 10.0
@@ -65,60 +69,6 @@ IMAP_CHECKS = (
     "sender verification",
 )
 SMTP_CHECKS = ("smtp dns", "smtp tcp", "smtp tls", "smtp ehlo", "smtp auth", "send test")
-
-
-@dataclass(frozen=True)
-class Check:
-    """One line of the report. ``fix`` says what to change when it did not pass."""
-
-    name: str
-    status: Status
-    detail: str
-    fix: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix}
-
-
-@dataclass
-class DoctorReport:
-    """All checks of one doctor run; ``exit_code`` is what ``prx-email doctor`` exits with."""
-
-    checks: list[Check] = field(default_factory=list)
-    config_path: str | None = None
-    config_invalid: bool = False
-
-    @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if c.status == "fail"]
-
-    @property
-    def warnings(self) -> list[Check]:
-        return [c for c in self.checks if c.status == "warn"]
-
-    @property
-    def ok(self) -> bool:
-        return not self.config_invalid and not self.failed
-
-    @property
-    def exit_code(self) -> int:
-        """0 nothing failed (warnings allowed), 1 a check failed, 2 the config is invalid."""
-        if self.config_invalid:
-            return 2
-        return 1 if self.failed else 0
-
-    def get(self, name: str) -> Check | None:
-        return next((c for c in self.checks if c.name == name), None)
-
-    def to_dict(self) -> dict[str, Any]:
-        counts = {s: sum(1 for c in self.checks if c.status == s) for s in Status.__args__}  # type: ignore[attr-defined]
-        return {
-            "ok": self.ok,
-            "exit_code": self.exit_code,
-            "config": self.config_path,
-            "summary": counts,
-            "checks": [c.to_dict() for c in self.checks],
-        }
 
 
 # --------------------------------------------------------------------------- providers

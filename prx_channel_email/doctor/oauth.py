@@ -8,22 +8,17 @@ XOAUTH2 code with no further token request.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Literal
 
 from prx_channel_email._oauth.tokens import TokenStore, attach
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.config.providers import missing_scopes
+from prx_channel_email.doctor.report import Check
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
     OAuthReauthRequired,
     OAuthUnavailable,
 )
-
-if TYPE_CHECKING:
-    from prx_channel_email.doctor import Check
-
-Status = Literal["pass", "warn", "fail", "skip"]
 
 LOGIN_FIX = (
     "run `prx-email auth login` (add --device or --no-browser on a machine without a browser)"
@@ -67,8 +62,6 @@ def login_fix(provider: str) -> str:
 
 async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig, list[Check]]:
     """Store, refresh and scope checks; returns the config the later chains should use."""
-    from prx_channel_email.doctor import Check
-
     config, manager = attach(config, None)
     provider = manager.provider
     store = TokenStore(config.state_dir)

@@ -258,7 +258,10 @@ class StateStore:
 
         return await self.run(q)
 
-    async def set_cursor(self, mailbox: Mailbox, cursor: Cursor) -> None:
+    async def set_cursor(
+        self, mailbox: Mailbox, cursor: Cursor, *, fence: int | None = None
+    ) -> None:
+        # One process owns the file: there is no lease to check (``fence`` is ignored).
         await self.run(lambda conn: _write_cursor(conn, mailbox, cursor))
 
     # --- the hand-off ---

@@ -791,7 +791,7 @@ def status_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
         cfg = _oauth_config(config)
         from prx_channel_email._oauth.flows import describe
 
-        for key, value in describe(cfg):
+        for key, value in asyncio.run(describe(cfg)):
             out.print(f"{key}: {escape(value)}")
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sqlite3
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from prx_channel_email._storage import CopiesOf, Mailbox, MailKey
+from prx_channel_email._storage import CopiesOf, Mailbox, MailKey, TokenRecord, open_storage
 from prx_channel_email._storage.sqlite import store as store_mod
 from prx_channel_email._storage.sqlite.store import (
     DB_NAME,
@@ -91,7 +93,7 @@ async def test_mail_keys_rekeys_the_state_release_58ba6be_wrote_and_keeps_every_
     takes its ledger row's."""
     shutil.copy(V2, tmp_path / DB_NAME)
     async with StateStore(tmp_path) as store:
-        assert (await store.migrations())[-1] == "mail_keys"
+        assert "mail_keys" in await store.migrations()
         cursor = await store.get_cursor(BOX)
         assert cursor is not None and (cursor.uidvalidity, cursor.last_uid) == (42, 9)
         flying = await store.in_flight(BOX)
@@ -129,3 +131,25 @@ async def test_mail_keys_rekeys_the_state_release_58ba6be_wrote_and_keeps_every_
         assert [r.key for r in await store.in_flight(BOX)] == [key(6)]
     assert applied(tmp_path / DB_NAME) == [name for name, _ in store_mod.MIGRATIONS]
     assert version(tmp_path / DB_NAME) == SCHEMA_VERSION
+
+
+async def test_the_token_file_of_release_58ba6be_is_adopted_by_its_account(
+    tmp_path: Path,
+) -> None:
+    """Release 58ba6be kept the OAuth grant in ``oauth-token.json`` (one per state dir):
+    the account whose login it names takes it over at first use, the file goes; another
+    login's file is left alone."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    old = TokenRecord(refresh_token="rt-1", access_token="at-1", expires_at=1.0e10,
+                      lifetime=3600.0, scope="mail", provider="custom", username="bot")  # fmt: skip
+    # Exactly what that release's TokenStore.save wrote.
+    (state / "oauth-token.json").write_text(json.dumps(asdict(old), sort_keys=True))
+    other = open_storage(state).tokens("someone@imap:993", username="someone")
+    assert await other.load() is None
+    assert (state / "oauth-token.json").exists()
+    mine = open_storage(state).tokens("bot@imap:993", username="bot")
+    assert await mine.version() is not None
+    assert await mine.load() == old
+    assert not (state / "oauth-token.json").exists()
+    assert await other.load() is None

@@ -5,8 +5,8 @@
 * Device authorization grant (RFC 8628), for a headless server: the user enters a
   short code on another device. Google does not allow the mail scope in it.
 
-Either way the grant goes to the token store (oauth.TokenStore) owner-only, and a
-running channel picks it up by itself (it watches the store file). authlib does the
+Either way the grant goes to the token store (the storage's, per account, owner-only),
+and a running channel picks it up by itself (it watches the record's version). authlib does the
 protocol (authorization URL, PKCE, token requests, revocation); nothing here prints
 or logs a token.
 """
@@ -23,12 +23,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from prx_channel_email._oauth.tokens import (
-    TokenRecord,
-    TokenStore,
     fingerprint,
     http_error_class,
     oauth_client,
+    token_store,
 )
+from prx_channel_email._storage import TokenRecord
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.config.providers import Provider, missing_scopes, provider_for
 from prx_channel_email.errors import ChannelError
@@ -47,7 +47,9 @@ class LoginError(ChannelError):
     code = "oauth_login_failed"
 
 
-def _store_grant(config: EmailConfig, provider: Provider, token: dict[str, Any]) -> TokenRecord:
+async def _store_grant(
+    config: EmailConfig, provider: Provider, token: dict[str, Any]
+) -> TokenRecord:
     if not token.get("refresh_token"):
         raise LoginError(
             "the provider returned no refresh token, so the channel could not renew access; "
@@ -72,7 +74,7 @@ def _store_grant(config: EmailConfig, provider: Provider, token: dict[str, Any])
         username=config.username,
         updated_at=now,
     )
-    TokenStore(config.state_dir).save(record)
+    await token_store(config).save(record)
     return record
 
 
@@ -186,7 +188,7 @@ async def login_browser(
     finally:
         server.close()
         await server.wait_closed()
-    return await asyncio.to_thread(_store_grant, config, provider, dict(token))
+    return await _store_grant(config, provider, dict(token))
 
 
 async def login_device(
@@ -253,15 +255,15 @@ async def login_device(
                     raise
             if time.monotonic() > deadline:
                 raise LoginError("the code was not approved in time", code="oauth_login_timeout")
-    return await asyncio.to_thread(_store_grant, config, provider, dict(token))
+    return await _store_grant(config, provider, dict(token))
 
 
-def describe(config: EmailConfig) -> list[tuple[str, str]]:
+async def describe(config: EmailConfig) -> list[tuple[str, str]]:
     """``auth status``: what is stored, never a token."""
     provider = provider_for(config)
-    store = TokenStore(config.state_dir)
-    rows = [("provider", provider.name), ("account", config.username), ("store", str(store.path))]
-    record = store.load()
+    store = token_store(config)
+    rows = [("provider", provider.name), ("account", config.username), ("store", store.location)]
+    record = await store.load()
     seed = config.oauth_refresh_token
     if record is None:
         rows.append(
@@ -287,7 +289,10 @@ def describe(config: EmailConfig) -> list[tuple[str, str]]:
         rows.append(("access token expires", f"{when} ({state})"))
     rows.append(("updated", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.updated_at))))
     rows.append(
-        ("owner-only", "yes" if store.owner_only() else "NO: chmod 600 the file, 700 the directory")
+        (
+            "owner-only",
+            "yes" if await store.private() else "NO: chmod 600 the file, 700 the directory",
+        )
     )
     return rows
 
@@ -295,8 +300,8 @@ def describe(config: EmailConfig) -> list[tuple[str, str]]:
 async def logout(config: EmailConfig) -> list[str]:
     """Revoke the stored grant where the provider can, delete the store; what was done."""
     provider = provider_for(config)
-    store = TokenStore(config.state_dir)
-    record = await asyncio.to_thread(store.load)
+    store = token_store(config)
+    record = await store.load()
     done: list[str] = []
     if record is not None and record.refresh_token and provider.revoke_url:
         client = oauth_client(config)
@@ -315,8 +320,8 @@ async def logout(config: EmailConfig) -> list[str]:
             f"{provider.name} offers no revocation endpoint: remove the app's access in the "
             "account's security settings to end the grant everywhere"
         )
-    if await asyncio.to_thread(store.delete):
-        done.append(f"deleted {store.path}")
+    if await store.delete():
+        done.append(f"deleted the grant from {store.location}")
     else:
         done.append("no token was stored")
     if config.oauth_refresh_token is not None:

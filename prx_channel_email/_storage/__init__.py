@@ -36,6 +36,8 @@ from prx_channel_email._storage.interface import (
     SenderChanges,
     Storage,
     Stored,
+    TokenRecord,
+    TokenStore,
     WaitingRow,
 )
 from prx_channel_email._storage.sqlite.store import StateStore
@@ -66,6 +68,8 @@ __all__ = [
     "SenderChanges",
     "Storage",
     "Stored",
+    "TokenRecord",
+    "TokenStore",
     "WaitingRow",
     "low_space",
     "make_private_dir",

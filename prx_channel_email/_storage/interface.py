@@ -16,7 +16,7 @@ Keys (what identifies a row):
   sender), never the identity of a row: two senders using one Message-ID are
   two mails;
 * per account: outbox rows, rate history (read from the ledger and in-flight
-  rows), runtime senders.
+  rows), runtime senders, the OAuth token record.
 
 Every method is one transaction: all of it is durable when it returns, none of it
 when it raises. A storage failure raises :class:`~prx_channel_email.errors.StorageError`
@@ -26,9 +26,11 @@ change their memory only after a method returned (never from inside one).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 # --- keys -------------------------------------------------------------------------
 
@@ -324,6 +326,66 @@ class OutboxStore(Protocol):
         ...
 
 
+# --- OAuth tokens -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """What the token store holds for one account (never logged, never shown)."""
+
+    refresh_token: str | None = None
+    access_token: str | None = None
+    expires_at: float | None = None  # Unix seconds
+    lifetime: float | None = None  # seconds the access token was issued for
+    scope: str | None = None
+    seed: str | None = None  # fingerprint of the configured oauth_refresh_token it supersedes
+    provider: str | None = None
+    username: str | None = None
+    updated_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TokenRecord:
+        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        return cls(**known)
+
+
+@runtime_checkable
+class TokenStore(Protocol):
+    """The OAuth token record of one account.
+
+    ``save`` replaces the record atomically and is durable when it returns (a
+    rotated refresh token is never half-written). ``version`` changes whenever the
+    record is replaced or deleted and costs no network: a running channel polls it
+    to notice a new ``auth login`` made by another process. ``locked`` is exclusive
+    between every process sharing this storage, so at most one refresh of the grant
+    is in flight anywhere; a waiter gives up after ``within`` seconds with
+    ``OAuthUnavailable`` (code ``oauth_store_busy``) and a cancelled waiter holds
+    nothing. ``location`` names the record in messages (never its content).
+    """
+
+    account: str
+    location: str
+
+    async def load(self) -> TokenRecord | None:
+        """The record, None when there is none; a ChannelError with code
+        ``oauth_store_damaged`` when it cannot be read as one."""
+        ...
+
+    async def version(self) -> object | None: ...
+
+    async def save(self, record: TokenRecord) -> None: ...
+
+    async def delete(self) -> bool:
+        """Remove the record; False when there was none."""
+        ...
+
+    def locked(self, within: float) -> AbstractAsyncContextManager[None]: ...
+
+    async def private(self) -> bool:
+        """True when nobody but this user can read the record where it is kept."""
+        ...
+
+
 # --- the storage ------------------------------------------------------------------
 
 
@@ -440,6 +502,12 @@ class Storage(Protocol):
         config (back to what the config says: no difference kept)."""
         ...
 
-    # outbox (per account)
+    # outbox and OAuth tokens (per account)
 
     def outbox(self, account: str) -> OutboxStore: ...
+
+    def tokens(self, account: str, *, username: str | None = None) -> TokenStore:
+        """The token record of ``account`` (usable without :meth:`open`: the CLI and the
+        doctor use it alone). ``username``: the login the grant is for, by which a
+        backend may adopt a record an older release kept elsewhere."""
+        ...

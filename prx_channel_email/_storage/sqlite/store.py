@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import sqlite3
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from prx_channel_email._mail.addresses import fold_address
-from prx_channel_email._storage.files import low_space, make_private_dir, private_file
+from prx_channel_email._storage.files import low_space
 from prx_channel_email._storage.interface import (
     CopiesOf,
     Cursor,
@@ -37,97 +36,39 @@ from prx_channel_email._storage.interface import (
     WaitingRow,
 )
 from prx_channel_email._storage.sqlite import mail_tables, senders_table
-from prx_channel_email._storage.sqlite.outbox_table import (
-    OUTBOX_SCHEMA_V1,
-    OutboxTable,
-    add_idempotency_key,
+from prx_channel_email._storage.sqlite.outbox_table import OutboxTable
+from prx_channel_email._storage.sqlite.schema import (
+    BASE_SCHEMA,
+    DB_NAME,
+    MIGRATIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    Step,
+    connect,
+    ddl,
+    migrate,
+    storage_error,
 )
+from prx_channel_email._storage.sqlite.tokens import SqliteTokenStore
 from prx_channel_email._support.observability import log_event
-from prx_channel_email.errors import StorageError
 
 log = logging.getLogger("prx_channel_email.store")
 
 T = TypeVar("T")
 
-DB_NAME = "state.sqlite3"
-
-_CURSOR_V1 = """
--- Per account and folder: the UIDVALIDITY we know and the highest UID handed on.
-CREATE TABLE IF NOT EXISTS cursor (
-    account TEXT NOT NULL,
-    folder TEXT NOT NULL,
-    uidvalidity INTEGER NOT NULL,
-    last_uid INTEGER NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (account, folder)
-);
-"""
-
-# The schema as the first release wrote it (schema_version 1). Never edit it: a
-# change to a table is a new named step appended to MIGRATIONS below.
-BASE_SCHEMA = _CURSOR_V1 + mail_tables.LEDGER_SCHEMA_V1 + OUTBOX_SCHEMA_V1
-
-SCHEMA = BASE_SCHEMA  # the name before migrations existed (tests build v1 tables with it)
-
-Step = Callable[[sqlite3.Connection], None]
-
-
-def ddl(script: str) -> Step:
-    """A migration step that runs the ``;``-separated statements of ``script``."""
-    code = mail_tables.statements(script)
-
-    def step(conn: sqlite3.Connection) -> None:
-        for statement in code:
-            conn.execute(statement)
-
-    return step
-
-
-# Applied in this order, each in its own transaction, each once (recorded by name in
-# schema_migrations). Append only; a name is never reused. "base" is idempotent, so a
-# state file from before migrations existed (schema_version 1) opens and moves on.
-MIGRATIONS: list[tuple[str, Step]] = [
-    ("base", ddl(BASE_SCHEMA)),
-    ("deferred_mail", mail_tables.migrate_deferred_mail),
-    ("outbox_idempotency_key", add_idempotency_key),
-    (senders_table.MIGRATION_NAME, senders_table.migrate),
-    ("inbound_inflight", ddl(mail_tables.INFLIGHT_V1)),
-    ("mail_keys", mail_tables.migrate_mail_keys),
+# Re-exported: the names tests and tools knew the schema by.
+__all__ = [
+    "BASE_SCHEMA",
+    "DB_NAME",
+    "MIGRATIONS",
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "StateStore",
+    "Step",
+    "ddl",
+    "migrate",
+    "state_exists",
 ]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-def migrate(conn: sqlite3.Connection, steps: list[tuple[str, Step]] | None = None) -> list[str]:
-    """Bring the schema up to date; returns the names of the steps applied now."""
-    steps = MIGRATIONS if steps is None else steps
-    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS schema_migrations"
-        " (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)"
-    )
-    applied: list[str] = []
-    for version, (name, step) in enumerate(steps, start=1):
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            # Checked inside the transaction: another process may have just applied it.
-            done = conn.execute("SELECT 1 FROM schema_migrations WHERE name=?", (name,)).fetchone()
-            if not done:
-                step(conn)
-                conn.execute(
-                    "INSERT INTO schema_migrations (name, applied_at) VALUES (?, ?)",
-                    (name, time.time()),
-                )
-                applied.append(name)
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('schema_version', ?) ON CONFLICT (key)"
-                " DO UPDATE SET value=excluded.value WHERE CAST(value AS INTEGER) < ?",
-                (str(version), version),
-            )
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-    return applied
 
 
 def state_exists(state_dir: Path) -> bool:
@@ -174,29 +115,11 @@ class StateStore:
         await self.close()
 
     def _connect(self) -> None:
-        conn: sqlite3.Connection | None = None
-        try:
-            make_private_dir(self.path.parent)
-            # The WAL and shared-memory files take the database file's mode.
-            private_file(self.path)
-            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            conn.execute("PRAGMA busy_timeout=5000")
-            migrate(conn)
-            warning = low_space(self.path.parent)
-            if warning is not None:
-                log_event(log, logging.WARNING, "storage.low_space", path=str(self.path),
-                          detail=warning, code="storage_low")  # fmt: skip
-            for suffix in ("-wal", "-shm"):
-                side = self.path.with_name(self.path.name + suffix)
-                if side.exists():
-                    side.chmod(0o600)
-        except (OSError, sqlite3.Error) as exc:
-            if conn is not None:
-                conn.close()
-            raise opening_error(exc, self.path) from exc
-        self._conn = conn
+        self._conn = connect(self.path, self._synchronous)
+        warning = low_space(self.path.parent)
+        if warning is not None:
+            log_event(log, logging.WARNING, "storage.low_space", path=str(self.path),
+                      detail=warning, code="storage_low")  # fmt: skip
 
     def _disconnect(self) -> None:
         if self._conn is not None:
@@ -349,6 +272,14 @@ class StateStore:
             )
         )
 
+    # --- OAuth tokens ---
+
+    def tokens(self, account: str, *, username: str | None = None) -> SqliteTokenStore:
+        """The token record of ``account``: a row of this same file, read and written by
+        short transactions of their own (the store need not be open: the CLI and the
+        doctor use it alone)."""
+        return SqliteTokenStore(self.path, account, username=username)
+
     # --- outbox ---
 
     def outbox(self, account: str) -> OutboxTable:
@@ -356,52 +287,6 @@ class StateStore:
         if table is None:
             table = self._outboxes[account] = OutboxTable(self, account)
         return table
-
-
-_READONLY = {8, 14, 23}  # SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_AUTH
-
-
-def _storage_code(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return "storage_full"
-        if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            return "storage_readonly"
-        return "storage_error"
-    primary = (getattr(exc, "sqlite_errorcode", None) or 0) & 0xFF
-    text = str(exc).lower()
-    if primary == 13 or "disk is full" in text:  # SQLITE_FULL
-        return "storage_full"
-    if primary in _READONLY or "readonly" in text or "unable to open" in text:
-        return "storage_readonly"
-    return "storage_error"
-
-
-def storage_error(exc: BaseException, path: Path) -> StorageError:
-    """The StorageError for a sqlite3 or OS failure on ``path``."""
-    code = _storage_code(exc)
-    what = {
-        "storage_full": "no space left for the state",
-        "storage_readonly": "the state is not writable",
-        "storage_error": "the state could not be written",
-    }[code]
-    return StorageError(f"{what} at {path}: {exc}", code=code, path=str(path))
-
-
-def opening_error(exc: BaseException, path: Path) -> StorageError:
-    """Why the state at ``path`` cannot be opened, and what to do about it."""
-    code = _storage_code(exc)
-    fix = {
-        "storage_full": "free some space on that filesystem",
-        "storage_readonly": (
-            "make the directory writable by this user (or create it), or point"
-            " state_dir at a writable directory"
-        ),
-        "storage_error": "check the disk, or point state_dir at another directory",
-    }[code]
-    return StorageError(
-        f"cannot open the state in {path.parent} ({exc}); fix: {fix}", code=code, path=str(path)
-    )
 
 
 def _write_cursor(conn: sqlite3.Connection, mailbox: Mailbox, cursor: Cursor) -> None:

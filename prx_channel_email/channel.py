@@ -71,7 +71,7 @@ class EmailChannel(Channel):
             config, self.tokens = attach(config, token_provider)
         self.config = config
         self.metrics = Metrics()
-        self.reporter = StatusReporter(config.account, on_status, on_rejected)
+        self.reporter = StatusReporter(config.account, on_status, on_rejected, metrics=self.metrics)
         self.store = open_storage(config.state_dir)
         # One hand-off ledger: the host's acks and replies settle received mail there.
         self.ledger = HandoffLedger(self.store, config.account, handoff=config.handoff)
@@ -174,7 +174,7 @@ class EmailChannel(Channel):
         await self._change_sender(entry, allow=False)
 
     async def _change_sender(self, entry: str, *, allow: bool) -> None:
-        item = sender_entry(entry)
+        item = sender_entry(entry) if isinstance(entry, str) else None
         if item is None:
             raise ChannelError(
                 f"{entry!r} is neither an address, '@domain' nor '*'", code="invalid_argument"

@@ -103,9 +103,10 @@ def loop_reason(env: Envelope, own_addresses: Iterable[str], stamp: str = "") ->
         return AUTO_SUBMITTED
     if any(name in h for name in _AUTO_HEADERS):
         return AUTO_REPLY
-    precedence = decode_words(h.get("precedence")).lower().split(";")[0].strip()
-    if precedence in _BULK_PRECEDENCE:
-        return PRECEDENCE
+    for name in ("precedence", "x-precedence"):  # the X- form: older list managers
+        precedence = decode_words(h.get(name)).lower().split(";")[0].strip()
+        if precedence in _BULK_PRECEDENCE:
+            return PRECEDENCE
     if any(name in h for name in _LIST_HEADERS):
         return LIST_MAIL
     if "x-loop" in h:

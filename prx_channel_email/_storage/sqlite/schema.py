@@ -7,16 +7,20 @@ schema brought up to date.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from prx_channel_email._storage.files import make_private_dir, private_file
 from prx_channel_email._storage.sqlite import mail_tables, senders_table, tokens_table
 from prx_channel_email._storage.sqlite.outbox_table import OUTBOX_SCHEMA_V1, add_idempotency_key
 from prx_channel_email.errors import StorageError
+
+T = TypeVar("T")
 
 DB_NAME = "state.sqlite3"
 
@@ -98,6 +102,31 @@ def migrate(conn: sqlite3.Connection, steps: list[tuple[str, Step]] | None = Non
             raise
         conn.execute("COMMIT")
     return applied
+
+
+def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T], path: Path) -> T:
+    """``fn(conn)`` as one transaction (``BEGIN IMMEDIATE`` ... ``COMMIT``).
+
+    A database or disk failure raises :class:`StorageError` (nothing of the
+    transaction is on disk); ``sqlite3.IntegrityError`` passes through, it is
+    about the data, not the storage.
+    """
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = fn(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                # SQLite may have rolled back already (a full disk).
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            raise
+    except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
+        raise
+    except (sqlite3.Error, OSError) as exc:
+        raise storage_error(exc, path) from exc
+    return result
 
 
 def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:

@@ -13,7 +13,6 @@ Every sqlite3 / OS failure leaves this module as a :class:`StorageError` with a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sqlite3
 import time
@@ -47,7 +46,7 @@ from prx_channel_email._storage.sqlite.schema import (
     connect,
     ddl,
     migrate,
-    storage_error,
+    transaction,
 )
 from prx_channel_email._storage.sqlite.tokens import SqliteTokenStore
 from prx_channel_email._support.observability import log_event
@@ -133,32 +132,12 @@ class StateStore:
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``fn(conn)`` as one transaction on the store's thread (this backend's own
-        tables and tests only: callers use the interface's operations).
-
-        A database or disk failure raises :class:`StorageError` (nothing of the
-        transaction is on disk); ``sqlite3.IntegrityError`` passes through, it is
-        about the data, not the storage.
-        """
+        tables and tests only: callers use the interface's operations). Failures as
+        :func:`~prx_channel_email._storage.sqlite.schema.transaction`."""
 
         def tx() -> T:
-            conn = self._conn
-            assert conn is not None
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        # SQLite may have rolled back already (a full disk).
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK")
-                    raise
-            except (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError):
-                raise
-            except (sqlite3.Error, OSError) as exc:
-                raise storage_error(exc, self.path) from exc
-            return result
+            assert self._conn is not None
+            return transaction(self._conn, fn, self.path)
 
         return await self._submit(tx)
 

@@ -57,6 +57,7 @@ _FETCH_START_RE = re.compile(rb"^(\d+) FETCH \(")
 MIN_FETCH_BYTES_PER_SEC = 64 * 1024
 _UID_RE = re.compile(rb"\bUID (\d+)")
 _SIZE_RE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_FLAGS_RE = re.compile(rb"\bFLAGS \(([^)]*)\)")
 _LIST_RE = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<delim>NIL|"(?:[^"\\]|\\.)*") ?(?P<name>.*)$')
 # RFC 5530 codes that mean "try again later", not "wrong password".
 _TRANSIENT_LOGIN = (b"[UNAVAILABLE]", b"[SERVERBUG]", b"[INUSE]", b"[LIMIT]")
@@ -90,6 +91,7 @@ class FetchedMessage:
     uid: int
     size: int | None = None
     data: bytes | None = None
+    flags: frozenset[str] | None = None  # when FLAGS was asked for
 
 
 def encode_mailbox(name: str) -> str:
@@ -246,6 +248,11 @@ class ImapSession:
     @property
     def is_open(self) -> bool:
         return not self._proto.closed.is_set()
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes the server sent on this connection so far (TLS records excluded)."""
+        return self._proto.bytes_received
 
     @property
     def changed(self) -> asyncio.Event:
@@ -841,6 +848,7 @@ def _parse_fetch(lines: list[Any]) -> dict[int, FetchedMessage]:
         uid = _UID_RE.search(joined)
         if uid:
             size = _SIZE_RE.search(joined)
+            flags = _FLAGS_RE.search(joined)
             key = int(uid.group(1))
             earlier = out.get(key)
             # A second, body-less answer for the same UID (an unsolicited FLAGS update
@@ -849,6 +857,11 @@ def _parse_fetch(lines: list[Any]) -> dict[int, FetchedMessage]:
                 uid=key,
                 size=int(size.group(1)) if size else (earlier.size if earlier else None),
                 data=literal if literal is not None else (earlier.data if earlier else None),
+                flags=(
+                    frozenset(flags.group(1).decode(errors="replace").lower().split())
+                    if flags
+                    else (earlier.flags if earlier else None)
+                ),
             )
 
     for line in lines:

@@ -10,6 +10,7 @@ here instead of silently leaving it out. Building the site (``mkdocs build
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import sys
@@ -26,7 +27,9 @@ PACKAGE = ROOT / "prx_channel_email"
 README = ROOT / "README.md"
 
 
+@functools.cache
 def _generator() -> ModuleType:
+    """docs/_gen/reference.py, loaded once (it parses the whole package)."""
     path = ROOT / "docs" / "_gen" / "reference.py"
     spec = importlib.util.spec_from_file_location("prx_docs_reference", path)
     assert spec is not None and spec.loader is not None
@@ -142,3 +145,33 @@ def test_prometheus_names_map_counters_the_code_counts() -> None:
             assert any(c.startswith(name) for c in counted), name
         else:
             assert name in counted, f"{name} is mapped to a Prometheus metric but never counted"
+
+
+def test_every_provider_row_is_in_the_reference(pages: dict[str, str]) -> None:
+    from prx_channel_email.config.providers import PROVIDERS
+
+    page = pages["reference/providers.md"]
+    for row in PROVIDERS:
+        assert f"| {row.label}" in page, row.key
+        if row.imap is not None:
+            assert f"`{row.imap.host}` {row.imap.port}" in page
+
+
+def test_every_command_and_option_is_in_the_cli_reference(pages: dict[str, str]) -> None:
+    import typer
+
+    from prx_channel_email import cli
+
+    page = pages["reference/cli.md"]
+    group = typer.main.get_command(cli.app)
+    seen = 0
+    for path, command in _generator()._commands(group, ["prx-email"]):
+        if getattr(command, "commands", None):
+            continue
+        seen += 1
+        assert f"## `{' '.join(path)}`" in page
+        for param in command.params:
+            for opt in getattr(param, "opts", []):
+                if opt.startswith("-"):
+                    assert f"`{opt}" in page or f", {opt}" in page, (path, opt)
+    assert seen >= 10

@@ -410,3 +410,21 @@ async def test_search_pages_across_accounts_and_watched_folders(
         assert caught.value.code == "unknown_account"
     finally:
         await tools.close()
+    # An account without the "tools" capability is not served at all.
+    quiet = tools_config(dovecot, second, tmp_path / "quiet", capabilities=["receive"])
+    tools = MailboxTools(
+        [
+            ToolAccount("one", one, InboundPipeline(one)),
+            ToolAccount("two", quiet, InboundPipeline(quiet)),
+        ]
+    )
+    try:
+        assert tools.accounts == ["one"]
+        with pytest.raises(ChannelError) as caught:
+            await tools.search(account="two")
+        assert caught.value.code == "unknown_account"
+        with pytest.raises(ChannelError) as caught:
+            await tools.get("<c1@people.example>")
+        assert caught.value.code == "not_found"
+    finally:
+        await tools.close()

@@ -428,3 +428,23 @@ async def test_search_pages_across_accounts_and_watched_folders(
         assert caught.value.code == "not_found"
     finally:
         await tools.close()
+
+
+async def test_pdf_reading_is_bounded_in_size_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prx_channel_email._tools import extract as extract_module
+    from tests.tools_helpers import tiny_pdf
+
+    pdf = tiny_pdf("Bounded text")
+    got = await extract_module.extract("application/pdf", "a.pdf", pdf, 1000)
+    assert got.text is not None and "Bounded text" in got.text
+    # The same file as octet-stream is still recognised by its bytes.
+    assert (await extract_module.extract("application/octet-stream", "x", pdf, 1000)).text
+    monkeypatch.setattr(extract_module, "PDF_MAX_BYTES", 100)
+    big = await extract_module.extract("application/pdf", "a.pdf", pdf, 1000)
+    assert big.text is None and big.note == f"the PDF is {len(pdf)} bytes, above 100: not read"
+    monkeypatch.setattr(extract_module, "PDF_MAX_BYTES", 10**9)
+    monkeypatch.setattr(extract_module, "PDF_TIMEOUT_SECS", 0.01)  # the child is killed
+    slow = await extract_module.extract("application/pdf", "a.pdf", pdf, 1000)
+    assert slow.text is None and slow.note == "reading the PDF took longer than 0.01 s: stopped"
+    broken = await extract_module.extract("application/pdf", "b.pdf", b"%PDF-1.4 garbage", 1000)
+    assert broken.text is None and broken.note is not None

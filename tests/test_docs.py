@@ -127,3 +127,48 @@ def test_every_nav_entry_exists() -> None:
     assert len(nav) >= 20
     for page in nav:
         assert page in generated or (ROOT / "docs" / page).is_file(), page
+
+
+def test_prometheus_names_map_counters_the_code_counts() -> None:
+    """The /metrics tables name counters by their dotted names: each must be one the
+    code counts (or the prefix of a family), or its metric would stay at zero."""
+    generator = _generator()
+    table = generator.prometheus_names()
+    if not table:
+        pytest.skip("no operations endpoint (prx_channel_email._ops.prometheus) in this tree")
+    counted = [c.name for c in generator.counters()]
+    for name in table:
+        if name.endswith("."):
+            assert any(c.startswith(name) for c in counted), name
+        else:
+            assert name in counted, f"{name} is mapped to a Prometheus metric but never counted"
+
+
+def test_every_provider_row_is_in_the_reference(pages: dict[str, str]) -> None:
+    from prx_channel_email.config.providers import PROVIDERS
+
+    page = pages["reference/providers.md"]
+    for row in PROVIDERS:
+        assert f"| {row.label}" in page, row.key
+        if row.imap is not None:
+            assert f"`{row.imap.host}` {row.imap.port}" in page
+
+
+def test_every_command_and_option_is_in_the_cli_reference(pages: dict[str, str]) -> None:
+    import typer
+
+    from prx_channel_email import cli
+
+    page = pages["reference/cli.md"]
+    group = typer.main.get_command(cli.app)
+    seen = 0
+    for path, command in _generator()._commands(group, ["prx-email"]):
+        if getattr(command, "commands", None):
+            continue
+        seen += 1
+        assert f"## `{' '.join(path)}`" in page
+        for param in command.params:
+            for opt in getattr(param, "opts", []):
+                if opt.startswith("-"):
+                    assert f"`{opt}" in page or f", {opt}" in page, (path, opt)
+    assert seen >= 10

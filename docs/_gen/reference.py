@@ -661,7 +661,63 @@ def _parameter_values(tree: ast.AST, func: ast.AST | None, param: str) -> list[s
     return out
 
 
+def prometheus_names() -> dict[str, tuple[str, str]]:
+    """Dotted counter name (or ``prefix.`` of a family) -> (Prometheus metric, help),
+    from the operations endpoint's tables when that module is there."""
+    try:
+        from prx_channel_email._ops import prometheus
+    except ImportError:  # no operations endpoint in this version, or no prometheus_client
+        return {}
+    prefix = getattr(prometheus, "PREFIX", "prx_email")
+    out: dict[str, tuple[str, str]] = {}
+    for table, labels in (
+        ("_FOLDER_COUNTERS", "account, folder"),
+        ("_ACCOUNT_COUNTERS", "account"),
+    ):
+        for name, (metric, doc) in getattr(prometheus, table, {}).items():
+            out[name] = (f"{prefix}_{metric}_total{{{labels}}}", doc)
+    for start, (metric, label, doc, *_rest) in getattr(prometheus, "_FAMILIES", {}).items():
+        out[start] = (f"{prefix}_{metric}_total{{account, {label}}}", doc)
+    for start, (metric, label, doc) in getattr(prometheus, "_GAUGE_FAMILIES", {}).items():
+        out[start] = (f"{prefix}_{metric}{{account, {label}}}", doc)
+    return out
+
+
+def _prometheus_for(name: str, table: dict[str, tuple[str, str]]) -> tuple[str, str]:
+    if name in table:
+        return table[name]
+    for start, entry in table.items():
+        if start.endswith(".") and name.startswith(start):
+            return entry
+    return ("", "")
+
+
+def metric_families() -> list[tuple[str, str, str]]:
+    """Prometheus families built directly (``GaugeMetricFamily(f"{PREFIX}_name", "help")``):
+    (name, kind, help)."""
+    out = []
+    for _path, tree in _sources():
+        for node in ast.walk(tree):
+            kind = _call_name(node) if isinstance(node, ast.Call) else ""
+            if kind not in ("CounterMetricFamily", "GaugeMetricFamily") or len(node.args) < 2:
+                continue
+            assert isinstance(node, ast.Call)
+            name_node, doc_node = node.args[0], node.args[1]
+            if not isinstance(name_node, ast.JoinedStr) or not isinstance(doc_node, ast.Constant):
+                continue  # built from a table: listed with its counter
+            parts = name_node.values
+            if any(isinstance(p, ast.FormattedValue) for p in parts[1:]):
+                continue
+            tail = "".join(str(p.value) for p in parts if isinstance(p, ast.Constant))
+            suffix = "_total" if kind == "CounterMetricFamily" else ""
+            out.append(
+                (f"prx_email{tail}{suffix}", kind[: -len("MetricFamily")].lower(), doc_node.value)
+            )
+    return sorted(set(out))
+
+
 def observability_page() -> str:
+    prom = prometheus_names()
     out = [
         "# Counters and log events",
         "",
@@ -674,12 +730,39 @@ def observability_page() -> str:
         "## Counters",
         "",
         "`<x>` in a name stands for a value (a reason code, an error code).",
-        "",
-        "| name | kind | counted in |",
-        "|---|---|---|",
     ]
+    if prom:
+        out += [
+            "With `metrics_port` set, `/metrics` serves them in the Prometheus format, "
+            "under the metric named beside each (with its help text).",
+            "",
+            "| name | kind | Prometheus metric | meaning | counted in |",
+            "|---|---|---|---|---|",
+        ]
+    else:
+        out += ["", "| name | kind | counted in |", "|---|---|---|"]
+    families = metric_families()
+    catch_all = next((n for n, _kind, _doc in families if n.endswith("_events_total")), "")
     for c in counters():
-        out.append(f"| `{c.name}` | {c.kind} | {', '.join(f'`{m}`' for m in sorted(c.modules))} |")
+        where = ", ".join(f"`{m}`" for m in sorted(c.modules))
+        if prom:
+            metric, doc = _prometheus_for(c.name, prom)
+            if metric:
+                shown = f"`{metric}`"
+            else:  # counted under its own name in the catch-all family
+                shown = f"`{catch_all}{{account, event}}`" if catch_all else "-"
+            out.append(f"| `{c.name}` | {c.kind} | {shown} | {_cell(doc) or '-'} | {where} |")
+        else:
+            out.append(f"| `{c.name}` | {c.kind} | {where} |")
+    if families:
+        out += [
+            "",
+            "## Other Prometheus metrics",
+            "",
+            "| metric | kind | meaning |",
+            "|---|---|---|",
+        ]
+        out += [f"| `{name}` | {kind} | {_cell(doc)} |" for name, kind, doc in families]
     out += [
         "",
         "## Log events",
@@ -691,6 +774,122 @@ def observability_page() -> str:
         fields = ", ".join(f"`{f}`" for f in sorted(e.fields))
         codes = ", ".join(f"`{c}`" for c in sorted(e.codes))
         out.append(f"| `{e.name}` | {e.level or 'varies'} | `{e.logger}` | {fields} | {codes} |")
+    out.append("")
+    return "\n".join(out)
+
+
+# --- the command line -----------------------------------------------------------------
+
+
+def _plain(markup: str) -> str:
+    """Help text without rich's markup (``[bold]x[/]``)."""
+    from rich.text import Text
+
+    return Text.from_markup(markup).plain
+
+
+def _commands(command: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+    yield path, command
+    for name in sorted(getattr(command, "commands", {}) or {}):
+        yield from _commands(command.commands[name], [*path, name])
+
+
+def cli_page() -> str:
+    """Every command of ``prx-email`` (and of ``prx``) with its options, from the typer app."""
+    import typer
+
+    from prx_channel_email import cli
+
+    out = [
+        "# Command line",
+        "",
+        GENERATED_NOTE,
+        "Every command and option, from the command line's own definitions "
+        "(`prx-email COMMAND --help` prints the same). How to use them: "
+        "[command line and operations](../guides/cli.md), [doctor](../guides/doctor.md).",
+        "",
+    ]
+    for app, name in ((cli.app, "prx-email"), (cli.prx_app, "prx")):
+        for path, command in _commands(typer.main.get_command(app), [name]):
+            params = [p for p in command.params if not getattr(p, "hidden", False)]
+            if getattr(command, "commands", None) and len(path) > 1:
+                continue  # a group: its commands follow
+            if len(path) == 1:
+                if name == "prx":
+                    out += [f"## `{name}`", "", _plain(command.help or "").strip(), ""]
+                continue
+            args = " ".join(
+                (p.name or "").upper() if p.required else f"[{(p.name or '').upper()}]"
+                for p in params
+                if getattr(p, "param_type_name", "") == "argument"
+            )
+            out += [f"## `{' '.join(path)}`", ""]
+            out += [f"`{' '.join(path)} [OPTIONS]{' ' + args if args else ''}`", ""]
+            out += [_plain(command.help or "").strip(), ""]
+            rows = []
+            for p in params:
+                kind = getattr(p, "param_type_name", "")
+                if kind == "argument":
+                    shown = (p.name or "").upper()
+                else:
+                    shown = ", ".join(p.opts + p.secondary_opts)
+                    if not p.is_flag and p.metavar:
+                        shown += f" {p.metavar}"
+                help_text = _plain(getattr(p, "help", None) or "")
+                default = p.default
+                if default not in (None, False, (), []) and not callable(default):
+                    help_text += f" (default: {default})"
+                rows.append(f"| `{shown}` | {_cell(help_text) or '-'} |")
+            if rows:
+                out += ["| option | what |", "|---|---|", *rows, ""]
+    return "\n".join(out)
+
+
+# --- providers -----------------------------------------------------------------------
+
+
+def providers_page() -> str:
+    """The provider table (``config/providers.py``), which config, OAuth and the doctor read."""
+    from prx_channel_email.config import providers
+
+    out = [
+        "# Providers",
+        "",
+        GENERATED_NOTE,
+        "What the package knows about each provider, from its one table "
+        "(`config/providers.py`): the config presets `trusted_authserv_ids` from it, "
+        "OAuth takes its endpoints and scopes from it, and the doctor recognises the "
+        "provider from the host and words its fixes with it. How to set a provider up: "
+        "[providers and OAuth](../guides/providers.md).",
+        "",
+        "| provider | IMAP | SMTP | trusted authserv-ids (preset) | OAuth "
+        "| when a password login is refused |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def server(s: Any) -> str:
+        return f"`{s.host}` {s.port} ({s.security})" if s is not None else "-"
+
+    for row in providers.PROVIDERS:
+        ids = ", ".join(f"`{i}`" for i in row.authserv_ids) or "-"
+        if row.oauth is None:
+            oauth = "-"
+        elif not row.oauth.token_url:
+            oauth = '`oauth_provider = "custom"`: the config names every endpoint'
+        else:
+            scopes = ", ".join(f"`{s}`" for s in row.oauth.scopes)
+            device = (
+                "no device flow"
+                if row.oauth.device_refusal
+                else ("device flow" if row.oauth.device_url else "no device flow")
+            )
+            oauth = f'`oauth_provider = "{row.oauth.name}"`; scopes {scopes}; {device}'
+        names = ", ".join(f"`{h}`" for h in row.imap_aliases)
+        label = row.label + (f" (also {names})" if names else "")
+        out.append(
+            f"| {_cell(label)} | {server(row.imap)} | {server(row.smtp)} | {ids} "
+            f"| {_cell(oauth)} | {_cell(row.login_hint or '-')} |"
+        )
     out.append("")
     return "\n".join(out)
 
@@ -731,6 +930,8 @@ def pages() -> dict[str, str]:
         "reference/configuration.md": configuration_page(),
         "reference/errors.md": errors_page(),
         "reference/observability.md": observability_page(),
+        "reference/providers.md": providers_page(),
+        "reference/cli.md": cli_page(),
         "reference/python-api.md": python_api_page(),
     }
 

@@ -36,7 +36,7 @@ from prx_channel_email._net.imap import ImapSession
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._net.tls import ssl_context
 from prx_channel_email._outbound.compose import parse_recipient
-from prx_channel_email._storage.sqlite.store import low_space, make_private_dir
+from prx_channel_email._storage import low_space, make_private_dir
 from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
 from prx_channel_email.config.providers import detect_provider, provider_named
 

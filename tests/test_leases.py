@@ -236,22 +236,27 @@ async def _until_true(check: Any, timeout: float) -> None:
     await _until(probe, timeout)
 
 
+# The bounds below are the contract's (a joining replica's share within 2 leases, a dead
+# one's mailboxes within lease + a tick) plus SLACK for a loaded test machine.
+SLACK = 5.0
+
+
 async def test_replicas_share_the_mailboxes_and_take_over_from_a_dead_one(pool: Any) -> None:
-    lease = 1.5
+    lease = 2.0
     a, b = _Replica(pool, "A", lease), _Replica(pool, "B", lease)
     c: _Replica | None = None
     try:
-        await _until_true(lambda: _balanced([a, b]), 4 * lease)
+        await _until_true(lambda: _balanced([a, b]), 2 * lease + SLACK)
         assert len(a.serving) == len(b.serving) == 6
         # A third joins: it gets its share within two lease periods.
         c = _Replica(pool, "C", lease)
-        await _until_true(lambda: _balanced([a, b, c]), 2 * lease + 1)
+        await _until_true(lambda: _balanced([a, b, c]), 2 * lease + SLACK)
         assert {len(r.serving) for r in (a, b, c)} == {4}
         # B dies: its mailboxes are served by the others within lease + one tick.
         lost = set(b.serving)
         await b.kill()
-        await _until_true(lambda: lost <= a.serving | c.serving, lease + lease / 3 + 2)
-        await _until_true(lambda: _balanced([a, c]), 2 * lease + 1)
+        await _until_true(lambda: lost <= a.serving | c.serving, lease + lease / 3 + SLACK)
+        await _until_true(lambda: _balanced([a, c]), 2 * lease + SLACK)
     finally:
         for r in (a, b, c):
             if r is not None:
@@ -259,17 +264,17 @@ async def test_replicas_share_the_mailboxes_and_take_over_from_a_dead_one(pool: 
 
 
 async def test_a_frozen_holder_knows_its_leases_are_gone_before_asking_anyone(pool: Any) -> None:
-    lease = 1.0
+    lease = 2.0
     a = _Replica(pool, "A", lease)
     try:
-        await _until_true(lambda: len(a.serving) == len(MANY), 3 * lease)
+        await _until_true(lambda: len(a.serving) == len(MANY), lease + SLACK)
         mailbox = MANY[0]
         assert a.keeper.lease(mailbox) is not None
         await a.kill()  # its loop stops, as in SIGSTOP
-        await _until_true(lambda: a.keeper.lease(mailbox) is None, lease + 1)
+        await _until_true(lambda: a.keeper.lease(mailbox) is None, lease + SLACK)
         # A second replica takes it over, and the frozen one's old token is refused.
         b = _Replica(pool, "B", lease)
-        await _until_true(lambda: mailbox in b.serving, 2 * lease + 1)
+        await _until_true(lambda: mailbox in b.serving, 2 * lease + SLACK)
         with pytest.raises(LeaseLost):
             await _write(pool, a.keeper.held[mailbox], 1)
         await b.kill()

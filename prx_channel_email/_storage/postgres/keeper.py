@@ -74,7 +74,9 @@ class LeaseKeeper:
         while True:
             started = time.monotonic()
             try:
-                await asyncio.wait_for(self.tick(started), timeout=self.interval)
+                # A renewal that lands within half a lease is still in time (the local
+                # validity below keeps a third of the lease as margin).
+                await asyncio.wait_for(self.tick(started), timeout=self.lease_secs / 2)
             except Exception as exc:  # the database is away, or slow
                 log_event(log, logging.WARNING, "replica.tick_failed",
                           replica=self.replica_id, error=type(exc).__name__,

@@ -17,7 +17,7 @@ from prx_channel_email._storage.postgres.leases import LeaseTable
 from prx_channel_email._storage.postgres.schema import MIGRATIONS, mask_url
 from prx_channel_email._storage.postgres.store import PostgresStore
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.doctor.report import Check
+from prx_channel_email.doctor.report import Check, Status
 from prx_channel_email.errors import ChannelError
 
 #: Beyond this many seconds between our clock and the database's, the doctor warns;
@@ -64,7 +64,7 @@ async def database_checks(config: EmailConfig, budget: float) -> list[Check]:
         ours = (before + time.time()) / 2
         skew = abs(theirs - ours)
         limit = config.lease_secs / 3
-        status = "pass" if skew <= SKEW_WARN_SECS else ("warn" if skew <= limit else "fail")
+        status: Status = "pass" if skew <= SKEW_WARN_SECS else ("warn" if skew <= limit else "fail")
         checks.append(Check(
             "clock skew", status, f"{skew:.2f} s between this machine and the database",
             None if status == "pass" else "run NTP (chrony, systemd-timesyncd) on this machine"

@@ -293,3 +293,59 @@ async def test_a_clean_stop_hands_the_mailboxes_over_at_once(pool: Any) -> None:
         await _until_true(lambda: len(b.serving) == len(MANY), 5)
     finally:
         await b.kill()
+
+
+# --- the database restarts, or the network between a replica and it splits -----------
+
+
+async def test_a_database_restart_keeps_the_mailboxes_served(
+    postgres: PostgresServer, tmp_path: Any
+) -> None:
+    db = postgres.new_database()
+    postgres.psql(LEASES_DDL, db)
+    p = await _pool(postgres.url(db))
+    lease = 3.0
+    a = _Replica(p, "A", lease)
+    try:
+        await _until_true(lambda: len(a.serving) == len(MANY), lease + SLACK)
+        postgres.restart()  # fast shutdown: every connection of the pool is cut
+        # The keeper reconnects and renews; at worst it loses and takes back its leases:
+        # after one more lease period every mailbox is served again, by A alone.
+        await _until_true(lambda: a.keeper.ticked.is_set(), SLACK)
+        a.keeper.ticked.clear()
+        await _until_true(lambda: a.keeper.ticked.is_set(), lease + SLACK)
+        await _until_true(lambda: len(a.serving) == len(MANY), 2 * lease + SLACK)
+        holders = await LeaseTable(p, lease_secs=lease).holders()
+        assert {h.owner for h in holders.values()} == {"A"}
+    finally:
+        await a.kill()
+        await p.close()
+
+
+async def test_a_replica_cut_off_from_the_database_stops_and_another_takes_over(
+    postgres: PostgresServer, proxy: Any
+) -> None:
+    db = postgres.new_database()
+    postgres.psql(LEASES_DDL, db)
+    link = proxy(postgres.host, postgres.port)
+    host, port = link.address
+    cut_off = await _pool(postgres.url(db, host=host, port=port))
+    direct = await _pool(postgres.url(db))
+    lease = 2.0
+    a = _Replica(cut_off, "A", lease)
+    b: _Replica | None = None
+    try:
+        await _until_true(lambda: len(a.serving) == len(MANY), lease + SLACK)
+        link.freeze()  # the network splits: A's statements get no answer
+        # A stops serving once its lease ran out by its own clock, without the database.
+        await _until_true(lambda: not a.serving, lease + SLACK)
+        b = _Replica(direct, "B", lease)
+        await _until_true(lambda: len(b.serving) == len(MANY), 2 * lease + SLACK)
+        assert not a.serving, "A must not serve again while B holds the mailboxes"
+    finally:
+        link.thaw()
+        for r in (a, b):
+            if r is not None:
+                await r.kill()
+        await cut_off.close()
+        await direct.close()

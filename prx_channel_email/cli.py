@@ -312,10 +312,16 @@ def _doctor(
     send_test: str | None,
     budget: float,
     account: str | None = None,
+    push_test: bool = False,
 ) -> int:
     shown = str(resolve_path(config_path))
     run = functools.partial(
-        doctor_accounts, config_path, account=account, send_test=send_test, check_timeout=budget
+        doctor_accounts,
+        config_path,
+        account=account,
+        send_test=send_test,
+        push_test=push_test,
+        check_timeout=budget,
     )
 
     async def go() -> list[DoctorReport]:
@@ -575,6 +581,14 @@ def doctor_cmd(
         str | None,
         typer.Option("--account", metavar="NAME", help="Check only this account of the config."),
     ] = None,
+    push_test: Annotated[
+        bool,
+        typer.Option(
+            "--push-test",
+            help="Measure push: APPEND a marked test message to the folder, time the "
+            "server's announcement while idling, delete the message again.",
+        ),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Check the whole mail setup and say how to fix what is wrong.
@@ -589,7 +603,7 @@ def doctor_cmd(
     """
     _logging(debug, quiet=True)
     with _guard(debug):
-        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout, account))
+        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout, account, push_test))
 
 
 @app.command("run")

@@ -14,8 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prx_channel_email._inbound.sync import push_fix
-from prx_channel_email._net.imap import Namespace, folder_candidates, uid_set
+from prx_channel_email._net.imap import Namespace, folder_candidates, push_fix, uid_set
 from prx_channel_email._storage import Cursor, Mailbox
 from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email.channel import EmailChannel

@@ -32,7 +32,13 @@ from prx_channel_email._inbound.deferred import DeferredMail
 from prx_channel_email._inbound.pipeline import InboundPipeline, Outcome, message_identity
 from prx_channel_email._mail.envelope import header_message_id, sender_of
 from prx_channel_email._mail.headers import Headers
-from prx_channel_email._net.imap import FetchedMessage, ImapSession, SelectInfo, open_session
+from prx_channel_email._net.imap import (
+    FetchedMessage,
+    ImapSession,
+    SelectInfo,
+    open_session,
+    push_fix,
+)
 from prx_channel_email._storage import Cursor, Mailbox, Storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
@@ -144,19 +150,6 @@ class PushWatch:
         log_event(log, logging.WARNING, "imap.push_silent", account=self.account,
                   folder=self.folder, host=session.host, misses=self.misses, found=found,
                   fix=push_fix(session.greeting), code="push_silent")  # fmt: skip
-
-
-def push_fix(greeting: str) -> str:
-    """What to change on the server so that IDLE pushes at once (by its greeting)."""
-    text = greeting.lower()
-    if "cyrus" in text:
-        return "Cyrus: enable idled in cyrus.conf (Debian ships it commented out)"
-    if "courier" in text:
-        return "Courier: set IMAP_ENHANCEDIDLE=1 in the imapd config (needs FAM/gamin)"
-    return (
-        "the server checks for new mail on its own schedule; ask its admin to enable "
-        "push for IDLE, or lower keepalive_secs"
-    )
 
 
 class SyncEngine:

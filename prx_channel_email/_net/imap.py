@@ -611,9 +611,14 @@ class ImapSession:
         if resp.result != "OK":
             raise ChannelError(f"UID COPY failed: {_text(resp)}", code="move_failed")
         await self.store_flags(uids, "(\\Deleted)")
+        await self.uid_expunge(uids, code="move_failed")
+
+    async def uid_expunge(self, uids: list[int], *, code: str = "expunge_failed") -> None:
+        """Expunge exactly ``uids`` (UIDPLUS): a plain EXPUNGE would also remove any
+        other message flagged ``\\Deleted``."""
         resp = await self._execute("UID EXPUNGE", uid_set(uids))
         if resp.result != "OK":
-            raise ChannelError(f"UID EXPUNGE failed: {_text(resp)}", code="move_failed")
+            raise ChannelError(f"UID EXPUNGE failed: {_text(resp)}", code=code)
 
     async def append(self, folder: str, raw: bytes, flags: tuple[str, ...] = ("\\Seen",)) -> None:
         proto = self._proto
@@ -797,6 +802,19 @@ def _text(resp: Any) -> str:
         if isinstance(line, bytes):
             return line.decode(errors="replace")
     return str(resp.result)
+
+
+def push_fix(greeting: str) -> str:
+    """What to change on the server so that IDLE pushes at once (by its greeting)."""
+    text = greeting.lower()
+    if "cyrus" in text:
+        return "Cyrus: enable idled in cyrus.conf (Debian ships it commented out)"
+    if "courier" in text:
+        return "Courier: set IMAP_ENHANCEDIDLE=1 in the imapd config (needs FAM/gamin)"
+    return (
+        "the server checks for new mail on its own schedule; ask its admin to enable "
+        "push for IDLE, or lower keepalive_secs"
+    )
 
 
 def folder_candidates(name: str, ns: Namespace) -> list[str]:

@@ -266,7 +266,8 @@ class MailboxTools:
         info = await box.select(folder, fresh=True)  # UIDNEXT now, not at the last page
         if start.below and start.uidvalidity != info.uidvalidity:
             raise cursors.invalid()  # the folder was rebuilt: its UIDs mean other mail now
-        top = start.below - 1 if start.below else info.uidnext - 1
+        # The highest UID from what the server has: Courier's SELECT gives no UIDNEXT.
+        top = start.below - 1 if start.below else await box.session.last_uid_at_select(folder, info)
         if top < 1:
             return [], None
         chosen: list[_Seen] = []

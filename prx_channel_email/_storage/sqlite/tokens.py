@@ -34,7 +34,7 @@ from typing import TypeVar
 
 from prx_channel_email._storage.interface import TokenRecord
 from prx_channel_email._storage.sqlite import tokens_table
-from prx_channel_email._storage.sqlite.schema import connect, storage_error
+from prx_channel_email._storage.sqlite.schema import connect, storage_error, transaction
 from prx_channel_email.errors import ChannelError, OAuthUnavailable
 
 T = TypeVar("T")
@@ -58,22 +58,12 @@ class SqliteTokenStore:
 
     def _run(self, fn: Callable[[sqlite3.Connection], T], *, write: bool = False) -> T:
         with self._lock:
+            if self._conn is None:
+                self._conn = connect(self.path)
+            if write:
+                return transaction(self._conn, fn, self.path)
             try:
-                if self._conn is None:
-                    self._conn = connect(self.path)
-                conn = self._conn
-                if not write:
-                    return fn(conn)
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn)
-                    conn.execute("COMMIT")
-                except BaseException:
-                    if conn.in_transaction:
-                        with contextlib.suppress(sqlite3.Error):
-                            conn.execute("ROLLBACK")
-                    raise
-                return result
+                return fn(self._conn)
             except (sqlite3.Error, OSError) as exc:
                 raise storage_error(exc, self.path) from exc
 

@@ -2,23 +2,26 @@
 
 Inbound:  IMAP (sync.py) -> parse/normalize + policy (inbound.py) -> the framework's queue.
 Outbound: SendMessage -> compose + outbox (outbox.py) -> SMTP.
-Both share one state store (store.py) and one set of counters.
+Both share one storage (_storage), one hand-off ledger (_handoff/ledger.py: a reply
+acks its parent there) and one set of counters.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from prx_channel_email._handoff.ledger import HandoffLedger
 from prx_channel_email._inbound.pipeline import InboundPipeline
 from prx_channel_email._inbound.sync import SyncEngine, SyncStatus
+from prx_channel_email._net.imap import open_session
 from prx_channel_email._net.smtp import SmtpTransport
-from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, attach, auth_backoff
+from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, auth_backoff, token_manager
 from prx_channel_email._outbound.outbox import Outbox
-from prx_channel_email._storage.sqlite import senders_table
-from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._storage import open_storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email._tools import MailboxTools, ToolAccount
@@ -67,14 +70,15 @@ class EmailChannel(Channel):
         ``on_rejected`` is called with a :class:`RejectedMessage` for each refused mail.
         ``token_provider``: an async callable returning (access token, expiry), asked
         before every login, for hosts that manage OAuth tokens themselves."""
-        # OAuth: one token manager for IMAP, SMTP and the Sent copy rides on the config.
-        self.tokens: TokenManager | None = None
-        if config.auth_method == "oauth2" or token_provider is not None:
-            config, self.tokens = attach(config, token_provider)
+        # OAuth: one token manager for IMAP, SMTP and the Sent copy, handed to each.
+        self.tokens: TokenManager | None
+        config, self.tokens = token_manager(config, token_provider)
         self.config = config
         self.metrics = Metrics()
         self.reporter = StatusReporter(config.account, on_status, on_rejected, metrics=self.metrics)
-        self.store = StateStore(config.state_dir)
+        self.store = open_storage(config.state_dir)
+        # One hand-off ledger: the host's acks and replies settle received mail there.
+        self.ledger = HandoffLedger(self.store, config.account, handoff=config.handoff)
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
         self.sync = SyncEngine(
             config,
@@ -82,13 +86,12 @@ class EmailChannel(Channel):
             self.pipeline,
             self.metrics,
             reporter=self.reporter,
-            auth_backoff=auth_backoff(config),
+            auth_backoff=auth_backoff(self.tokens),
+            session_factory=functools.partial(open_session, tokens=self.tokens),
+            ledger=self.ledger,
         )
         self.outbox = Outbox(
-            config,
-            self.store,
-            self.metrics,
-            on_reply_durable=self._reply_durable,
+            config, self.store, self.metrics, tokens=self.tokens, ledger=self.ledger
         )
         self._started = False
         self._start_lock = asyncio.Lock()
@@ -104,7 +107,7 @@ class EmailChannel(Channel):
         ``tools_write``. They use their own IMAP session, opened on demand."""
         if self._tools is None:
             self._tools = MailboxTools(
-                [ToolAccount("default", self.config, self.pipeline)],
+                [ToolAccount("default", self.config, self.pipeline, self.tokens)],
                 send=self.send_message,
                 prepare=self.start,
             )
@@ -217,19 +220,7 @@ class EmailChannel(Channel):
         Raises StorageError (a ChannelError) when the state cannot be written.
         """
         await self.start()
-        if self.config.handoff == "ack":
-            await self.sync.ack(message.id)
-
-    async def _reply_durable(self, parent_id: str) -> None:
-        """A reply to ``parent_id`` is durably in the outbox: the parent is handled."""
-        if self.config.handoff != "ack":
-            return
-        try:
-            await self.sync.ack(parent_id)
-        except StorageError as exc:  # the reply is stored; the parent stays in flight
-            log_event(log, logging.WARNING, "channel.ack_failed", exc=exc,
-                      account=self.config.account, message_id=parent_id,
-                      code=exc.code)  # fmt: skip
+        await self.ledger.ack(message)
 
     @property
     def allowed_senders(self) -> list[str]:
@@ -256,17 +247,14 @@ class EmailChannel(Channel):
             )
         await self.start()
         account, in_config = self.config.account, item in self.config.allowed_senders
-        await self.store.run(
-            lambda conn: senders_table.change(conn, account, item, allow=allow, in_config=in_config)
-        )
+        await self.store.change_sender(account, item, allow=allow, in_config=in_config)
         await self._apply_runtime_senders()
         event = "channel.sender_allowed" if allow else "channel.sender_removed"
         log_event(log, logging.INFO, event, account=account, sender=item)
 
     async def _apply_runtime_senders(self) -> None:
-        account = self.config.account
-        added, removed = await self.store.run(lambda conn: senders_table.load(conn, account))
-        self.pipeline.policy.set_runtime_senders(added, removed)
+        changes = await self.store.runtime_senders(self.config.account)
+        self.pipeline.policy.set_runtime_senders(changes.added, changes.removed)
 
     async def wait_ready(self, timeout: float) -> ChannelStatus:  # noqa: ASYNC109 (the contract)
         """While :meth:`listen` runs: return once IMAP is logged in with the folder
@@ -341,12 +329,12 @@ class EmailChannel(Channel):
         (slowly after a permanent failure: the server side may get fixed). ``after``:
         a send just failed to log in, so wait before the first try."""
         transient = Backoff(base=1.0, cap=300.0)
-        permanent = auth_backoff(self.config, base=300.0)  # quick again after `auth login`
+        permanent = auth_backoff(self.tokens, base=300.0)  # quick again after `auth login`
         if after:
             await asyncio.sleep(permanent.next())
         while True:
             try:
-                await SmtpTransport(self.config, self.metrics).check_login()
+                await SmtpTransport(self.config, self.metrics, tokens=self.tokens).check_login()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # SmtpFailure, or a bug: neither may end the check

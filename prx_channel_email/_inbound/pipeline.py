@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from prx_channel_email._inbound import attachments as att
-from prx_channel_email._inbound.policy import UNVERIFIED, Decision, Policy
+from prx_channel_email._inbound.policy import ROLLOUT, UNVERIFIED, Decision, Policy
 from prx_channel_email._mail.envelope import Envelope, envelope
 from prx_channel_email._mail.headers import Headers, body_start, split_header_block
 from prx_channel_email._mail.message_ids import synthetic_message_id
@@ -59,12 +59,14 @@ class Outcome:
     ``deliver``: ``message`` goes on the framework's queue and ``entry`` into the ledger.
     ``reject``: the policy refused it (``reason`` says why); the server copy is left alone.
     ``quarantine``: it could not be understood at all; logged with ``reason``.
+    ``skip``: allowed, but its sender is outside ``rollout_percent`` (``reason``
+    ``rollout``): left untouched on the server for people, logged and counted.
 
     A rejection also carries who sent it and its subject (so a host's
     ``on_rejected`` can say what was refused) and the policy's ``detail``.
     """
 
-    decision: Literal["deliver", "reject", "quarantine"]
+    decision: Literal["deliver", "reject", "quarantine", "skip"]
     message_id: str
     reason: str | None = None
     message: ChannelMessage | None = None
@@ -166,6 +168,8 @@ class InboundPipeline:
             decision = self.policy.decide(env)
             if decision.reason is not None:
                 return self._reject(env, decision)
+            if not self.policy.in_rollout(env.sender):
+                return self._outside_rollout(env)
             if len(raw) > THREAD_THRESHOLD:
                 parsed = await asyncio.to_thread(analyze_body, raw, self.config, env, body_at)
             else:
@@ -205,6 +209,8 @@ class InboundPipeline:
             decision = self.policy.decide(env)
             if decision.reason is not None:
                 return self._reject(env, decision)
+            if not self.policy.in_rollout(env.sender):
+                return self._outside_rollout(env)
             self.metrics.inc("inbound.oversized")
             note = (
                 f"[This message is {size} bytes, above the {self.config.max_message_bytes}"
@@ -295,6 +301,14 @@ class InboundPipeline:
             attachments=len(files) or None,
         )
         return Outcome("deliver", env.message_id, message=message, entry=entry)
+
+    def _outside_rollout(self, env: Envelope) -> Outcome:
+        self.metrics.inc("inbound.rollout_skipped")
+        self._log(logging.INFO, "inbound.rollout_skipped", message_id=env.message_id,
+                  sender=env.sender, code=ROLLOUT,
+                  rollout_percent=self.config.rollout_percent)  # fmt: skip
+        return Outcome("skip", env.message_id, reason=ROLLOUT, sender=env.sender,
+                       subject=env.subject)  # fmt: skip
 
     def _reject(self, env: Envelope, decision: Decision) -> Outcome:
         reason = decision.reason or "rejected"

@@ -8,6 +8,7 @@ before its body is parsed, and oversized mail gets the same decisions.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -179,6 +180,10 @@ class Policy:
         self._refused_unverified.add(sender)
         return True
 
+    def in_rollout(self, sender: str) -> bool:
+        """Whether ``sender`` is in the share of senders this account serves."""
+        return in_rollout(sender, self.config.rollout_percent)
+
     def decide(self, env: Envelope) -> Decision:
         """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py)."""
         reason = loop_reason(env, self.own, self.stamp)
@@ -235,3 +240,19 @@ class Policy:
         if sender_allowed(reply_to, self.allowed_senders):
             return reply_to, None
         return env.sender, reply_to
+
+
+# rollout_percent is applied in basis points of this hash's range.
+_ROLLOUT_BUCKETS = 10_000
+ROLLOUT = "rollout"
+
+
+def in_rollout(sender: str, percent: float) -> bool:
+    """``sender`` falls in the first ``percent`` of a stable hash of the folded address:
+    the same answer on every account, machine and restart, and raising the percentage
+    keeps everyone who was in (the first N buckets grow, none move)."""
+    if percent >= 100:
+        return True
+    digest = hashlib.sha256(fold_address(sender).encode("utf-8", "surrogatepass")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % _ROLLOUT_BUCKETS
+    return bucket < round(percent * _ROLLOUT_BUCKETS / 100)

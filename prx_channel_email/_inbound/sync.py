@@ -36,7 +36,7 @@ from prx_channel_email._net.imap import FetchedMessage, ImapSession, SelectInfo,
 from prx_channel_email._storage.sqlite.store import Cursor, StateStore
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
-from prx_channel_email.config import EmailConfig
+from prx_channel_email.config import DEFAULT_ACCOUNT, EmailConfig
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
@@ -121,7 +121,11 @@ class SyncEngine:
         session_factory: Callable[[EmailConfig], Awaitable[ImapSession]] = open_session,
         storage_backoff: Backoff | None = None,
         reporter: StatusReporter | None = None,
+        folder: str | None = None,
+        name: str = DEFAULT_ACCOUNT,
     ) -> None:
+        """``folder``: the mailbox this engine serves (default: the config's
+        ``imap_folder``); ``name``: the account's name, stamped on its messages."""
         self.config = config
         self.reporter = reporter or StatusReporter(config.account)
         self.store = store
@@ -129,7 +133,9 @@ class SyncEngine:
         self.metrics = metrics
         self.status = SyncStatus()
         self.account = config.account
-        self.folder = config.imap_folder
+        self.name = name
+        self.folder = folder or config.imap_folder
+        self._stamp = {"account": name, "folder": self.folder}
         self.backoff = backoff or Backoff(base=1.0, cap=300.0)
         # A refused password does not fix itself in a second; hammering the server
         # with bad logins can also get the account locked.
@@ -477,14 +483,16 @@ class SyncEngine:
             else:
                 outcome = await self._judge(uid, raw, mid)
             if outcome.decision == "deliver" and outcome.message is not None:
-                waiting = self.deferred.judge(outcome.message)
+                message = outcome.message.model_copy(update=self._stamp)
+                waiting = self.deferred.judge(message)
                 if waiting is None:
-                    await writer.hand_on(uid, outcome.message, outcome.entry, queue)
+                    await writer.hand_on(uid, message, outcome.entry, queue)
                 else:
-                    keep = self.deferred.store_step(waiting, outcome.message)
-                    writer.defer(uid, outcome.message, outcome.entry, waiting.reason, keep)
+                    keep = self.deferred.store_step(waiting, message)
+                    writer.defer(uid, message, outcome.entry, waiting.reason, keep)
             else:
-                kind = "rejected" if outcome.decision == "reject" else "quarantined"
+                # A sender outside rollout_percent is left to people: recorded, not refused.
+                kind = "quarantined" if outcome.decision == "quarantine" else "rejected"
                 writer.record(uid, mid, kind, outcome.reason or kind)
                 if outcome.decision == "reject":
                     reason = outcome.reason or kind

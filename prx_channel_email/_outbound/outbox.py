@@ -340,6 +340,7 @@ class Outbox:
             )
         recipient = parse_recipient(message.recipient)
         parent = await self._storing(self._find_parent(message, recipient), message.recipient)
+        self._check_capability(parent, message.recipient)
         if key is not None:
             held = await self._storing(self.table.by_key(key), message.recipient)
             if held is not None:  # a retried send: nothing new goes out
@@ -463,6 +464,17 @@ class Outbox:
         for row_id in ids:
             self._active.pop(row_id, None)
         self._release_soon(ids)
+
+    def _check_capability(self, parent: Parent | None, recipient: str) -> None:
+        """An answer needs the account's "reply", a new conversation its "send"."""
+        kind = "reply" if parent is not None else "send"
+        if kind not in self.config.capabilities:
+            raise SendError(
+                f"this account may not {kind} (capabilities: "
+                f"{', '.join(self.config.capabilities) or 'none'})",
+                code="capability_disabled",
+                recipient=recipient,
+            )
 
     async def _find_parent(self, message: SendMessage, recipient: str) -> Parent | None:
         """The message this reply answers: explicit ids first, else the sender's latest."""

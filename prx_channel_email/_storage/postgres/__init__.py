@@ -1,0 +1,1 @@
+"""The PostgreSQL backend: shared state for replicas (state_url = "postgresql://...")."""

@@ -1,0 +1,193 @@
+"""Mailbox leases on a real PostgreSQL: expiry, renewal, epoch fencing, a stale write
+refused, and the same through a transaction-pooling PgBouncer.
+
+What a user would notice if any of these broke: two replicas serving one mailbox (mail
+handed on or answered twice), or a mailbox nobody serves after a replica died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+psycopg = pytest.importorskip("psycopg")
+psycopg_pool = pytest.importorskip("psycopg_pool")
+
+from prx_channel_email._storage.postgres.leases import (  # noqa: E402
+    LEASES_DDL,
+    Lease,
+    LeaseLost,
+    LeaseTable,
+    fence,
+    share,
+)
+from tests.servers.postgres import PgBouncer, PostgresServer  # noqa: E402
+
+MAILBOXES = [("support", "INBOX"), ("support", "Escalations"), ("billing", "INBOX")]
+
+
+async def _pool(url: str) -> Any:
+    pool = psycopg_pool.AsyncConnectionPool(
+        url, min_size=1, max_size=4, open=False, timeout=10,
+        kwargs={"prepare_threshold": None, "connect_timeout": 10},
+    )  # fmt: skip
+    await pool.open(wait=True, timeout=10)
+    return pool
+
+
+@pytest.fixture(params=["direct", "pgbouncer"])
+async def pool(
+    request: pytest.FixtureRequest, postgres: PostgresServer, pgbouncer: PgBouncer
+) -> AsyncIterator[Any]:
+    db = postgres.new_database()
+    postgres.psql(LEASES_DDL + "CREATE TABLE cursor_probe (account TEXT, v INT);", db)
+    url = postgres.url(db) if request.param == "direct" else pgbouncer.url(db)
+    p = await _pool(url)
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def _until(what: Any, timeout: float = 10.0) -> Any:
+    """Call ``what()`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = await what()
+        if got:
+            return got
+        if time.monotonic() > deadline:
+            pytest.fail(f"not true within {timeout} s")
+        await asyncio.sleep(0.05)
+
+
+async def _write(pool: Any, lease: Lease, value: int) -> None:
+    async with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        await fence(cur, lease)
+        await cur.execute("INSERT INTO cursor_probe VALUES (%s, %s)", (lease.account, value))
+
+
+async def _values(pool: Any) -> list[int]:
+    async with pool.connection() as conn, conn.cursor() as cur:
+        await cur.execute("SELECT v FROM cursor_probe ORDER BY v")
+        return [r[0] for r in await cur.fetchall()]
+
+
+async def test_a_free_mailbox_is_taken_once_and_a_held_one_is_not_taken(pool: Any) -> None:
+    a = LeaseTable(pool, lease_secs=30)
+    got_a = await a.acquire("A", MAILBOXES, limit=2)
+    assert [x.mailbox for x in got_a] == MAILBOXES[:2]
+    assert all(x.epoch == 1 and x.owner == "A" for x in got_a)
+    got_b = await a.acquire("B", MAILBOXES, limit=3)
+    assert [x.mailbox for x in got_b] == MAILBOXES[2:], "B must not take A's live leases"
+    holders = await a.holders()
+    assert {m: h.owner for m, h in holders.items()} == {
+        MAILBOXES[0]: "A",
+        MAILBOXES[1]: "A",
+        MAILBOXES[2]: "B",
+    }
+
+
+async def test_an_unrenewed_lease_runs_out_and_the_takeover_bumps_the_epoch(pool: Any) -> None:
+    table = LeaseTable(pool, lease_secs=0.5)
+    (held,) = await table.acquire("A", MAILBOXES[:1], limit=1)
+    taken = await _until(lambda: table.acquire("B", MAILBOXES[:1], limit=1))
+    assert taken[0].owner == "B" and taken[0].epoch == held.epoch + 1
+    assert await table.renew([held]) == [], "A's renewal after the take-over must fail"
+
+
+async def test_renewal_keeps_the_lease_past_its_original_expiry(pool: Any) -> None:
+    table = LeaseTable(pool, lease_secs=1.0)
+    (held,) = await table.acquire("A", MAILBOXES[:1], limit=1)
+    start = time.monotonic()
+    while time.monotonic() - start < 2.5:  # 2.5 lease periods, renewed every third
+        assert await table.renew([held]) == [held]
+        assert await table.acquire("B", MAILBOXES[:1], limit=1) == []
+        await asyncio.sleep(0.3)
+
+
+async def test_a_write_under_a_lost_lease_is_refused_and_changes_nothing(pool: Any) -> None:
+    table = LeaseTable(pool, lease_secs=0.5)
+    (old,) = await table.acquire("A", MAILBOXES[:1], limit=1)
+    await _write(pool, old, 1)
+    (new,) = await _until(lambda: table.acquire("B", MAILBOXES[:1], limit=1))
+    with pytest.raises(LeaseLost) as err:
+        await _write(pool, old, 2)
+    assert err.value.code == "lease_lost"
+    await _write(pool, new, 3)
+    assert await _values(pool) == [1, 3]
+
+
+async def test_a_stale_epoch_is_refused_even_when_its_owner_holds_the_mailbox_again(
+    pool: Any,
+) -> None:
+    table = LeaseTable(pool, lease_secs=0.3)
+    (first,) = await table.acquire("A", MAILBOXES[:1], limit=1)
+    await _until(lambda: table.acquire("B", MAILBOXES[:1], limit=1))
+    (again,) = await _until(lambda: table.acquire("A", MAILBOXES[:1], limit=1))
+    assert again.epoch == first.epoch + 2
+    with pytest.raises(LeaseLost):
+        await _write(pool, first, 1)  # A froze with the old token and woke up
+    await _write(pool, again, 2)
+    assert await _values(pool) == [2]
+
+
+async def test_a_takeover_waits_for_a_write_that_is_under_way(pool: Any) -> None:
+    """The write began under a valid lease: it commits, and only then can B take over."""
+    table = LeaseTable(pool, lease_secs=1.0)
+    (held,) = await table.acquire("A", MAILBOXES[:1], limit=1)
+    in_tx = asyncio.Event()
+    finish = asyncio.Event()
+
+    async def slow_write() -> None:
+        async with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+            await fence(cur, held)
+            await cur.execute("INSERT INTO cursor_probe VALUES ('x', 7)")
+            in_tx.set()
+            await asyncio.wait_for(finish.wait(), 10)
+
+    writer = asyncio.create_task(slow_write())
+    await asyncio.wait_for(in_tx.wait(), 10)
+    # The lease runs out while the write is open; a take-over attempt skips the locked row.
+    await asyncio.sleep(1.2)
+    assert await table.acquire("B", MAILBOXES[:1], limit=1) == []
+    finish.set()
+    await asyncio.wait_for(writer, 10)
+    (taken,) = await _until(lambda: table.acquire("B", MAILBOXES[:1], limit=1))
+    assert taken.epoch == held.epoch + 1
+    assert await _values(pool) == [7]
+
+
+async def test_a_released_lease_is_free_at_once(pool: Any) -> None:
+    table = LeaseTable(pool, lease_secs=60)
+    held = await table.acquire("A", MAILBOXES, limit=3)
+    await table.release(held[:1])
+    got = await table.acquire("B", MAILBOXES, limit=3)
+    assert [x.mailbox for x in got] == MAILBOXES[:1]
+    with pytest.raises(LeaseLost):
+        await _write(pool, held[0], 1)
+
+
+async def test_the_heartbeat_counts_live_replicas_only(pool: Any) -> None:
+    table = LeaseTable(pool, lease_secs=0.5)
+    assert await table.heartbeat("A") == 1
+    assert await table.heartbeat("B") == 2
+    # A stops beating: after one lease period only B counts.
+    assert await _until(lambda: _count_is(table, "B", 1))
+    await table.leave("B", [])
+    assert await table.heartbeat("C") == 1
+
+
+async def _count_is(table: LeaseTable, replica: str, n: int) -> bool:
+    return await table.heartbeat(replica) == n
+
+
+def test_share_is_the_ceiling_of_mailboxes_per_live_replica() -> None:
+    assert share(12, 3) == 4
+    assert share(13, 3) == 5
+    assert share(5, 0) == 5
+    assert share(0, 4) == 0

@@ -15,6 +15,7 @@ sessions' buffers, and nothing else grows with their number.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable, Mapping
 from types import TracebackType
@@ -469,11 +470,10 @@ class EmailChannel(Channel):
         targets = [self._account_of(account)] if account is not None else self.accounts.values()
         for target in targets:
             key, in_config = target.config.account, item in target.config.allowed_senders
-            await self.store.run(
-                lambda conn, key=key, in_config=in_config: senders_table.change(  # type: ignore[misc]
-                    conn, key, item, allow=allow, in_config=in_config
-                )
+            change = functools.partial(
+                senders_table.change, account=key, entry=item, allow=allow, in_config=in_config
             )
+            await self.store.run(change)
             await target.apply_runtime_senders()
             event = "channel.sender_allowed" if allow else "channel.sender_removed"
             log_event(log, logging.INFO, event, account=key, sender=item)

@@ -310,7 +310,8 @@ async def test_logins_to_one_server_are_capped(
     proxy: Callable[[str, int], TcpProxy],
 ) -> None:
     """Six mailboxes, max_concurrent_logins = 2: while the server does not answer, two
-    connections are open and four logins wait their turn; then all six come up."""
+    connections are open and four logins wait their turn; then all six come up. The
+    same after an outage that drops every session at once."""
     p = proxy(dovecot.host, dovecot.imaps_port)
     users = [dovecot.add_user() for _ in range(3)]
     for user in users:
@@ -335,6 +336,17 @@ async def test_logins_to_one_server_are_capped(
         p.thaw()
         await channel.wait_ready(GENEROUS)
         assert len(channel.mailboxes()) == 6
+
+        # A server-wide outage: every session drops at once, and the server does not
+        # answer when they come back. Again two logins at a time, the rest wait.
+        await until(lambda: all(m.idling for m in channel.mailboxes()))
+        before = p.connections_accepted
+        p.freeze()
+        p.cut()
+        await until(lambda: channel.logins.waiting == 4)
+        assert p.connections_accepted - before <= 2
+        p.thaw()
+        await until(lambda: all(m.state is ChannelState.CONNECTED for m in channel.mailboxes()))
 
 
 async def test_capabilities_refuse_what_an_account_may_not_send(

@@ -7,6 +7,10 @@ nanobot's own CLI with it registered. What maps to what:
 
 - one email thread is one nanobot session (``session_key`` = ``prx_email:<thread_ts>``);
   ``chat_id`` is the person's reply address, ``sender_id`` their From address;
+- several accounts (an ``accounts`` table in the channel's settings) are served by
+  this one channel: ``chat_id`` is then ``<account>:<address>`` and the session key
+  ``prx_email:<account>:<thread_ts>``, so an answer leaves from the address written
+  to; one account failing for good is logged while the others serve;
 - the first mail of a thread carries its subject in the text the agent reads;
 - saved attachments are ``media``; Message-ID, thread and ``sender_verified`` are metadata;
 - an ``OutboundMessage`` goes out as the threaded reply to the mail its metadata
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,10 +41,11 @@ from prx_channel_email.status import ChannelState, ChannelStatus
 
 from ._bridge import (
     EmailBridge,
+    accounts_from_host_table,
     build_send,
-    config_from_host_table,
     inbound_metadata,
     inbound_text,
+    split_chat_id,
 )
 
 log = logging.getLogger(__name__)
@@ -73,18 +78,23 @@ def thread_session_key(thread_ts: str) -> str:
     return f"{NAME}:{thread_ts}"
 
 
-def outbound_to_send(msg: OutboundMessage) -> SendMessage:
-    """The SendMessage for a nanobot reply: threaded on the mail its metadata names."""
+def outbound_to_send(msg: OutboundMessage, accounts: Collection[str] = ()) -> SendMessage:
+    """The SendMessage for a nanobot reply: threaded on the mail its metadata names,
+    from the account its chat id (or, failing that, its metadata) names."""
     meta = msg.metadata or {}
     parent = meta.get("message_id") or msg.reply_to
     thread = meta.get("thread_ts")
+    account, recipient = split_chat_id(msg.chat_id, accounts)
+    if account is None and meta.get("account") in accounts:
+        account = meta["account"]
     return build_send(
         host="nanobot",
         content=msg.content,
-        recipient=msg.chat_id,
+        recipient=recipient,
         parent=parent if isinstance(parent, str) else None,
         thread=thread if isinstance(thread, str) else None,
         attachments=[Path(p) for p in msg.media],
+        account=account if len(accounts) > 1 else None,
     )
 
 
@@ -139,10 +149,10 @@ class PrxEmailChannel(BaseChannel):
             allow = table.get("allowFrom", table.get("allow_from"))
             if allow is not None:
                 table["allowed_senders"] = allow
-        config = config_from_host_table(table, host_keys=HOST_KEYS, source=f"channels.{NAME}")
+        accounts = accounts_from_host_table(table, host_keys=HOST_KEYS, source=f"channels.{NAME}")
         self._stop.clear()
         self._failure = None
-        self._bridge = EmailBridge(config, self._publish, host="nanobot", on_status=self._status)
+        self._bridge = EmailBridge(accounts, self._publish, host="nanobot", on_status=self._status)
         try:
             await self._bridge.start(READY_TIMEOUT_SECS)
         except BaseException:
@@ -162,10 +172,12 @@ class PrxEmailChannel(BaseChannel):
         # nanobot shows "running" only while is_running: a channel that lost its
         # connection (and keeps retrying) shows "starting" until it is back. A failure
         # that needs someone to act ends start() with it, so nanobot shows "failed".
-        if self._bridge is None or self._stop.is_set():
+        bridge = self._bridge
+        if bridge is None or self._stop.is_set():
             return
-        self._running = status.state is ChannelState.CONNECTED
-        if status.state is ChannelState.FAILED:
+        self._running = bridge.serving()
+        # With several accounts, one that fails is logged and the others serve on.
+        if status.state is ChannelState.FAILED and (not bridge.several or bridge.all_failed()):
             code = status.code or "failed"
             self._failure = ChannelError(status.message or code, code=code)
             self._stop.set()
@@ -184,13 +196,16 @@ class PrxEmailChannel(BaseChannel):
             await bridge.close()
 
     async def _publish(self, message: ChannelMessage) -> None:
+        bridge = self._bridge
         await self._handle_message(
             sender_id=message.sender,
-            chat_id=message.reply_target,
+            chat_id=bridge.chat_id(message) if bridge is not None else message.reply_target,
             content=inbound_text(message),
             media=[str(a.path) for a in message.attachments if a.path is not None],
             metadata=inbound_metadata(message),
-            session_key=thread_session_key(message.thread_ts),
+            session_key=thread_session_key(
+                bridge.session(message) if bridge is not None else message.thread_ts
+            ),
             is_dm=True,
         )
 
@@ -205,7 +220,8 @@ class PrxEmailChannel(BaseChannel):
             and isinstance(message_id, str)
             and self._bridge is not None
         ):
-            await self._bridge.ack(message_id)
+            account = ctx.metadata.get("account")
+            await self._bridge.ack(message_id, account if isinstance(account, str) else None)
 
     async def send(self, msg: OutboundMessage) -> None:
         """Send ``msg`` as threaded mail. Raises SendError (permanent) or ChannelError."""
@@ -215,7 +231,7 @@ class PrxEmailChannel(BaseChannel):
             return
         if self._bridge is None:
             raise ChannelError(f"the {NAME} channel is not running", code="not_running")
-        message_id = await self._bridge.send(outbound_to_send(msg))
+        message_id = await self._bridge.send(outbound_to_send(msg, self._bridge.accounts))
         log_event(log, logging.INFO, "nanobot.sent", message_id=message_id,
                   in_reply_to=(msg.metadata or {}).get("message_id"))  # fmt: skip
 

@@ -8,6 +8,7 @@ handed on or answered twice), or a mailbox nobody serves after a replica died.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 psycopg = pytest.importorskip("psycopg")
 psycopg_pool = pytest.importorskip("psycopg_pool")
 
+from prx_channel_email._storage.postgres.keeper import LeaseKeeper  # noqa: E402
 from prx_channel_email._storage.postgres.leases import (  # noqa: E402
     LEASES_DDL,
     Lease,
@@ -191,3 +193,98 @@ def test_share_is_the_ceiling_of_mailboxes_per_live_replica() -> None:
     assert share(13, 3) == 5
     assert share(5, 0) == 5
     assert share(0, 4) == 0
+
+
+# --- the keeper: shares, failover, a frozen holder ------------------------------------
+
+MANY = [(f"acct{i // 3}", f"F{i % 3}") for i in range(12)]
+
+
+class _Replica:
+    """One keeper and what it serves, as the channel would see it."""
+
+    def __init__(self, pool: Any, name: str, lease_secs: float) -> None:
+        self.serving: set[tuple[str, str]] = set()
+        self.keeper = LeaseKeeper(LeaseTable(pool, lease_secs=lease_secs), name, MANY,
+                                  on_gain=self._gain, on_loss=self._loss)  # fmt: skip
+        self.task = asyncio.create_task(self.keeper.run())
+
+    async def _gain(self, lease: Lease) -> None:
+        self.serving.add(lease.mailbox)
+
+    async def _loss(self, lease: Lease) -> None:
+        self.serving.discard(lease.mailbox)
+
+    async def kill(self) -> None:
+        """Dies: stops renewing, gives nothing back."""
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
+def _balanced(replicas: list[_Replica]) -> bool:
+    served = [m for r in replicas for m in r.serving]
+    if sorted(served) != sorted(MANY):  # every mailbox by exactly one
+        return False
+    return all(len(r.serving) <= share(len(MANY), len(replicas)) for r in replicas)
+
+
+async def _until_true(check: Any, timeout: float) -> None:
+    async def probe() -> bool:
+        return bool(check())
+
+    await _until(probe, timeout)
+
+
+async def test_replicas_share_the_mailboxes_and_take_over_from_a_dead_one(pool: Any) -> None:
+    lease = 1.5
+    a, b = _Replica(pool, "A", lease), _Replica(pool, "B", lease)
+    c: _Replica | None = None
+    try:
+        await _until_true(lambda: _balanced([a, b]), 4 * lease)
+        assert len(a.serving) == len(b.serving) == 6
+        # A third joins: it gets its share within two lease periods.
+        c = _Replica(pool, "C", lease)
+        await _until_true(lambda: _balanced([a, b, c]), 2 * lease + 1)
+        assert {len(r.serving) for r in (a, b, c)} == {4}
+        # B dies: its mailboxes are served by the others within lease + one tick.
+        lost = set(b.serving)
+        await b.kill()
+        await _until_true(lambda: lost <= a.serving | c.serving, lease + lease / 3 + 2)
+        await _until_true(lambda: _balanced([a, c]), 2 * lease + 1)
+    finally:
+        for r in (a, b, c):
+            if r is not None:
+                await r.kill()
+
+
+async def test_a_frozen_holder_knows_its_leases_are_gone_before_asking_anyone(pool: Any) -> None:
+    lease = 1.0
+    a = _Replica(pool, "A", lease)
+    try:
+        await _until_true(lambda: len(a.serving) == len(MANY), 3 * lease)
+        mailbox = MANY[0]
+        assert a.keeper.lease(mailbox) is not None
+        await a.kill()  # its loop stops, as in SIGSTOP
+        await _until_true(lambda: a.keeper.lease(mailbox) is None, lease + 1)
+        # A second replica takes it over, and the frozen one's old token is refused.
+        b = _Replica(pool, "B", lease)
+        await _until_true(lambda: mailbox in b.serving, 2 * lease + 1)
+        with pytest.raises(LeaseLost):
+            await _write(pool, a.keeper.held[mailbox], 1)
+        await b.kill()
+    finally:
+        await a.kill()
+
+
+async def test_a_clean_stop_hands_the_mailboxes_over_at_once(pool: Any) -> None:
+    lease = 30.0  # far longer than the test: only a clean hand-over can pass it
+    a = _Replica(pool, "A", lease)
+    await _until_true(lambda: len(a.serving) == len(MANY), 5)
+    await a.kill()
+    await a.keeper.leave()
+    b = _Replica(pool, "B", lease)
+    try:
+        await _until_true(lambda: len(b.serving) == len(MANY), 5)
+    finally:
+        await b.kill()

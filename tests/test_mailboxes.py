@@ -98,6 +98,18 @@ async def next_with(
             before.append(msg)
 
 
+async def collect(
+    queue: asyncio.Queue[ChannelMessage], subjects: set[str], within: float = GENEROUS
+) -> dict[str, ChannelMessage]:
+    """The messages with these subjects, in whatever order they come."""
+    got: dict[str, ChannelMessage] = {}
+    async with asyncio.timeout(within):
+        while not subjects <= got.keys():
+            msg = await queue.get()
+            got[msg.subject] = msg
+    return got
+
+
 async def until(predicate: Callable[[], bool], within: float = 30.0) -> None:
     async with asyncio.timeout(within):
         while not predicate():
@@ -160,8 +172,7 @@ async def test_replies_leave_from_the_account_that_received_the_parent(
         await channel.wait_ready(GENEROUS)
         await dovecot.adeliver(billing, raw_mail(ALICE, billing.address, "invoice?"))
         await dovecot.adeliver(support, raw_mail(bob, support.address, "broken"))
-        invoice, _ = await next_with(queue, "invoice?", GENEROUS)
-        await next_with(queue, "broken", GENEROUS)
+        invoice = (await collect(queue, {"invoice?", "broken"}))["invoice?"]
         sent_before = len(smtp_server.messages)
 
         await channel.send(invoice.reply("Here it is."))  # reply(): the parent's account
@@ -366,8 +377,8 @@ async def test_capabilities_refuse_what_an_account_may_not_send(
         assert {m.account for m in channel.mailboxes()} == {"reader", "replier"}
         await dovecot.adeliver(reader, raw_mail(ALICE, reader.address, "read only"))
         await dovecot.adeliver(replier, raw_mail(ALICE, replier.address, "answer me"))
-        read_only, _ = await next_with(queue, "read only", GENEROUS)
-        answer_me, _ = await next_with(queue, "answer me", GENEROUS)
+        got = await collect(queue, {"read only", "answer me"})
+        read_only, answer_me = got["read only"], got["answer me"]
         sent_before = len(smtp_server.messages)
 
         with pytest.raises(SendError) as info:

@@ -473,8 +473,12 @@ class EmailChannel(Channel):
             change = functools.partial(
                 senders_table.change, account=key, entry=item, allow=allow, in_config=in_config
             )
-            await self.store.run(change)
-            await target.apply_runtime_senders()
+            try:
+                await self.store.run(change)
+                await target.apply_runtime_senders()
+            except ChannelError as exc:
+                exc.account = target.name
+                raise
             event = "channel.sender_allowed" if allow else "channel.sender_removed"
             log_event(log, logging.INFO, event, account=key, sender=item)
 

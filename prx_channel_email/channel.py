@@ -30,6 +30,7 @@ from prx_channel_email._storage.sqlite import senders_table
 from prx_channel_email._storage.sqlite.store import LedgerEntry, StateStore
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
+from prx_channel_email._tools import MailboxTools, ToolAccount
 from prx_channel_email.config import (
     DEFAULT_ACCOUNT,
     SERVICE_FIELDS,
@@ -92,7 +93,7 @@ class _Account:
         self.engines: dict[str, SyncEngine] = {}
         for folder in folders:
             reporter = StatusReporter(
-                config.account, on_status, on_rejected, name=name, folder=folder
+                config.account, on_status, on_rejected, metrics=metrics, name=name, folder=folder
             )
             self.engines[folder] = SyncEngine(
                 config,
@@ -108,7 +109,9 @@ class _Account:
         if self.engines:
             self.reporters = [e.reporter for e in self.engines.values()]
         else:  # a send-only account: ready once its SMTP login is
-            reporter = StatusReporter(config.account, on_status, on_rejected, name=name)
+            reporter = StatusReporter(
+                config.account, on_status, on_rejected, metrics=metrics, name=name
+            )
             reporter.imap_ready()
             self.reporters = [reporter]
         self.smtp_check: asyncio.Task[None] | None = None
@@ -249,6 +252,21 @@ class EmailChannel(Channel):
         self._started = False
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()
+        self._tools: MailboxTools | None = None
+
+    @property
+    def tools(self) -> MailboxTools:
+        """The mailbox tools for the agent, over every account: search, read, thread and
+        attachment text, showing only mail this channel would hand on (``tools_scope``);
+        writes only with ``tools_write``. They use their own IMAP sessions, opened on
+        demand."""
+        if self._tools is None:
+            self._tools = MailboxTools(
+                [ToolAccount(a.name, a.config, a.pipeline) for a in self.accounts.values()],
+                send=self.send_message,
+                prepare=self.start,
+            )
+        return self._tools
 
     # --- the first account, as the single-account API always had it ---
 
@@ -348,6 +366,8 @@ class EmailChannel(Channel):
         for account in self.accounts.values():
             account.stop_smtp_check()
         await self._stop_listeners()
+        if self._tools is not None:
+            await self._tools.close()
         for account in self.accounts.values():
             for reporter in account.reporters:
                 reporter.closed()
@@ -461,7 +481,7 @@ class EmailChannel(Channel):
         await self._change_sender(entry, allow=False, account=account)
 
     async def _change_sender(self, entry: str, *, allow: bool, account: str | None) -> None:
-        item = sender_entry(entry)
+        item = sender_entry(entry) if isinstance(entry, str) else None
         if item is None:
             raise ChannelError(
                 f"{entry!r} is neither an address, '@domain' nor '*'", code="invalid_argument"

@@ -10,12 +10,17 @@ The engine still retries, slowly, so a fix on the server side is picked up.
 
 ``on_rejected`` receives a :class:`RejectedMessage` for each message the policy
 refused, so a host can run its own pairing flow ("a new person wrote; allow?")
-with ``allow_sender`` instead of keeping a second allow-list.
+with ``allow_sender`` instead of keeping a second allow-list. A flood of refused
+mail must not cost the channel per mail: the events wait in a bounded queue
+(:data:`REJECTED_QUEUE_MAX`; more are dropped, counted in ``on_rejected.dropped``
+and logged), one callback runs at a time, and a plain (sync) callback runs in a
+worker thread, so one that blocks never stalls the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import inspect
 import logging
@@ -26,10 +31,13 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
-from prx_channel_email._support.observability import log_event
+from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.errors import ChannelError, NotReadyError
 
 log = logging.getLogger("prx_channel_email.status")
+
+#: Refused-mail events waiting for the host's on_rejected; more are dropped (counted).
+REJECTED_QUEUE_MAX = 1000
 
 _E = TypeVar("_E")
 
@@ -161,6 +169,7 @@ class StatusReporter:
         on_status: StatusCallback | None = None,
         on_rejected: RejectedCallback | None = None,
         *,
+        metrics: Metrics | None = None,
         name: str | None = None,
         folder: str | None = None,
     ) -> None:
@@ -171,6 +180,11 @@ class StatusReporter:
         self.folder = folder
         self._on_status = on_status
         self._on_rejected = on_rejected
+        self._metrics = metrics or Metrics()
+        self._rejected: collections.deque[RejectedMessage] = collections.deque()
+        self._rejected_waiting = asyncio.Event()
+        self._rejected_feed: asyncio.Task[None] | None = None
+        self._rejected_overflowing = False
         self._status = ChannelStatus(since=time.time(), account=name, folder=folder)
         self._changed = asyncio.Event()  # set and replaced on every change
         self._imap_failure: tuple[ChannelState, str, str, float | None] | None = None
@@ -210,12 +224,56 @@ class StatusReporter:
     def rejected(
         self, message_id: str, sender: str | None, subject: str | None, reason: str, detail: str
     ) -> None:
-        """The policy refused a message: tell the host (after a crash, maybe again)."""
-        if self._on_rejected is not None:
-            event = RejectedMessage(message_id, sender or "", subject or "", reason, detail)
-            self._dispatch(self._on_rejected, event, "channel.on_rejected_failed")
+        """The policy refused a message: queue it for the host (after a crash, maybe
+        again). Never waits: when the queue is full the event is dropped and counted."""
+        if self._on_rejected is None:
+            return
+        if len(self._rejected) >= REJECTED_QUEUE_MAX:
+            self._metrics.inc("on_rejected.dropped")
+            if not self._rejected_overflowing:  # once per overflow, not per mail
+                self._rejected_overflowing = True
+                log_event(log, logging.WARNING, "channel.on_rejected_overflow",
+                          account=self.account, waiting=len(self._rejected),
+                          dropped=self._metrics.get("on_rejected.dropped"),
+                          code="on_rejected_overflow")  # fmt: skip
+            return
+        self._rejected.append(
+            RejectedMessage(message_id, sender or "", subject or "", reason, detail)
+        )
+        self._rejected_waiting.set()
+        if self._rejected_feed is None or self._rejected_feed.done():
+            self._rejected_feed = asyncio.ensure_future(self._feed_rejected(self._on_rejected))
+
+    @property
+    def rejected_waiting(self) -> int:
+        """Refused-mail events not yet given to ``on_rejected``."""
+        return len(self._rejected)
+
+    async def _feed_rejected(self, callback: RejectedCallback) -> None:
+        """The one consumer: each event to the callback in turn, a sync one in a thread."""
+        is_async = inspect.iscoroutinefunction(callback) or inspect.iscoroutinefunction(
+            getattr(callback, "__call__", None)  # noqa: B004 - an object with async __call__
+        )
+        while True:
+            while not self._rejected:
+                self._rejected_overflowing = False
+                self._rejected_waiting.clear()
+                await self._rejected_waiting.wait()
+            event = self._rejected.popleft()
+            try:
+                if is_async:
+                    result: object = callback(event)
+                else:
+                    result = await asyncio.to_thread(callback, event)
+                if inspect.isawaitable(result):  # a sync function returning an awaitable
+                    await result
+            except Exception as exc:
+                log_event(log, logging.ERROR, "channel.on_rejected_failed", exc=exc,
+                          account=self.account, code="callback_error")  # fmt: skip
 
     def closed(self) -> None:
+        if self._rejected_feed is not None:
+            self._rejected_feed.cancel()
         self._imap_failure = self._smtp_failure = None
         self._update(imap_ready=False, smtp_ready=False, closed=True)
 

@@ -104,9 +104,10 @@ def loop_reason(env: Envelope, own_addresses: Iterable[str], stamp: str = "") ->
         return AUTO_SUBMITTED
     if any(name in h for name in _AUTO_HEADERS):
         return AUTO_REPLY
-    precedence = decode_words(h.get("precedence")).lower().split(";")[0].strip()
-    if precedence in _BULK_PRECEDENCE:
-        return PRECEDENCE
+    for name in ("precedence", "x-precedence"):  # the X- form: older list managers
+        precedence = decode_words(h.get(name)).lower().split(";")[0].strip()
+        if precedence in _BULK_PRECEDENCE:
+            return PRECEDENCE
     if any(name in h for name in _LIST_HEADERS):
         return LIST_MAIL
     if "x-loop" in h:
@@ -184,8 +185,13 @@ class Policy:
         """Whether ``sender`` is in the share of senders this account serves."""
         return in_rollout(sender, self.config.rollout_percent)
 
-    def decide(self, env: Envelope) -> Decision:
-        """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py)."""
+    def decide(self, env: Envelope, *, record: bool = True) -> Decision:
+        """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py).
+
+        ``record=False`` (a look-up by the mailbox tools) decides the same way but does
+        not count as the sender's first refusal, so the listener's one explanation of
+        it is still logged when the listener meets it.
+        """
         reason = loop_reason(env, self.own, self.stamp)
         if reason is not None:
             weak = self._weak_loop_signal(env, reason)
@@ -209,7 +215,7 @@ class Policy:
                     UNVERIFIED,
                     verified,
                     detail or "no trusted result",
-                    first_for_sender=self._first_refusal(env.sender),
+                    first_for_sender=self._first_refusal(env.sender) if record else False,
                     quarantine=detail.startswith(TEMPERROR),
                 )
         target, refused = self.reply_target(env)

@@ -131,13 +131,37 @@ _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrst
 
 
 def fold_address(address: str) -> str:
-    """Case-fold an address for comparison: ASCII letters only.
+    """Case-fold an address (or an ``@domain`` entry) for comparison: ASCII letters
+    only, and the domain in its A-label form (:func:`ascii_domain`).
 
     ``str.lower()`` maps look-alikes onto ASCII (the Kelvin sign U+212A becomes
     "k"), which would let ``\u212aate@example.test`` pass for ``kate@example.test``.
     Non-ASCII characters are therefore compared exactly as written.
     """
-    return address.strip().translate(_ASCII_LOWER)
+    folded = address.strip().translate(_ASCII_LOWER)
+    if folded.isascii() or "@" not in folded:
+        return folded
+    local, _, domain = folded.rpartition("@")
+    return f"{local}@{ascii_domain(domain)}"
+
+
+def ascii_domain(domain: str) -> str:
+    """A domain in its A-label (``xn--``) form, ASCII lower-cased, so that an entry, a
+    From and a provider's verdict agree whichever form each was written in.
+
+    IDNA 2008 without UTS 46 mapping: nothing is mapped onto ASCII (no look-alike
+    becomes a real name), and a name that is not a valid IDN stays as written,
+    so it can only ever equal itself.
+    """
+    folded = domain.strip().translate(_ASCII_LOWER)
+    if folded.isascii():
+        return folded
+    import idna  # non-ASCII domains only
+
+    try:
+        return idna.encode(folded.rstrip(".")).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return folded
 
 
 def _addr_spec(tok: _Tok) -> str:

@@ -16,7 +16,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from prx_channel_email._mail.addresses import Unterminated, read_comment, read_quoted
+from prx_channel_email._mail.addresses import (
+    Unterminated,
+    ascii_domain,
+    read_comment,
+    read_quoted,
+)
 from prx_channel_email._mail.headers import Headers
 
 if TYPE_CHECKING:
@@ -204,7 +209,7 @@ def authserv_id_trusted(authserv_id: str, trusted: Iterable[str]) -> bool:
 
 
 def _domain_of(value: str) -> str:
-    return value.strip().strip("<>").rpartition("@")[2].strip(".").lower()
+    return ascii_domain(value.strip().strip("<>").rpartition("@")[2].strip("."))
 
 
 @functools.cache
@@ -340,7 +345,7 @@ def verdict(fields: Sequence[str], from_address: str, trusted: Iterable[str]) ->
         return AuthVerdict(None)
     parsed = top.parsed
     used = top.entry
-    from_domain = from_address.rpartition("@")[2].lower()
+    from_domain = _domain_of(from_address)
     by_method: dict[str, list[AuthResult]] = {}
     for res in parsed.results:
         if res.method in ("dmarc", "spf", "dkim"):

@@ -36,6 +36,7 @@ _ESSENTIAL = frozenset(
         "return-path",
         "auto-submitted",
         "precedence",
+        "x-precedence",
         "list-id",
         "list-unsubscribe",
         "authentication-results",

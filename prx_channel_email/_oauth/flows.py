@@ -23,14 +23,22 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from prx_channel_email._oauth.tokens import (
+    BadTokenAnswer,
     TokenRecord,
     TokenStore,
     fingerprint,
     http_error_class,
     oauth_client,
+    token_call,
+    usable_answer,
 )
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.config.providers import Provider, missing_scopes, provider_for
+from prx_channel_email.config.providers import (
+    OAuthEndpoints,
+    missing_scopes,
+    oauth_endpoints,
+    provider_named,
+)
 from prx_channel_email.errors import ChannelError
 
 DEVICE_GRANT = "urn:ietf:params:oauth:grant-type:device_code"
@@ -47,24 +55,25 @@ class LoginError(ChannelError):
     code = "oauth_login_failed"
 
 
-def _store_grant(config: EmailConfig, provider: Provider, token: dict[str, Any]) -> TokenRecord:
+def _store_grant(
+    config: EmailConfig, provider: OAuthEndpoints, token: dict[str, Any]
+) -> TokenRecord:
     if not token.get("refresh_token"):
         raise LoginError(
             "the provider returned no refresh token, so the channel could not renew access; "
-            + (
-                "Microsoft: include the offline_access scope"
-                if provider.name == "microsoft"
-                else "ask for offline access (Google: access_type=offline, prompt=consent)"
-            )
+            + provider_named(provider.name).oauth_refresh_hint
         )
+    try:
+        expires_in = usable_answer(token)
+    except BadTokenAnswer as exc:
+        raise LoginError(f"the token endpoint {exc}") from None
     now = time.time()
-    expires_in = token.get("expires_in")
     seed = config.oauth_refresh_token
     record = TokenRecord(
         refresh_token=str(token["refresh_token"]),
         access_token=str(token.get("access_token") or "") or None,
-        expires_at=now + float(expires_in) if expires_in is not None else None,
-        lifetime=float(expires_in) if expires_in is not None else None,
+        expires_at=now + expires_in if expires_in is not None else None,
+        lifetime=expires_in,
         scope=str(token.get("scope") or " ".join(provider.scopes)),
         # A login supersedes the configured seed: the seed only wins again once changed.
         seed=fingerprint(seed.get_secret_value()) if seed is not None else None,
@@ -90,34 +99,61 @@ class _Redirect:
     query: dict[str, str]
 
 
-async def _loopback(port: int) -> tuple[asyncio.AbstractServer, int, asyncio.Future[_Redirect]]:
-    loop = asyncio.get_running_loop()
-    arrived: asyncio.Future[_Redirect] = loop.create_future()
+class _Listener:
+    """The loopback redirect listener. Only a request carrying our ``state`` ends the
+    wait; any other (a port scan, a stray or forged request from another local
+    process) gets 400 and the wait goes on, so no local process can deny a sign-in."""
 
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self) -> None:
+        self.state: str | None = None
+        self.arrived: asyncio.Future[_Redirect] = asyncio.get_running_loop().create_future()
+        self.server: asyncio.AbstractServer | None = None
+
+    async def start(self, port: int) -> int:
+        try:
+            self.server = await asyncio.start_server(self._handle, "127.0.0.1", port)
+        except OSError as exc:
+            raise LoginError(
+                f"cannot listen for the sign-in redirect on 127.0.0.1:{port} "
+                f"({exc.strerror or exc}); free that port or change oauth_redirect_port "
+                "(0 picks a free one, if the provider allows any loopback port)",
+                code="oauth_redirect_port_unavailable",
+            ) from None
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    def _ours(self, query: dict[str, str]) -> bool:
+        return (
+            self.state is not None
+            and query.get("state") == self.state
+            and ("code" in query or "error" in query)
+        )
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             async with asyncio.timeout(10):
                 head = await reader.readuntil(b"\r\n\r\n")
             target = head.split(b" ", 2)[1].decode("ascii", "replace")
             query = {k: v[0] for k, v in parse_qs(urlsplit(target).query).items()}
-            ok = "code" in query or "error" in query
-            status = b"200 OK" if ok else b"404 Not Found"
+            ok = self._ours(query) and not self.arrived.done()
+            status = b"200 OK" if ok else b"400 Bad Request"
             body = _DONE_PAGE if ok else b""
             writer.write(
                 b"HTTP/1.1 " + status + b"\r\nContent-Type: text/html\r\nContent-Length: "
                 + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
             )  # fmt: skip
             await writer.drain()
-            if ok and not arrived.done():
-                arrived.set_result(_Redirect(query))
-        except (TimeoutError, asyncio.IncompleteReadError, OSError, IndexError):
+            if ok and not self.arrived.done():
+                self.arrived.set_result(_Redirect(query))
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError,
+                IndexError):  # fmt: skip
             pass
         finally:
             writer.close()
-
-    server = await asyncio.start_server(handle, "127.0.0.1", port)
-    bound = server.sockets[0].getsockname()[1]
-    return server, bound, arrived
 
 
 async def login_browser(
@@ -130,13 +166,14 @@ async def login_browser(
     """Authorization code + PKCE with a loopback redirect; returns the stored grant."""
     from authlib.common.security import generate_token
 
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     if not provider.authorize_url:
         raise LoginError(
             "no authorization URL is configured (oauth_authorize_url); use --device",
             code="oauth_flow_unavailable",
         )
-    server, port, arrived = await _loopback(config.oauth_redirect_port)
+    listener = _Listener()
+    port = await listener.start(config.oauth_redirect_port)
     redirect_uri = f"http://127.0.0.1:{port}/"
     client = oauth_client(
         config,
@@ -150,31 +187,35 @@ async def login_browser(
             url, state = client.create_authorization_url(
                 provider.authorize_url, code_verifier=verifier, **dict(provider.authorize_params)
             )
+            listener.state = state
             say(f"Open this URL in a browser and sign in as {config.username}:\n\n  {url}\n")
             if open_browser:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(webbrowser.open, url)
             say(f"Waiting for the sign-in to finish (listening on {redirect_uri}) ...")
             try:
-                redirect = await asyncio.wait_for(arrived, within)
+                redirect = await asyncio.wait_for(listener.arrived, within)
             except TimeoutError:
                 raise LoginError(
                     f"no sign-in within {within:g} s", code="oauth_login_timeout"
                 ) from None
             query = redirect.query
-            if query.get("state") != state:
-                raise LoginError("the redirect did not carry our state value (ignored it)")
             if "error" in query:
                 detail = query.get("error_description") or query["error"]
                 raise LoginError(f"the provider refused the sign-in: {detail}")
             try:
-                token = await client.fetch_token(
-                    provider.token_url,
-                    grant_type="authorization_code",
-                    code=query["code"],
-                    code_verifier=verifier,
-                    redirect_uri=redirect_uri,
+                token = await token_call(
+                    config,
+                    client.fetch_token(
+                        provider.token_url,
+                        grant_type="authorization_code",
+                        code=query["code"],
+                        code_verifier=verifier,
+                        redirect_uri=redirect_uri,
+                    ),
                 )
+            except BadTokenAnswer as exc:
+                raise LoginError(f"the token endpoint {exc}") from None
             except http_error_class() as exc:
                 raise LoginError(
                     f"the token endpoint could not be reached ({type(exc).__name__})"
@@ -184,8 +225,7 @@ async def login_browser(
                     raise _oauth_failure(exc) from None
                 raise
     finally:
-        server.close()
-        await server.wait_closed()
+        await listener.close()
     return await asyncio.to_thread(_store_grant, config, provider, dict(token))
 
 
@@ -193,7 +233,7 @@ async def login_device(
     config: EmailConfig, *, say: Say = print, within: float = LOGIN_TIMEOUT_SECS
 ) -> TokenRecord:
     """Device authorization grant (RFC 8628): show a code, poll until approved."""
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     if provider.device_refusal:
         raise LoginError(provider.device_refusal, code="oauth_device_unsupported")
     if not provider.device_url:
@@ -205,13 +245,18 @@ async def login_device(
     client = oauth_client(config)
     async with client:
         try:
-            resp = await client.request(
-                "POST",
-                provider.device_url,
-                data={"client_id": config.oauth_client_id, "scope": " ".join(provider.scopes)},
-                withhold_token=True,
+            resp = await token_call(
+                config,
+                client.request(
+                    "POST",
+                    provider.device_url,
+                    data={"client_id": config.oauth_client_id, "scope": " ".join(provider.scopes)},
+                    withhold_token=True,
+                ),
             )
             answer = resp.json()
+        except BadTokenAnswer as exc:
+            raise LoginError(f"the device endpoint {exc}") from None
         except http_error_class() as exc:
             raise LoginError(
                 f"the device endpoint could not be reached ({type(exc).__name__})"
@@ -231,12 +276,17 @@ async def login_device(
         while True:
             await asyncio.sleep(interval)
             try:
-                token = await client.fetch_token(
-                    provider.token_url,
-                    grant_type=DEVICE_GRANT,
-                    device_code=answer["device_code"],
+                token = await token_call(
+                    config,
+                    client.fetch_token(
+                        provider.token_url,
+                        grant_type=DEVICE_GRANT,
+                        device_code=answer["device_code"],
+                    ),
                 )
                 break
+            except BadTokenAnswer as exc:
+                raise LoginError(f"the token endpoint {exc}") from None
             except http_error_class() as exc:
                 raise LoginError(
                     f"the token endpoint could not be reached ({type(exc).__name__})"
@@ -258,7 +308,7 @@ async def login_device(
 
 def describe(config: EmailConfig) -> list[tuple[str, str]]:
     """``auth status``: what is stored, never a token."""
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     store = TokenStore(config.state_dir)
     rows = [("provider", provider.name), ("account", config.username), ("store", str(store.path))]
     record = store.load()
@@ -294,7 +344,7 @@ def describe(config: EmailConfig) -> list[tuple[str, str]]:
 
 async def logout(config: EmailConfig) -> list[str]:
     """Revoke the stored grant where the provider can, delete the store; what was done."""
-    provider = provider_for(config)
+    provider = oauth_endpoints(config)
     store = TokenStore(config.state_dir)
     record = await asyncio.to_thread(store.load)
     done: list[str] = []

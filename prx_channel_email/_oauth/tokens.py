@@ -18,7 +18,11 @@ Why it is built this way:
   attempt in between costs one ``stat`` of the token file, no network, which is
   how a running channel notices a new login within seconds.
 * Token endpoint outages raise :class:`OAuthUnavailable` (a TransportError) and
-  are backed off here as well, so several callers do not multiply requests.
+  are backed off here as well, so several callers do not multiply requests. A
+  token request is one bounded exchange: a total deadline (httpx's timeouts are
+  per read, so a slow drip would never trip them), a cap on the answer's size, and
+  an answer that is not a usable Bearer token counts as an outage too. The store
+  lock is therefore never held longer than that deadline.
 * No token ever reaches a log line, an error message or the CLI's output.
 
 authlib and httpx are imported only when a token is actually requested.
@@ -34,20 +38,21 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.config.providers import Provider, provider_for
+from prx_channel_email.config.providers import OAuthEndpoints, oauth_endpoints, provider_named
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
@@ -56,6 +61,7 @@ from prx_channel_email.errors import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TOKEN_FILE = "oauth-token.json"  # noqa: S105 - a file name
 LOCK_FILE = "oauth-token.lock"
@@ -65,6 +71,10 @@ MAX_MARGIN_SECS = 300.0
 #: Further refresh attempts with a refresh token the server called invalid_grant.
 DEAD_RETRIES = 2
 DEAD_RETRY_SPACING_SECS = (600.0, 3600.0)
+#: A token answer is a small JSON document; a longer one is cut off and refused.
+TOKEN_ANSWER_CAP = 256 * 1024
+#: The longest ``expires_in`` believed (a year): more, zero or negative is a broken answer.
+MAX_EXPIRES_IN = 366 * 86400.0
 #: Test hook: SIGKILL ourselves after the token endpoint answered, before saving.
 KILL_BEFORE_SAVE_ENV = "PRX_EMAIL_TEST_KILL_BEFORE_TOKEN_SAVE"
 
@@ -216,7 +226,7 @@ class TokenManager:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.provider: Provider = provider_for(config)
+        self.provider: OAuthEndpoints = oauth_endpoints(config)
         self.store = TokenStore(config.state_dir)
         self._host_provider = token_provider
         self._clock = clock
@@ -397,13 +407,12 @@ class TokenManager:
             ):
                 return AccessToken(fresh.access_token, fresh.expires_at, fresh=True)
             record, refresh_token = fresh, fresh.refresh_token or refresh_token
-        answer = await self._request(refresh_token)
+        answer, expires_in = await self._request(refresh_token)
         if os.environ.get(KILL_BEFORE_SAVE_ENV) == "1":
             import signal
 
             os.kill(os.getpid(), signal.SIGKILL)  # the crash test: answer received, not saved
         now = self._clock()
-        expires_in = _number(answer.get("expires_in"))
         new = replace(
             record,
             access_token=str(answer["access_token"]),
@@ -427,8 +436,9 @@ class TokenManager:
         assert new.access_token is not None
         return AccessToken(new.access_token, new.expires_at, fresh=True)
 
-    async def _request(self, refresh_token: str) -> dict[str, Any]:
-        """One refresh_token grant via authlib; errors mapped to ours (no token in them)."""
+    async def _request(self, refresh_token: str) -> tuple[dict[str, Any], float | None]:
+        """One refresh_token grant via authlib, bounded by :func:`token_call`; errors
+        mapped to ours (no token in them). Returns the answer and its expires_in."""
         http_error = http_error_class()
         from authlib.integrations.base_client.errors import OAuthError
 
@@ -436,9 +446,11 @@ class TokenManager:
         client = oauth_client(self.config)
         try:
             async with client:
-                token = await client.refresh_token(
-                    self.provider.token_url, refresh_token=refresh_token
+                token = await token_call(
+                    self.config,
+                    client.refresh_token(self.provider.token_url, refresh_token=refresh_token),
                 )
+            expires_in = usable_answer(token)
         except _HttpStatus as exc:
             raise self._outage_error(f"the token endpoint answered HTTP {exc.status}") from None
         except http_error as exc:
@@ -448,13 +460,9 @@ class TokenManager:
         except OAuthError as exc:
             self._grant_error(str(exc.error or ""), refresh_token)
             raise AssertionError("unreachable") from None
-        except ValueError:
-            raise self._outage_error(
-                "the token endpoint answered something that is not JSON"
-            ) from None
-        if not token.get("access_token"):
-            raise self._outage_error("the token endpoint answered without an access token")
-        return dict(token)
+        except BadTokenAnswer as exc:
+            raise self._outage_error(f"the token endpoint {exc}") from None
+        return dict(token), expires_in
 
     def _grant_error(self, error: str, refresh_token: str) -> None:
         if error == "invalid_grant":
@@ -515,11 +523,89 @@ class _HttpStatus(Exception):
         self.status = status
 
 
-def _number(value: Any) -> float | None:
+class BadTokenAnswer(Exception):
+    """The token endpoint's answer came too slowly, was too big, or is not a usable
+    Bearer token. The text completes "the token endpoint ..."."""
+
+
+async def token_call(config: EmailConfig, call: Awaitable[T]) -> T:
+    """Await one token endpoint request within a total deadline (connect_timeout_secs
+    from the first byte sent to the last received; httpx only bounds each read). A
+    malformed answer authlib trips over (``expires_in: 1e400`` overflows its int())
+    becomes :class:`BadTokenAnswer` too."""
+    deadline = config.connect_timeout_secs
     try:
-        return float(value) if value is not None else None
-    except (TypeError, ValueError):
+        async with asyncio.timeout(deadline):
+            return await call
+    except TimeoutError:
+        raise BadTokenAnswer(f"did not answer within {deadline:g} s") from None
+    except (OverflowError, TypeError, ValueError):
+        raise BadTokenAnswer("answered something that is not a token document") from None
+
+
+def usable_answer(answer: Mapping[str, Any]) -> float | None:
+    """Check a token answer (RFC 6749 5.1) and return its ``expires_in`` in seconds
+    (None when absent): an access token, token_type Bearer (any case), and a finite
+    lifetime between 1 s and :data:`MAX_EXPIRES_IN`."""
+    access = answer.get("access_token")
+    if not isinstance(access, str) or not access:
+        raise BadTokenAnswer("answered without an access token")
+    kind = answer.get("token_type")
+    if not isinstance(kind, str) or kind.lower() != "bearer":
+        raise BadTokenAnswer("answered a token that is not of type Bearer")
+    raw = answer.get("expires_in")
+    if raw is None:
         return None
+    try:
+        expires_in = float(raw)
+    except (TypeError, ValueError, OverflowError):
+        expires_in = math.nan
+    if isinstance(raw, bool) or not 1.0 <= expires_in <= MAX_EXPIRES_IN:
+        raise BadTokenAnswer("answered an expires_in that is not a sane number of seconds")
+    return expires_in
+
+
+def _capped_transport(config: EmailConfig) -> Any:
+    """httpx's transport, with every answer's body capped at TOKEN_ANSWER_CAP."""
+    httpx = http_module()
+    cap = TOKEN_ANSWER_CAP
+
+    class CappedStream(httpx.AsyncByteStream):  # type: ignore[misc,name-defined]
+        def __init__(self, inner: Any) -> None:
+            self.inner = inner
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            total = 0
+            async for chunk in self.inner:
+                total += len(chunk)
+                if total > cap:
+                    raise BadTokenAnswer(f"answered more than {cap} bytes")
+                yield chunk
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    class Capped(httpx.AsyncBaseTransport):  # type: ignore[misc,name-defined]
+        def __init__(self) -> None:
+            self.inner = httpx.AsyncHTTPTransport(verify=_verify(config), trust_env=False)
+
+        async def handle_async_request(self, request: Any) -> Any:
+            response = await self.inner.handle_async_request(request)
+            length = response.headers.get("content-length", "")
+            if length.isdigit() and int(length) > cap:
+                await response.aclose()
+                raise BadTokenAnswer(f"answered more than {cap} bytes")
+            return httpx.Response(
+                status_code=response.status_code,
+                headers=response.headers,
+                stream=CappedStream(response.stream),
+                extensions=response.extensions,
+            )
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    return Capped()
 
 
 def authlib_client_class() -> Any:
@@ -535,21 +621,28 @@ def authlib_client_class() -> Any:
     return AsyncOAuth2Client
 
 
-def http_error_class() -> type[Exception]:
-    """The HTTP client error authlib raises with (httpx, or httpx2 where installed)."""
+def http_module() -> Any:
+    """The HTTP client module authlib uses (httpx, or httpx2 where installed)."""
     authlib_client_class()
     try:
         from authlib.integrations.httpx_client._compat import httpx2
     except ImportError:  # pragma: no cover - older authlib
         import httpx as httpx2
-    return httpx2.HTTPError  # type: ignore[no-any-return]
+    return httpx2
+
+
+def http_error_class() -> type[Exception]:
+    """The HTTP client error authlib raises with."""
+    return http_module().HTTPError  # type: ignore[no-any-return]
 
 
 def oauth_client(config: EmailConfig, **kw: Any) -> Any:
     """An authlib AsyncOAuth2Client for this config (public client when no secret).
 
-    A 5xx/429 from the token endpoint becomes :class:`_HttpStatus` (an outage)
-    instead of authlib trying to read an error document from it.
+    Every answer's body is capped (:data:`TOKEN_ANSWER_CAP`); wrap each request in
+    :func:`token_call` for the total deadline. A 5xx/429 from the token endpoint
+    becomes :class:`_HttpStatus` (an outage) instead of authlib trying to read an
+    error document from it.
     """
     client_class = authlib_client_class()
 
@@ -559,7 +652,7 @@ def oauth_client(config: EmailConfig, **kw: Any) -> Any:
         client_secret=secret.get_secret_value() if secret is not None else None,
         token_endpoint_auth_method="client_secret_post" if secret is not None else "none",
         timeout=config.connect_timeout_secs,
-        verify=_verify(config),
+        transport=_capped_transport(config),
         trust_env=False,
         **kw,
     )
@@ -738,21 +831,6 @@ async def smtp_login(config: EmailConfig, smtp: Any, user: str) -> None:
     await login_with_token(token_source(config), attempt, refusal)
 
 
-def _imap_hint(provider: str) -> str:
-    if provider == "microsoft":
-        return (
-            "Microsoft: IMAP must be enabled for the mailbox, the app needs the delegated "
-            "permission IMAP.AccessAsUser.All with admin consent, and username must be the "
-            "mailbox that signed in"
-        )
-    if provider == "google":
-        return (
-            "Google: username must be the account that signed in, and IMAP must be allowed "
-            "(Workspace admins can turn it off)"
-        )
-    return "check that the token's account is username and that it may use IMAP"
-
-
 async def imap_login(config: EmailConfig, session: Any, user: str) -> None:
     """AUTHENTICATE XOAUTH2, or OAUTHBEARER (RFC 7628) where only that is offered."""
     caps = session.capabilities
@@ -785,7 +863,8 @@ async def imap_login(config: EmailConfig, session: Any, user: str) -> None:
     def refusal() -> AuthenticationError:
         return AuthenticationError(
             f"{session.host} refused the OAuth token for {user} ({mechanism}): "
-            f"{said[0] if said else 'refused'}; " + _imap_hint(manager.provider.name),
+            f"{said[0] if said else 'refused'}; "
+            + provider_named(manager.provider.name).oauth_imap_hint,
             server=session.host,
             code="oauth_token_refused",
         )

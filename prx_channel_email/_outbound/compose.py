@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import html
 import mimetypes
 import re
 import secrets
@@ -221,9 +222,27 @@ def _markdown() -> MarkdownIt:
     )
 
 
+#: Markdown is rendered only up to this size and this many inline markup characters:
+#: markdown-it's inline rules cost up to ~100 us per such character (1 MB of
+#: ``![[](`` took 30 s of CPU). Over either, the HTML part is the text, escaped.
+MARKDOWN_MAX_CHARS = 200_000
+MARKDOWN_MAX_MARKUP = 4_000
+_MARKUP_CHARS = "[]!*_\\&<`"
+
+
+def _markdown_is_bounded(text: str) -> bool:
+    if len(text) > MARKDOWN_MAX_CHARS:
+        return False
+    return sum(text.count(c) for c in _MARKUP_CHARS) <= MARKDOWN_MAX_MARKUP
+
+
 def render_html(markdown: str) -> str:
-    """The agent's Markdown as an HTML document; raw HTML in it is shown, not run."""
-    body = _markdown().render(markdown)
+    """The agent's Markdown as an HTML document; raw HTML in it is shown, not run.
+    A reply over the Markdown bounds is shown as preformatted text instead."""
+    if _markdown_is_bounded(markdown):
+        body = _markdown().render(markdown)
+    else:
+        body = f'<pre style="white-space: pre-wrap">{html.escape(markdown)}</pre>\n'
     return (
         '<!DOCTYPE html>\n<html><head><meta charset="utf-8"></head>\n'
         f"<body>\n{body}</body></html>\n"

@@ -8,15 +8,34 @@ message_id and an error ``code``; never a secret.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from typing import Any
 
 logger = logging.getLogger("prx_channel_email")
 
 
+# A value is written bare only when nothing in it could end it or fake another field.
+_BARE_RE = re.compile(r'[^\s"=\\\x00-\x1f\x7f\x85\u2028\u2029]+')
+_ESCAPE_RE = re.compile(r'["\\\x00-\x1f\x7f\x85\u2028\u2029]')
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    return f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}"
+
+
 def _fmt(value: Any) -> str:
+    """``key=value`` text that reads back unambiguously: a value with a space, quote,
+    ``=``, backslash or control character is quoted, its quotes and backslashes
+    escaped, so a Subject like ``hi" code=delivered`` cannot pose as a field."""
     text = str(value)
-    return f'"{text}"' if (" " in text or not text) else text
+    if _BARE_RE.fullmatch(text):
+        return text
+    return '"' + _ESCAPE_RE.sub(_escape, text) + '"'
 
 
 def log_event(

@@ -52,7 +52,7 @@ from pydantic_settings import (
 
 from prx_channel_email._mail.addresses import fold_address
 from prx_channel_email._support.hosts import is_loopback as is_loopback
-from prx_channel_email.config.providers import oauth_problems  # the rules live with the presets
+from prx_channel_email.config.providers import oauth_problems, provider_authserv_ids
 from prx_channel_email.errors import ConfigError
 
 ENV_PREFIX = "PRX_EMAIL_"
@@ -81,24 +81,6 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 # values that cannot be an address at all (no @, spaces, empty parts).
 _ADDRESS_RE = re.compile(r"^[^@\s<>,;]+@[^@\s<>,;]+\.[^@\s<>,;.]+$|^[^@\s<>,;]+@localhost$")
 _DOMAIN_RE = re.compile(r"^@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)+$")
-
-# Providers whose Authentication-Results authserv-id is known and stable, by IMAP
-# host. Used only when the config does not set trusted_authserv_ids itself.
-# Gmail stamps "mx.google.com"; Microsoft (Outlook.com, Microsoft 365) writes
-# the field without an authserv-id, which the entry "@none" stands for. Others
-# stamp per-host names that are not documented as stable, so they are not preset.
-PROVIDER_AUTHSERV_IDS: dict[str, tuple[str, ...]] = {
-    "imap.gmail.com": ("mx.google.com",),
-    "imap.googlemail.com": ("mx.google.com",),
-    "outlook.office365.com": ("@none",),
-    "imap-mail.outlook.com": ("@none",),
-}
-
-
-def provider_authserv_ids(imap_host: str) -> list[str]:
-    """The preset trusted authserv-ids for a known provider's IMAP host ([] if unknown)."""
-    return list(PROVIDER_AUTHSERV_IDS.get(imap_host.strip().rstrip(".").lower(), ()))
-
 
 DEFAULT_ATTACHMENT_TYPES = [
     "text/plain",
@@ -170,6 +152,9 @@ class EmailConfig(BaseSettings):
         frozen=True,
         hide_input_in_errors=True,
         validate_default=True,
+        # PRX_EMAIL_CA_FILE= (as a compose file or a shell leaves it) means "not set",
+        # not "the current directory".
+        env_ignore_empty=True,
     )
 
     # --- the reference channel's fields (names and defaults fixed) ---
@@ -275,10 +260,13 @@ class EmailConfig(BaseSettings):
     # Logins in progress at once per IMAP server (host and port), over all accounts.
     max_concurrent_logins: Annotated[int, Field(ge=1, le=1000)] = 10
 
-    # --- mailbox tools for the agent ---
+    # --- mailbox tools for the agent (channel.tools, `prx-email mcp`; docs/guides/tools.md) ---
+    # "allowed": the tools see only mail the channel itself would hand on; "all": opt-out.
     tools_scope: Literal["allowed", "all"] = "allowed"
+    # mark_read / move / send / reply refuse (tools_read_only) unless this is true.
     tools_write: bool = False
-    tools_max_chars: PositiveInt = 20000
+    # Every text a tool returns from mail is cut at this many characters, with a marker.
+    tools_max_chars: Annotated[int, Field(ge=100, le=1_000_000)] = 20_000
 
     # The OAuth token manager shared by every connection made with this object
     # (oauth.token_source); never part of the settings.
@@ -798,12 +786,13 @@ def account_env_prefix(name: str) -> str:
 
 def _account_env(name: str) -> dict[str, str]:
     """The account's own variables, field name -> text (unknown names included, so a
-    misspelt variable is an error rather than silently ignored)."""
+    misspelt variable is an error rather than silently ignored). An empty one is unset,
+    as for the general variables."""
     prefix = account_env_prefix(name)
     return {
         key[len(prefix) :].lower(): value
         for key, value in os.environ.items()
-        if key.upper().startswith(prefix) and len(key) > len(prefix)
+        if key.upper().startswith(prefix) and len(key) > len(prefix) and value != ""
     }
 
 

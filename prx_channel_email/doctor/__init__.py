@@ -36,8 +36,9 @@ from prx_channel_email._net.imap import ImapSession
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._net.tls import ssl_context
 from prx_channel_email._outbound.compose import parse_recipient
-from prx_channel_email._storage.sqlite.store import low_space
-from prx_channel_email.config import EmailConfig, is_loopback, load_config, resolve_path
+from prx_channel_email._storage.sqlite.store import low_space, make_private_dir
+from prx_channel_email.config import EmailConfig, load_config, resolve_path
+from prx_channel_email.config.providers import detect_provider, provider_named
 
 # Re-exported: callers build and read reports from here, as before.
 from prx_channel_email.doctor.report import Check as Check
@@ -71,86 +72,15 @@ IMAP_CHECKS = (
 SMTP_CHECKS = ("smtp dns", "smtp tcp", "smtp tls", "smtp ehlo", "smtp auth", "send test")
 
 
-# --------------------------------------------------------------------------- providers
-
-
-@dataclass(frozen=True)
-class Provider:
-    """Known settings of a mail provider, for targeted fixes."""
-
-    name: str
-    imap: tuple[str, int, str]
-    smtp: tuple[str, int, str]
-    login_hint: str
-    domains: tuple[str, ...] = ()
-
-
-PROVIDERS: tuple[Provider, ...] = (
-    Provider(
-        "Gmail",
-        ("imap.gmail.com", 993, "tls"),
-        ("smtp.gmail.com", 465, "tls"),
-        "Gmail needs IMAP enabled (Settings > Forwarding and POP/IMAP) and, with 2-step "
-        "verification, an app password (myaccount.google.com/apppasswords), not your "
-        "normal password.",
-        ("gmail.com", "googlemail.com"),
-    ),
-    Provider(
-        "Outlook / Office 365",
-        ("outlook.office365.com", 993, "tls"),
-        ("smtp.office365.com", 587, "starttls"),
-        "Outlook with 2FA needs an app password; on Microsoft 365 an admin may have to "
-        "enable IMAP and 'Authenticated SMTP' for the mailbox (basic auth may be disabled).",
-        ("outlook.com", "hotmail.com", "live.com", "office365.com"),
-    ),
-    Provider(
-        "Yahoo",
-        ("imap.mail.yahoo.com", 993, "tls"),
-        ("smtp.mail.yahoo.com", 465, "tls"),
-        "Yahoo needs an app password (Account security > Generate app password).",
-        ("yahoo.com", "ymail.com"),
-    ),
-    Provider(
-        "Fastmail",
-        ("imap.fastmail.com", 993, "tls"),
-        ("smtp.fastmail.com", 465, "tls"),
-        "Fastmail needs an app password with IMAP and SMTP access "
-        "(Settings > Privacy & Security > App passwords).",
-        ("fastmail.com", "fastmail.fm", "messagingengine.com"),
-    ),
-    Provider(
-        "Proton Mail Bridge",
-        ("127.0.0.1", 1143, "starttls"),
-        ("127.0.0.1", 1025, "starttls"),
-        "Proton Mail Bridge must be running; use the password Bridge shows for the account "
-        "(not your Proton password), and trust Bridge's certificate via ca_file "
-        "(export it from Bridge settings).",
-        ("proton.me", "protonmail.com", "pm.me"),
-    ),
-)
-
-
-def detect_provider(host: str, port: int | None = None) -> Provider | None:
-    """Guess the provider from a server host name (and the Bridge's loopback port)."""
-    name = host.lower().rstrip(".")
-    for provider in PROVIDERS:
-        if any(name == d or name.endswith("." + d) for d in provider.domains):
-            return provider
-        if provider.imap[0] in (name,) and not is_loopback(name):
-            return provider
-    if is_loopback(name) and port in (1143, 1025):
-        return PROVIDERS[-1]
-    return None
+# --------------------------------------------------------------------------- login fixes
 
 
 def _login_fix(config: EmailConfig, host: str, port: int, key: str) -> str:
     if config.auth_method == "oauth2":
-        from prx_channel_email.doctor.oauth import login_fix
-
-        return login_fix(config.oauth_provider or "custom")
+        return provider_named(config.oauth_provider).oauth_login_hint
     provider = detect_provider(host, port)
     base = f"check username and {key} (or the PRX_EMAIL_{key.upper()} variable)."
-    if provider is not None:
+    if provider is not None and provider.login_hint:
         return f"{base} {provider.login_hint}"
     return f"{base} Providers with 2FA usually need an app password instead of your normal one."
 
@@ -266,7 +196,9 @@ async def _resolve(host: str, port: int, kind: str, budget: float) -> str:
     except OSError as exc:
         provider = detect_provider(host)
         hint = (
-            f" ({provider.name} uses {provider.imap[0]} / {provider.smtp[0]})" if provider else ""
+            f" ({provider.label} uses {provider.imap.host} / {provider.smtp.host})"
+            if provider and provider.imap and provider.smtp
+            else ""
         )
         raise _Fail(
             f"{host} does not resolve: {exc.strerror or exc}",
@@ -872,9 +804,10 @@ def _local_checks(config: EmailConfig) -> list[Check]:
 
 
 def _writable(path: Path) -> str | None:
-    """None when ``path`` (created if needed) accepts a file; else why not."""
+    """None when ``path`` (created if needed, owner-only as the channel makes it)
+    accepts a file; else why not."""
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path)
         fd, name = tempfile.mkstemp(prefix=".doctor-", dir=path)
         os.close(fd)
         os.unlink(name)

@@ -11,7 +11,7 @@ import asyncio
 
 from prx_channel_email._oauth.tokens import TokenStore, attach
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.config.providers import missing_scopes
+from prx_channel_email.config.providers import LOGIN_FIX, missing_scopes, provider_named
 from prx_channel_email.doctor.report import Check
 from prx_channel_email.errors import (
     AuthenticationError,
@@ -20,44 +20,11 @@ from prx_channel_email.errors import (
     OAuthUnavailable,
 )
 
-LOGIN_FIX = (
-    "run `prx-email auth login` (add --device or --no-browser on a machine without a browser)"
-)
-
 
 def reauth_fix(provider: str) -> str:
     """What to do when the grant is gone, with the provider's usual cause."""
-    if provider == "google":
-        return (
-            f"{LOGIN_FIX}. If this keeps happening every 7 days, the app's OAuth consent "
-            "screen is in 'Testing' mode: publish it (Google Cloud console > APIs & Services "
-            "> OAuth consent screen > Publish app)."
-        )
-    if provider == "microsoft":
-        return (
-            f"{LOGIN_FIX}. If sign-in then fails, an administrator must grant admin consent "
-            "for IMAP.AccessAsUser.All and SMTP.Send (Entra admin center > App registrations "
-            "> API permissions > Grant admin consent)."
-        )
-    return LOGIN_FIX
-
-
-def login_fix(provider: str) -> str:
-    """The fix for a token the mail server refused (the grant itself is fine)."""
-    if provider == "microsoft":
-        return (
-            "Microsoft 365: enable IMAP and 'Authenticated SMTP' for this mailbox (admin center "
-            "> Users > the user > Mail > Manage email apps); SMTP 5.7.139 means SMTP AUTH is "
-            "off for the mailbox or tenant, 5.7.30 means a password was used where OAuth is "
-            "required. The app needs the delegated permissions IMAP.AccessAsUser.All and "
-            "SMTP.Send with admin consent, and username must be the mailbox that signed in."
-        )
-    if provider == "google":
-        return (
-            "Google: username must be the account that signed in and the grant must include "
-            "https://mail.google.com/; a Workspace admin may have turned IMAP off. " + LOGIN_FIX
-        )
-    return "check that username is the account that signed in, then " + LOGIN_FIX
+    hint = provider_named(provider).oauth_reauth_hint
+    return f"{LOGIN_FIX}. {hint}" if hint else LOGIN_FIX
 
 
 async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig, list[Check]]:

@@ -35,6 +35,7 @@ from nanobot.bus.runtime_events import TurnCompleted
 from nanobot.channels.base import BaseChannel
 
 from prx_channel_email._support.observability import log_event
+from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import ChannelError, SendError
 from prx_channel_email.models import ChannelMessage, SendMessage
 from prx_channel_email.status import ChannelState, ChannelStatus
@@ -71,6 +72,24 @@ def _section_table(section: Any) -> dict[str, Any]:
     if callable(dump):
         return dict(dump())
     raise ChannelError(f"the {NAME} channel table is not a mapping", code="config_invalid")
+
+
+def email_accounts(section: Any) -> dict[str, EmailConfig]:
+    """The accounts of nanobot's ``channels.prx_email`` table: its ``accounts`` table,
+    else the table itself as the one account (the channel and its tools read it the
+    same way)."""
+    table = _section_table(section)
+    if "allowed_senders" not in table and "allowedSenders" not in table:
+        # A nanobot user's natural allow-list; the channel's own matching rules apply.
+        allow = table.get("allowFrom", table.get("allow_from"))
+        if allow is not None:
+            table["allowed_senders"] = allow
+    return accounts_from_host_table(table, host_keys=HOST_KEYS, source=f"channels.{NAME}")
+
+
+def email_config(section: Any) -> EmailConfig:
+    """The (first) account's settings of nanobot's ``channels.prx_email`` table."""
+    return next(iter(email_accounts(section).values()))
 
 
 def thread_session_key(thread_ts: str) -> str:
@@ -143,13 +162,7 @@ class PrxEmailChannel(BaseChannel):
 
     async def start(self) -> None:
         """Log in, then serve until :meth:`stop`; raises ChannelError on a permanent failure."""
-        table = _section_table(self.config)
-        if "allowed_senders" not in table and "allowedSenders" not in table:
-            # A nanobot user's natural allow-list; the channel's own matching rules apply.
-            allow = table.get("allowFrom", table.get("allow_from"))
-            if allow is not None:
-                table["allowed_senders"] = allow
-        accounts = accounts_from_host_table(table, host_keys=HOST_KEYS, source=f"channels.{NAME}")
+        accounts = email_accounts(self.config)
         self._stop.clear()
         self._failure = None
         self._bridge = EmailBridge(accounts, self._publish, host="nanobot", on_status=self._status)

@@ -13,7 +13,8 @@ It implements what the channel and the mail servers talk to:
   fixture ask to validate an access token.
 
 Switches: :attr:`access_ttl` (seconds an access token lives), :meth:`fail_next`
-(answer the next N token requests with an HTTP status, e.g. 503),
+(answer the next N token requests with an HTTP status, e.g. 503), :meth:`misbehave_next`
+(answer the next token request slowly, endlessly, hugely or with a given body),
 :meth:`revoke_all`. Counters: :attr:`token_requests` by grant type.
 """
 
@@ -69,6 +70,8 @@ class OAuthServer:
         self._refresh: dict[str, _Grant] = {}
         self._access: dict[str, _Access] = {}
         self._fail: list[int] = []
+        self._misbehave: list[tuple[str, bytes]] = []
+        self.misbehaving_done = threading.Event()
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self.port = 0
@@ -118,6 +121,8 @@ class OAuthServer:
             self.token_requests.clear()
             self.introspections = 0
             self._fail.clear()
+            self._misbehave.clear()
+            self.misbehaving_done.clear()
 
     # --- the test's switches ---
 
@@ -144,6 +149,21 @@ class OAuthServer:
         """Answer the next ``count`` token requests with HTTP ``status``."""
         with self._lock:
             self._fail.extend([status] * count)
+
+    def misbehave_next(self, mode: str, body: bytes = b"") -> None:
+        """Answer the next token request the hostile way ``mode`` names:
+
+        * ``"body"``: status 200 with ``body`` as it is (a malformed token answer);
+        * ``"slow_drip"``: headers at once, then a long valid body one byte per 0.2 s;
+        * ``"slow_header"``: the status line and headers one byte per 0.2 s, endlessly;
+        * ``"chunked_forever"``: a chunked body that never ends (1 KB per 10 ms);
+        * ``"huge"``: a valid token answer with ``body`` as a padding field (its
+          Content-Length says so), sent as fast as the client reads.
+
+        :attr:`misbehaving_done` is set once the server stopped (the client hung up).
+        """
+        with self._lock:
+            self._misbehave.append((mode, body))
 
     def revoke_all(self, user: str | None = None) -> None:
         """Revoke every grant (of ``user``): refresh and access tokens stop working."""
@@ -337,6 +357,43 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _hostile(self, mode: str, body: bytes) -> None:
+        """See :meth:`OAuthServer.misbehave_next`; stops after 120 s at the latest."""
+        data = {"access_token": "at-hostile", "token_type": "Bearer", "expires_in": 3600}
+        stop = time.monotonic() + 120
+        head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+        if mode == "body":
+            self.wfile.write(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        elif mode == "slow_drip":
+            payload = json.dumps({**data, "padding": "x" * 4000}).encode()
+            self.wfile.write(head + b"Content-Length: %d\r\n\r\n" % len(payload))
+            self.wfile.flush()
+            for i in range(len(payload)):
+                if time.monotonic() > stop:
+                    return
+                self.wfile.write(payload[i : i + 1])
+                self.wfile.flush()
+                time.sleep(0.2)
+        elif mode == "slow_header":
+            for i in range(100_000):
+                if time.monotonic() > stop:
+                    return
+                self.wfile.write(b"X-Drip-%d: %d\r\n" % (i, i) if i else head)
+                self.wfile.flush()
+                time.sleep(0.2)
+        elif mode == "chunked_forever":
+            self.wfile.write(head + b"Transfer-Encoding: chunked\r\n\r\n")
+            chunk = b" " * 1024
+            while time.monotonic() < stop:
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+                time.sleep(0.01)
+        elif mode == "huge":
+            payload = json.dumps(data).encode()[:-1] + b', "padding": "' + body + b'"}'
+            self.wfile.write(head + b"Content-Length: %d\r\n\r\n" % len(payload))
+            self.wfile.write(payload)
+        self.wfile.flush()
+
     def do_GET(self) -> None:
         owner = self.server_owner
         parts = urlsplit(self.path)
@@ -358,7 +415,19 @@ class _Handler(BaseHTTPRequestHandler):
         form = self._form()
         if path == "/token":
             with owner._lock:
-                status, data = owner._token(form)
+                hostile = owner._misbehave.pop(0) if owner._misbehave else None
+                if hostile is None:
+                    status, data = owner._token(form)
+                else:  # the grant is left as it was (no rotation)
+                    owner.token_requests[form.get("grant_type", "")] += 1
+            if hostile is not None:
+                try:
+                    self._hostile(*hostile)
+                except OSError:
+                    pass  # the client hung up: what a bounded client does
+                finally:
+                    owner.misbehaving_done.set()
+                return
             self._json(status, data)
         elif path == "/device":
             with owner._lock:

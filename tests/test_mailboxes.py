@@ -101,11 +101,12 @@ async def next_with(
 async def collect(
     queue: asyncio.Queue[ChannelMessage], subjects: set[str], within: float = GENEROUS
 ) -> dict[str, ChannelMessage]:
-    """The messages with these subjects, in whatever order they come."""
+    """The messages with these subjects, in whatever order they come (each once)."""
     got: dict[str, ChannelMessage] = {}
     async with asyncio.timeout(within):
         while not subjects <= got.keys():
             msg = await queue.get()
+            assert msg.subject not in got, f"{msg.subject!r} handed on twice"
             got[msg.subject] = msg
     return got
 
@@ -428,3 +429,6 @@ async def test_mail_outside_the_rollout_is_left_for_people(
         assert channel.stats().get("inbound.rollout_skipped") == 1
         uids = dovecot.list_uids(user)
         assert "\\Seen" not in dovecot.flags(user, "INBOX", uids[0])  # untouched
+        # The agent's mailbox tools show what the channel hands on: not the other mail.
+        found = await channel.tools.search(account="support")
+        assert [m["sender"] for m in found["messages"]] == [inside]

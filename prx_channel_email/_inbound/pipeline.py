@@ -189,8 +189,6 @@ class InboundPipeline:
             decision = self.policy.decide(env)
             if decision.reason is not None:
                 return self._reject(env, decision)
-            if not self.policy.in_rollout(env.sender):
-                return self._outside_rollout(env)
             if len(raw) > THREAD_THRESHOLD:
                 parsed = await asyncio.to_thread(analyze_body, raw, self.config, env, body_at)
             else:
@@ -269,8 +267,6 @@ class InboundPipeline:
             decision = self.policy.decide(env)
             if decision.reason is not None:
                 return self._reject(env, decision)
-            if not self.policy.in_rollout(env.sender):
-                return self._outside_rollout(env)
             self.metrics.inc("inbound.oversized")
             note = (
                 f"[This message is {size} bytes, above the {self.config.max_message_bytes}"
@@ -360,6 +356,8 @@ class InboundPipeline:
                        subject=env.subject)  # fmt: skip
 
     def _reject(self, env: Envelope, decision: Decision) -> Outcome:
+        if decision.reason == ROLLOUT:  # not refused: left for people
+            return self._outside_rollout(env)
         reason = decision.reason or "rejected"
         self.metrics.inc(f"inbound.skipped.{reason}")
         extra: dict[str, Any] = {}

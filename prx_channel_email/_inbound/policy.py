@@ -186,7 +186,8 @@ class Policy:
         return in_rollout(sender, self.config.rollout_percent)
 
     def decide(self, env: Envelope, *, record: bool = True) -> Decision:
-        """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py).
+        """Loop guards, then the allow-list, then authenticity, then the account's
+        rollout share (rate limits: deferred.py).
 
         ``record=False`` (a look-up by the mailbox tools) decides the same way but does
         not count as the sender's first refusal, so the listener's one explanation of
@@ -218,6 +219,9 @@ class Policy:
                     first_for_sender=self._first_refusal(env.sender) if record else False,
                     quarantine=detail.startswith(TEMPERROR),
                 )
+        if not self.in_rollout(env.sender):  # allowed, but left to people for now
+            return Decision(ROLLOUT, verified, f"outside rollout_percent "
+                            f"({self.config.rollout_percent:g})")  # fmt: skip
         target, refused = self.reply_target(env)
         return Decision(None, verified, detail, reply_target=target, reply_to_refused=refused)
 

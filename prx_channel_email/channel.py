@@ -85,21 +85,24 @@ class _Account:
         if config.auth_method == "oauth2" or token_provider is not None:
             config, self.tokens = attach(config, token_provider)
         self.config = config
-        self.metrics = metrics
+        # The account's own counters (policy, outbox, SMTP); each mailbox has its own.
+        # Both roll up into the channel's totals (``metrics``).
+        self.metrics = Metrics(parent=metrics)
         self.store = store
-        self.pipeline = InboundPipeline(config, metrics=metrics)
-        self.outbox = Outbox(config, store, metrics, on_reply_durable=self._reply_durable)
+        self.pipeline = InboundPipeline(config, metrics=self.metrics)
+        self.outbox = Outbox(config, store, self.metrics, on_reply_durable=self._reply_durable)
         folders = config.imap_folders if "receive" in config.capabilities else []
         self.engines: dict[str, SyncEngine] = {}
         for folder in folders:
+            counters = Metrics(parent=metrics)
             reporter = StatusReporter(
-                config.account, on_status, on_rejected, metrics=metrics, name=name, folder=folder
+                config.account, on_status, on_rejected, metrics=counters, name=name, folder=folder
             )
             self.engines[folder] = SyncEngine(
                 config,
                 store,
                 self.pipeline,
-                metrics,
+                counters,
                 reporter=reporter,
                 auth_backoff=auth_backoff(config),
                 session_factory=gate.opener(),
@@ -110,7 +113,7 @@ class _Account:
             self.reporters = [e.reporter for e in self.engines.values()]
         else:  # a send-only account: ready once its SMTP login is
             reporter = StatusReporter(
-                config.account, on_status, on_rejected, metrics=metrics, name=name
+                config.account, on_status, on_rejected, metrics=self.metrics, name=name
             )
             reporter.imap_ready()
             self.reporters = [reporter]
@@ -590,6 +593,16 @@ class EmailChannel(Channel):
         """Counters over every mailbox: connects, reconnects by cause, IDLE cycles, fetched,
         delivered, skipped..."""
         return self.metrics.snapshot()
+
+    def counters(self) -> list[tuple[str, str | None, dict[str, int]]]:
+        """The counters apart: (account, folder, counts) per mailbox, and (account, None,
+        counts) for what belongs to the account as a whole (policy decisions, replies,
+        the outbox). Their sum is :meth:`stats`."""
+        out: list[tuple[str, str | None, dict[str, int]]] = []
+        for account in self.accounts.values():
+            out.append((account.name, None, account.metrics.snapshot()))
+            out += [(account.name, f, e.metrics.snapshot()) for f, e in account.engines.items()]
+        return out
 
     async def health_check(self, account: str | None = None) -> bool:
         """True unless, for some account (or ``account``), authentication failed, the

@@ -158,6 +158,14 @@ async def test_every_mailbox_hands_on_its_mail_marked_with_account_and_folder(
         }
         assert await channel.health_check()
         assert await channel.health_check(account="billing")
+        # Counted per mailbox (what /metrics labels by account and folder), and in total.
+        per_mailbox = {(a, f): c.get("inbound.handed_on") for a, f, c in channel.counters() if f}
+        assert per_mailbox == {
+            ("support", "INBOX"): 1,
+            ("support", "Escalations"): 1,
+            ("billing", "INBOX"): 1,
+        }
+        assert channel.stats()["inbound.handed_on"] == 3
 
 
 async def test_replies_leave_from_the_account_that_received_the_parent(

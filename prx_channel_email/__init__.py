@@ -2,7 +2,7 @@
 
 IMAP IDLE turns mail from allow-listed senders into :class:`ChannelMessage`;
 :meth:`EmailChannel.send` answers in the same thread over SMTP, through a durable
-outbox. See the README for setup and the security model.
+outbox. See the README and docs/ for setup and the security model.
 """
 
 from prx_channel_email._tools import MailboxTools

@@ -15,10 +15,12 @@ sessions' buffers, and nothing else grows with their number.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Iterable, Mapping
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from prx_channel_email._inbound.pipeline import InboundPipeline
 from prx_channel_email._inbound.sync import SyncEngine, SyncStatus
@@ -56,6 +58,10 @@ from prx_channel_email.status import (
     failure_code,
     is_permanent,
 )
+
+if TYPE_CHECKING:
+    from prx_channel_email._ops.endpoint import OpsEndpoint
+    from prx_channel_email._ops.prometheus import CounterSet
 
 log = logging.getLogger(__name__)
 
@@ -256,6 +262,7 @@ class EmailChannel(Channel):
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()
         self._tools: MailboxTools | None = None
+        self._ops: OpsEndpoint | None = None
 
     @property
     def tools(self) -> MailboxTools:
@@ -312,6 +319,7 @@ class EmailChannel(Channel):
                     for account in self.accounts.values():
                         await account.apply_runtime_senders()
                         await account.outbox.start()
+                    await self._start_ops()
                 except BaseException:
                     for account in self.accounts.values():
                         await account.outbox.close()
@@ -319,6 +327,46 @@ class EmailChannel(Channel):
                     raise
                 self._started = True
         return self
+
+    async def _start_ops(self) -> None:
+        """Serve ``/metrics``, ``/healthz`` and ``/status`` when ``metrics_port`` is set.
+
+        A port that cannot be bound fails the start: monitoring that silently is
+        not there is worse than a clear error at start-up."""
+        port, host = self.config.metrics_port, self.config.metrics_host
+        if not port:
+            return
+        from prx_channel_email._ops.endpoint import OpsEndpoint  # prometheus_client: only now
+
+        ops = OpsEndpoint(self.mailboxes, self._counter_sets, self._outbox_pending)
+        try:
+            await ops.start(host, port)
+        except OSError as exc:
+            raise ChannelError(
+                f"cannot serve the operations endpoint on {host}:{port}: {exc.strerror or exc}",
+                code="metrics_bind_failed",
+            ) from None
+        self._ops = ops
+        log_event(log, logging.INFO, "ops.listening", host=host, port=ops.port)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the operations endpoint listens on (None when it is off)."""
+        return self._ops.port if self._ops is not None else None
+
+    def _counter_sets(self) -> list[CounterSet]:
+        from prx_channel_email._ops.prometheus import CounterSet
+
+        return [CounterSet(account, folder, counts) for account, folder, counts in self.counters()]
+
+    async def _outbox_pending(self) -> dict[str, int]:
+        """Unsent rows per account, for ``/metrics`` (an account whose state cannot be
+        read is left out)."""
+        pending: dict[str, int] = {}
+        for account in self.accounts.values():
+            with contextlib.suppress(StorageError):
+                pending[account.name] = await account.outbox.pending()
+        return pending
 
     async def __aenter__(self) -> EmailChannel:
         return await self.start()
@@ -380,6 +428,9 @@ class EmailChannel(Channel):
                 for account in self.accounts.values():
                     await account.outbox.close()
                 await self.store.close()
+                if self._ops is not None:
+                    await self._ops.close()
+                    self._ops = None
 
     # --- sending ---
 

@@ -1,8 +1,9 @@
 """Peak memory per inbound message stays a small multiple of its size (issue 15).
 
-The README documents about 4x the message's size in Python allocations for one
-big message (a 24 MB one peaked at 8.7x before the parse was reworked). This
-guards the multiple with tracemalloc, which counts allocations, not time.
+The benchmarks page (docs/project/benchmarks.md) documents about 4x the message's
+size in Python allocations for one big message (a 24 MB one peaked at 8.7x before
+the parse was reworked). This guards the multiple with tracemalloc, which counts
+allocations, not time.
 """
 
 from __future__ import annotations

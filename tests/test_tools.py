@@ -14,6 +14,7 @@ import pytest
 from prx_channel_email import ChannelError, EmailChannel, MailboxTools
 from prx_channel_email._inbound.pipeline import InboundPipeline
 from prx_channel_email._tools import ToolAccount
+from prx_channel_email._tools import mailbox as mailbox_module
 from prx_channel_email._tools.criteria import search_criteria
 from prx_channel_email._tools.render import Boundary
 from tests.servers.dovecot import Account, DovecotServer
@@ -213,9 +214,12 @@ async def test_attachment_text_for_text_html_pdf_and_other_files(
 # --- paging ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("window", [256, 1], ids=["one-window", "many-windows"])
 async def test_paging_has_no_duplicates_and_no_gaps(
-    tools: MailboxTools, seeded: tuple[Account, Seeded]
+    tools: MailboxTools, monkeypatch: pytest.MonkeyPatch, window: int
 ) -> None:
+    # The server is searched in UID windows that double; 1: every page crosses several.
+    monkeypatch.setattr(mailbox_module, "FIRST_WINDOW", window)
     everything = (await tools.search(limit=50))["messages"]
     expected = [m["id"] for m in everything]
     assert len(expected) == 6

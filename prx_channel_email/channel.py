@@ -9,7 +9,9 @@ event loop, one set of counters and one login gate per IMAP server. Per account
 (:class:`_Account`): its tokens, policy, outbox and SMTP identity. Per mailbox
 (account, folder): its own sync engine, so its own IMAP session, cursor, backoff
 and status. Mailboxes are coroutines, not threads: a thousand cost a thousand
-sessions' buffers, and nothing else grows with their number.
+sessions' buffers, and nothing else grows with their number. The hand-off ledger
+(_handoff/ledger.py) is per account: a reply acks its parent there, whichever
+folder the parent came from.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from prx_channel_email._handoff.ledger import HandoffLedger
 from prx_channel_email._inbound.pipeline import InboundPipeline
 from prx_channel_email._inbound.sync import SyncEngine, SyncStatus
+from prx_channel_email._net.imap import open_session
 from prx_channel_email._net.logins import LoginGate
 from prx_channel_email._net.smtp import SmtpTransport
-from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, attach, auth_backoff
+from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, auth_backoff, token_manager
 from prx_channel_email._outbound.outbox import Outbox
-from prx_channel_email._storage.sqlite import senders_table
-from prx_channel_email._storage.sqlite.store import LedgerEntry, StateStore
+from prx_channel_email._storage import Storage, open_storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email._tools import MailboxTools, ToolAccount
@@ -77,7 +80,7 @@ class _Account:
         self,
         name: str,
         config: EmailConfig,
-        store: StateStore,
+        store: Storage,
         metrics: Metrics,
         gate: LoginGate,
         *,
@@ -87,16 +90,17 @@ class _Account:
     ) -> None:
         self.name = name
         # OAuth: one token manager for IMAP, SMTP and the Sent copy rides on the config.
-        self.tokens: TokenManager | None = None
-        if config.auth_method == "oauth2" or token_provider is not None:
-            config, self.tokens = attach(config, token_provider)
+        self.tokens: TokenManager | None
+        config, self.tokens = token_manager(config, token_provider)
         self.config = config
         # The account's own counters (policy, outbox, SMTP); each mailbox has its own.
         # Both roll up into the channel's totals (``metrics``).
         self.metrics = Metrics(parent=metrics)
         self.store = store
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
-        self.outbox = Outbox(config, store, self.metrics, on_reply_durable=self._reply_durable)
+        # One hand-off ledger: the host's acks and replies settle received mail there.
+        self.ledger = HandoffLedger(store, config.account, handoff=config.handoff)
+        self.outbox = Outbox(config, store, self.metrics, tokens=self.tokens, ledger=self.ledger)
         folders = config.imap_folders if "receive" in config.capabilities else []
         self.engines: dict[str, SyncEngine] = {}
         for folder in folders:
@@ -110,8 +114,9 @@ class _Account:
                 self.pipeline,
                 counters,
                 reporter=reporter,
-                auth_backoff=auth_backoff(config),
-                session_factory=gate.opener(),
+                auth_backoff=auth_backoff(self.tokens),
+                session_factory=gate.opener(functools.partial(open_session, tokens=self.tokens)),
+                ledger=self.ledger,
                 folder=folder,
                 name=name,
             )
@@ -149,12 +154,12 @@ class _Account:
         (slowly after a permanent failure: the server side may get fixed). ``after``:
         a send just failed to log in, so wait before the first try."""
         transient = Backoff(base=1.0, cap=300.0)
-        permanent = auth_backoff(self.config, base=300.0)  # quick again after `auth login`
+        permanent = auth_backoff(self.tokens, base=300.0)  # quick again after `auth login`
         if after:
             await asyncio.sleep(permanent.next())
         while True:
             try:
-                await SmtpTransport(self.config, self.metrics).check_login()
+                await SmtpTransport(self.config, self.metrics, tokens=self.tokens).check_login()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # SmtpFailure, or a bug: neither may end the check
@@ -171,28 +176,9 @@ class _Account:
 
     # --- the hand-off ---
 
-    async def ack(self, message: ChannelMessage) -> None:
-        if self.config.handoff != "ack":
-            return
-        engine = self.engines.get(message.folder) or next(iter(self.engines.values()), None)
-        if engine is not None:
-            await engine.ack(message.id)
-
-    async def _reply_durable(self, parent_id: str) -> None:
-        """A reply to ``parent_id`` is durably in the outbox: the parent is handled."""
-        if self.config.handoff != "ack" or not self.engines:
-            return
-        try:
-            await next(iter(self.engines.values())).ack(parent_id)
-        except StorageError as exc:  # the reply is stored; the parent stays in flight
-            log_event(log, logging.WARNING, "channel.ack_failed", exc=exc,
-                      account=self.config.account, message_id=parent_id,
-                      code=exc.code)  # fmt: skip
-
     async def apply_runtime_senders(self) -> None:
-        account = self.config.account
-        added, removed = await self.store.run(lambda conn: senders_table.load(conn, account))
-        self.pipeline.policy.set_runtime_senders(added, removed)
+        changes = await self.store.runtime_senders(self.config.account)
+        self.pipeline.policy.set_runtime_senders(changes.added, changes.removed)
 
     def healthy(self) -> bool:
         return (
@@ -201,15 +187,6 @@ class _Account:
             and self.outbox.healthy
             and not (self.tokens is not None and self.tokens.reauth_required)
         )
-
-    async def parent_entry(self, message: SendMessage) -> LedgerEntry | None:
-        """The received mail ``message`` answers, if this account received it."""
-        key = self.config.account
-        if message.in_reply_to:
-            return await self.store.find_message(key, message.in_reply_to)
-        if message.thread_ts:
-            return await self.store.latest_in_thread(key, message.thread_ts)
-        return await self.store.latest_from(key, message.recipient)
 
 
 class EmailChannel(Channel):
@@ -242,7 +219,7 @@ class EmailChannel(Channel):
         _check_accounts(configs, token_provider)
         first = next(iter(configs.values()))
         self.metrics = Metrics()
-        self.store = StateStore(first.state_dir)
+        self.store = open_storage(first.state_dir)
         self.logins = LoginGate(first.max_concurrent_logins)
         self.accounts: dict[str, _Account] = {
             name: _Account(
@@ -272,7 +249,10 @@ class EmailChannel(Channel):
         demand."""
         if self._tools is None:
             self._tools = MailboxTools(
-                [ToolAccount(a.name, a.config, a.pipeline) for a in self.accounts.values()],
+                [
+                    ToolAccount(a.name, a.config, a.pipeline, a.tokens)
+                    for a in self.accounts.values()
+                ],
                 send=self.send_message,
                 prepare=self.start,
             )
@@ -471,7 +451,7 @@ class EmailChannel(Channel):
         best: tuple[float, _Account] | None = None
         for account in self.accounts.values():
             try:
-                entry = await account.parent_entry(message)
+                entry = await account.outbox.parent_entry(message)
             except StorageError as exc:
                 exc.account = account.name
                 raise
@@ -498,7 +478,7 @@ class EmailChannel(Channel):
         await self.start()
         account = self._account_of(message.account)
         try:
-            await account.ack(message)
+            await account.ledger.ack(message)
         except ChannelError as exc:
             exc.account = account.name
             raise
@@ -544,11 +524,8 @@ class EmailChannel(Channel):
         targets = [self._account_of(account)] if account is not None else self.accounts.values()
         for target in targets:
             key, in_config = target.config.account, item in target.config.allowed_senders
-            change = functools.partial(
-                senders_table.change, account=key, entry=item, allow=allow, in_config=in_config
-            )
             try:
-                await self.store.run(change)
+                await self.store.change_sender(key, item, allow=allow, in_config=in_config)
                 await target.apply_runtime_senders()
             except ChannelError as exc:
                 exc.account = target.name

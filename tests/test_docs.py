@@ -10,6 +10,7 @@ here instead of silently leaving it out. Building the site (``mkdocs build
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import sys
@@ -26,7 +27,9 @@ PACKAGE = ROOT / "prx_channel_email"
 README = ROOT / "README.md"
 
 
+@functools.cache
 def _generator() -> ModuleType:
+    """docs/_gen/reference.py, loaded once (it parses the whole package)."""
     path = ROOT / "docs" / "_gen" / "reference.py"
     spec = importlib.util.spec_from_file_location("prx_docs_reference", path)
     assert spec is not None and spec.loader is not None

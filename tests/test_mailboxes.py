@@ -446,3 +446,34 @@ async def test_mail_outside_the_rollout_is_left_for_people(
         # The agent's mailbox tools show what the channel hands on: not the other mail.
         found = await channel.tools.search(account="support")
         assert [m["sender"] for m in found["messages"]] == [inside]
+
+
+async def test_unacknowledged_mail_of_each_folder_comes_again_once_after_a_restart(
+    dovecot: DovecotServer, smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """handoff = "ack", one account with two folders: what was handed on and not
+    acknowledged comes again after a restart, once, from its own folder."""
+    user = dovecot.add_user()
+    dovecot.create_folder(user, "Work")
+    accounts = {
+        "support": account_config(
+            tmp_path, dovecot, user, smtp_server, imap_folders=["INBOX", "Work"], handoff="ack"
+        )
+    }
+    async with serving(accounts) as (channel, queue):
+        await channel.wait_ready(GENEROUS)
+        await dovecot.adeliver(user, raw_mail(ALICE, user.address, "in inbox"))
+        await dovecot.adeliver(user, raw_mail(ALICE, user.address, "in work"), "Work")
+        await collect(queue, {"in inbox", "in work"})  # neither acknowledged
+    async with serving(accounts) as (channel, queue):
+        await channel.wait_ready(GENEROUS)
+        again = await collect(queue, {"in inbox", "in work"})
+        assert {(m.folder, m.redelivered) for m in again.values()} == {
+            ("INBOX", True),
+            ("Work", True),
+        }
+        # A marker mail in each folder: once it is here, nothing else can be before it.
+        await dovecot.adeliver(user, raw_mail(ALICE, user.address, "marker inbox"))
+        await dovecot.adeliver(user, raw_mail(ALICE, user.address, "marker work"), "Work")
+        rest = await collect(queue, {"marker inbox", "marker work"})
+        assert set(rest) == {"marker inbox", "marker work"}  # no second redelivery

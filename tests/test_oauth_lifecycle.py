@@ -19,7 +19,7 @@ from prx_channel_email._net.imap import open_session
 from prx_channel_email._net.smtp import SmtpTransport
 from prx_channel_email._oauth import tokens as oauth_module
 from prx_channel_email._oauth.flows import login_device
-from prx_channel_email._oauth.tokens import KILL_BEFORE_SAVE_ENV, TokenStore
+from prx_channel_email._oauth.tokens import KILL_BEFORE_SAVE_ENV, TokenManager, token_store
 from prx_channel_email._outbound.sent_folder import ImapSentFolder
 from prx_channel_email.errors import ChannelError, OAuthReauthRequired
 from prx_channel_email.models import ChannelMessage, SendMessage
@@ -38,11 +38,12 @@ async def test_imap_smtp_and_sent_copy_needing_a_token_at_once_make_one_request(
     account = dovecot_oauth.add_user()
     dovecot_oauth.create_folder(account, "Sent")
     config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
-    transport = SmtpTransport(config)
-    sent = ImapSentFolder(config)
+    tokens = TokenManager(config)  # the account's one manager, handed to all three
+    transport = SmtpTransport(config, tokens=tokens)
+    sent = ImapSentFolder(config, tokens)
     try:
         session, _, _ = await asyncio.gather(
-            open_session(config),
+            open_session(config, tokens),
             transport.send(account.address, ANN, b"Subject: a\r\n\r\nx\r\n"),
             sent.save(b"Subject: a\r\nMessage-ID: <s@x>\r\n\r\nx\r\n", "<s@x>"),
         )
@@ -64,16 +65,16 @@ async def test_rotation_survives_a_restart_and_a_new_seed_replaces_the_store(
     async with EmailChannel(config) as channel:
         assert channel.tokens is not None
         await channel.tokens.token()  # strict rotation: the seed is now spent
-    store = TokenStore(config.state_dir)
-    first = store.load()
+    store = token_store(config)
+    first = await store.load()
     assert first is not None and first.refresh_token != seed.get_secret_value()
 
     oauth_server.expire_access_tokens()  # the restarted channel must refresh again
     async with EmailChannel(config) as channel:  # same config, same (spent) seed
-        session = await open_session(channel.config)
+        session = await open_session(channel.config, channel.tokens)
         await session.logout()
         assert await channel.health_check()
-    second = store.load()
+    second = await store.load()
     assert second is not None and second.refresh_token not in (
         first.refresh_token,
         seed.get_secret_value(),
@@ -83,9 +84,9 @@ async def test_rotation_survives_a_restart_and_a_new_seed_replaces_the_store(
     fresh_seed = oauth_server.issue(account.username)
     replaced = config.model_copy(update={"oauth_refresh_token": SecretStr(fresh_seed)})
     oauth_server.expire_access_tokens()
-    session = await open_session(replaced)
+    session = await open_session(replaced, TokenManager(replaced))
     await session.logout()
-    third = store.load()
+    third = await store.load()
     assert third is not None and third.seed != second.seed
     assert oauth_server.token_requests["refresh_token"] == 3
 
@@ -126,9 +127,7 @@ async def test_sigkill_between_a_rotated_token_and_its_save(
     data["oauth_refresh_token"] = config.oauth_refresh_token.get_secret_value()  # type: ignore[union-attr]
     done = _kill_child(json.dumps(data), kill=True)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    store = TokenStore(config.state_dir)
-    assert store.load() is None  # nothing half-written, nothing at all
-    assert not list(config.state_dir.glob(".oauth-token.*"))  # no temp file left either
+    assert await token_store(config).load() is None  # nothing half-written, nothing at all
     assert oauth_server.token_requests["refresh_token"] == 1
 
     async with EmailChannel(config) as channel:
@@ -227,9 +226,27 @@ async def test_a_host_token_provider_is_asked_before_every_login(
     channel = EmailChannel(config, token_provider=provider)
     async with channel:
         for _ in range(2):
-            session = await open_session(channel.config)
+            session = await open_session(channel.config, channel.tokens)
             await session.logout()
         await channel.send_message(SendMessage(content="hello", recipient=ANN, subject="hi"))
     assert calls == 3
     assert smtp_oauth.wait_for_messages(1)[0].auth_login == account.username
-    assert not TokenStore(config.state_dir).path.exists()  # the host keeps its tokens
+    assert await token_store(config).load() is None  # the host keeps its tokens
+
+
+async def test_the_mailbox_tools_log_in_with_the_channels_token_manager(
+    tmp_path: Path, oauth_server: OAuthServer, dovecot_oauth: DovecotServer, smtp_oauth: SmtpServer
+) -> None:
+    """The tools' own IMAP session is handed the channel's manager: it logs in with the
+    token the channel already holds, no second refresh."""
+    account = dovecot_oauth.add_user()
+    config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
+    async with EmailChannel(config) as channel:
+        assert channel.tokens is not None
+        await channel.tokens.token()
+        try:
+            listed = await channel.tools.list_folders()
+        finally:
+            await channel.tools.close()
+    assert "INBOX" in str(listed)
+    assert oauth_server.token_requests["refresh_token"] == 1

@@ -37,8 +37,10 @@ GENERATED_NOTE = (
 
 
 def _cell(text: str) -> str:
-    """Text that fits one Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text that fits one Markdown table cell; a ``<`` outside code is shown, not read
+    as HTML (a message such as "<id> not found" must not vanish)."""
+    parts = " ".join(text.split()).replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def _module_name(path: Path) -> str:
@@ -137,6 +139,7 @@ def _returned_strings(tree: ast.AST, func_name: str) -> list[str]:
     return out
 
 
+@functools.cache
 def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
     return {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
 
@@ -461,6 +464,7 @@ class Wrapper:
     fields: set[str] = field(default_factory=set)
 
 
+@functools.cache
 def _event_wrappers() -> dict[str, Wrapper]:
     """``log_event`` itself, and every function that forwards a parameter to it as
     the event name (``self._log(level, event, ...)`` and the like), to a fixpoint."""

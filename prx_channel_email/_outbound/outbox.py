@@ -44,19 +44,21 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from prx_channel_email._handoff.ledger import HandoffLedger
 from prx_channel_email._mail.message_ids import normalize_id
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
+from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._outbound.commits import GroupInsert, SentMarks
 from prx_channel_email._outbound.compose import Parent, compose, parent_from_ids, parse_recipient
 from prx_channel_email._outbound.sent_folder import ImapSentFolder
-from prx_channel_email._storage.sqlite.outbox_table import (
+from prx_channel_email._storage import (
     EXHAUSTED_PREFIX,
+    LedgerEntry,
     NewRow,
     OutboxEntry,
     OutboxRow,
-    OutboxTable,
+    Storage,
 )
-from prx_channel_email._storage.sqlite.store import LedgerEntry, StateStore
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
@@ -64,7 +66,7 @@ from prx_channel_email.errors import OAuthReauthRequired, SendError, StorageErro
 from prx_channel_email.models import SendMessage
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
+log = logging.getLogger("prx_channel_email.outbox")  # the name users filter on
 
 #: Replies with more text than this (or with attachments) are composed in a thread:
 #: adversarial Markdown renders in super-linear time (20,000 chars took 0.4 s).
@@ -131,9 +133,9 @@ class Outbox:
     crash recovery quickly; production uses the defaults derived from the config.
     ``on_accepted(message_id)`` is called synchronously the moment the server
     accepted a message, before anything is recorded (crash tests kill the process there).
-    ``on_reply_durable(parent_message_id)`` is awaited once a reply's row is
-    committed (or a repeated send found it), before ``send()`` returns: the channel
-    acknowledges the message answered.
+    Once a reply's row is committed (or a repeated send found it), before ``send()``
+    returns, the parent is settled in the hand-off ``ledger`` (shared with the inbound
+    flow; ``handoff="ack"``), then ``on_reply_durable(parent_message_id)`` is awaited.
     ``sent_mark_delay_secs`` > 0 brings back the batched "sent" marks (for the kill
     benchmark's comparison only).
     """
@@ -141,10 +143,12 @@ class Outbox:
     def __init__(
         self,
         config: EmailConfig,
-        store: StateStore,
+        store: Storage,
         metrics: Metrics,
         *,
+        ledger: HandoffLedger | None = None,
         transport: SmtpTransport | None = None,
+        tokens: TokenManager | None = None,
         retry_base_secs: float = 5.0,
         lease_secs: float | None = None,
         sent_folder: SentFolder | None = None,
@@ -159,9 +163,10 @@ class Outbox:
         self._smtp_ok = True
         # ... and the state is writable (else the storage code of the last failure).
         self.storage_error: str | None = None
-        self.transport = transport or SmtpTransport(config, metrics)
+        # ``tokens``: the account's OAuth tokens, for the SMTP and the Sent folder logins.
+        self.transport = transport or SmtpTransport(config, metrics, tokens=tokens)
         if sent_folder is None and config.save_sent:
-            sent_folder = ImapSentFolder(config)
+            sent_folder = ImapSentFolder(config, tokens)
         self.sent_folder = sent_folder
         self._on_accepted = on_accepted
         self._on_reply_durable = on_reply_durable
@@ -170,7 +175,9 @@ class Outbox:
         self.lease_secs = lease_secs or (
             config.connect_timeout_secs + 4 * config.command_timeout_secs + 30.0
         )
-        self.table = OutboxTable(store, config.account)
+        self.table = store.outbox(config.account)
+        # Where reply parents are found and settled (the channel's, shared with inbound).
+        self.ledger = ledger or HandoffLedger(store, config.account, handoff=config.handoff)
         self.holdoff = AuthHoldoff(float(config.send_retry_max_secs), config.smtp_host)
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
@@ -339,7 +346,7 @@ class Outbox:
                 recipient=message.recipient,
             )
         recipient = parse_recipient(message.recipient)
-        parent = await self._storing(self._find_parent(message, recipient), message.recipient)
+        parent = await self._storing(self._find_parent(message), message.recipient)
         self._check_capability(parent, message.recipient)
         if key is not None:
             held = await self._storing(self.table.by_key(key), message.recipient)
@@ -436,15 +443,18 @@ class Outbox:
         return held.message_id
 
     async def _reply_durable(self, parent: Parent | None) -> None:
-        """Tell the owner a reply to ``parent`` is durably in the outbox (it acks it).
+        """A reply to ``parent`` is durably in the outbox: the ledger settles it (acks
+        it), then the hook hears of it.
 
-        A failing hook is logged: the reply goes out anyway, and an un-acked parent
+        A failure is logged: the reply goes out anyway, and an un-acked parent
         only means it is handed on again after a restart.
         """
-        if parent is None or self._on_reply_durable is None:
+        if parent is None:
             return
         try:
-            await self._on_reply_durable(parent.message_id)
+            await self.ledger.reply_durable(parent.key)
+            if self._on_reply_durable is not None:
+                await self._on_reply_durable(parent.message_id)
         except Exception as exc:
             log_event(
                 log,
@@ -476,25 +486,28 @@ class Outbox:
                 recipient=recipient,
             )
 
-    async def _find_parent(self, message: SendMessage, recipient: str) -> Parent | None:
-        """The message this reply answers: explicit ids first, else the sender's latest."""
-        account = self.config.account
-        entry: LedgerEntry | None = None
-        reply_id = normalize_id(message.in_reply_to)
-        thread = normalize_id(message.thread_ts)
-        if reply_id is not None:
-            entry = await self.store.find_message(account, reply_id)
-        elif thread is not None:
-            entry = await self.store.latest_in_thread(account, thread)
-        elif message.in_reply_to is None and message.thread_ts is None:
-            entry = await self.store.latest_from(account, recipient)
+    async def parent_entry(self, message: SendMessage) -> LedgerEntry | None:
+        """The received mail ``message`` answers (the hand-off ledger's lookup): explicit
+        ids first, else the recipient's latest. None when this account received none
+        (the channel asks each account to find the one a reply leaves from)."""
+        return await self.ledger.find_parent(
+            reply_id=normalize_id(message.in_reply_to),
+            thread=normalize_id(message.thread_ts),
+            recipient=parse_recipient(message.recipient),
+            explicit=message.in_reply_to is not None or message.thread_ts is not None,
+        )
+
+    async def _find_parent(self, message: SendMessage) -> Parent | None:
+        """The message this reply answers: the ledger's entry, else the ids given."""
+        entry = await self.parent_entry(message)
         if entry is not None:
             return Parent(
                 message_id=entry.message_id,
                 subject=entry.subject,
                 references=list(entry.references),
+                key=entry.key,
             )
-        return parent_from_ids(reply_id, thread)
+        return parent_from_ids(normalize_id(message.in_reply_to), normalize_id(message.thread_ts))
 
     async def _attempt(self, row: OutboxRow, *, foreground: bool) -> None:
         """One SMTP attempt for a row this process holds (in ``_active``).

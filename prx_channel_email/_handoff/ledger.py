@@ -31,7 +31,7 @@ from prx_channel_email._storage.sqlite.store import (
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.errors import StorageError
-from prx_channel_email.models import ChannelMessage
+from prx_channel_email.models import ChannelMessage, pack_message, unpack_message
 
 T = TypeVar("T")
 
@@ -183,7 +183,7 @@ class LedgerWriter:
                                 message.thread_ts, list(message.references),
                                 time.time())  # fmt: skip
         item = Decided(
-            cursor, mid, IN_FLIGHT, None, uid, entry, also=also, message=message.model_dump_json()
+            cursor, mid, IN_FLIGHT, None, uid, entry, also=also, message=pack_message(message)
         )
         await self._commit([item])
         self._handed.add((mid, message.sender))
@@ -226,7 +226,7 @@ class LedgerWriter:
         count = 0
         for mid, data in await self.store.in_flight(self.account):
             try:
-                message = ChannelMessage.model_validate_json(data)
+                message = unpack_message(data)
             except ValueError as exc:
                 log_event(log, logging.ERROR, "inbound.inflight_unreadable", exc=exc,
                           account=self.account, message_id=mid,

@@ -2,9 +2,10 @@
 
 IMAP IDLE turns mail from allow-listed senders into :class:`ChannelMessage`;
 :meth:`EmailChannel.send` answers in the same thread over SMTP, through a durable
-outbox. See the README for setup and the security model.
+outbox. See the README and docs/ for setup and the security model.
 """
 
+from prx_channel_email._tools import MailboxTools
 from prx_channel_email._version import __version__
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.config import EmailConfig, load_accounts, load_config
@@ -38,6 +39,7 @@ __all__ = [
     "FolderNotFoundError",
     "InsecureConnectionError",
     "MailboxStatus",
+    "MailboxTools",
     "NotReadyError",
     "OAuthReauthRequired",
     "OAuthUnavailable",

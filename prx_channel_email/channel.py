@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from prx_channel_email._inbound.pipeline import InboundPipeline
 from prx_channel_email._inbound.sync import SyncEngine, SyncStatus
@@ -20,7 +21,8 @@ from prx_channel_email._storage.sqlite import senders_table
 from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
-from prx_channel_email.config import EmailConfig, sender_entry
+from prx_channel_email._tools import MailboxTools, ToolAccount
+from prx_channel_email.config import DEFAULT_ACCOUNT, EmailConfig, sender_entry
 from prx_channel_email.errors import ChannelError, SendError, StorageError
 from prx_channel_email.models import Channel, ChannelMessage, SendMessage
 from prx_channel_email.status import (
@@ -33,10 +35,11 @@ from prx_channel_email.status import (
     is_permanent,
 )
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from prx_channel_email._ops.endpoint import OpsEndpoint
+    from prx_channel_email._ops.prometheus import CounterSet
 
-# The name of the one account of a config without an ``accounts`` table.
-DEFAULT_ACCOUNT = "default"
+log = logging.getLogger(__name__)
 
 # How long close() waits for a cancelled listen() to finish its last ledger write.
 LISTENER_STOP_SECS = 15.0
@@ -91,6 +94,21 @@ class EmailChannel(Channel):
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()
         self._smtp_check: asyncio.Task[None] | None = None
+        self._ops: OpsEndpoint | None = None
+        self._tools: MailboxTools | None = None
+
+    @property
+    def tools(self) -> MailboxTools:
+        """The mailbox tools for the agent: search, read, thread and attachment text,
+        showing only mail this channel would hand on (``tools_scope``); writes only with
+        ``tools_write``. They use their own IMAP session, opened on demand."""
+        if self._tools is None:
+            self._tools = MailboxTools(
+                [ToolAccount("default", self.config, self.pipeline)],
+                send=self.send_message,
+                prepare=self.start,
+            )
+        return self._tools
 
     async def start(self) -> EmailChannel:
         async with self._start_lock:
@@ -98,8 +116,52 @@ class EmailChannel(Channel):
                 await self.store.open()
                 await self._apply_runtime_senders()
                 await self.outbox.start()
+                try:
+                    await self._start_ops()
+                except BaseException:
+                    await self.outbox.close()
+                    await self.store.close()
+                    raise
                 self._started = True
         return self
+
+    async def _start_ops(self) -> None:
+        """Serve ``/metrics``, ``/healthz`` and ``/status`` when ``metrics_port`` is set.
+
+        A port that cannot be bound fails the start: monitoring that silently is
+        not there is worse than a clear error at start-up."""
+        port, host = self.config.metrics_port, self.config.metrics_host
+        if not port:
+            return
+        from prx_channel_email._ops.endpoint import OpsEndpoint  # prometheus_client: only now
+
+        ops = OpsEndpoint(self.mailboxes, self._counter_sets, self._outbox_pending)
+        try:
+            await ops.start(host, port)
+        except OSError as exc:
+            raise ChannelError(
+                f"cannot serve the operations endpoint on {host}:{port}: {exc.strerror or exc}",
+                code="metrics_bind_failed",
+            ) from None
+        self._ops = ops
+        log_event(log, logging.INFO, "ops.listening", host=host, port=ops.port)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port the operations endpoint listens on (None when it is off)."""
+        return self._ops.port if self._ops is not None else None
+
+    def _counter_sets(self) -> list[CounterSet]:
+        from prx_channel_email._ops.prometheus import CounterSet
+
+        return [CounterSet(DEFAULT_ACCOUNT, self.sync.folder, self.metrics.snapshot())]
+
+    async def _outbox_pending(self) -> dict[str, int]:
+        """Unsent rows per account, for ``/metrics`` (left out while the state is unreadable)."""
+        try:
+            return {DEFAULT_ACCOUNT: await self.outbox.pending()}
+        except StorageError:
+            return {}
 
     async def __aenter__(self) -> EmailChannel:
         return await self.start()
@@ -262,10 +324,15 @@ class EmailChannel(Channel):
             self._smtp_check.cancel()
             self._smtp_check = None
         await self._stop_listeners()
+        if self._tools is not None:
+            await self._tools.close()
         self.reporter.closed()
         async with self._start_lock:
             if self._started:
                 self._started = False
+                if self._ops is not None:
+                    await self._ops.close()
+                    self._ops = None
                 await self.outbox.close()
                 await self.store.close()
 

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import email
 import email.policy
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -36,10 +37,11 @@ from prx_channel_email._storage.sqlite.outbox_table import OutboxEntry, OutboxTa
 from prx_channel_email._storage.sqlite.store import DB_NAME, StateStore
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.channel import EmailChannel
-from prx_channel_email.config import EmailConfig, load_config, resolve_path
-from prx_channel_email.doctor import DoctorReport, doctor
+from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
+from prx_channel_email.doctor import DoctorReport, doctor_accounts
 from prx_channel_email.errors import ChannelError, ConfigError, SendError
 from prx_channel_email.models import ChannelMessage, SendMessage
+from prx_channel_email.status import MailboxStatus
 
 Handler = Callable[[ChannelMessage], Awaitable[str | None]]
 
@@ -50,7 +52,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 DRAIN_SECS = 30.0  # how long a shutdown waits for handlers that are already running
 DEMO_SECS = 60.0  # the demo gives up (exit 1) if no reply arrived by then
 
-EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 ConfigOpt = Annotated[
     Path | None,
@@ -305,28 +307,55 @@ def render_report(report: DoctorReport, console: Console) -> None:
         console.print(f"[green]All checks passed[/] with {warned} warning(s).")
 
 
-def _doctor(config_path: Path | None, as_json: bool, send_test: str | None, budget: float) -> int:
+def _doctor(
+    config_path: Path | None,
+    as_json: bool,
+    send_test: str | None,
+    budget: float,
+    account: str | None = None,
+) -> int:
     shown = str(resolve_path(config_path))
+    run = functools.partial(
+        doctor_accounts, config_path, account=account, send_test=send_test, check_timeout=budget
+    )
 
-    async def go() -> DoctorReport:
+    async def go() -> list[DoctorReport]:
         if as_json or not err.is_terminal:
-            return await doctor(config_path, send_test=send_test, check_timeout=budget)
+            return await run()
         with err.status(f"checking {escape(shown)} ...") as status:
 
             def progress(text: str) -> None:
                 status.update(f"checking: {escape(text)}")
 
-            return await doctor(
-                config_path, send_test=send_test, check_timeout=budget, progress=progress
-            )
+            return await run(progress=progress)
 
-    report = asyncio.run(go())
+    reports = asyncio.run(go())
+    worst = max(r.exit_code for r in reports)
+    # One account (the config's only one, or the one asked for): the report as it
+    # always was. Several: one report per account, and the worst exit code.
+    several = len(reports) > 1
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
-    else:
-        out.print(f"prx-email doctor: {escape(shown)}")
+        if several:
+            data: dict[str, Any] = {
+                "ok": worst == EXIT_OK,
+                "exit_code": worst,
+                "config": shown,
+                "accounts": {r.account: r.to_dict() for r in reports},
+            }
+        else:
+            data = reports[0].to_dict()
+        print(json.dumps(data, indent=2))
+        return worst
+    out.print(f"prx-email doctor: {escape(shown)}")
+    for report in reports:
+        if several or account is not None:
+            out.print(f"\n[bold]account {escape(report.account or '')}[/]")
         render_report(report, out)
-    return report.exit_code
+    if several:
+        bad = ", ".join(r.account or "" for r in reports if r.exit_code != EXIT_OK)
+        verdict = f"[bold red]problems in {escape(bad)}[/]" if bad else "[green]all fine[/]"
+        out.print(f"\n{len(reports)} accounts: {verdict}")
+    return worst
 
 
 # --------------------------------------------------------------------------- send
@@ -543,20 +572,25 @@ def doctor_cmd(
     check_timeout: Annotated[
         float, typer.Option("--timeout", min=1.0, help="Seconds allowed for each check.")
     ] = 10.0,
+    account: Annotated[
+        str | None,
+        typer.Option("--account", metavar="NAME", help="Check only this account of the config."),
+    ] = None,
     debug: DebugOpt = False,
 ) -> None:
     """Check the whole mail setup and say how to fix what is wrong.
 
     Checks the config, DNS, TCP, TLS (certificate, host name, expiry), the IMAP
     greeting, login, IDLE, the folder, sender-verification headers, SMTP EHLO,
-    STARTTLS and AUTH, the From address, allowed_senders and the directories.
+    STARTTLS and AUTH, the From address, allowed_senders and the directories;
+    for every account of the config, or only the one named by --account.
 
     Exit status: 0 nothing failed (warnings allowed), 1 a check failed,
     2 the config is invalid.
     """
     _logging(debug, quiet=True)
     with _guard(debug):
-        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout))
+        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout, account))
 
 
 @app.command("run")
@@ -688,6 +722,29 @@ def outbox_retry_cmd(
         )
 
 
+@app.command("mcp")
+def mcp_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
+    """Serve the mailbox tools over MCP on stdio (for Claude Desktop, Cursor, any MCP client).
+
+    The tools show only mail the channel would hand on; the write tools are offered
+    only with tools_write = true. Logs go to stderr; stdout carries the protocol.
+    Needs the mcp extra: pip install "prx-channel-email[mcp]".
+    """
+    _logging(debug, quiet=not debug)
+    with _guard(debug):
+        cfg = _load(config)
+        try:
+            from prx_channel_email._tools.mcp_server import serve_stdio
+        except ImportError:
+            _fail('prx-email mcp needs the MCP SDK: pip install "prx-channel-email[mcp]"')
+
+        async def go() -> None:
+            async with EmailChannel(cfg) as channel:
+                await serve_stdio(channel.tools)
+
+        asyncio.run(go())
+
+
 @app.command("demo")
 def demo_cmd(
     keep_running: Annotated[
@@ -728,6 +785,88 @@ def config_cmd(
             out.print(f"{key} = {escape(json.dumps(value, default=str))}")
 
 
+@app.command("status")
+def mailboxes_status_cmd(
+    config: ConfigOpt = None,
+    url: Annotated[
+        str | None,
+        typer.Option(
+            "--url",
+            help="The instance's endpoint, e.g. http://127.0.0.1:9187 "
+            "(default: metrics_host and metrics_port of the config).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    timeout: Annotated[float, typer.Option("--timeout", min=0.1, help="Seconds to wait.")] = 5.0,
+    debug: DebugOpt = False,
+) -> None:
+    """Show each mailbox of a running instance (read from its /status endpoint).
+
+    Exit status: 0 every mailbox is connected, 1 one is not, 2 the config is
+    invalid, 3 no instance answers.
+    """
+    from prx_channel_email._ops.client import fetch_status, status_url
+
+    with _guard(debug):
+        if url is None:
+            # Service-wide settings: every account has the same (load_accounts checks).
+            cfg = next(iter(load_accounts(config).values()))
+            if not cfg.metrics_port:
+                _fail(
+                    f"metrics_port is 0 (off) in {resolve_path(config)}: set it and restart "
+                    "the instance, or pass --url.",
+                    EXIT_CONFIG,
+                )
+            url = f"http://{_url_host(cfg.metrics_host)}:{cfg.metrics_port}"
+        try:
+            boxes = fetch_status(status_url(url), timeout)
+        except ChannelError as exc:
+            _fail(exc.message, EXIT_UNREACHABLE)
+        if as_json:
+            print(json.dumps([b.model_dump(mode="json") for b in boxes], indent=2))
+        else:
+            _show_mailboxes(boxes, out)
+        raise typer.Exit(EXIT_OK if all(b.healthy for b in boxes) else EXIT_FAILED)
+
+
+def _url_host(host: str) -> str:
+    """A host for a URL: a wildcard bind address is reached on loopback; IPv6 in brackets."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)  # noqa: S104
+    return f"[{host}]" if ":" in host else host
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    secs = max(0, int(datetime.now(UTC).timestamp() - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit} ago"
+    return f"{secs}s ago"
+
+
+def _show_mailboxes(boxes: list[MailboxStatus], console: Console) -> None:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("account", "folder", "state", "code", "idle", "last message"):
+        table.add_column(column.upper(), no_wrap=column != "code")
+    replicas = any(b.replica for b in boxes)
+    if replicas:
+        table.add_column("REPLICA", no_wrap=True)
+    for b in boxes:
+        state = f"[{'green' if b.healthy else 'bold red'}]{b.state.value}[/]"
+        row = [escape(b.account), escape(b.folder), state, escape(b.code or "-"),
+               "yes" if b.idling else "no", _ago(b.last_message_at)]  # fmt: skip
+        if replicas:
+            row.append(escape(b.replica or "-"))
+        table.add_row(*row)
+    console.print(table)
+    bad = sum(not b.healthy for b in boxes)
+    console.print(
+        f"{len(boxes)} mailbox(es), "
+        + (f"[bold red]{bad} not connected[/]" if bad else "[green]all connected[/]")
+    )
+
+
 # ---- prx-email auth: OAuth sign-in (the flows are in oauth_flows.py)
 
 auth_app = typer.Typer(
@@ -741,7 +880,7 @@ def _oauth_config(config: ConfigOpt) -> EmailConfig:
     if cfg.auth_method != "oauth2":
         _fail(
             "auth_method is 'password' in this config; set auth_method = 'oauth2', "
-            "oauth_provider and oauth_client_id first (see README, OAuth)"
+            "oauth_provider and oauth_client_id first (see docs/guides/providers.md, OAuth)"
         )
     return cfg
 

@@ -22,6 +22,9 @@ Fixtures
                      by an ``oauth2`` passdb through ``oauth_server``'s introspection.
 ``smtp_oauth``       session: SMTP fixture that also offers AUTH XOAUTH2, checked
                      against ``oauth_server``'s introspection endpoint.
+``dovecot_courier``  session: Dovecot with Courier's folder layout (``INBOX.`` prefix).
+``quirk_proxy``      function: factory ``quirk_proxy(dovecot, quirks)`` -> an IMAPS
+                     :class:`QuirkProxy` that behaves like Courier, Cyrus, Gmail ...
 
 If a test stops or restarts a session server, the next test that uses it gets
 it running again (see ``_keep_servers_usable``).
@@ -32,8 +35,9 @@ from __future__ import annotations
 import json
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,6 +47,7 @@ from tests.servers.dovecot import Account, DovecotError, DovecotServer
 from tests.servers.oauth_server import OAuthServer
 from tests.servers.postgres import PgBouncer, PostgresServer
 from tests.servers.proxy import TcpProxy
+from tests.servers.quirk_proxy import QuirkProxy
 from tests.servers.smtp import ReceivedMessage, SmtpServer
 
 
@@ -83,6 +88,37 @@ def dovecot(pki: TestPKI) -> Iterator[DovecotServer]:
 def dovecot_noidle(pki: TestPKI) -> Iterator[DovecotServer]:
     """Like ``dovecot`` but IDLE is not advertised, before or after login."""
     yield from _dovecot(pki, idle=False)
+
+
+@pytest.fixture(scope="session")
+def dovecot_courier(pki: TestPKI) -> Iterator[DovecotServer]:
+    """Dovecot with Courier's folder layout: every folder under ``INBOX.``, ``.`` delimiter."""
+    try:
+        server = DovecotServer(pki=pki, namespace_prefix="INBOX.", separator=".")
+        server.start()
+    except DovecotError as exc:
+        pytest.fail(f"Dovecot did not start: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def quirk_proxy(pki: TestPKI) -> Iterator[Callable[..., QuirkProxy]]:
+    """Factory: ``quirk_proxy(dovecot, quirks, greeting=None)``, an IMAPS endpoint in
+    front of that Dovecot behaving like another server (tests/servers/quirk_proxy.py)."""
+    started: list[QuirkProxy] = []
+
+    def make(server: DovecotServer, quirks: Iterable[str] = (), **kw: Any) -> QuirkProxy:
+        proxy = QuirkProxy(server.host, server.imap_port, pki, quirks, **kw)
+        proxy.start()
+        started.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in started:
+        proxy.stop()
 
 
 @pytest.fixture

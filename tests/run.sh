@@ -45,7 +45,17 @@ fi
 # --- Python: the package and its test dependencies -------------------------------
 PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
 # The host-framework extras too, so the integration tests run (they skip without them).
-"$PYTHON" -m pip install -q -e ".[test,nanobot,hermes]"
+# The docs extra too: CI builds the documentation site below.
+"$PYTHON" -m pip install -q -e ".[test,nanobot,hermes,docs]"
+
+# --- gates that are not tests: import rules and the documentation site -------------
+if [ "$#" -eq 0 ]; then
+    lint-imports
+    site=$(mktemp -d "${TMPDIR:-/tmp}/prx-site.XXXXXX")
+    NO_MKDOCS_2_WARNING=1 "$PYTHON" -m mkdocs build --strict -q -d "$site"
+    rm -rf "$site"
+    echo "tests/run.sh: lint-imports and mkdocs build --strict passed" >&2
+fi
 
 # --- what users install: the wheel, non-editable, in a fresh virtualenv -----------
 # The suite below runs from the checkout, where a file missing from the wheel goes

@@ -88,6 +88,20 @@ def test_env_overrides_file_and_prx_config_is_used(
     assert cfg.allowed_senders == ["alice@example.com", "@corp.example"]
 
 
+def test_an_empty_environment_variable_means_unset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``PRX_EMAIL_CA_FILE=`` (a compose file's empty value) was read as the path ".":
+    "ca_file: file '.' does not exist". Empty is unset: the file's value, else the default."""
+    monkeypatch.setenv("PRX_EMAIL_CA_FILE", "")
+    monkeypatch.setenv("PRX_EMAIL_IMAP_PORT", "")
+    monkeypatch.setenv("PRX_EMAIL_DEFAULT__SMTP_PORT", "")
+    cfg = load_config(write(tmp_path, GOOD + "smtp_port = 587\n"))
+    assert cfg.ca_file is None
+    assert cfg.imap_port == 993
+    assert cfg.smtp_port == 587
+
+
 def test_password_can_come_from_env_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PRX_EMAIL_PASSWORD", SECRET)
     cfg = load_config(write(tmp_path, GOOD.replace(f'password = "{SECRET}"\n', "")))

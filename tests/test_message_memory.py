@@ -1,10 +1,10 @@
 """Peak memory per inbound message stays a small multiple of its size (issues 15, 23).
 
-The README documents about 4x the message's size in Python allocations for one
-big message (a 24 MB one peaked at 8.7x before the parse was reworked). This
-guards the multiple with tracemalloc, which counts allocations, not time, for
-ordinary shapes and for the hostile ones of issue 23 (a body of control
-characters, of "> " lines, one endless line, all quoted, all ``"``).
+The benchmarks page (docs/project/benchmarks.md) documents about 4x the message's
+size in Python allocations for one big message (a 24 MB one peaked at 8.7x before
+the parse was reworked). This guards the multiple with tracemalloc, which counts
+allocations, not time, for ordinary shapes and for the hostile ones of issue 23
+(a body of control characters, of "> " lines, one endless line, all quoted, all ``"``).
 """
 
 from __future__ import annotations

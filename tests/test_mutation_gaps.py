@@ -6,7 +6,6 @@ from __future__ import annotations
 import email
 from pathlib import Path
 
-
 from prx_channel_email import RejectedMessage
 from prx_channel_email._inbound.pipeline import InboundPipeline
 from prx_channel_email._mail.authresults import authserv_id_trusted, verdict

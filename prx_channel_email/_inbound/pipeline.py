@@ -42,7 +42,7 @@ from prx_channel_email._mail.reply_text import STRIP_BUDGET_SECS, StripBudgetExc
 from prx_channel_email._storage.sqlite.store import LedgerEntry
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.models import ChannelMessage
+from prx_channel_email.models import Attachment, ChannelMessage
 
 logger = logging.getLogger("prx_channel_email.inbound")
 
@@ -129,6 +129,27 @@ def analyze_body(raw: bytes, config: EmailConfig, env: Envelope, body_at: int) -
     return _Parsed(found.full_text, content, planned, key, timed_out)
 
 
+def build_message(
+    env: Envelope, decision: Decision, parsed: _Parsed, files: list[Attachment]
+) -> ChannelMessage:
+    """The ChannelMessage of accepted mail: the listener and the mailbox tools build it here."""
+    return ChannelMessage(
+        id=env.message_id,
+        sender=env.sender,
+        sender_display=env.sender_display,
+        reply_target=decision.reply_target or env.sender,
+        subject=env.subject,
+        content=parsed.content,
+        full_text=parsed.full_text,
+        timestamp=env.timestamp,
+        thread_ts=env.thread_ts,
+        in_reply_to=env.in_reply_to,
+        references=env.references,
+        attachments=files,
+        sender_verified=decision.sender_verified,
+    )
+
+
 def _read_oversized(
     header_block: bytes, size: int, arrival: float, message_id: str | None = None
 ) -> Envelope:
@@ -180,6 +201,45 @@ class InboundPipeline:
         except Exception as exc:
             code = QUARANTINE_PARSE_ERROR if env is not None else QUARANTINE_INTERNAL
             return self._quarantine(raw, env, code, exc, message_id)
+
+    # --- look-ups (the mailbox tools): the same decisions, nothing recorded or saved ---
+
+    def judge(
+        self, header_block: bytes, *, arrival: float, message_id: str | None = None
+    ) -> tuple[Envelope, Decision]:
+        """The policy's verdict from a header block, as :meth:`process` would decide it.
+
+        Nothing is counted, logged or remembered: a look-up is not a delivery.
+        CPU only (thread-safe).
+        """
+        _, env = read_envelope(header_block, arrival, message_id)
+        return env, self.policy.decide(env, record=False)
+
+    def look(
+        self,
+        raw: bytes,
+        *,
+        arrival: float,
+        message_id: str | None = None,
+        enforce: bool = True,
+    ) -> ChannelMessage | None:
+        """The ChannelMessage :meth:`process` would hand on for ``raw``, attachments not
+        saved (their ``path`` is None); None when the policy refuses it (``enforce``) or
+        it cannot be read. CPU only (thread-safe): big mail belongs on a worker thread.
+        """
+        try:
+            body_at, env = read_envelope(raw, arrival, message_id)
+            decision = self.policy.decide(env, record=False)
+            if decision.reason is not None:
+                if enforce:
+                    return None
+                decision = Decision(None, decision.sender_verified)
+            parsed = analyze_body(raw, self.config, env, body_at)
+        except Exception as exc:  # the listener would quarantine it: never shown
+            self._log(logging.DEBUG, "tools.unreadable", message_id=message_id,
+                      code=QUARANTINE_PARSE_ERROR, error=type(exc).__name__)  # fmt: skip
+            return None
+        return build_message(env, decision, parsed, [p.meta for p in parsed.planned])
 
     async def process_oversized(
         self,
@@ -255,7 +315,6 @@ class InboundPipeline:
                     size=meta.size,
                     code=meta.skipped_reason,
                 )
-        reply_target = decision.reply_target or env.sender
         if env.reply_target != env.sender:
             # A Reply-To is honoured only when it may write to the bot itself.
             self._log(
@@ -264,29 +323,19 @@ class InboundPipeline:
                 message_id=env.message_id,
                 sender=env.sender,
                 reply_to=env.reply_target,
-                reply_target=reply_target,
+                reply_target=decision.reply_target or env.sender,
                 code="reply_to_not_allowed" if decision.reply_to_refused else "reply_to_allowed",
             )
-        # What both the message and the ledger row (used to thread replies) carry.
-        shared: dict[str, Any] = {
-            "sender": env.sender,
-            "reply_target": reply_target,
-            "subject": env.subject,
-            "thread_ts": env.thread_ts,
-            "references": env.references,
-        }
-        message = ChannelMessage(
-            id=env.message_id,
-            sender_display=env.sender_display,
-            content=parsed.content,
-            full_text=parsed.full_text,
-            timestamp=env.timestamp,
-            in_reply_to=env.in_reply_to,
-            attachments=files,
-            sender_verified=decision.sender_verified,
-            **shared,
+        message = build_message(env, decision, parsed, files)
+        entry = LedgerEntry(
+            message_id=env.message_id,
+            received_at=when,
+            sender=message.sender,
+            reply_target=message.reply_target,
+            subject=message.subject,
+            thread_ts=message.thread_ts,
+            references=message.references,
         )
-        entry = LedgerEntry(message_id=env.message_id, received_at=when, **shared)
         self.metrics.inc("inbound.delivered")
         self._log(
             logging.INFO,

@@ -180,8 +180,13 @@ class Policy:
         self._refused_unverified.add(sender)
         return True
 
-    def decide(self, env: Envelope) -> Decision:
-        """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py)."""
+    def decide(self, env: Envelope, *, record: bool = True) -> Decision:
+        """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py).
+
+        ``record=False`` (a look-up by the mailbox tools) decides the same way but does
+        not count as the sender's first refusal, so the listener's one explanation of
+        it is still logged when the listener meets it.
+        """
         reason = loop_reason(env, self.own, self.stamp)
         if reason is not None:
             weak = self._weak_loop_signal(env, reason)
@@ -205,7 +210,7 @@ class Policy:
                     UNVERIFIED,
                     verified,
                     detail or "no trusted result",
-                    first_for_sender=self._first_refusal(env.sender),
+                    first_for_sender=self._first_refusal(env.sender) if record else False,
                     quarantine=detail.startswith(TEMPERROR),
                 )
         target, refused = self.reply_target(env)

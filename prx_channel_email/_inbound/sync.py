@@ -58,6 +58,9 @@ FETCH_BYTES_BUDGET = 8 * 1024 * 1024
 MISSING_BODY_RETRIES = 3
 MISSING_GIVE_UP_SECS = 300.0
 MISSING_RETRY_BASE_SECS = 1.0
+# A -1 cursor is repaired from INTERNALDATEs (whole seconds, the server's clock):
+# mail this close to the moment the cursor was written counts as arrived after it.
+CURSOR_REPAIR_SLACK_SECS = 5.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,56 @@ class SyncStatus:
     # storage_full / storage_readonly / storage_error while the hand-off is paused
     # on a state write that failed (retried with backoff); None when writable.
     storage_error: str | None = None
+    # The server advertises IDLE but new mail shows up only on the keepalive checks.
+    push_silent: bool = False
+
+
+class PushWatch:
+    """Measures push instead of assuming it.
+
+    A server may advertise IDLE and still tell nothing until its own periodic
+    check (Cyrus without ``idled``, Courier with ``IMAP_ENHANCEDIDLE=0``): the
+    channel then answers a keepalive late. An IDLE cycle that ran out without a
+    push, followed by a pass that finds new mail, is a miss (counted as
+    ``imap.push_missed``; pushes as ``imap.idle_pushes``). Mail can also land in
+    the instant between the end of IDLE and the search, so one miss proves
+    nothing; from the second on, the fix is logged, once.
+    """
+
+    WARN_AFTER = 2
+
+    def __init__(self, account: str, folder: str, metrics: Metrics) -> None:
+        self.account = account
+        self.folder = folder
+        self.metrics = metrics
+        self.misses = 0
+        self.silent = False
+
+    def pushed(self) -> None:
+        self.metrics.inc("imap.idle_pushes")
+
+    def missed(self, session: ImapSession, found: int) -> None:
+        self.misses += 1
+        self.metrics.inc("imap.push_missed")
+        if self.misses < self.WARN_AFTER or self.silent:
+            return
+        self.silent = True
+        log_event(log, logging.WARNING, "imap.push_silent", account=self.account,
+                  folder=self.folder, host=session.host, misses=self.misses, found=found,
+                  fix=push_fix(session.greeting), code="push_silent")  # fmt: skip
+
+
+def push_fix(greeting: str) -> str:
+    """What to change on the server so that IDLE pushes at once (by its greeting)."""
+    text = greeting.lower()
+    if "cyrus" in text:
+        return "Cyrus: enable idled in cyrus.conf (Debian ships it commented out)"
+    if "courier" in text:
+        return "Courier: set IMAP_ENHANCEDIDLE=1 in the imapd config (needs FAM/gamin)"
+    return (
+        "the server checks for new mail on its own schedule; ask its admin to enable "
+        "push for IDLE, or lower keepalive_secs"
+    )
 
 
 class SyncEngine:
@@ -129,7 +182,10 @@ class SyncEngine:
         self.metrics = metrics
         self.status = SyncStatus()
         self.account = config.account
-        self.folder = config.imap_folder
+        self.folder = config.imap_folder  # the configured name: the key of its state
+        self.wire_folder = self.folder  # the server's name for it (see ImapSession.resolve_folder)
+        self.push = PushWatch(self.account, self.folder, metrics)
+        self._quiet_idle = False  # the last IDLE cycle ran out without a push
         self.backoff = backoff or Backoff(base=1.0, cap=300.0)
         # A refused password does not fix itself in a second; hammering the server
         # with bad logins can also get the account locked.
@@ -240,11 +296,13 @@ class SyncEngine:
     # --- one session ---
 
     async def _serve(self, session: ImapSession, queue: asyncio.Queue[ChannelMessage]) -> None:
-        info = await session.select(self.folder)
+        self.wire_folder = await session.resolve_folder(self.folder)
+        info = await session.select(self.wire_folder)
         self.reporter.imap_ready()
         use_idle = session.has_idle and not self._idle_refused
         self.status.mode = "idle" if use_idle else "poll"
         self.status.uidvalidity = info.uidvalidity
+        self._quiet_idle = False
         while True:
             session.changed.clear()
             result = await self._sync(session, info, queue)
@@ -263,7 +321,7 @@ class SyncEngine:
                 await asyncio.sleep(result.resync_in)  # give the server a moment, then ask again
                 continue
             if self.status.mode == "idle":
-                await self._idle_once(session)
+                self._quiet_idle = not await self._idle_once(session)
             else:
                 await asyncio.sleep(self.config.poll_interval_secs)
                 await session.noop(self._probe_timeout)
@@ -272,8 +330,11 @@ class SyncEngine:
     def _probe_timeout(self) -> float:
         return float(min(self.config.command_timeout_secs, max(self.config.keepalive_secs, 2)))
 
-    async def _idle_once(self, session: ImapSession) -> None:
-        """One IDLE cycle, ended by a push, the keepalive or the 29-minute re-arm."""
+    async def _idle_once(self, session: ImapSession) -> bool:
+        """One IDLE cycle, ended by a push, the keepalive or the 29-minute re-arm.
+
+        True when the server pushed something; False when the cycle ran out (new
+        mail the next pass finds anyway was then not pushed: see PushWatch)."""
         wait = float(min(self.config.keepalive_secs, self.config.idle_timeout_secs))
         try:
             await session.idle_start()
@@ -285,7 +346,7 @@ class SyncEngine:
             self.status.mode = "poll"
             log_event(log, logging.WARNING, "imap.idle_refused", exc=exc, account=self.account,
                       folder=self.folder, code="idle_failed")  # fmt: skip
-            return
+            return True
         self.status.idling = True
         try:
             arrived = await session.idle_wait(wait)
@@ -295,7 +356,10 @@ class SyncEngine:
         await session.idle_done(self._probe_timeout)
         if not arrived:
             await session.noop(self._probe_timeout)
+        else:
+            self.push.pushed()
         self.metrics.inc("imap.idle_cycles")
+        return arrived
 
     # --- what to fetch ---
 
@@ -308,6 +372,8 @@ class SyncEngine:
         uv = info.uidvalidity
         cursor = await self.store.get_cursor(self.account, self.folder)
         if cursor is None:
+            # Before anything else: what arrives while the unseen mail is handled stays above.
+            baseline = await self._baseline(session, info)
             if self.config.initial_sync == "unseen":
                 unseen = await session.uid_search("UNSEEN")
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
@@ -317,18 +383,54 @@ class SyncEngine:
                     return result  # stopped before a message it must fetch again: no baseline yet
             else:
                 log_event(log, logging.INFO, "inbound.first_start", account=self.account,
-                          folder=self.folder, mode="new", baseline=info.uidnext - 1)  # fmt: skip
-            # UIDNEXT is from SELECT, so anything that arrived since is still above it.
-            await self._set_cursor(Cursor(uv, info.uidnext - 1))
+                          folder=self.folder, mode="new", baseline=baseline)  # fmt: skip
+            await self._set_cursor(Cursor(uv, baseline))
             return DONE
         if cursor.uidvalidity != uv:
             return await self._rebaseline(session, info, cursor, queue)
-        uids = await session.uid_search("UID", f"{cursor.last_uid + 1}:*")
-        result = await self._handle(session, uv, [u for u in uids if u > cursor.last_uid], queue)
+        if cursor.last_uid < 0:
+            cursor = await self._repair_cursor(session, info, cursor)
+        uids = await session.uids_above(cursor.last_uid)
+        if self._quiet_idle and uids:
+            self.push.missed(session, len(uids))  # before the hand-on: counters first
+            self.status.push_silent = self.push.silent
+        self._quiet_idle = False
+        result = await self._handle(session, uv, uids, queue)
         if time.time() - cursor.updated_at > 3600:
             # Keep "last synced" fresh: a later UIDVALIDITY change rechecks mail since then.
             await self._set_cursor(cursor)
         return result
+
+    async def _baseline(self, session: ImapSession, info: SelectInfo) -> int:
+        """The highest UID the folder had when selected (0 when empty): mail above it
+        is new. From what the server really has, never from a missing UIDNEXT read as 0."""
+        return await session.last_uid_at_select(self.wire_folder, info)
+
+    async def _repair_cursor(self, session: ImapSession, info: SelectInfo, old: Cursor) -> Cursor:
+        """A cursor of -1: written by releases up to 0.x on a first start against a
+        server whose SELECT has no UIDNEXT (Courier). Every pass since then failed
+        on ``UID 0:*``, so nothing was handed on after that first start.
+
+        The mail that reached the server since the cursor was written (INTERNALDATE,
+        with a few seconds of slack) is handed on now; older mail is not, as
+        ``initial_sync="new"`` promised (``"unseen"`` handed its share on already, and
+        the ledger drops anything handed on twice).
+        """
+        written = old.updated_at or time.time()
+        since = time.strftime("%d-%b-%Y", time.gmtime(written - 86400))
+        candidates = await session.uid_search("SINCE", since)
+        dates = await session.internal_dates(candidates) if candidates else {}
+        stalled = sorted(
+            uid for uid, at in dates.items() if at >= written - CURSOR_REPAIR_SLACK_SECS
+        )
+        last = stalled[0] - 1 if stalled else await self._baseline(session, info)
+        repaired = Cursor(old.uidvalidity, last, old.updated_at)
+        await self._set_cursor(repaired)
+        self.metrics.inc("imap.cursor_repairs")
+        log_event(log, logging.WARNING, "inbound.cursor_repaired", account=self.account,
+                  folder=self.folder, old=old.last_uid, new=last, stalled=len(stalled),
+                  code="cursor_repaired")  # fmt: skip
+        return repaired
 
     async def _rebaseline(
         self,
@@ -344,6 +446,7 @@ class SyncEngine:
         nothing is replayed and nothing that came in meanwhile is lost.
         """
         self.metrics.inc("imap.uidvalidity_changes")
+        baseline = await self._baseline(session, info)
         since = time.gmtime((old.updated_at or time.time()) - 86400)
         date = time.strftime("%d-%b-%Y", since)
         uids = await session.uid_search("SINCE", date)
@@ -352,7 +455,7 @@ class SyncEngine:
                   rechecked=len(uids), code="uidvalidity_changed")  # fmt: skip
         result = await self._handle(session, info.uidvalidity, uids, queue, move_cursor=False)
         if result.complete:
-            await self._set_cursor(Cursor(info.uidvalidity, info.uidnext - 1))
+            await self._set_cursor(Cursor(info.uidvalidity, baseline))
         return result
 
     async def _set_cursor(self, cursor: Cursor) -> None:
@@ -554,7 +657,8 @@ class SyncEngine:
             if self.config.mark_seen:
                 await session.store_flags(uids, "(\\Seen)")
             if self.config.move_to_folder:
-                await session.move(uids, self.config.move_to_folder)
+                target = await session.resolve_folder(self.config.move_to_folder)
+                await session.move(uids, target)
                 self.metrics.inc("inbound.moved", len(uids))
         except TransportError:
             raise

@@ -12,7 +12,12 @@ for a long-running listener:
 * it drops untagged ``EXISTS`` outside IDLE, so new mail announced during another
   command would wait for the next keepalive; here any ``EXISTS`` sets ``changed``;
 * it quotes the password but not the user name or mailbox names; we quote both
-  (and encode mailbox names as modified UTF-7).
+  (and encode mailbox names as modified UTF-7);
+* servers differ in what RFC 3501 they follow: a SELECT without ``[UIDNEXT]``
+  (Courier) is answered from what the server has (:meth:`ImapSession.last_uid_at_select`),
+  no UID range ever starts at 0, and folder names follow the server's personal
+  namespace (:meth:`ImapSession.resolve_folder`: ``Processed`` is
+  ``INBOX.Processed`` on Courier, ``INBOX/Processed`` on Cyrus).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import re
 import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -51,16 +57,31 @@ _FETCH_START_RE = re.compile(rb"^(\d+) FETCH \(")
 MIN_FETCH_BYTES_PER_SEC = 64 * 1024
 _UID_RE = re.compile(rb"\bUID (\d+)")
 _SIZE_RE = re.compile(rb"\bRFC822\.SIZE (\d+)")
+_FLAGS_RE = re.compile(rb"\bFLAGS \(([^)]*)\)")
 _LIST_RE = re.compile(rb'^\((?P<flags>[^)]*)\) (?P<delim>NIL|"(?:[^"\\]|\\.)*") ?(?P<name>.*)$')
 # RFC 5530 codes that mean "try again later", not "wrong password".
 _TRANSIENT_LOGIN = (b"[UNAVAILABLE]", b"[SERVERBUG]", b"[INUSE]", b"[LIMIT]")
 
 
+_NAMESPACE_RE = re.compile(
+    rb'^(?:NAMESPACE )?\(\("(?P<prefix>(?:[^"\\]|\\.)*)" (?P<delim>NIL|"(?:[^"\\]|\\.)*")'
+)
+_INTERNALDATE_RE = re.compile(rb'\bINTERNALDATE "([^"]+)"')
+
+
 @dataclass(frozen=True)
 class SelectInfo:
     uidvalidity: int
-    uidnext: int
+    uidnext: int  # 0: the server did not say (Courier): see last_uid_at_select
     exists: int
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """The personal namespace: where a user's folders live (RFC 2342)."""
+
+    prefix: str  # "" (Dovecot, Gmail), "INBOX." (Courier), "INBOX/" (Cyrus)
+    delimiter: str  # the hierarchy delimiter; "" for a flat server
 
 
 @dataclass
@@ -70,6 +91,7 @@ class FetchedMessage:
     uid: int
     size: int | None = None
     data: bytes | None = None
+    flags: frozenset[str] | None = None  # when FLAGS was asked for
 
 
 def encode_mailbox(name: str) -> str:
@@ -105,8 +127,9 @@ def decode_mailbox(name: str) -> str:
 
 
 def uid_set(uids: list[int]) -> str:
-    """Compact ``1:3,7`` form of a UID list."""
-    ordered = sorted(set(uids))
+    """Compact ``1:3,7`` form of a UID list. UID 0 names no message and is left out
+    (a server may refuse the whole command for it)."""
+    ordered = sorted({u for u in uids if u > 0})
     parts: list[str] = []
     i = 0
     while i < len(ordered):
@@ -135,6 +158,8 @@ class ImapSession:
         self.greeting: str = protocol.greeting
         self.capabilities: frozenset[str] = frozenset()
         self._idle_task: asyncio.Future[Any] | None = None
+        self._namespace: Namespace | None = None
+        self._resolved: dict[str, str] = {}
         self._refresh_caps()
 
     # --- connection ---
@@ -223,6 +248,11 @@ class ImapSession:
     @property
     def is_open(self) -> bool:
         return not self._proto.closed.is_set()
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes the server sent on this connection so far (TLS records excluded)."""
+        return self._proto.bytes_received
 
     @property
     def changed(self) -> asyncio.Event:
@@ -385,6 +415,123 @@ class ImapSession:
             uidnext=_int(rb"\[UIDNEXT (\d+)\]", joined),
             exists=_int(rb"(?m)^(\d+) EXISTS", joined),
         )
+
+    async def last_uid_at_select(self, folder: str, info: SelectInfo) -> int:
+        """The highest UID the folder had when ``info`` was selected (0: it was empty).
+
+        From SELECT's ``[UIDNEXT]`` when given (RFC 3501 requires it, Courier omits
+        it); else from what the server really has: nothing when SELECT counted no
+        messages, else the UID of the last one it counted (``FETCH n (UID)``, so mail
+        that arrived since stays above), else ``STATUS (UIDNEXT)``, else the highest
+        UID now. Never -1: that baseline made the next search ``UID 0:*``, which
+        strict servers refuse.
+        """
+        if info.uidnext > 0:
+            return info.uidnext - 1
+        if info.exists == 0:
+            return 0
+        resp = await self._execute("FETCH", str(info.exists), "(UID)")
+        if resp.result == "OK":
+            fetched = _parse_fetch(resp.lines)
+            if fetched:
+                return max(fetched)
+        resp = await self._execute("STATUS", quote(encode_mailbox(folder)), "(UIDNEXT)")
+        if resp.result == "OK":
+            joined = b" ".join(x for x in resp.lines if isinstance(x, bytes))
+            found = _int(rb"\bUIDNEXT (\d+)", joined)
+            if found > 0:
+                return found - 1
+        return await self.highest_uid()
+
+    async def highest_uid(self) -> int:
+        """The highest UID in the selected folder; 0 when it is empty."""
+        resp = await self._execute("UID FETCH", "*", "(UID)")
+        if resp.result == "OK":
+            fetched = _parse_fetch(resp.lines)
+            if fetched:
+                return max(fetched)
+        # No answer to "*" (an empty folder, or a server that will not say): count.
+        return max(await self.uid_search("ALL"), default=0)
+
+    async def uids_above(self, last_uid: int) -> list[int]:
+        """UIDs greater than ``last_uid``, ascending. The range starts at 1 at least:
+        ``n:*`` also lists the highest message when n is above it, so the answer is
+        filtered too."""
+        first = max(last_uid, 0) + 1
+        return [u for u in await self.uid_search("UID", f"{first}:*") if u > last_uid]
+
+    async def internal_dates(self, uids: list[int]) -> dict[int, float]:
+        """When each message reached the server (INTERNALDATE, Unix time)."""
+        out: dict[int, float] = {}
+        for batch in _chunks(uids, 500):
+            resp = await self._execute("UID FETCH", uid_set(batch), "(UID INTERNALDATE)")
+            if resp.result != "OK":
+                raise ChannelError(f"UID FETCH failed: {_text(resp)}", code="fetch_failed")
+            for line in resp.lines:
+                if not isinstance(line, bytes):
+                    continue
+                uid, date = _UID_RE.search(line), _INTERNALDATE_RE.search(line)
+                if uid and date:
+                    stamp = _internaldate(date.group(1).decode(errors="replace"))
+                    if stamp is not None:
+                        out[int(uid.group(1))] = stamp
+        return out
+
+    # --- folder names by the server's rules ---
+
+    async def namespace(self) -> Namespace:
+        """The personal namespace (NAMESPACE, else the delimiter from ``LIST "" ""``)."""
+        if self._namespace is not None:
+            return self._namespace
+        prefix, delim = "", "/"
+        if "NAMESPACE" in self.capabilities:
+            resp = await self._execute("NAMESPACE")
+            for line in resp.lines[:-1] if resp.result == "OK" else []:
+                m = _NAMESPACE_RE.match(line) if isinstance(line, bytes) else None
+                if m:
+                    prefix = _unquote(m.group("prefix"))
+                    delim = _unquote(m.group("delim"))
+                    break
+        else:
+            resp = await self._execute("LIST", '""', '""')
+            for line in resp.lines[:-1] if resp.result == "OK" else []:
+                m = _LIST_RE.match(line) if isinstance(line, bytes) else None
+                if m:
+                    delim = _unquote(m.group("delim"))
+                    break
+        self._namespace = Namespace(decode_mailbox(prefix), delim)
+        return self._namespace
+
+    async def folder_exists(self, name: str) -> bool:
+        resp = await self._execute("LIST", '""', quote(encode_mailbox(name)))
+        if resp.result != "OK":
+            return False
+        return any(isinstance(line, bytes) and _LIST_RE.match(line) for line in resp.lines[:-1])
+
+    async def resolve_folder(self, name: str) -> str:
+        """The server's name for a configured folder name.
+
+        ``name`` as written when it exists; else written with the server's
+        delimiter (``INBOX/Processed`` on a ``.`` server) and under the personal
+        namespace prefix (a bare ``Processed`` is ``INBOX.Processed`` on Courier,
+        ``INBOX/Processed`` on Cyrus). When none exists, the name the server's rules
+        give (so an error names the folder the server would need).
+        """
+        if name.upper() == "INBOX":
+            return "INBOX"
+        if name in self._resolved:
+            return self._resolved[name]
+        candidates = folder_candidates(name, await self.namespace())
+        chosen = candidates[-1]
+        for candidate in candidates:
+            if await self.folder_exists(candidate):
+                chosen = candidate
+                break
+        if chosen != name:
+            log_event(log, logging.INFO, "imap.folder_resolved", folder=name,
+                      resolved=chosen, host=self.host)  # fmt: skip
+        self._resolved[name] = chosen
+        return chosen
 
     async def noop(self, limit: float | None = None) -> None:
         resp = await self._execute("NOOP", limit=limit)
@@ -652,6 +799,35 @@ def _text(resp: Any) -> str:
     return str(resp.result)
 
 
+def folder_candidates(name: str, ns: Namespace) -> list[str]:
+    """Names ``name`` may have on a server with namespace ``ns``, most literal first."""
+    out = [name]
+    delim = ns.delimiter
+    native = name.replace("/", delim) if delim and delim != "/" else name
+    if native not in out:
+        out.append(native)
+    prefix = ns.prefix
+    if prefix and not native.upper().startswith(prefix.upper()):
+        out.append(prefix + native)
+    return out
+
+
+def _unquote(raw: bytes) -> str:
+    if raw.upper() == b"NIL":
+        return ""
+    text = raw.decode(errors="replace")
+    if text.startswith('"') and text.endswith('"'):
+        text = re.sub(r"\\(.)", r"\1", text[1:-1])
+    return text
+
+
+def _internaldate(text: str) -> float | None:
+    try:
+        return datetime.strptime(text.strip(), "%d-%b-%Y %H:%M:%S %z").timestamp()
+    except ValueError:
+        return None
+
+
 def _int(pattern: bytes, data: bytes) -> int:
     m = re.search(pattern, data)
     return int(m.group(1)) if m else 0
@@ -672,6 +848,7 @@ def _parse_fetch(lines: list[Any]) -> dict[int, FetchedMessage]:
         uid = _UID_RE.search(joined)
         if uid:
             size = _SIZE_RE.search(joined)
+            flags = _FLAGS_RE.search(joined)
             key = int(uid.group(1))
             earlier = out.get(key)
             # A second, body-less answer for the same UID (an unsolicited FLAGS update
@@ -680,6 +857,11 @@ def _parse_fetch(lines: list[Any]) -> dict[int, FetchedMessage]:
                 uid=key,
                 size=int(size.group(1)) if size else (earlier.size if earlier else None),
                 data=literal if literal is not None else (earlier.data if earlier else None),
+                flags=(
+                    frozenset(flags.group(1).decode(errors="replace").lower().split())
+                    if flags
+                    else (earlier.flags if earlier else None)
+                ),
             )
 
     for line in lines:

@@ -259,6 +259,11 @@ class ImapProtocol(_aio.IMAP4ClientProtocol):  # type: ignore[misc]
         self.greeting = ""
         self.bye: str | None = None
         self._sasl: SaslExchange | None = None
+        self.bytes_received = 0  # what the server sent on this connection (the tools count it)
+
+    def data_received(self, d: bytes) -> None:
+        self.bytes_received += len(d)
+        super().data_received(d)
 
     def _lost(self, exc: BaseException | None) -> None:
         self.closed.set()

@@ -2,7 +2,8 @@
 
 The person running the bot then sees whole conversations, questions and
 answers, in their own mail client. The folder is ``sent_folder`` when
-configured, else the one marked ``\\Sent`` (RFC 6154 SPECIAL-USE), else one
+configured (named by the server's namespace rules: ``Sent`` is ``INBOX.Sent``
+on Courier), else the one marked ``\\Sent`` (RFC 6154 SPECIAL-USE), else one
 named "Sent". Saving is best effort: the reply is already delivered, so a
 failure here is logged by the outbox and never turns into a resend.
 """
@@ -26,7 +27,7 @@ class ImapSentFolder:
     def __init__(self, config: EmailConfig) -> None:
         self.config = config
         self._session: ImapSession | None = None
-        self._folder: str | None = config.sent_folder
+        self._folder: str | None = None
         self._lock = asyncio.Lock()
 
     async def _ready(self) -> tuple[ImapSession, str]:
@@ -39,6 +40,9 @@ class ImapSentFolder:
                 session.abort()
                 raise
             self._session = session
+        if self._folder is None and self.config.sent_folder:
+            # By the server's rules: "Sent" is "INBOX.Sent" on Courier.
+            self._folder = await session.resolve_folder(self.config.sent_folder)
         if self._folder is None:
             self._folder = await session.find_special_use("\\Sent")
         if self._folder is None:

@@ -151,115 +151,430 @@ class EmailConfig(BaseSettings):
         frozen=True,
         hide_input_in_errors=True,
         validate_default=True,
+        # PRX_EMAIL_CA_FILE= (as a compose file or a shell leaves it) means "not set",
+        # not "the current directory".
+        env_ignore_empty=True,
     )
 
-    # --- the reference channel's fields (names and defaults fixed) ---
-    imap_host: str
-    imap_port: Port = 993
-    imap_folder: str = "INBOX"
-    smtp_host: str
-    smtp_port: Port = 465
-    smtp_tls: bool = True
-    username: str
+    # --- the account (the reference channel's fields: names and defaults fixed) ---
+    imap_host: str = Field(description="Host name of the IMAP server mail is received from.")
+    imap_port: Port = Field(
+        993,
+        description=(
+            "IMAP port: 993 for implicit TLS, 143 for STARTTLS (set `imap_security` to match)."
+        ),
+    )
+    imap_folder: str = Field("INBOX", description="The folder watched for new mail.")
+    smtp_host: str = Field(description="Host name of the SMTP server replies are sent through.")
+    smtp_port: Port = Field(465, description="SMTP port: 465 for implicit TLS, 587 for STARTTLS.")
+    smtp_tls: bool = Field(
+        True,
+        description=(
+            "False means plaintext SMTP (loopback only unless `allow_insecure`); read "
+            'when `smtp_security` is "auto".'
+        ),
+    )
+    username: str = Field(
+        description="Login name of the account (IMAP, and SMTP unless `smtp_username` is set)."
+    )
     # Before password: its validator needs to know whether a password is wanted.
-    auth_method: Literal["password", "oauth2"] = "password"
-    password: SecretStr | None = Field(default=None, validate_default=True)
-    from_address: str
-    idle_timeout_secs: PositiveInt = 1740
-    allowed_senders: StrList = Field(default_factory=list)
-    default_subject: str = "PRX Message"
+    auth_method: Literal["password", "oauth2"] = Field(
+        "password",
+        description=(
+            '"password" (LOGIN / AUTH with `password`) or "oauth2" (XOAUTH2 / OAUTHBEARER'
+            " with a token from `prx-email auth login`)."
+        ),
+    )
+    password: SecretStr | None = Field(
+        default=None,
+        validate_default=True,
+        description=(
+            'Password or app password; required unless `auth_method` is "oauth2". A '
+            "secret: better set PRX_EMAIL_PASSWORD than the file."
+        ),
+    )
+    from_address: str = Field(description="The From address of every mail the channel sends.")
+    idle_timeout_secs: PositiveInt = Field(
+        1740, description="Longest IDLE before it is re-issued (RFC 2177 advises under 30 minutes)."
+    )
+    allowed_senders: StrList = Field(
+        default_factory=list,
+        description='Who may reach the agent: addresses, "@domain" or "*"; empty means nobody.',
+    )
+    default_subject: str = Field(
+        "PRX Message", description='Subject of a new conversation (replies use "Re: ...").'
+    )
 
     # --- connection security ---
-    imap_security: Literal["tls", "starttls", "plain"] = "tls"
-    smtp_security: Literal["auto", "tls", "starttls", "plain"] = "auto"
-    allow_insecure: bool = False
-    ca_file: Path | None = None
-    smtp_username: str | None = None
-    smtp_password: SecretStr | None = None
-    connect_timeout_secs: PositiveFloat = 20.0
-    command_timeout_secs: PositiveFloat = 60.0
+    imap_security: Literal["tls", "starttls", "plain"] = Field(
+        "tls",
+        description=(
+            '"tls" (implicit TLS), "starttls" (upgrade, never a silent fallback) or '
+            '"plain" (loopback only unless `allow_insecure`).'
+        ),
+    )
+    smtp_security: Literal["auto", "tls", "starttls", "plain"] = Field(
+        "auto",
+        description='"auto" (from `smtp_port` and `smtp_tls`), "tls", "starttls" or "plain".',
+    )
+    allow_insecure: bool = Field(
+        False,
+        description=(
+            "Allow plaintext to a host that is not loopback (sends the password in the clear)."
+        ),
+    )
+    ca_file: Path | None = Field(
+        None,
+        description=(
+            "A PEM file with an extra CA to trust (self-signed servers, Proton Mail "
+            "Bridge); certificates are always verified."
+        ),
+    )
+    smtp_username: str | None = Field(
+        None, description="SMTP login name, when it differs from `username`."
+    )
+    smtp_password: SecretStr | None = Field(
+        None,
+        description=(
+            "SMTP password, when it differs from `password` (a secret: better "
+            "PRX_EMAIL_SMTP_PASSWORD)."
+        ),
+    )
+    connect_timeout_secs: PositiveFloat = Field(
+        20.0, description="Budget for TCP connect, TLS handshake and greeting, in seconds."
+    )
+    command_timeout_secs: PositiveFloat = Field(
+        60.0, description="Budget for any single IMAP or SMTP command, in seconds."
+    )
 
     # --- OAuth 2.0 (auth_method = "oauth2"; see oauth.py) ---
-    oauth_provider: Literal["google", "microsoft", "custom"] | None = None
-    oauth_client_id: str | None = None
-    oauth_client_secret: SecretStr | None = None
-    oauth_tenant: str = "common"
-    oauth_scopes: StrList = Field(default_factory=list)
-    oauth_token_url: str | None = None
-    oauth_authorize_url: str | None = None
-    oauth_device_url: str | None = None
-    oauth_revoke_url: str | None = None
-    oauth_refresh_token: SecretStr | None = None
-    oauth_redirect_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    oauth_provider: Literal["google", "microsoft", "custom"] | None = Field(
+        None,
+        description=(
+            '"google" or "microsoft" (endpoints and scopes preset) or "custom" (give the '
+            'URLs); with `auth_method = "oauth2"`.'
+        ),
+    )
+    oauth_client_id: str | None = Field(
+        None, description="The OAuth client (application) id of your app registration."
+    )
+    oauth_client_secret: SecretStr | None = Field(
+        None,
+        description=(
+            'The OAuth client secret, for clients that have one (Google "Desktop app"). A secret.'
+        ),
+    )
+    oauth_tenant: str = Field(
+        "common",
+        description='Microsoft only: "organizations", "common", "consumers" or a tenant id.',
+    )
+    oauth_scopes: StrList = Field(
+        default_factory=list,
+        description=(
+            "Scopes to request; empty means the provider's preset (IMAP and SMTP access, offline)."
+        ),
+    )
+    oauth_token_url: str | None = Field(
+        None, description="Token endpoint (preset for google and microsoft; required for custom)."
+    )
+    oauth_authorize_url: str | None = Field(
+        None, description="Browser sign-in endpoint (custom provider; preset otherwise)."
+    )
+    oauth_device_url: str | None = Field(
+        None, description="Device-code endpoint, RFC 8628 (custom provider; preset for microsoft)."
+    )
+    oauth_revoke_url: str | None = Field(
+        None,
+        description=(
+            "Revocation endpoint, RFC 7009, used by `prx-email auth logout` (custom provider)."
+        ),
+    )
+    oauth_refresh_token: SecretStr | None = Field(
+        None,
+        description=(
+            "A refresh token that seeds the token store; a different value later replaces"
+            " the stored grant. A secret: better PRX_EMAIL_OAUTH_REFRESH_TOKEN."
+        ),
+    )
+    oauth_redirect_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        0, description="Port on 127.0.0.1 for the browser sign-in's redirect; 0 picks a free one."
+    )
 
     # --- inbound transport ---
-    state_dir: Path = Field(default_factory=default_state_dir)
-    keepalive_secs: PositiveInt = 240
-    poll_interval_secs: PositiveInt = 60
-    initial_sync: Literal["new", "unseen"] = "new"
+    state_dir: Path = Field(
+        default_factory=default_state_dir,
+        description=(
+            "Directory of the state (cursor, ledger, in-flight mail, outbox, OAuth "
+            "tokens), owner-only; default `$XDG_STATE_HOME/prx-channel-email`, i.e. "
+            "`~/.local/state/prx-channel-email`."
+        ),
+    )
+    keepalive_secs: PositiveInt = Field(
+        240,
+        description=(
+            "Without news for this long the connection is checked (DONE + NOOP), so a "
+            "silently dead link is noticed."
+        ),
+    )
+    poll_interval_secs: PositiveInt = Field(
+        60, description="Polling interval on a server without IDLE."
+    )
+    initial_sync: Literal["new", "unseen"] = Field(
+        "new",
+        description=(
+            'First start: "new" hands on only mail arriving from now on, "unseen" also '
+            "the unread mail already in the folder."
+        ),
+    )
     # "ack": handed-on mail stays in flight until channel.ack(msg) or a reply to it,
     # and comes again after a restart; "queue": handled once it is on the queue.
-    handoff: Literal["ack", "queue"] = "ack"
-    mark_seen: bool = False
-    move_to_folder: str | None = None
-    max_message_bytes: PositiveInt = 25 * 1024 * 1024
-    fetch_batch_size: Annotated[int, Field(ge=1, le=500)] = 50
+    handoff: Literal["ack", "queue"] = Field(
+        "ack",
+        description=(
+            '"ack": a message stays in flight until acknowledged (or replied to) and '
+            'comes again after a restart; "queue": done once on the queue.'
+        ),
+    )
+    mark_seen: bool = Field(
+        False, description='Flag delivered mail \\Seen (with `handoff = "ack"` once acknowledged).'
+    )
+    move_to_folder: str | None = Field(
+        None,
+        description=(
+            'Move delivered mail to this folder (with `handoff = "ack"` once acknowledged).'
+        ),
+    )
+    max_message_bytes: PositiveInt = Field(
+        25 * 1024 * 1024,
+        description=(
+            "Mail bigger than this is not downloaded; an allowed sender's agent gets a "
+            "short notice."
+        ),
+    )
+    fetch_batch_size: Annotated[int, Field(ge=1, le=500)] = Field(
+        50, description="Most messages fetched per IMAP command while catching up."
+    )
 
     # --- inbound policy ---
-    trusted_authserv_ids: StrList = Field(default_factory=list)
-    sender_auth: Literal["off", "flag", "enforce"] = "enforce"
-    own_addresses: StrList = Field(default_factory=list)
-    # Rate limits defer, never drop (ratelimit.py; README "Rate limits and loops").
-    rate_limit_count: PositiveInt = 30
-    rate_limit_window_secs: PositiveInt = 3600
-    domain_rate_limit_count: PositiveInt = 100
-    loop_reply_secs: PositiveFloat = 30.0
-    loop_max_quick_replies: PositiveInt = 3
-    loop_window_secs: PositiveInt = 3600
+    trusted_authserv_ids: StrList = Field(
+        default_factory=list,
+        description=(
+            "Authserv-ids whose topmost Authentication-Results field is believed; preset "
+            'from `imap_host` for Gmail and Microsoft. "*.example.net" and "@none" are '
+            "allowed."
+        ),
+    )
+    sender_auth: Literal["off", "flag", "enforce"] = Field(
+        "enforce",
+        description=(
+            '"enforce" refuses mail no trusted server verified, "flag" only sets '
+            '`sender_verified`, "off" does not evaluate.'
+        ),
+    )
+    own_addresses: StrList = Field(
+        default_factory=list,
+        description=(
+            "Further addresses of the bot; mail from them is never handed on (loop guard)."
+        ),
+    )
+    # Rate limits defer, never drop (ratelimit.py; docs/concepts/what-the-agent-sees.md).
+    rate_limit_count: PositiveInt = Field(
+        30,
+        description=(
+            "At most this many messages per sender are handed on per window; more waits, "
+            "never dropped."
+        ),
+    )
+    rate_limit_window_secs: PositiveInt = Field(
+        3600, description="The sliding window of the rate limits, in seconds."
+    )
+    domain_rate_limit_count: PositiveInt = Field(
+        100,
+        description=(
+            "The same limit for all senders of one domain together (never below "
+            "`rate_limit_count`)."
+        ),
+    )
+    loop_reply_secs: PositiveFloat = Field(
+        30.0,
+        description=(
+            "An answer arriving this soon after the bot's reply is a quick answer (a "
+            "robot, not a person)."
+        ),
+    )
+    loop_max_quick_replies: PositiveInt = Field(
+        3,
+        description=(
+            "More quick answers than this from one domain or thread within "
+            "`loop_window_secs` are held."
+        ),
+    )
+    loop_window_secs: PositiveInt = Field(
+        3600,
+        description=(
+            "Window for counting quick answers; held mail goes on after this long without one."
+        ),
+    )
 
     # --- attachments ---
-    attachments_dir: Path | None = None
-    max_attachment_bytes: PositiveInt = 10 * 1024 * 1024
-    max_attachments_total_bytes: PositiveInt = 25 * 1024 * 1024
-    attachment_types: StrList = Field(default_factory=lambda: list(DEFAULT_ATTACHMENT_TYPES))
+    attachments_dir: Path | None = Field(
+        None, description="Where attachments are saved; default `<state_dir>/attachments`."
+    )
+    max_attachment_bytes: PositiveInt = Field(
+        10 * 1024 * 1024, description="Bigger attachments are listed but not saved."
+    )
+    max_attachments_total_bytes: PositiveInt = Field(
+        25 * 1024 * 1024, description="Most bytes of saved attachments per message."
+    )
+    attachment_types: StrList = Field(
+        default_factory=lambda: list(DEFAULT_ATTACHMENT_TYPES),
+        description=(
+            'Content types that are saved: exact types, "image/*" or "*"; others are '
+            "listed with a skipped reason."
+        ),
+    )
 
     # --- outbound ---
-    from_name: str | None = None
-    send_max_attempts: Annotated[int, Field(ge=1, le=100)] = 40
-    send_retry_max_secs: PositiveInt = 900
-    max_outbound_attachment_bytes: PositiveInt = 20 * 1024 * 1024
+    from_name: str | None = Field(None, description="Display name in the From of sent mail.")
+    send_max_attempts: Annotated[int, Field(ge=1, le=100)] = Field(
+        40,
+        description=(
+            "Attempts for a reply that meets temporary failures before it is marked failed."
+        ),
+    )
+    send_retry_max_secs: PositiveInt = Field(
+        900,
+        description=(
+            "Longest wait between two attempts; also how long sends pause after a refused"
+            " SMTP login."
+        ),
+    )
+    max_outbound_attachment_bytes: PositiveInt = Field(
+        20 * 1024 * 1024,
+        description="Most bytes of attachments of one sent message; more is refused by `send()`.",
+    )
     # Reply text (UTF-8 bytes) above this is refused: too_large. An echo of a huge
     # mail must not cost gigabytes of memory and seconds of Markdown rendering.
-    max_outbound_bytes: PositiveInt = 1_000_000
+    max_outbound_bytes: PositiveInt = Field(
+        1_000_000, description="Reply text (UTF-8 bytes) above this is refused with `too_large`."
+    )
     # Sent replies keep their stored text this many days (idempotency needs only
     # the key and the Message-ID, which stay). Pruned at start and hourly.
-    outbox_retention_days: Annotated[float, Field(ge=0)] = 7
-    save_sent: bool = False
-    sent_folder: str | None = None
+    outbox_retention_days: Annotated[float, Field(ge=0)] = Field(
+        7,
+        description=(
+            "Days a sent reply's text is kept in the outbox (its Message-ID and "
+            "idempotency key stay)."
+        ),
+    )
+    save_sent: bool = Field(
+        False, description="Also store each sent reply in the Sent folder (best effort)."
+    )
+    sent_folder: str | None = Field(
+        None,
+        description=(
+            "The Sent folder for `save_sent`; default the folder marked \\Sent (SPECIAL-"
+            'USE), else "Sent".'
+        ),
+    )
 
     # --- several mailboxes (config/accounts.py; docs/guides/accounts.md) ---
     # Each folder is a mailbox of its own (own session, cursor, backoff); [] means
     # [imap_folder]. More folders than max_imap_connections is refused: each holds a
     # connection, and providers cap them per account (docs/guides/provider-limits.md).
-    imap_folders: StrList = Field(default_factory=list)
-    max_imap_connections: Annotated[int, Field(ge=1, le=1000)] = 10
-    capabilities: StrList = Field(default_factory=lambda: list(CAPABILITIES))
+    imap_folders: StrList = Field(
+        default_factory=list,
+        description=(
+            "The folders this account watches, each a mailbox of its own (session, "
+            "cursor, backoff); empty means `[imap_folder]`."
+        ),
+    )
+    max_imap_connections: Annotated[int, Field(ge=1, le=1000)] = Field(
+        10,
+        description=(
+            "Most IMAP connections this account may hold, one per watched folder; more "
+            "folders is a config error."
+        ),
+    )
+    capabilities: StrList = Field(
+        default_factory=lambda: list(CAPABILITIES),
+        description=(
+            'What the account may do: a subset of "receive", "reply", "send", "tools"; a '
+            'send without "reply"/"send" fails with `capability_disabled`.'
+        ),
+    )
     # The share of senders (stable hash of the address) whose mail is handed on.
-    rollout_percent: Annotated[float, Field(ge=0, le=100)] = 100
+    rollout_percent: Annotated[float, Field(ge=0, le=100)] = Field(
+        100,
+        description=(
+            "Share of senders (a stable hash of the address) whose mail is handed on; the"
+            " others' mail is left untouched, logged and counted."
+        ),
+    )
 
     # --- service-wide: the top-level table only (accounts.SERVICE_FIELDS) ---
-    state_url: SecretStr | None = None
-    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 0
-    metrics_host: str = "127.0.0.1"
-    replica_id: str = Field(default_factory=default_replica_id)
-    lease_secs: PositiveFloat = 30.0
+    state_url: SecretStr | None = Field(
+        None,
+        description=(
+            "Shared state in PostgreSQL (`postgresql://user:password@host:port/dbname`) "
+            "for replicas; none means SQLite in `state_dir`. A secret. Service-wide."
+        ),
+    )
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = Field(
+        0,
+        description=(
+            "Port of the operations endpoint (/metrics, /healthz, /status); 0 turns it "
+            "off. Service-wide."
+        ),
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", description="Address the operations endpoint listens on. Service-wide."
+    )
+    replica_id: str = Field(
+        default_factory=default_replica_id,
+        description=(
+            "Names this process in logs, metrics and `mailboxes()`; default host name and"
+            " process id. Service-wide."
+        ),
+    )
+    lease_secs: PositiveFloat = Field(
+        30.0,
+        description=(
+            "How long a replica's lease on a mailbox lasts; a dead replica's mailboxes "
+            "move within about this plus 15 s. Service-wide."
+        ),
+    )
     # Logins in progress at once per IMAP server (host and port), over all accounts.
-    max_concurrent_logins: Annotated[int, Field(ge=1, le=1000)] = 10
+    max_concurrent_logins: Annotated[int, Field(ge=1, le=1000)] = Field(
+        10,
+        description=(
+            "Logins in progress at once per IMAP server (host and port), over all "
+            "accounts. Service-wide."
+        ),
+    )
 
-    # --- mailbox tools for the agent ---
-    tools_scope: Literal["allowed", "all"] = "allowed"
-    tools_write: bool = False
-    tools_max_chars: PositiveInt = 20000
+    # --- mailbox tools for the agent (channel.tools, `prx-email mcp`; docs/guides/tools.md) ---
+    # "allowed": the tools see only mail the channel itself would hand on; "all": opt-out.
+    tools_scope: Literal["allowed", "all"] = Field(
+        "allowed",
+        description=(
+            'Which mail the agent\'s mailbox tools see: "allowed" (only mail the channel '
+            'would hand on) or "all".'
+        ),
+    )
+    # mark_read / move / send / reply refuse (tools_read_only) unless this is true.
+    tools_write: bool = Field(
+        False,
+        description=(
+            "Allow the tools' write actions (mark_read, move, send, reply); otherwise "
+            "they fail with `tools_read_only`."
+        ),
+    )
+    # Every text a tool returns from mail is cut at this many characters, with a marker.
+    tools_max_chars: Annotated[int, Field(ge=100, le=1_000_000)] = Field(
+        20_000,
+        description="Longest text field in a tool result; longer text is cut with a marker.",
+    )
 
     # The OAuth token manager shared by every connection made with this object
     # (oauth.token_source); never part of the settings.
@@ -769,12 +1084,13 @@ def account_env_prefix(name: str) -> str:
 
 def _account_env(name: str) -> dict[str, str]:
     """The account's own variables, field name -> text (unknown names included, so a
-    misspelt variable is an error rather than silently ignored)."""
+    misspelt variable is an error rather than silently ignored). An empty one is unset,
+    as for the general variables."""
     prefix = account_env_prefix(name)
     return {
         key[len(prefix) :].lower(): value
         for key, value in os.environ.items()
-        if key.upper().startswith(prefix) and len(key) > len(prefix)
+        if key.upper().startswith(prefix) and len(key) > len(prefix) and value != ""
     }
 
 

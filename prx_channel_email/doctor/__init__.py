@@ -37,7 +37,7 @@ from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._net.tls import ssl_context
 from prx_channel_email._outbound.compose import parse_recipient
 from prx_channel_email._storage.sqlite.store import low_space, make_private_dir
-from prx_channel_email.config import EmailConfig, load_config, resolve_path
+from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
 from prx_channel_email.config.providers import detect_provider, provider_named
 
 # Re-exported: callers build and read reports from here, as before.
@@ -983,3 +983,49 @@ async def doctor(
         config_path=shown,
         progress=progress,
     )
+
+
+# Accounts checked at once by doctor_accounts: enough to check many in reasonable
+# time, few enough that no server sees a burst of logins from the doctor.
+ACCOUNTS_AT_ONCE = 4
+
+
+async def doctor_accounts(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    account: str | None = None,
+    send_test: str | None = None,
+    check_timeout: float = DEFAULT_CHECK_TIMEOUT,
+    progress: Progress | None = None,
+) -> list[DoctorReport]:
+    """The doctor for every account of the config at ``path`` (or only ``account``):
+    one report each, in the config's order, ``report.account`` naming it.
+
+    A config that cannot be loaded, or an ``account`` it does not have, gives one
+    report with ``config_invalid`` (exit code 2)."""
+    shown = str(resolve_path(path))
+    try:
+        accounts = await asyncio.to_thread(load_accounts, path)
+    except ConfigError as error:
+        return [invalid_config_report(error)]
+    if account is not None:
+        if account not in accounts:
+            names = ", ".join(accounts)
+            problem = f"--account {account}: no such account (the config has: {names})"
+            return [invalid_config_report(ConfigError(problem, path=shown, problems=[problem]))]
+        accounts = {account: accounts[account]}
+    several = len(accounts) > 1
+    gate = asyncio.Semaphore(ACCOUNTS_AT_ONCE)
+
+    async def one(name: str, config: EmailConfig) -> DoctorReport:
+        def told(text: str) -> None:
+            if progress is not None:
+                progress(f"{name}: {text}" if several else text)
+
+        async with gate:
+            report = await run_doctor(config, send_test=send_test, check_timeout=check_timeout,
+                                      config_path=shown, progress=told)  # fmt: skip
+        report.account = name
+        return report
+
+    return list(await asyncio.gather(*(one(n, c) for n, c in accounts.items())))

@@ -32,6 +32,7 @@ class DoctorReport:
     checks: list[Check] = field(default_factory=list)
     config_path: str | None = None
     config_invalid: bool = False
+    account: str | None = None  # the account's name, in a config with several
 
     @property
     def failed(self) -> list[Check]:
@@ -61,6 +62,7 @@ class DoctorReport:
             "ok": self.ok,
             "exit_code": self.exit_code,
             "config": self.config_path,
+            **({"account": self.account} if self.account is not None else {}),
             "summary": counts,
             "checks": [c.to_dict() for c in self.checks],
         }

@@ -25,6 +25,8 @@ from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import ChannelMessage, SendMessage
 from prx_channel_email.status import StatusCallback
 
+from ._tools import publish as publish_tools
+
 log = logging.getLogger(__name__)
 
 # How many handed-on messages we remember for a later ack (a host that never acks
@@ -144,6 +146,7 @@ class EmailBridge:
         self._listener: asyncio.Task[None] | None = None
         self._pump: asyncio.Task[None] | None = None
         self._inflight: OrderedDict[str, ChannelMessage] = OrderedDict()
+        self._withdraw_tools: Callable[[], None] | None = None
 
     async def start(self, ready_within: float) -> None:
         """Start listening; return once IMAP has the folder selected and SMTP logged in.
@@ -161,6 +164,7 @@ class EmailBridge:
         except BaseException:
             await self.close()
             raise
+        self._withdraw_tools = publish_tools(self.channel.tools)  # the host's tool registry
         log_event(log, logging.INFO, "integration.ready", account=self.config.account,
                   host=self._host)  # fmt: skip
 
@@ -197,6 +201,9 @@ class EmailBridge:
 
     async def close(self) -> None:
         """Stop the pump and the listener, then close the channel (idempotent)."""
+        withdraw, self._withdraw_tools = self._withdraw_tools, None
+        if withdraw is not None:
+            withdraw()
         tasks = [t for t in (self._pump, self._listener) if t is not None]
         self._pump = self._listener = None
         for task in tasks:

@@ -265,7 +265,10 @@ def _yaml_defaults(yaml_cfg: dict[str, Any], platform_cfg: dict[str, Any]) -> di
 
 
 def register(ctx: Any) -> None:
-    """hermes plugin entry point: register the ``prx_email`` platform."""
+    """hermes plugin entry point: register the ``prx_email`` platform and its mailbox tools."""
+    from .hermes_tools import register_tools
+
+    register_tools(ctx)
     ctx.register_platform(
         name=NAME,
         label="Email (prx-channel-email)",

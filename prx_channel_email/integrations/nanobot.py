@@ -31,6 +31,7 @@ from nanobot.bus.runtime_events import TurnCompleted
 from nanobot.channels.base import BaseChannel
 
 from prx_channel_email._support.observability import log_event
+from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import ChannelError, SendError
 from prx_channel_email.models import ChannelMessage, SendMessage
 from prx_channel_email.status import ChannelState, ChannelStatus
@@ -66,6 +67,18 @@ def _section_table(section: Any) -> dict[str, Any]:
     if callable(dump):
         return dict(dump())
     raise ChannelError(f"the {NAME} channel table is not a mapping", code="config_invalid")
+
+
+def email_config(section: Any) -> EmailConfig:
+    """The EmailConfig of nanobot's ``channels.prx_email`` table (the channel and its
+    tools read it the same way)."""
+    table = _section_table(section)
+    if "allowed_senders" not in table and "allowedSenders" not in table:
+        # A nanobot user's natural allow-list; the channel's own matching rules apply.
+        allow = table.get("allowFrom", table.get("allow_from"))
+        if allow is not None:
+            table["allowed_senders"] = allow
+    return config_from_host_table(table, host_keys=HOST_KEYS, source=f"channels.{NAME}")
 
 
 def thread_session_key(thread_ts: str) -> str:
@@ -133,13 +146,7 @@ class PrxEmailChannel(BaseChannel):
 
     async def start(self) -> None:
         """Log in, then serve until :meth:`stop`; raises ChannelError on a permanent failure."""
-        table = _section_table(self.config)
-        if "allowed_senders" not in table and "allowedSenders" not in table:
-            # A nanobot user's natural allow-list; the channel's own matching rules apply.
-            allow = table.get("allowFrom", table.get("allow_from"))
-            if allow is not None:
-                table["allowed_senders"] = allow
-        config = config_from_host_table(table, host_keys=HOST_KEYS, source=f"channels.{NAME}")
+        config = email_config(self.config)
         self._stop.clear()
         self._failure = None
         self._bridge = EmailBridge(config, self._publish, host="nanobot", on_status=self._status)

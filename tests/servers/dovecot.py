@@ -162,8 +162,14 @@ class DovecotServer:
         startup_timeout: float = 15.0,
         extra_config: str = "",
         oauth_introspection_url: str | None = None,
+        namespace_prefix: str = "",
+        separator: str = "/",
     ) -> None:
         self.idle = idle
+        # Courier's layout is namespace_prefix="INBOX.", separator=".": every folder
+        # lives under INBOX (Cyrus: "INBOX/" with unixhierarchysep).
+        self.namespace_prefix = namespace_prefix
+        self.separator = separator
         # With a URL, XOAUTH2/OAUTHBEARER logins are checked by an ``oauth2`` passdb
         # asking that RFC 7662 endpoint (tests/servers/oauth_server.py); LOGIN and
         # PLAIN keep using the passwd-files.
@@ -603,7 +609,8 @@ class DovecotServer:
 
 namespace inbox {{
   inbox = yes
-  separator = /
+  separator = {self.separator}
+  prefix = {self.namespace_prefix}
   mailbox Drafts {{
     special_use = \\Drafts
   }}

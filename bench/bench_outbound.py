@@ -38,7 +38,8 @@ from aiosmtpd.controller import Controller
 
 from prx_channel_email._outbound.compose import Parent, compose
 from prx_channel_email._outbound.outbox import Outbox
-from prx_channel_email._storage.sqlite.store import Cursor, LedgerEntry, StateStore
+from prx_channel_email._storage import HandoffBatch, LedgerEntry, MailKey, Record
+from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email._support.observability import Metrics
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import SendMessage
@@ -94,14 +95,9 @@ async def through_outbox(
             references=[],
             received_at=time.time(),
         )
-        await store.record(
-            config.account,
-            "INBOX",
-            Cursor(1, 1),
-            message_id=entry.message_id,
-            outcome="delivered",
-            entry=entry,
-        )
+        key = MailKey(config.account, "INBOX", 1, 1)
+        record = Record(key, entry.message_id, "delivered", entry=entry)
+        await store.commit_handoff(HandoffBatch(key.mailbox, records=[record]))
         outbox = Outbox(config, store, Metrics(), sent_mark_delay_secs=mark_delay)
         await outbox.start()
         try:

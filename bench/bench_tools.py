@@ -28,6 +28,7 @@ import tempfile
 import time
 import tracemalloc
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -68,12 +69,18 @@ def message(i: int, rng: random.Random) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n" + "\r\n".join(lines) + "\r\n").encode()
 
 
-def fill(server: DovecotServer, account: Account, count: int) -> None:
-    """Deliver ``count`` messages over LMTP (UID order = message number order)."""
+def fill(server: DovecotServer, account: Account, count: int, connections: int = 3) -> None:
+    """Deliver ``count`` messages over LMTP, on a few connections at once."""
     rng = random.Random(7)
-    with smtplib.LMTP(server.host, server.lmtp_port, local_hostname="localhost") as lmtp:
-        for i in range(count):
-            lmtp.sendmail("sender@example.org", [account.address], message(i, rng))
+    raws = [message(i, rng) for i in range(count)]
+
+    def deliver(part: list[bytes]) -> None:
+        with smtplib.LMTP(server.host, server.lmtp_port, local_hostname="localhost") as lmtp:
+            for raw in part:
+                lmtp.sendmail("sender@example.org", [account.address], raw)
+
+    with ThreadPoolExecutor(connections) as pool:
+        list(pool.map(deliver, [raws[i::connections] for i in range(connections)]))
 
 
 def config_for(server: DovecotServer, account: Account, state: Path) -> EmailConfig:

@@ -2,7 +2,8 @@
 
 Inbound:  IMAP (sync.py) -> parse/normalize + policy (inbound.py) -> the framework's queue.
 Outbound: SendMessage -> compose + outbox (outbox.py) -> SMTP.
-Both share one state store (store.py) and one set of counters.
+Both share one storage (_storage), one hand-off ledger (_handoff/ledger.py: a reply
+acks its parent there) and one set of counters.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ import logging
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from prx_channel_email._handoff.ledger import HandoffLedger
 from prx_channel_email._inbound.pipeline import InboundPipeline
 from prx_channel_email._inbound.sync import SyncEngine, SyncStatus
 from prx_channel_email._net.smtp import SmtpTransport
 from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, attach, auth_backoff
 from prx_channel_email._outbound.outbox import Outbox
-from prx_channel_email._storage.sqlite import senders_table
-from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._storage import open_storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email._tools import MailboxTools, ToolAccount
@@ -74,7 +75,9 @@ class EmailChannel(Channel):
         self.config = config
         self.metrics = Metrics()
         self.reporter = StatusReporter(config.account, on_status, on_rejected, metrics=self.metrics)
-        self.store = StateStore(config.state_dir)
+        self.store = open_storage(config.state_dir)
+        # One hand-off ledger: the host's acks and replies settle received mail there.
+        self.ledger = HandoffLedger(self.store, config.account, handoff=config.handoff)
         self.pipeline = InboundPipeline(config, metrics=self.metrics)
         self.sync = SyncEngine(
             config,
@@ -83,13 +86,9 @@ class EmailChannel(Channel):
             self.metrics,
             reporter=self.reporter,
             auth_backoff=auth_backoff(config),
+            ledger=self.ledger,
         )
-        self.outbox = Outbox(
-            config,
-            self.store,
-            self.metrics,
-            on_reply_durable=self._reply_durable,
-        )
+        self.outbox = Outbox(config, self.store, self.metrics, ledger=self.ledger)
         self._started = False
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()
@@ -217,19 +216,7 @@ class EmailChannel(Channel):
         Raises StorageError (a ChannelError) when the state cannot be written.
         """
         await self.start()
-        if self.config.handoff == "ack":
-            await self.sync.ack(message.id)
-
-    async def _reply_durable(self, parent_id: str) -> None:
-        """A reply to ``parent_id`` is durably in the outbox: the parent is handled."""
-        if self.config.handoff != "ack":
-            return
-        try:
-            await self.sync.ack(parent_id)
-        except StorageError as exc:  # the reply is stored; the parent stays in flight
-            log_event(log, logging.WARNING, "channel.ack_failed", exc=exc,
-                      account=self.config.account, message_id=parent_id,
-                      code=exc.code)  # fmt: skip
+        await self.ledger.ack(message)
 
     @property
     def allowed_senders(self) -> list[str]:
@@ -256,17 +243,14 @@ class EmailChannel(Channel):
             )
         await self.start()
         account, in_config = self.config.account, item in self.config.allowed_senders
-        await self.store.run(
-            lambda conn: senders_table.change(conn, account, item, allow=allow, in_config=in_config)
-        )
+        await self.store.change_sender(account, item, allow=allow, in_config=in_config)
         await self._apply_runtime_senders()
         event = "channel.sender_allowed" if allow else "channel.sender_removed"
         log_event(log, logging.INFO, event, account=account, sender=item)
 
     async def _apply_runtime_senders(self) -> None:
-        account = self.config.account
-        added, removed = await self.store.run(lambda conn: senders_table.load(conn, account))
-        self.pipeline.policy.set_runtime_senders(added, removed)
+        changes = await self.store.runtime_senders(self.config.account)
+        self.pipeline.policy.set_runtime_senders(changes.added, changes.removed)
 
     async def wait_ready(self, timeout: float) -> ChannelStatus:  # noqa: ASYNC109 (the contract)
         """While :meth:`listen` runs: return once IMAP is logged in with the folder

@@ -33,8 +33,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from prx_channel_email._inbound.policy import describe_sender_auth
-from prx_channel_email._storage.sqlite.outbox_table import OutboxEntry, OutboxTable
-from prx_channel_email._storage.sqlite.store import DB_NAME, StateStore
+from prx_channel_email._storage import OutboxEntry, OutboxStore, open_storage, state_exists
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
@@ -313,10 +312,16 @@ def _doctor(
     send_test: str | None,
     budget: float,
     account: str | None = None,
+    push_test: bool = False,
 ) -> int:
     shown = str(resolve_path(config_path))
     run = functools.partial(
-        doctor_accounts, config_path, account=account, send_test=send_test, check_timeout=budget
+        doctor_accounts,
+        config_path,
+        account=account,
+        send_test=send_test,
+        push_test=push_test,
+        check_timeout=budget,
     )
 
     async def go() -> list[DoctorReport]:
@@ -375,15 +380,15 @@ async def _send(
 # --------------------------------------------------------------------------- outbox
 
 
-async def _outbox(config: EmailConfig, op: Callable[[OutboxTable], Awaitable[Any]]) -> Any:
-    """Run ``op`` on the outbox table of ``state_dir`` (no SMTP, no IMAP)."""
-    if not (config.state_dir / DB_NAME).is_file():
+async def _outbox(config: EmailConfig, op: Callable[[OutboxStore], Awaitable[Any]]) -> Any:
+    """Run ``op`` on the outbox rows of the account (no SMTP, no IMAP)."""
+    if not state_exists(config.state_dir):
         raise ChannelError(
             f"no state in {config.state_dir} yet: nothing was ever sent with this config",
             code="no_state",
         )
-    async with StateStore(config.state_dir) as store:
-        return await op(OutboxTable(store, config.account))
+    async with open_storage(config.state_dir) as store:
+        return await op(store.outbox(config.account))
 
 
 def _when(ts: float) -> str:
@@ -576,6 +581,14 @@ def doctor_cmd(
         str | None,
         typer.Option("--account", metavar="NAME", help="Check only this account of the config."),
     ] = None,
+    push_test: Annotated[
+        bool,
+        typer.Option(
+            "--push-test",
+            help="Measure push: APPEND a marked test message to the folder, time the "
+            "server's announcement while idling, delete the message again.",
+        ),
+    ] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Check the whole mail setup and say how to fix what is wrong.
@@ -590,7 +603,7 @@ def doctor_cmd(
     """
     _logging(debug, quiet=True)
     with _guard(debug):
-        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout, account))
+        raise typer.Exit(_doctor(config, as_json, send_test, check_timeout, account, push_test))
 
 
 @app.command("run")
@@ -931,7 +944,7 @@ def status_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
         cfg = _oauth_config(config)
         from prx_channel_email._oauth.flows import describe
 
-        for key, value in describe(cfg):
+        for key, value in asyncio.run(describe(cfg)):
             out.print(f"{key}: {escape(value)}")
 
 

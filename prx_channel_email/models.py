@@ -115,6 +115,8 @@ def pack_message(message: ChannelMessage) -> str:
     JSON, then the body texts as they are, so a body is never JSON-escaped (24 MB of
     ``"`` was 48 MB per copy) and ``content`` is not stored twice when it is the
     whole text (a message with nothing to strip)."""
+    if "\x00" in message.content or "\x00" in message.full_text:
+        return message.model_dump_json()  # a text column of some databases takes no NUL
     head = message.model_dump(mode="json", exclude={"content", "full_text"})
     same = message.content == message.full_text
     head["_lengths"] = [-1 if same else len(message.content), len(message.full_text)]

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import email
 import email.policy
+import itertools
 import time
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from prx_channel_email._storage.sqlite.store import Cursor, LedgerEntry, StateStore
+from prx_channel_email._storage import HandoffBatch, LedgerEntry, MailKey, Record, Storage
 from prx_channel_email.config import EmailConfig
 from tests.config_builder import build_config
 from tests.servers.dovecot import Account, DovecotServer
@@ -36,8 +37,11 @@ def smtp_config(
     return build_config(tmp_path / "state", smtp=smtp_server, smtp_listener=security, **fields)
 
 
+_UIDS = itertools.count(1)
+
+
 async def seed_ledger(
-    store: StateStore,
+    store: Storage,
     config: EmailConfig,
     *,
     message_id: str,
@@ -58,14 +62,10 @@ async def seed_ledger(
         references=refs,
         received_at=received_at if received_at is not None else time.time(),
     )
-    await store.record(
-        config.account,
-        "INBOX",
-        Cursor(1, 1),
-        message_id=message_id,
-        outcome="delivered",
-        entry=entry,
-    )
+    # Each seeded mail is a mail of its own (its own UID), as on a server.
+    key = MailKey(config.account, "INBOX", 1, next(_UIDS))
+    record = Record(key, message_id, "delivered", entry=entry)
+    await store.commit_handoff(HandoffBatch(key.mailbox, records=[record]))
     return entry
 
 

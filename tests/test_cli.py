@@ -72,6 +72,13 @@ def test_doctor_good_config_exits_0(good_config: Path) -> None:
     assert "imap login" in result.output
 
 
+def test_doctor_push_test_measures_push(good_config: Path) -> None:
+    result = runner.invoke(app, ["doctor", "--push-test", "--json", "--config", str(good_config)])
+    assert result.exit_code == 0, result.output
+    idle = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "imap idle")
+    assert idle["status"] == "pass" and idle["detail"].startswith("push works ("), idle
+
+
 def test_prx_channel_doctor_email_same_as_prx_email_doctor(good_config: Path) -> None:
     result = runner.invoke(prx_app, ["channel", "doctor", "email", "-c", str(good_config)])
     assert result.exit_code == 0, result.output

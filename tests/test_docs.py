@@ -10,6 +10,7 @@ here instead of silently leaving it out. Building the site (``mkdocs build
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import sys
@@ -26,7 +27,9 @@ PACKAGE = ROOT / "prx_channel_email"
 README = ROOT / "README.md"
 
 
+@functools.cache
 def _generator() -> ModuleType:
+    """docs/_gen/reference.py, loaded once (it parses the whole package)."""
     path = ROOT / "docs" / "_gen" / "reference.py"
     spec = importlib.util.spec_from_file_location("prx_docs_reference", path)
     assert spec is not None and spec.loader is not None
@@ -152,3 +155,23 @@ def test_every_provider_row_is_in_the_reference(pages: dict[str, str]) -> None:
         assert f"| {row.label}" in page, row.key
         if row.imap is not None:
             assert f"`{row.imap.host}` {row.imap.port}" in page
+
+
+def test_every_command_and_option_is_in_the_cli_reference(pages: dict[str, str]) -> None:
+    import typer
+
+    from prx_channel_email import cli
+
+    page = pages["reference/cli.md"]
+    group = typer.main.get_command(cli.app)
+    seen = 0
+    for path, command in _generator()._commands(group, ["prx-email"]):
+        if getattr(command, "commands", None):
+            continue
+        seen += 1
+        assert f"## `{' '.join(path)}`" in page
+        for param in command.params:
+            for opt in getattr(param, "opts", []):
+                if opt.startswith("-"):
+                    assert f"`{opt}" in page or f", {opt}" in page, (path, opt)
+    assert seen >= 10

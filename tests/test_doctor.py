@@ -95,6 +95,7 @@ async def test_good_config_passes(
         "imap login",
         "imap idle",
         "imap folder",
+        "imap folders",
         "sender verification",
         "smtp dns",
         "smtp tcp",

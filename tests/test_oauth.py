@@ -4,7 +4,6 @@ XOAUTH2 SMTP server, both checking tokens at the local authorization server."""
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import stat
 from pathlib import Path
@@ -14,7 +13,9 @@ import pytest
 from prx_channel_email import EmailChannel
 from prx_channel_email._net.imap import ImapSession, open_session
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
-from prx_channel_email._oauth.tokens import TOKEN_FILE, TokenStore, token_source
+from prx_channel_email._oauth.tokens import token_source, token_store
+from prx_channel_email._storage import open_storage
+from prx_channel_email._storage.sqlite.store import DB_NAME
 from prx_channel_email.errors import (
     AuthenticationError,
     OAuthReauthRequired,
@@ -47,9 +48,11 @@ async def test_imap_and_smtp_log_in_with_one_refresh(
     assert smtp_oauth.wait_for_messages(1)[0].auth_login == account.username
     # The SMTP login reused the token the IMAP login had fetched.
     assert oauth_server.token_requests["refresh_token"] == 1
-    store = TokenStore(config.state_dir)
-    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(store.dir.stat().st_mode) == 0o700
+    # The grant is kept where the state is, owner-only.
+    assert await token_store(config).load() is not None
+    assert stat.S_IMODE((config.state_dir / DB_NAME).stat().st_mode) == 0o600
+    assert stat.S_IMODE(config.state_dir.stat().st_mode) == 0o700
+    assert await token_store(config).private()
 
 
 async def test_oauthbearer_is_used_where_only_it_is_offered(
@@ -158,13 +161,14 @@ async def test_channel_receives_and_replies_with_short_lived_tokens(
     sent = smtp_oauth.wait_for_messages(4)
     assert sorted(m.message()["Subject"] for m in sent) == [f"Re: n{i}" for i in range(4)]
     assert oauth_server.token_requests["refresh_token"] >= 3  # start + two dropped
-    record = TokenStore(config.state_dir).load()
+    record = await token_store(config).load()
     assert record is not None
     secrets = [record.refresh_token, record.access_token]
     for line in caplog.messages:
         assert not any(s and s in line for s in secrets)
-    text = (config.state_dir / TOKEN_FILE).read_text()
-    assert json.loads(text)["refresh_token"] == record.refresh_token
+    # What the store holds is the rotated token the channel uses, read back fresh.
+    again = await open_storage(config.state_dir).tokens(config.account).load()
+    assert again is not None and again.refresh_token == record.refresh_token
 
 
 async def test_send_with_a_revoked_grant_raises_reauth_required(

@@ -7,7 +7,9 @@ loopback listener. The device flow is approved on the authorization server.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,9 @@ from typing import Any
 
 import httpx
 
-from prx_channel_email._oauth.tokens import TokenStore
+from prx_channel_email._oauth.tokens import token_store
+from prx_channel_email._storage import TokenStore
+from prx_channel_email.config import load_config
 from tests.oauth_helpers import oauth_config
 from tests.operator_helpers import read_until, reaped, subprocess_env
 from tests.servers.dovecot import Account, DovecotServer
@@ -69,7 +73,7 @@ def start_login(path: Path, flag: str) -> subprocess.Popen[str]:
 
 
 def secrets_of(store: TokenStore) -> list[str]:
-    record = store.load()
+    record = asyncio.run(store.load())
     assert record is not None
     return [s for s in (record.refresh_token, record.access_token) if s]
 
@@ -91,8 +95,8 @@ def test_browser_login_status_doctor_and_logout(
         assert page.status_code == 200 and "Signed in" in page.text
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
-    store = TokenStore(tmp_path / "state")
-    assert oct(store.path.stat().st_mode & 0o777) == "0o600"
+    store = token_store(load_config(path))
+    assert stat.S_IMODE((tmp_path / "state" / "state.sqlite3").stat().st_mode) == 0o600
     tokens = secrets_of(store)
 
     status = cli("auth", "status", "-c", str(path))
@@ -108,7 +112,7 @@ def test_browser_login_status_doctor_and_logout(
 
     logout = cli("auth", "logout", "-c", str(path))
     assert logout.returncode == 0, logout.stderr
-    assert "revoked" in logout.stdout and not store.path.exists()
+    assert "revoked" in logout.stdout and asyncio.run(store.load()) is None
     assert not oauth_server.active(tokens[-1])["active"]
 
     for result in (status, doctor, logout):
@@ -133,7 +137,7 @@ def test_device_login_headless(
         out, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err
     assert "signed in as" in out
-    tokens = secrets_of(TokenStore(tmp_path / "state"))
+    tokens = secrets_of(token_store(load_config(path)))
     assert not any(t in out + err for t in tokens)
     doctor = cli("doctor", "--json", "-c", str(path))
     assert json.loads(doctor.stdout)["exit_code"] == 0, doctor.stdout

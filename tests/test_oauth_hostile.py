@@ -6,8 +6,6 @@ And ``auth login``'s loopback listener, which stray local requests must not end.
 from __future__ import annotations
 
 import asyncio
-import fcntl
-import os
 import socket
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -16,7 +14,8 @@ import httpx
 import pytest
 
 from prx_channel_email._oauth.flows import login_browser
-from prx_channel_email._oauth.tokens import TokenRecord, TokenStore, token_source
+from prx_channel_email._oauth.tokens import token_source, token_store
+from prx_channel_email._storage import TokenRecord
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import ChannelError, OAuthUnavailable
 from tests.servers.oauth_server import CLIENT_ID, OAuthServer
@@ -44,15 +43,13 @@ def token_config(tmp_path: Path, oauth_server: OAuthServer) -> EmailConfig:
     )
 
 
-def lock_is_free(config: EmailConfig) -> bool:
-    fd = os.open(TokenStore(config.state_dir).lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+async def lock_is_free(config: EmailConfig) -> bool:
+    """Nobody holds the one-refresh lock (a second holder would be refused at once)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
+        async with token_store(config).locked(0.0):
+            return True
+    except OAuthUnavailable:
         return False
-    finally:
-        os.close(fd)
 
 
 @pytest.mark.parametrize("mode", ["slow_drip", "slow_header", "chunked_forever", "huge"])
@@ -67,7 +64,7 @@ async def test_a_slow_endless_or_huge_answer_is_cut_off_and_backed_off(
     with pytest.raises(OAuthUnavailable) as info:
         await asyncio.wait_for(manager.token(), 60)
     assert info.value.code == "oauth_token_unavailable"
-    assert lock_is_free(config)
+    assert await lock_is_free(config)
     # The client hung up: the server is not left sending into a void.
     assert await asyncio.to_thread(oauth_server.misbehaving_done.wait, 30)
     # Backed off: the next caller gets the same answer without a new request.
@@ -75,7 +72,7 @@ async def test_a_slow_endless_or_huge_answer_is_cut_off_and_backed_off(
     with pytest.raises(OAuthUnavailable):
         await asyncio.wait_for(manager.token(), 60)
     assert oauth_server.total_token_requests() == requests
-    assert TokenStore(config.state_dir).load() is None  # nothing unusable was stored
+    assert await token_store(config).load() is None  # nothing unusable was stored
     manager._outage_until = 0.0  # the backoff elapsed: a good answer works again
     assert (await manager.token()).value
 
@@ -112,7 +109,7 @@ async def test_an_unusable_token_answer_is_an_outage_not_a_crash(
         await asyncio.wait_for(manager.token(), 60)
     assert info.value.code == "oauth_token_unavailable"
     assert manager._outage_until > manager.now()  # backed off
-    assert TokenStore(config.state_dir).load() is None
+    assert await token_store(config).load() is None
 
 
 async def test_a_lowercase_bearer_type_and_a_string_lifetime_are_accepted(
@@ -161,7 +158,7 @@ async def test_stray_requests_to_the_login_listener_get_400_and_the_login_goes_o
         page = await browser.get(url, follow_redirects=True)
         assert page.status_code == 200 and "Signed in" in page.text
     record = await asyncio.wait_for(task, 30)
-    assert record.refresh_token and TokenStore(config.state_dir).load() == record
+    assert record.refresh_token and await token_store(config).load() == record
 
 
 async def test_a_busy_redirect_port_is_a_clear_channel_error(

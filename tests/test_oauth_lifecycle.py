@@ -19,7 +19,7 @@ from prx_channel_email._net.imap import open_session
 from prx_channel_email._net.smtp import SmtpTransport
 from prx_channel_email._oauth import tokens as oauth_module
 from prx_channel_email._oauth.flows import login_device
-from prx_channel_email._oauth.tokens import KILL_BEFORE_SAVE_ENV, TokenStore
+from prx_channel_email._oauth.tokens import KILL_BEFORE_SAVE_ENV, token_store
 from prx_channel_email._outbound.sent_folder import ImapSentFolder
 from prx_channel_email.errors import ChannelError, OAuthReauthRequired
 from prx_channel_email.models import ChannelMessage, SendMessage
@@ -64,8 +64,8 @@ async def test_rotation_survives_a_restart_and_a_new_seed_replaces_the_store(
     async with EmailChannel(config) as channel:
         assert channel.tokens is not None
         await channel.tokens.token()  # strict rotation: the seed is now spent
-    store = TokenStore(config.state_dir)
-    first = store.load()
+    store = token_store(config)
+    first = await store.load()
     assert first is not None and first.refresh_token != seed.get_secret_value()
 
     oauth_server.expire_access_tokens()  # the restarted channel must refresh again
@@ -73,7 +73,7 @@ async def test_rotation_survives_a_restart_and_a_new_seed_replaces_the_store(
         session = await open_session(channel.config)
         await session.logout()
         assert await channel.health_check()
-    second = store.load()
+    second = await store.load()
     assert second is not None and second.refresh_token not in (
         first.refresh_token,
         seed.get_secret_value(),
@@ -85,7 +85,7 @@ async def test_rotation_survives_a_restart_and_a_new_seed_replaces_the_store(
     oauth_server.expire_access_tokens()
     session = await open_session(replaced)
     await session.logout()
-    third = store.load()
+    third = await store.load()
     assert third is not None and third.seed != second.seed
     assert oauth_server.token_requests["refresh_token"] == 3
 
@@ -126,9 +126,7 @@ async def test_sigkill_between_a_rotated_token_and_its_save(
     data["oauth_refresh_token"] = config.oauth_refresh_token.get_secret_value()  # type: ignore[union-attr]
     done = _kill_child(json.dumps(data), kill=True)
     assert done.returncode == -signal.SIGKILL, done.stderr
-    store = TokenStore(config.state_dir)
-    assert store.load() is None  # nothing half-written, nothing at all
-    assert not list(config.state_dir.glob(".oauth-token.*"))  # no temp file left either
+    assert await token_store(config).load() is None  # nothing half-written, nothing at all
     assert oauth_server.token_requests["refresh_token"] == 1
 
     async with EmailChannel(config) as channel:
@@ -232,4 +230,4 @@ async def test_a_host_token_provider_is_asked_before_every_login(
         await channel.send_message(SendMessage(content="hello", recipient=ANN, subject="hi"))
     assert calls == 3
     assert smtp_oauth.wait_for_messages(1)[0].auth_login == account.username
-    assert not TokenStore(config.state_dir).path.exists()  # the host keeps its tokens
+    assert await token_store(config).load() is None  # the host keeps its tokens

@@ -55,6 +55,16 @@ async def get(port: int, path: str) -> httpx.Response:
         return await client.get(f"http://127.0.0.1:{port}{path}")
 
 
+async def exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read the whole answer (the server closes after one)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        return await asyncio.wait_for(reader.read(), GENEROUS)
+    finally:
+        writer.close()
+
+
 @pytest.fixture
 def table(
     dovecot: DovecotServer, account: Account, smtp_server: SmtpServer, tmp_path: Path
@@ -164,21 +174,15 @@ async def test_the_server_answers_only_small_get_requests(
         assert post.status_code == 405
         head = await client.head(f"http://127.0.0.1:{served}/status")
         assert head.status_code == 200 and head.content == b""
-    reader, writer = await asyncio.open_connection("127.0.0.1", served)
-    writer.write(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (ops_http.MAX_HEAD_BYTES + 10))
-    answer = await asyncio.wait_for(reader.read(), GENEROUS)
-    writer.close()
-    assert answer.startswith(b"HTTP/1.1 431 ")
+    head_too_big = b"GET /metrics HTTP/1.1\r\nX: " + b"a" * (ops_http.MAX_HEAD_BYTES + 10)
+    assert (await exchange(served, head_too_big)).startswith(b"HTTP/1.1 431 ")
 
 
 async def test_a_client_that_never_finishes_its_request_is_cut_off(
     served: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(ops_http, "READ_TIMEOUT_SECS", 0.2)
-    reader, writer = await asyncio.open_connection("127.0.0.1", served)
-    writer.write(b"GET /metrics HTTP/1.1\r\n")  # and then nothing
-    answer = await asyncio.wait_for(reader.read(), GENEROUS)
-    writer.close()
+    answer = await exchange(served, b"GET /metrics HTTP/1.1\r\n")  # and then nothing
     assert answer.startswith(b"HTTP/1.1 408 ")
 
 
@@ -188,11 +192,9 @@ async def test_connections_beyond_the_limit_are_turned_away(
     monkeypatch.setattr(ops_http, "MAX_CONNECTIONS", 2)
     idle = [await asyncio.open_connection("127.0.0.1", served) for _ in range(2)]
     # Each idle one is inside the server (reading its head) before the next comes.
-    reader, writer = await asyncio.open_connection("127.0.0.1", served)
-    writer.write(b"GET /healthz HTTP/1.1\r\n\r\n")
-    answer = await asyncio.wait_for(reader.read(), GENEROUS)
+    answer = await exchange(served, b"GET /healthz HTTP/1.1\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 503 ")
-    for _, w in [*idle, (reader, writer)]:
+    for _, w in idle:
         w.close()
     # The held ones going away frees the endpoint again (once the server saw them go).
     async with asyncio.timeout(GENEROUS):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,17 @@ from prx_channel_email._inbound.ratelimit import (
     Waiting,
 )
 from prx_channel_email._mail.message_ids import MINTED_MARKER, mint_message_id, minted_at
-from prx_channel_email._storage.sqlite.deferred_table import (
-    insert,
-    load,
-    mark_handed_on,
-    message,
-    migrate,
-    recent_handoffs,
+from prx_channel_email._storage import (
+    Deferral,
+    HandoffBatch,
+    InFlight,
+    LedgerEntry,
+    Mailbox,
+    MailKey,
+    Record,
+    Release,
 )
-from prx_channel_email._storage.sqlite.store import migrate as migrate_all
+from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import ChannelMessage
 from tests.inbound_helpers import inbound_config
@@ -262,18 +263,12 @@ def test_an_answer_to_an_old_bot_reply_or_to_a_person_is_not_quick() -> None:
     assert v == "hold" and w is not None and w.reason == LOOP_SUSPECTED
 
 
-def _ledger_db() -> sqlite3.Connection:
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    assert "deferred_mail" in migrate_all(conn)
-    return conn
+def _entry(mid: str, sender: str, at: float) -> LedgerEntry:
+    return LedgerEntry(mid, sender, sender, "", mid, [], at)
 
 
-def test_deferred_table_round_trip_and_handoff_history() -> None:
-    conn = _ledger_db()
-    conn.execute("BEGIN")
-    migrate(conn)
-    migrate(conn)  # a step may run on a state that already has it
-    conn.execute("COMMIT")
+async def test_deferred_rows_round_trip_and_handoff_history(tmp_path: Path) -> None:
+    box = Mailbox("acc", "INBOX")
     clock = Clock()
     g = gate(clock, sender=1)
     judge(g, "<1@a>", "anna@example.com")
@@ -289,38 +284,39 @@ def test_deferred_table_round_trip_and_handoff_history() -> None:
         thread_ts="<2@a>",
         references=["<0@a>"],
     )
-    for mid, outcome, at in (("<1@a>", "delivered", T0), ("<2@a>", "deferred", T0)):
-        conn.execute(
-            "INSERT INTO ledger (account, message_id, outcome, sender, received_at)"
-            " VALUES ('acc', ?, ?, 'anna@example.com', ?)",
-            (mid, outcome, at),
+    k1, k2, k3 = (MailKey("acc", "INBOX", 1, uid) for uid in (1, 2, 3))
+    async with StateStore(tmp_path) as store:
+        first = Record(k1, "<1@a>", "delivered", entry=_entry("<1@a>", msg.sender, T0))
+        deferral = Deferral(
+            k2, _entry("<2@a>", msg.sender, T0), w.seq, w.reason, w.arrived_at,
+            msg.model_dump_json(),
+        )  # fmt: skip
+        await store.commit_handoff(HandoffBatch(box, records=[first], deferrals=[deferral]))
+        await store.commit_handoff(HandoffBatch(box, deferrals=[deferral]))  # stays as it is
+        (loaded,) = await store.waiting(box)
+        assert (loaded.seq, loaded.message_id, loaded.reason) == (w.seq, "<2@a>", w.reason)
+        assert loaded.key == k2
+        assert loaded.thread == "<2@a>"  # read back from the stored message
+        stored = await store.deferred_message(k2)
+        assert stored is not None and ChannelMessage.model_validate_json(stored) == msg
+        assert await store.recent_handoffs("acc", T0 - 1) == [("anna@example.com", T0)]
+        # Released, it is also in flight (ack mode) until acknowledged: counted once.
+        released = InFlight(k2, _entry("<2@a>", msg.sender, T0 + 61.5), "{}")
+        await store.commit_handoff(
+            HandoffBatch(box, in_flight=[released], releases=[Release(k2, T0 + 61)])
         )
-    insert(conn, "acc", w, msg)
-    (loaded,) = load(conn, "acc")
-    assert (loaded.seq, loaded.message_id, loaded.held) == (w.seq, "<2@a>", False)
-    assert loaded.thread == "<2@a>"  # read back from the stored message
-    assert message(conn, "acc", "<2@a>") == msg
-    assert list(recent_handoffs(conn, "acc", T0 - 1)) == [("anna@example.com", T0)]
-    mark_handed_on(conn, "acc", "<2@a>", T0 + 61)
-    assert load(conn, "acc") == []
-    # Released, it is also in flight (ack mode) until acknowledged: counted once.
-    conn.execute(
-        "INSERT INTO inflight (account, message_id, sender, received_at, message, handed_at)"
-        " VALUES ('acc', '<2@a>', 'anna@example.com', ?, '{}', ?)",
-        (T0 + 61.5, T0 + 61.5),
-    )
-    # Unacknowledged fresh mail counts from the in-flight table.
-    conn.execute(
-        "INSERT INTO inflight (account, message_id, sender, received_at, message, handed_at)"
-        " VALUES ('acc', '<3@a>', 'bob@example.com', ?, '{}', ?)",
-        (T0 + 70, T0 + 70),
-    )
-    assert list(recent_handoffs(conn, "acc", T0 - 1)) == [
-        ("anna@example.com", T0),
-        ("anna@example.com", T0 + 61),
-        ("bob@example.com", T0 + 70),
-    ]
-    assert list(recent_handoffs(conn, "acc", T0 + 65)) == [("bob@example.com", T0 + 70)]
+        assert await store.waiting(box) == []
+        # Unacknowledged fresh mail counts from the in-flight table.
+        fresh = InFlight(k3, _entry("<3@a>", "bob@example.com", T0 + 70), "{}")
+        await store.commit_handoff(HandoffBatch(box, in_flight=[fresh]))
+        handoffs = await store.recent_handoffs("acc", T0 - 1)
+        assert [sender for sender, _ in handoffs] == [
+            "anna@example.com",
+            "anna@example.com",
+            "bob@example.com",
+        ]
+        assert handoffs[:2] == [("anna@example.com", T0), ("anna@example.com", T0 + 61)]
+        assert await store.recent_handoffs("acc", time.time() + 60) == []  # none after then
 
 
 @settings(max_examples=200, deadline=None)

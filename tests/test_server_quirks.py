@@ -28,6 +28,7 @@ from tests.outbound_helpers import ANN, dovecot_config, human_mail, parse
 from tests.servers.dovecot import DovecotServer
 from tests.servers.quirk_proxy import GMAIL_SENT, QuirkProxy
 from tests.servers.smtp import SmtpServer
+from tests.tools_helpers import seed, tools_config
 
 COURIER_GREETING = "Courier-IMAP ready. Copyright 1998-2018 Double Precision, Inc."
 # What Exchange Online stamps: no authserv-id, the verdicts straight away.
@@ -200,3 +201,17 @@ async def test_receive_restart_and_reply_through_each_quirk(
     assert server.flags(account, "INBOX", server.list_uids(account, "INBOX")[0]) == set()
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
+
+
+async def test_mailbox_tools_search_without_uidnext(
+    tmp_path: Path, dovecot: DovecotServer, quirk_proxy: Callable[..., QuirkProxy]
+) -> None:
+    """The agent's search pages down from the highest UID; on Courier (no UIDNEXT)
+    it took -1 for it and found nothing, ever."""
+    account = dovecot.add_user()
+    shown = seed(dovecot, account).shown
+    proxy = quirk_proxy(dovecot, {"no_uidnext"})
+    config = tools_config(dovecot, account, tmp_path, imap_port=proxy.port)
+    async with EmailChannel(config) as channel:
+        found = await channel.tools.search("Invoice")
+    assert {m["id"] for m in found["messages"]} == {shown["invoice"], shown["html"]}

@@ -15,12 +15,14 @@ import logging
 import os
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from prx_channel_email._storage.sqlite.store import DB_NAME, Cursor, StateStore
+from prx_channel_email._storage import Cursor, Mailbox
+from prx_channel_email._storage.sqlite.store import DB_NAME, StateStore
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.errors import ChannelError
 from prx_channel_email.models import ChannelMessage
@@ -146,7 +148,7 @@ async def test_the_state_is_private_whatever_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:
         async with StateStore(tmp_path / "state") as store:
-            await store.set_cursor("acct", "INBOX", Cursor(1, 2))
+            await store.set_cursor(Mailbox("acct", "INBOX"), Cursor(1, 2))
             seen = modes(tmp_path / "state")
     finally:
         os.umask(old)
@@ -161,6 +163,56 @@ async def test_state_an_older_release_left_readable_is_made_private(tmp_path: Pa
     shutil.copy(V1, state / DB_NAME)
     (state / DB_NAME).chmod(0o644)
     async with StateStore(state) as store:
-        assert await store.get_cursor("bot@example.test@127.0.0.1:993", "INBOX") is not None
+        assert (
+            await store.get_cursor(Mailbox("bot@example.test@127.0.0.1:993", "INBOX")) is not None
+        )
         seen = modes(state)
     assert seen == {".": 0o700, **{name: 0o600 for name in seen if name != "."}}
+
+
+async def test_a_deferral_whose_commit_fails_is_still_released_in_the_same_run(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """The COMMIT that keeps a mail waiting fails (a full disk). The release line must
+    not believe the row exists: once space returns, the write lands and the mail is
+    handed on in this run (before: memory was changed inside the transaction, the
+    release found no row when its turn came and dropped it until the next restart)."""
+    state = tmp_path / "state"
+    state.mkdir()
+    window = 2
+    with tmpfs(state, size="2m"):
+        config = imap_config(
+            dovecot, account, state, attachments_dir=tmp_path / "att",
+            rate_limit_count=1, rate_limit_window_secs=window, handoff="ack",
+        )  # fmt: skip
+        channel = EmailChannel(config)
+        channel.sync.writer.storage_backoff.base = 0.2  # retry the write soon after space returns
+        queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+        async with channel:
+            task = asyncio.create_task(channel.listen(queue))
+            try:
+                await asyncio.wait_for(channel.sync.synced.wait(), 15)
+                dovecot.deliver(account, letter(0)[1])
+                first = await asyncio.wait_for(queue.get(), 20)
+                due = time.time() + window  # the next one may go by then
+                # handoff="ack": nothing more is written for it until an ack, so the
+                # next write is the deferral's.
+                filler = fill(state)
+                dovecot.deliver(account, letter(1)[1])  # over the limit: to be deferred
+                await until(
+                    lambda: (
+                        channel.stats().get("inbound.deferred") == 1
+                        and channel.status.storage_error == "storage_full"
+                    )
+                )
+                # Its release is due while the disk is still full: nothing may be lost.
+                await until(lambda: time.time() > due + 1.0)
+                assert queue.empty()
+                filler.unlink()
+                second = await asyncio.wait_for(queue.get(), 20)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+    assert [first.id, second.id] == [letter(0)[0], letter(1)[0]]
+    assert channel.stats()["inbound.released"] == 1

@@ -1,4 +1,4 @@
-"""The cursor and ledger in StateStore: what record_many promises the sync engine."""
+"""The cursor and ledger in the storage: what commit_handoff promises the sync engine."""
 
 from __future__ import annotations
 
@@ -6,50 +6,62 @@ import asyncio
 from pathlib import Path
 
 from prx_channel_email._handoff.ledger import LedgerWriter
-from prx_channel_email._storage.sqlite.store import Cursor, Decided, LedgerEntry, StateStore
+from prx_channel_email._storage import Cursor, HandoffBatch, LedgerEntry, Mailbox, MailKey, Record
+from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email._support.observability import Metrics
 from prx_channel_email.models import ChannelMessage
 
 ACCOUNT, FOLDER = "bot@example.test@imap:993", "INBOX"
+BOX = Mailbox(ACCOUNT, FOLDER)
+
+
+def key(uv: int, uid: int) -> MailKey:
+    return MailKey(ACCOUNT, FOLDER, uv, uid)
 
 
 def entry(mid: str) -> LedgerEntry:
     return LedgerEntry(mid, "a@example.test", "a@example.test", "s", mid, [], 1.0)
 
 
-async def test_record_many_is_one_step_and_the_cursor_never_goes_back(tmp_path: Path) -> None:
+async def test_commit_handoff_is_one_step_and_the_cursor_never_goes_back(tmp_path: Path) -> None:
     async with StateStore(tmp_path) as store:
-        await store.record_many(
-            ACCOUNT,
-            FOLDER,
-            [
-                Decided(Cursor(7, 10), "<a@x>", "delivered", uid=10, entry=entry("<a@x>")),
-                Decided(Cursor(7, 11), None),  # a duplicate: cursor only
-                Decided(Cursor(7, 12), "<b@x>", "rejected", "not_allowed", uid=12),
-            ],
+        await store.commit_handoff(
+            HandoffBatch(
+                BOX,
+                records=[
+                    Record(key(7, 10), "<a@x>", "delivered", entry=entry("<a@x>")),
+                    Record(key(7, 12), "<b@x>", "rejected", "not_allowed"),
+                ],
+                cursors=[Cursor(7, 12)],  # UID 11 (a duplicate) only moved the cursor
+            )
         )
-        cursor = await store.get_cursor(ACCOUNT, FOLDER)
+        cursor = await store.get_cursor(BOX)
         assert cursor is not None and (cursor.uidvalidity, cursor.last_uid) == (7, 12)
-        assert await store.seen_ids(ACCOUNT, ["<a@x>", "<b@x>", "<c@x>"]) == {"<a@x>", "<b@x>"}
+        sender = "a@example.test"
+        pairs = [("<a@x>", sender), ("<b@x>", ""), ("<c@x>", sender)]
+        assert await store.handed_on(ACCOUNT, pairs) == {("<a@x>", sender)}
         # Only delivered mail is a threading parent for replies.
         assert (await store.find_message(ACCOUNT, "<a@x>")) is not None
         assert (await store.find_message(ACCOUNT, "<b@x>")) is None
-        await store.set_cursor(ACCOUNT, FOLDER, Cursor(7, 5))
-        cursor = await store.get_cursor(ACCOUNT, FOLDER)
+        await store.set_cursor(BOX, Cursor(7, 5))
+        cursor = await store.get_cursor(BOX)
         assert cursor is not None and cursor.last_uid == 12
         # A new UIDVALIDITY replaces the cursor outright.
-        await store.set_cursor(ACCOUNT, FOLDER, Cursor(8, 3))
-        cursor = await store.get_cursor(ACCOUNT, FOLDER)
+        await store.set_cursor(BOX, Cursor(8, 3))
+        cursor = await store.get_cursor(BOX)
         assert cursor is not None and (cursor.uidvalidity, cursor.last_uid) == (8, 3)
         assert cursor.updated_at > 0
 
 
 async def test_state_survives_reopening(tmp_path: Path) -> None:
     async with StateStore(tmp_path) as store:
-        await store.record(ACCOUNT, FOLDER, Cursor(1, 4), message_id="<m@x>", outcome="delivered")
+        record = Record(key(1, 4), "<m@x>", "delivered", entry=entry("<m@x>"))
+        await store.commit_handoff(HandoffBatch(BOX, records=[record], cursors=[Cursor(1, 4)]))
     async with StateStore(tmp_path) as store:
-        assert await store.seen_ids(ACCOUNT, ["<m@x>"]) == {"<m@x>"}
-        cursor = await store.get_cursor(ACCOUNT, FOLDER)
+        assert await store.handed_on(ACCOUNT, [("<m@x>", "a@example.test")]) == {
+            ("<m@x>", "a@example.test")
+        }
+        cursor = await store.get_cursor(BOX)
         assert cursor is not None and cursor.last_uid == 4
 
 
@@ -59,8 +71,8 @@ async def test_a_reply_finds_its_parent_the_moment_the_agent_has_it(tmp_path: Pa
     outbox's lookups see it while it is still in flight, before any ack or settling."""
     async with StateStore(tmp_path) as store:
         old = LedgerEntry("<old@x>", "a@example.test", "a@example.test", "old", "<old@x>", [], 1.0)
-        await store.record(ACCOUNT, FOLDER, Cursor(1, 1), message_id="<old@x>", entry=old,
-                           outcome="delivered")  # fmt: skip
+        record = Record(key(1, 1), "<old@x>", "delivered", entry=old)
+        await store.commit_handoff(HandoffBatch(BOX, records=[record]))
         new = LedgerEntry("<new@x>", "a@example.test", "a@example.test", "new", "<t@x>", [], 2.0)
         message = ChannelMessage(
             id="<new@x>", sender="a@example.test", reply_target="a@example.test",

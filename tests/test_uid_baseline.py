@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from prx_channel_email._inbound.sync import push_fix
-from prx_channel_email._net.imap import Namespace, folder_candidates, uid_set
-from prx_channel_email._storage.sqlite.store import Cursor, StateStore
+from prx_channel_email._net.imap import Namespace, folder_candidates, push_fix, uid_set
+from prx_channel_email._storage import Cursor, Mailbox
+from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.models import ChannelMessage
 from tests.outbound_helpers import ANN, dovecot_config, human_mail
@@ -54,7 +54,9 @@ async def test_a_stored_minus_one_cursor_is_repaired_without_handing_on_old_mail
         dovecot, account, human_mail("<old@people.example>", "Old", "x"), time.time() - 3 * 86400
     )
     async with StateStore(config.state_dir) as store:
-        await store.set_cursor(config.account, "INBOX", Cursor(dovecot.uidvalidity(account), -1))
+        await store.set_cursor(
+            Mailbox(config.account, "INBOX"), Cursor(dovecot.uidvalidity(account), -1)
+        )
     dovecot.deliver(account, human_mail("<stalled@people.example>", "Hi", "x"), mail_from=ANN)
 
     queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
@@ -69,7 +71,7 @@ async def test_a_stored_minus_one_cursor_is_repaired_without_handing_on_old_mail
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
     async with StateStore(config.state_dir) as store:
-        cursor = await store.get_cursor(config.account, "INBOX")
+        cursor = await store.get_cursor(Mailbox(config.account, "INBOX"))
     assert cursor is not None and cursor.last_uid == max(dovecot.list_uids(account))
 
 

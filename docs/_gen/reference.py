@@ -37,8 +37,10 @@ GENERATED_NOTE = (
 
 
 def _cell(text: str) -> str:
-    """Text that fits one Markdown table cell."""
-    return " ".join(text.split()).replace("|", "\\|")
+    """Text that fits one Markdown table cell; a ``<`` outside code is shown, not read
+    as HTML (a message such as "<id> not found" must not vanish)."""
+    parts = " ".join(text.split()).replace("|", "\\|").split("`")
+    return "`".join(p if i % 2 else p.replace("<", "&lt;") for i, p in enumerate(parts))
 
 
 def _module_name(path: Path) -> str:
@@ -137,6 +139,7 @@ def _returned_strings(tree: ast.AST, func_name: str) -> list[str]:
     return out
 
 
+@functools.cache
 def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
     return {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
 
@@ -461,6 +464,7 @@ class Wrapper:
     fields: set[str] = field(default_factory=set)
 
 
+@functools.cache
 def _event_wrappers() -> dict[str, Wrapper]:
     """``log_event`` itself, and every function that forwards a parameter to it as
     the event name (``self._log(level, event, ...)`` and the like), to a fixpoint."""
@@ -778,6 +782,73 @@ def observability_page() -> str:
     return "\n".join(out)
 
 
+# --- the command line -----------------------------------------------------------------
+
+
+def _plain(markup: str) -> str:
+    """Help text without rich's markup (``[bold]x[/]``)."""
+    from rich.text import Text
+
+    return Text.from_markup(markup).plain
+
+
+def _commands(command: Any, path: list[str]) -> Iterator[tuple[list[str], Any]]:
+    yield path, command
+    for name in sorted(getattr(command, "commands", {}) or {}):
+        yield from _commands(command.commands[name], [*path, name])
+
+
+def cli_page() -> str:
+    """Every command of ``prx-email`` (and of ``prx``) with its options, from the typer app."""
+    import typer
+
+    from prx_channel_email import cli
+
+    out = [
+        "# Command line",
+        "",
+        GENERATED_NOTE,
+        "Every command and option, from the command line's own definitions "
+        "(`prx-email COMMAND --help` prints the same). How to use them: "
+        "[command line and operations](../guides/cli.md), [doctor](../guides/doctor.md).",
+        "",
+    ]
+    for app, name in ((cli.app, "prx-email"), (cli.prx_app, "prx")):
+        for path, command in _commands(typer.main.get_command(app), [name]):
+            params = [p for p in command.params if not getattr(p, "hidden", False)]
+            if getattr(command, "commands", None) and len(path) > 1:
+                continue  # a group: its commands follow
+            if len(path) == 1:
+                if name == "prx":
+                    out += [f"## `{name}`", "", _plain(command.help or "").strip(), ""]
+                continue
+            args = " ".join(
+                (p.name or "").upper() if p.required else f"[{(p.name or '').upper()}]"
+                for p in params
+                if getattr(p, "param_type_name", "") == "argument"
+            )
+            out += [f"## `{' '.join(path)}`", ""]
+            out += [f"`{' '.join(path)} [OPTIONS]{' ' + args if args else ''}`", ""]
+            out += [_plain(command.help or "").strip(), ""]
+            rows = []
+            for p in params:
+                kind = getattr(p, "param_type_name", "")
+                if kind == "argument":
+                    shown = (p.name or "").upper()
+                else:
+                    shown = ", ".join(p.opts + p.secondary_opts)
+                    if not p.is_flag and p.metavar:
+                        shown += f" {p.metavar}"
+                help_text = _plain(getattr(p, "help", None) or "")
+                default = p.default
+                if default not in (None, False, (), []) and not callable(default):
+                    help_text += f" (default: {default})"
+                rows.append(f"| `{shown}` | {_cell(help_text) or '-'} |")
+            if rows:
+                out += ["| option | what |", "|---|---|", *rows, ""]
+    return "\n".join(out)
+
+
 # --- providers -----------------------------------------------------------------------
 
 
@@ -864,6 +935,7 @@ def pages() -> dict[str, str]:
         "reference/errors.md": errors_page(),
         "reference/observability.md": observability_page(),
         "reference/providers.md": providers_page(),
+        "reference/cli.md": cli_page(),
         "reference/python-api.md": python_api_page(),
     }
 

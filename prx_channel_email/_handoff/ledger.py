@@ -1,14 +1,18 @@
-"""The inbound ledger as the sync engine writes it and the outbox reads it.
+"""The hand-off ledger both flows share: what was handed on, and what is settled.
 
-:class:`LedgerWriter` records what the sync engine decided about each message of
-one folder (handed on, refused, quarantined, a duplicate) and moves the UID cursor
-with it, committing each accepted message as in flight before it is put on the
-queue. Because the in-flight row is on disk before the put, the outbox's "which
-message does this reply answer?" lookups (``StateStore.find_message`` and friends,
-which read the ledger and the in-flight rows) see a message as soon as the agent
-has it: an agent that answers at once threads onto it.
+:class:`HandoffLedger` (one per account) is the one place where received mail
+is *settled* (handled for good): by the host's acknowledgement, and by a reply to
+it once that reply is durably in the outbox. The outbox finds a reply's parent
+through it, in the storage interface, which sees a message as soon as the agent
+has it (its in-flight row is on disk before the put): an agent that answers at
+once threads onto it.
 
-It sits on :class:`~prx_channel_email._storage.sqlite.store.StateStore`, which is plain SQL.
+:class:`LedgerWriter` (one per mailbox) records what the sync engine decided
+about each message of one folder (handed on, refused, quarantined, deferred, a
+duplicate) and moves the UID cursor with it, committing each accepted message as
+in flight before it is put on the queue. Everything it writes goes through
+:meth:`Storage.commit_handoff <prx_channel_email._storage.interface.Storage.commit_handoff>`
+as data; its memory changes only after that returned.
 """
 
 from __future__ import annotations
@@ -16,17 +20,23 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
-from prx_channel_email._storage.sqlite.store import (
-    IN_FLIGHT,
+from prx_channel_email._storage import (
+    CopiesOf,
     Cursor,
-    Decided,
+    Deferral,
+    HandoffBatch,
+    InFlight,
     LedgerEntry,
-    StateStore,
+    Mailbox,
+    MailKey,
+    Record,
+    Release,
+    Storage,
 )
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
@@ -38,22 +48,105 @@ T = TypeVar("T")
 log = logging.getLogger("prx_channel_email.sync")
 
 
+class HandoffLedger:
+    """The hand-off ledger of one account, shared by the inbound and outbound flows.
+
+    ``handoff`` is the account's mode: with ``"ack"`` a message stays in flight until
+    :meth:`ack` (the host) or :meth:`reply_durable` (a reply to it) settles it; with
+    ``"queue"`` the sync engine settles it itself and both do nothing.
+    """
+
+    def __init__(self, store: Storage, account: str, *, handoff: str = "ack") -> None:
+        self.store = store
+        self.account = account
+        self.handoff = handoff
+        # (uidvalidity, uid) settled per mailbox, for the optional \Seen / move.
+        self._acked: dict[Mailbox, list[tuple[int, int]]] = {}
+
+    async def ack(self, message: ChannelMessage) -> bool:
+        """The host is done with ``message``: it and its true copies (same Message-ID,
+        same sender) are settled. Another sender's mail with the same Message-ID is
+        not touched. False when nothing was in flight.
+
+        Raises StorageError when that cannot be written (the caller may retry).
+        """
+        if self.handoff != "ack":
+            return False
+        return await self._settle([CopiesOf(self.account, message.id, message.sender)])
+
+    async def find_parent(
+        self,
+        *,
+        reply_id: str | None,
+        thread: str | None,
+        recipient: str,
+        explicit: bool,
+    ) -> LedgerEntry | None:
+        """The received mail a reply answers: ``reply_id`` (preferring the mail from, or
+        replying to, ``recipient``), else the newest of ``thread``, else (nothing
+        ``explicit`` given) the newest from ``recipient``."""
+        if reply_id is not None:
+            return await self.store.find_message(self.account, reply_id, recipient=recipient)
+        if thread is not None:
+            return await self.store.latest_in_thread(self.account, thread)
+        if not explicit:
+            return await self.store.latest_from(self.account, recipient)
+        return None
+
+    async def reply_durable(self, parent: MailKey | None) -> None:
+        """A reply to ``parent`` is durably in the outbox: the parent is handled."""
+        if self.handoff == "ack" and parent is not None:
+            await self._settle([parent])
+
+    async def _settle(self, refs: list[MailKey | CopiesOf]) -> bool:
+        done = await self.store.settle(refs)
+        for key in done:  # only after the commit returned
+            self._acked.setdefault(key.mailbox, []).append((key.uidvalidity, key.uid))
+        return bool(done)
+
+    def take_acked(self, mailbox: Mailbox, uidvalidity: int) -> list[int]:
+        """UIDs of ``mailbox`` settled since the last call, for the optional \\Seen / move."""
+        acked = self._acked.pop(mailbox, [])
+        return sorted(uid for uv, uid in acked if uv == uidvalidity)
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A decision that rides on the next commit."""
+
+    cursor: Cursor | None
+    record: Record | None = None
+    deferral: Deferral | None = None
+    on_durable: Callable[[], None] | None = None  # memory to change once committed
+
+
+def cursor_moves(cursors: list[Cursor]) -> list[Cursor]:
+    """The last cursor per UIDVALIDITY, in order (one write each is enough)."""
+    last: dict[int, Cursor] = {}
+    for cursor in cursors:
+        last.pop(cursor.uidvalidity, None)
+        last[cursor.uidvalidity] = cursor
+    return list(last.values())
+
+
 class LedgerWriter:
     """Hands decided messages of one folder on, committing before each put, in UID order.
 
     The API (the sync engine's, and the rate limiter's for deferred mail):
 
     * :meth:`begin` a pass (its UIDVALIDITY, and whether the cursor may move);
-    * per message :meth:`skip` (a duplicate), :meth:`record` (refused, quarantined)
-      or ``await`` :meth:`hand_on` (accepted); then ``await`` :meth:`flush`;
-    * :meth:`redeliver` once per run, before the first pass; :meth:`ack` settles.
+    * per message :meth:`skip` (a duplicate), :meth:`record` (refused, quarantined),
+      :meth:`defer` (kept back) or ``await`` :meth:`hand_on` (accepted); then
+      ``await`` :meth:`flush`;
+    * :meth:`redeliver` once per run, before the first pass. Settling (acks, replies)
+      is the shared :class:`HandoffLedger`'s.
 
     What a crash at each point repeats (the README's crash table is this list):
 
     * ``hand_on`` first commits, in ONE transaction, the message as *in flight* (its
       serialized ChannelMessage), the cursor past it, the decisions queued by
-      ``skip``/``record`` before it, and (``handoff="queue"``) the settling of the
-      message put just before. Only then is it put on the queue.
+      ``skip``/``record``/``defer`` before it, and (``handoff="queue"``) the settling
+      of the message put just before. Only then is it put on the queue.
     * A kill before that commit: nothing of it is on disk; the next start fetches it
       again from the cursor (nothing lost, nothing repeated).
     * A kill after the commit: it is in flight, and the next start hands it on again
@@ -66,11 +159,13 @@ class LedgerWriter:
     the same transaction is retried with backoff, nothing more is put on the queue
     and nothing already put is put again; ``on_storage`` hears the fault (and None
     once a write succeeds again), and it is logged once per fault with the path.
+    Memory that depends on a write (a deferral's place in the release line) changes
+    only after that write returned.
     """
 
     def __init__(
         self,
-        store: StateStore,
+        store: Storage,
         account: str,
         folder: str,
         metrics: Metrics,
@@ -78,12 +173,15 @@ class LedgerWriter:
         handoff: str = "ack",
         on_storage: Callable[[StorageError | None], None] | None = None,
         storage_backoff: Backoff | None = None,
+        ledger: HandoffLedger | None = None,
     ) -> None:
         self.store = store
         self.account = account
         self.folder = folder
+        self.mailbox = Mailbox(account, folder)
         self.metrics = metrics
         self.handoff = handoff
+        self.ledger = ledger or HandoffLedger(store, account, handoff=handoff)
         self.on_storage = on_storage
         self.storage_backoff = storage_backoff or Backoff(base=0.5, cap=30.0)
         self.storage_fault: StorageError | None = None
@@ -95,10 +193,9 @@ class LedgerWriter:
         # (Message-ID, sender) handed on or deferred in this pass / put on the queue in
         # this run: a second copy is a duplicate, refused mail never shadows.
         self._handled: set[tuple[str, str]] = set()
-        self._pending: list[Decided] = []  # decisions that ride on the next commit
-        self._unsettled: list[str] = []  # handoff="queue": put, settled by the next commit
+        self._pending: list[_Pending] = []  # decisions that ride on the next commit
+        self._unsettled: list[MailKey] = []  # handoff="queue": put, settled by the next commit
         self._handed: set[tuple[str, str]] = set()
-        self._acked: list[tuple[int, int]] = []  # (uidvalidity, uid) acked in this folder
         self.last_handed_on_at: float | None = None  # MailboxStatus.last_message_at
         self._lock = asyncio.Lock()
 
@@ -109,6 +206,10 @@ class LedgerWriter:
         self.delivered = []
         self._handled = set()
 
+    def key(self, uid: int) -> MailKey:
+        """The identity of the mail at ``uid`` in this pass."""
+        return MailKey(self.account, self.folder, self.uidvalidity, uid)
+
     def seen_in_pass(self, message_id: str, sender: str) -> bool:
         """Handed on (or deferred) in this pass, or put on the queue in this run."""
         key = (message_id, sender)
@@ -118,7 +219,7 @@ class LedgerWriter:
 
     def skip(self, uid: int, message_id: str) -> None:
         """A duplicate: nothing is handed on, only the cursor moves past it."""
-        self._pending.append(Decided(Cursor(self.uidvalidity, uid), None))
+        self._pending.append(_Pending(Cursor(self.uidvalidity, uid)))
         self.metrics.inc("inbound.skipped.duplicate")
         log_event(log, logging.INFO, "inbound.duplicate", account=self.account,
                   folder=self.folder, uid=uid, message_id=message_id,
@@ -129,32 +230,43 @@ class LedgerWriter:
         uid: int,
         message: ChannelMessage,
         entry: LedgerEntry | None,
+        *,
+        seq: int,
         reason: str,
-        store_step: Callable[[sqlite3.Connection], None],
+        arrived_at: float,
+        on_durable: Callable[[], None],
     ) -> None:
         """Kept back by the rate limit or the loop guard (deferred.py): the ledger row
-        (outcome ``deferred``), the waiting message (``store_step``) and the cursor
-        move are one transaction; nothing is put on the queue now."""
+        (outcome ``deferred``), the waiting message and the cursor move are one
+        transaction; nothing is put on the queue now. ``on_durable`` runs once that
+        transaction committed (never from inside it)."""
         self._handled.add((message.id, message.sender))
-        cursor = Cursor(self.uidvalidity, uid)
-        self._pending.append(
-            Decided(cursor, message.id, "deferred", reason, uid, entry, also=store_step)
+        deferral = Deferral(
+            key=self.key(uid),
+            entry=entry or _entry_of(message),
+            seq=seq,
+            reason=reason,
+            arrived_at=arrived_at,
+            message=pack_message(message),
         )
+        cursor = Cursor(self.uidvalidity, uid)
+        self._pending.append(_Pending(cursor, deferral=deferral, on_durable=on_durable))
 
     async def hand_on_released(
         self,
         message: ChannelMessage,
-        store_step: Callable[[sqlite3.Connection], None],
+        release: Release,
         queue: asyncio.Queue[ChannelMessage],
     ) -> None:
-        """Hand on a message that waited (deferred.py): ``store_step`` (its ledger row
-        becomes delivered, its deferred row goes) commits with the in-flight write,
-        before the put, like any hand-off."""
-        await self.hand_on(None, message, None, queue, also=store_step)
+        """Hand on a message that waited (deferred.py): its release (ledger row
+        delivered, deferred row gone) commits with the in-flight write, before the
+        put, like any hand-off."""
+        await self.hand_on(None, message, None, queue, release=release)
 
     def record(self, uid: int, message_id: str, kind: str, reason: str) -> None:
         """A message not handed on (``rejected`` / ``quarantined``), with why."""
-        self._pending.append(Decided(Cursor(self.uidvalidity, uid), message_id, kind, reason, uid))
+        record = Record(self.key(uid), message_id, kind, reason)
+        self._pending.append(_Pending(Cursor(self.uidvalidity, uid), record=record))
         # The pipeline counts its decisions (inbound.skipped.<reason>); we log the UID.
         log_event(log, logging.DEBUG, f"inbound.recorded_{kind}", account=self.account,
                   folder=self.folder, uid=uid, message_id=message_id,
@@ -167,30 +279,28 @@ class LedgerWriter:
         entry: LedgerEntry | None,
         queue: asyncio.Queue[ChannelMessage],
         *,
-        also: Callable[[sqlite3.Connection], None] | None = None,
+        release: Release | None = None,
     ) -> None:
         """Commit ``message`` as in flight, then put it on the framework's queue.
 
-        ``uid`` None: not from this pass's folder listing (deferred mail); the cursor
-        does not move. ``also`` runs in the same transaction (e.g. removing the
-        message from the deferred table), so both happen or neither.
+        ``uid`` None: not from this pass's folder listing (a ``release`` of deferred
+        mail, keyed by it); the cursor does not move. The release is written in the
+        same transaction, so both happen or neither.
         """
         mid = message.id
         self._handled.add((mid, message.sender))
-        cursor = Cursor(self.uidvalidity, uid) if uid is not None else None
-        if entry is None:  # what reply threading reads while it is in flight
-            entry = LedgerEntry(mid, message.sender, message.reply_target, message.subject,
-                                message.thread_ts, list(message.references),
-                                time.time())  # fmt: skip
-        item = Decided(
-            cursor, mid, IN_FLIGHT, None, uid, entry, also=also, message=pack_message(message)
-        )
-        await self._commit([item])
+        if uid is not None:
+            key, cursor = self.key(uid), Cursor(self.uidvalidity, uid)
+        else:
+            assert release is not None, "a hand-on without a UID is a release"
+            key, cursor = release.key, None
+        item = InFlight(key, entry or _entry_of(message), pack_message(message))
+        await self._commit(cursor, item, release)
         self._handed.add((mid, message.sender))
         await queue.put(message)
         self.last_handed_on_at = time.time()
         if self.handoff == "queue":
-            self._unsettled.append(mid)
+            self._unsettled.append(key)
         self.metrics.inc("inbound.handed_on")
         if uid is not None:
             self.delivered.append(uid)
@@ -200,47 +310,58 @@ class LedgerWriter:
     async def flush(self) -> None:
         """Write the decisions still pending (and settle the last put, queue mode)."""
         if self._pending or self._unsettled:
-            await self._commit([])
+            await self._commit(None, None, None)
 
-    async def _commit(self, items: list[Decided]) -> None:
+    async def _commit(
+        self, cursor: Cursor | None, item: InFlight | None, release: Release | None
+    ) -> None:
         # One commit at a time: the release of deferred mail hands on concurrently.
         async with self._lock:
-            batch = [*self._pending, *items]
+            pending = list(self._pending)
             settle = list(self._unsettled)
-            move = self.move_cursor
-
-            def write() -> Awaitable[None]:
-                return self.store.record_many(
-                    self.account, self.folder, batch, move_cursor=move, settle=settle
-                )
-
-            await self.durable(write)
+            cursors = [p.cursor for p in pending if p.cursor is not None]
+            if cursor is not None:
+                cursors.append(cursor)
+            batch = HandoffBatch(
+                mailbox=self.mailbox,
+                records=[p.record for p in pending if p.record is not None],
+                in_flight=[item] if item is not None else [],
+                deferrals=[p.deferral for p in pending if p.deferral is not None],
+                releases=[release] if release is not None else [],
+                settle=settle,
+                cursors=cursor_moves(cursors) if self.move_cursor else [],
+            )
+            await self.durable(lambda: self.store.commit_handoff(batch))
             # Only now: a cancelled or failed commit leaves them for the next one.
-            del self._pending[: len(batch) - len(items)]
+            del self._pending[: len(pending)]
             del self._unsettled[: len(settle)]
+        for p in pending:
+            if p.on_durable is not None:
+                p.on_durable()
 
-    # --- after a restart, and acknowledgements ---
+    # --- after a restart ---
 
     async def redeliver(self, queue: asyncio.Queue[ChannelMessage]) -> int:
         """Hand on again what an earlier run left in flight (``redelivered=True``)."""
         count = 0
-        for mid, data in await self.store.in_flight(self.account):
+        for row in await self.store.in_flight(self.mailbox):
+            mid = row.message_id
             try:
-                message = unpack_message(data)
+                message = unpack_message(row.message)
             except ValueError as exc:
                 log_event(log, logging.ERROR, "inbound.inflight_unreadable", exc=exc,
                           account=self.account, message_id=mid,
                           code="inflight_unreadable")  # fmt: skip
-                await self.durable(functools.partial(self.store.settle, self.account, [mid]))
+                await self.durable(functools.partial(self.store.settle, [row.key]))
                 continue
             if (mid, message.sender) in self._handed:
                 continue  # never twice within one run
             if self._unsettled:
-                await self._commit([])
+                await self._commit(None, None, None)
             self._handed.add((mid, message.sender))
             await queue.put(message.model_copy(update={"redelivered": True}))
             if self.handoff == "queue":
-                self._unsettled.append(mid)
+                self._unsettled.append(row.key)
             count += 1
             self.metrics.inc("inbound.redelivered")
             log_event(log, logging.INFO, "inbound.redelivered", account=self.account,
@@ -248,22 +369,9 @@ class LedgerWriter:
         await self.flush()
         return count
 
-    async def ack(self, message_id: str) -> bool:
-        """Settle ``message_id``: handled for good. False when it was not in flight.
-
-        Raises StorageError when that cannot be written (the caller may retry).
-        """
-        done = await self.store.settle(self.account, [message_id])
-        for folder, uidvalidity, uid in done:
-            if folder == self.folder and uid:
-                self._acked.append((uidvalidity, uid))
-        return bool(done)
-
     def take_acked(self, uidvalidity: int) -> list[int]:
-        """UIDs acknowledged since the last call, for the optional \\Seen / move."""
-        uids = sorted(uid for uv, uid in self._acked if uv == uidvalidity)
-        self._acked = []
-        return uids
+        """UIDs of this folder settled since the last call, for the optional \\Seen / move."""
+        return self.ledger.take_acked(self.mailbox, uidvalidity)
 
     # --- storage faults ---
 
@@ -297,3 +405,9 @@ class LedgerWriter:
                   folder=self.folder, path=fault.path if fault else None)  # fmt: skip
         if self.on_storage is not None:
             self.on_storage(None)
+
+
+def _entry_of(message: ChannelMessage) -> LedgerEntry:
+    """What reply threading reads of a message handed on without a pipeline entry."""
+    return LedgerEntry(message.id, message.sender, message.reply_target, message.subject,
+                       message.thread_ts, list(message.references), time.time())  # fmt: skip

@@ -17,6 +17,11 @@ Crash safety, step by step:
 * a release commits "handed on" (ledger ``delivered``, deferred row deleted, and
   whatever the hand-off mode writes) before the put, exactly like fresh mail.
 
+Memory follows the disk, never leads it: a waiting message becomes releasable
+(``Waiting.stored``) only once the transaction that wrote its row returned. A
+failed COMMIT (a full disk) leaves it unreleasable and the hand-off retries the
+same write; once that lands, the message is released in the same run.
+
 The limits survive a restart: each sender's recent hand-offs are read back from
 the ledger when the store is first used.
 """
@@ -26,22 +31,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 
-from prx_channel_email._inbound.ratelimit import HandoffGate, Limits, Waiting
-from prx_channel_email._storage.sqlite import deferred_table
-from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._inbound.ratelimit import LOOP_SUSPECTED, HandoffGate, Limits, Waiting
+from prx_channel_email._storage import Mailbox, MailKey, Release, Storage
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.models import ChannelMessage
+from prx_channel_email.models import ChannelMessage, unpack_message
 
 log = logging.getLogger("prx_channel_email.sync")
 
-# A transaction step run inside the hand-off's commit (deferred_table.mark_handed_on).
-StoreStep = Callable[[sqlite3.Connection], None]
-HandOn = Callable[[ChannelMessage, StoreStep], Awaitable[None]]
+# Hands a released message on: commits its Release with the in-flight write, then puts.
+HandOn = Callable[[ChannelMessage, Release], Awaitable[None]]
 
 RETRY_SECS = 5.0  # after a failed release (a storage error): try again this much later
 
@@ -50,14 +52,17 @@ class DeferredMail:
     def __init__(
         self,
         config: EmailConfig,
-        store: StateStore,
+        store: Storage,
         metrics: Metrics,
         clock: Callable[[], float] = time.time,
+        *,
+        folder: str | None = None,
     ) -> None:
         self.config = config
         self.store = store
         self.metrics = metrics
         self.account = config.account
+        self.mailbox = Mailbox(config.account, folder or config.imap_folder)
         self.clock = clock
         self.limits = Limits.from_config(config)
         self.gate = HandoffGate(self.limits, clock)
@@ -69,16 +74,22 @@ class DeferredMail:
         """Read waiting mail and recent hand-offs back from the store (once)."""
         if self._loaded:
             return
-        since = self.clock() - self.limits.window
         account = self.account
-
-        def q(conn: sqlite3.Connection) -> tuple[list[Waiting], list[tuple[str, float]]]:
-            return (
-                deferred_table.load(conn, account),
-                list(deferred_table.recent_handoffs(conn, account, since)),
+        since = self.clock() - self.limits.window
+        rows = await self.store.waiting(self.mailbox)
+        recent = await self.store.recent_handoffs(account, since)
+        waiting = [
+            Waiting(
+                r.seq,
+                r.message_id,
+                r.sender,
+                r.arrived_at,
+                held=r.reason == LOOP_SUSPECTED,
+                thread=r.thread,
+                key=r.key,
             )
-
-        waiting, recent = await self.store.run(q)
+            for r in rows
+        ]
         self.gate.seed(recent)
         self.gate.restore(waiting)
         self._loaded = True
@@ -91,13 +102,15 @@ class DeferredMail:
 
     # --- fresh mail ---
 
-    def judge(self, message: ChannelMessage) -> Waiting | None:
-        """None: hand ``message`` on now. Else the place in line it must be stored with."""
+    def judge(self, message: ChannelMessage, key: MailKey) -> Waiting | None:
+        """None: hand ``message`` on now. Else the place in line it must be stored with
+        (not releasable until :meth:`stored` says its row is on disk)."""
         verdict, waiting = self.gate.judge(
             message.id, message.sender, message.in_reply_to, message.references, message.thread_ts
         )
         if waiting is None:
             return None
+        waiting.key = key
         if verdict == "hold":
             self.metrics.inc("inbound.held")
             log_event(log, logging.WARNING, "inbound.loop_suspected", account=self.account,
@@ -114,21 +127,15 @@ class DeferredMail:
         self._wake_for(waiting)
         return waiting
 
-    def store_step(self, waiting: Waiting, message: ChannelMessage) -> StoreStep:
-        """The write that keeps ``message`` waiting; runs in its ledger row's transaction.
+    def stored(self, waiting: Waiting) -> None:
+        """The row of ``waiting`` is committed: it may be released from now on.
 
-        If that transaction fails, the cursor did not move either: the message is
-        fetched and judged again, and the unstored entry is dropped at its turn.
+        Called after the COMMIT returned, never from inside the transaction: if the
+        COMMIT fails, the message stays unreleasable (its sender waits) and the
+        hand-off retries the same write, then calls this.
         """
-        account = self.account
-        loop = asyncio.get_running_loop()
-
-        def step(conn: sqlite3.Connection) -> None:
-            deferred_table.insert(conn, account, waiting, message)
-            waiting.stored = True
-            loop.call_soon_threadsafe(self._wake_for, waiting)
-
-        return step
+        waiting.stored = True
+        self._wake_for(waiting)
 
     # --- the release scheduler ---
 
@@ -178,12 +185,16 @@ class DeferredMail:
 
     async def _release(self, w: Waiting, hand_on: HandOn) -> None:
         account, mid = self.account, w.message_id
-        message = await self.store.run(lambda conn: deferred_table.message(conn, account, mid))
-        if message is None:  # not in the store (cannot happen unless edited by hand)
+        assert w.key is not None, "every waiting message is keyed by its mail"
+        data = await self.store.deferred_message(w.key)
+        if data is None:  # not in the store (only when removed by hand): nothing to hand on
+            log_event(log, logging.ERROR, "inbound.deferred_missing", account=account,
+                      message_id=mid, sender=w.sender, code="deferred_missing")  # fmt: skip
             self.gate.released(w)
             return
+        message = unpack_message(data)
         at = w.handed_at  # the time the limits counted: the ledger must agree with them
-        await hand_on(message, lambda conn: deferred_table.mark_handed_on(conn, account, mid, at))
+        await hand_on(message, Release(w.key, at))
         self.gate.released(w)
         self.metrics.inc("inbound.released")
         log_event(log, logging.INFO, "inbound.released", account=account, message_id=mid,
@@ -193,7 +204,7 @@ class DeferredMail:
         """Wake the scheduler if ``waiting`` may go before its planned wake-up (a
         release pass walks the whole line: not once per deferred message)."""
         if not waiting.stored:
-            return  # the store step wakes it once the row is written
+            return  # stored() wakes it once the row is committed
         at = self.gate.due_at(waiting)
         if at is not None and (self._planned is None or at < self._planned):
             self._wake.set()

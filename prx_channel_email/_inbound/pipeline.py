@@ -39,7 +39,7 @@ from prx_channel_email._mail.headers import Headers, body_start, split_header_bl
 from prx_channel_email._mail.message_ids import synthetic_message_id
 from prx_channel_email._mail.mime_body import Body, TooComplex, parse_message, read_body
 from prx_channel_email._mail.reply_text import STRIP_BUDGET_SECS, StripBudgetExceeded, new_text
-from prx_channel_email._storage.sqlite.store import LedgerEntry
+from prx_channel_email._storage import LedgerEntry
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import Attachment, ChannelMessage

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from prx_channel_email._mail.message_ids import minted_at
+from prx_channel_email._storage.interface import MailKey
 from prx_channel_email.config import EmailConfig
 
 RATE_LIMITED = "rate_limited"
@@ -75,12 +76,13 @@ class Waiting:
     arrived_at: float
     held: bool = False  # loop_suspected: waits for the loop to go quiet first
     releasing: bool = False  # taken by the scheduler, not yet on the queue
-    # False until its row is in the store (set from the store's thread, inside the
-    # defer transaction): until then it cannot be released, and its sender waits.
+    # False until the transaction that stores its row has committed (set after the
+    # COMMIT returned): until then it cannot be released, and its sender waits.
     stored: bool = True
     handed_at: float = 0.0  # when due() counted it against the limits
 
     thread: str = ""  # the conversation key (ChannelMessage.thread_ts)
+    key: MailKey | None = None  # the mail it is (its row in the store)
 
     @property
     def domain(self) -> str:
@@ -257,7 +259,7 @@ class HandoffGate:
         seen: set[str] = set()
         for w in self._waiting.values():
             if w.releasing or not w.stored:
-                seen.add(w.sender)  # the store_step wakes the scheduler when it is stored
+                seen.add(w.sender)  # DeferredMail.stored wakes the scheduler once it is stored
                 continue
             if w.held:
                 at = self._quiet_since(w) + self.limits.loop_window

@@ -27,13 +27,19 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from prx_channel_email._handoff.ledger import LedgerWriter
+from prx_channel_email._handoff.ledger import HandoffLedger, LedgerWriter
 from prx_channel_email._inbound.deferred import DeferredMail
 from prx_channel_email._inbound.pipeline import InboundPipeline, Outcome, message_identity
 from prx_channel_email._mail.envelope import header_message_id, sender_of
 from prx_channel_email._mail.headers import Headers
-from prx_channel_email._net.imap import FetchedMessage, ImapSession, SelectInfo, open_session
-from prx_channel_email._storage.sqlite.store import Cursor, StateStore
+from prx_channel_email._net.imap import (
+    FetchedMessage,
+    ImapSession,
+    SelectInfo,
+    open_session,
+    push_fix,
+)
+from prx_channel_email._storage import Cursor, Mailbox, Storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
@@ -146,26 +152,13 @@ class PushWatch:
                   fix=push_fix(session.greeting), code="push_silent")  # fmt: skip
 
 
-def push_fix(greeting: str) -> str:
-    """What to change on the server so that IDLE pushes at once (by its greeting)."""
-    text = greeting.lower()
-    if "cyrus" in text:
-        return "Cyrus: enable idled in cyrus.conf (Debian ships it commented out)"
-    if "courier" in text:
-        return "Courier: set IMAP_ENHANCEDIDLE=1 in the imapd config (needs FAM/gamin)"
-    return (
-        "the server checks for new mail on its own schedule; ask its admin to enable "
-        "push for IDLE, or lower keepalive_secs"
-    )
-
-
 class SyncEngine:
     """Runs until cancelled; reconnects with backoff after any failure, never gives up."""
 
     def __init__(
         self,
         config: EmailConfig,
-        store: StateStore,
+        store: Storage,
         pipeline: InboundPipeline,
         metrics: Metrics,
         *,
@@ -174,6 +167,7 @@ class SyncEngine:
         session_factory: Callable[[EmailConfig], Awaitable[ImapSession]] = open_session,
         storage_backoff: Backoff | None = None,
         reporter: StatusReporter | None = None,
+        ledger: HandoffLedger | None = None,
     ) -> None:
         self.config = config
         self.reporter = reporter or StatusReporter(config.account)
@@ -183,6 +177,7 @@ class SyncEngine:
         self.status = SyncStatus()
         self.account = config.account
         self.folder = config.imap_folder  # the configured name: the key of its state
+        self.mailbox = Mailbox(self.account, self.folder)
         self.wire_folder = self.folder  # the server's name for it (see ImapSession.resolve_folder)
         self.push = PushWatch(self.account, self.folder, metrics)
         self._quiet_idle = False  # the last IDLE cycle ran out without a push
@@ -201,10 +196,12 @@ class SyncEngine:
             handoff=config.handoff,
             on_storage=self._storage_changed,
             storage_backoff=storage_backoff,
+            ledger=ledger,
         )
+        self.ledger = self.writer.ledger
         self._redelivered = False  # what an earlier run left in flight went out again
         # Rate limits and the loop guard: accepted mail over a limit waits in the store.
-        self.deferred = DeferredMail(config, store, metrics)
+        self.deferred = DeferredMail(config, store, metrics, folder=self.folder)
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
 
     # --- the outer loop: connect, serve, back off ---
@@ -213,7 +210,7 @@ class SyncEngine:
         # Waiting mail and recent hand-offs first: they decide what the next mail does.
         await self.deferred.load()
         release = asyncio.create_task(
-            self.deferred.run(lambda msg, step: self.writer.hand_on_released(msg, step, queue))
+            self.deferred.run(lambda msg, rel: self.writer.hand_on_released(msg, rel, queue))
         )
         try:
             await self._connected(queue)
@@ -281,10 +278,6 @@ class SyncEngine:
             self.reporter.imap_failed(fault, None)  # the host sees the code, not "connected"
         elif self.status.connected:
             self.reporter.imap_ready()
-
-    async def ack(self, message_id: str) -> bool:
-        """The host is done with ``message_id`` (see LedgerWriter.ack)."""
-        return await self.writer.ack(message_id)
 
     def _failed(self, exc: BaseException, event: str, level: int, delay: float) -> None:
         self.status.last_error = str(exc)
@@ -370,7 +363,7 @@ class SyncEngine:
         queue: asyncio.Queue[ChannelMessage],
     ) -> PassResult:
         uv = info.uidvalidity
-        cursor = await self.store.get_cursor(self.account, self.folder)
+        cursor = await self.store.get_cursor(self.mailbox)
         if cursor is None:
             # Before anything else: what arrives while the unseen mail is handled stays above.
             baseline = await self._baseline(session, info)
@@ -459,9 +452,7 @@ class SyncEngine:
         return result
 
     async def _set_cursor(self, cursor: Cursor) -> None:
-        await self.writer.durable(
-            functools.partial(self.store.set_cursor, self.account, self.folder, cursor)
-        )
+        await self.writer.durable(functools.partial(self.store.set_cursor, self.mailbox, cursor))
 
     # --- handing messages on ---
 
@@ -581,12 +572,14 @@ class SyncEngine:
                 outcome = await self._judge(uid, raw, mid)
             del raw  # parsed: not held while the hand-off stores the message
             if outcome.decision == "deliver" and outcome.message is not None:
-                waiting = self.deferred.judge(outcome.message)
+                waiting = self.deferred.judge(outcome.message, writer.key(uid))
                 if waiting is None:
                     await writer.hand_on(uid, outcome.message, outcome.entry, queue)
                 else:
-                    keep = self.deferred.store_step(waiting, outcome.message)
-                    writer.defer(uid, outcome.message, outcome.entry, waiting.reason, keep)
+                    stored = functools.partial(self.deferred.stored, waiting)
+                    writer.defer(uid, outcome.message, outcome.entry, seq=waiting.seq,
+                                 reason=waiting.reason, arrived_at=waiting.arrived_at,
+                                 on_durable=stored)  # fmt: skip
             else:
                 kind = "rejected" if outcome.decision == "reject" else "quarantined"
                 writer.record(uid, mid, kind, outcome.reason or kind)

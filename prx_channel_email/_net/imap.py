@@ -35,7 +35,13 @@ from typing import Any, TypeVar
 
 from prx_channel_email._net import imap_compat as compat
 from prx_channel_email._net.imap_compat import ImapLibError, ImapProtocol, ImapResponse, quote
-from prx_channel_email._net.tls import check_plaintext_allowed, ssl_context
+from prx_channel_email._net.tls import (
+    check_plaintext_allowed,
+    open_tls,
+    shrink_read_buffer,
+    ssl_context,
+    start_tls,
+)
 from prx_channel_email._support.observability import log_event
 from prx_channel_email._version import __version__
 from prx_channel_email.config import EmailConfig
@@ -181,13 +187,11 @@ class ImapSession:
         timeout = config.connect_timeout_secs
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(
-                    lambda: proto,
-                    host,
-                    port,
-                    ssl=ctx if security == "tls" else None,
-                    server_hostname=host if security == "tls" else None,
-                )
+                if security == "tls":
+                    assert ctx is not None
+                    await open_tls(loop, proto, host, port, ctx, handshake_timeout=timeout)
+                else:
+                    await loop.create_connection(lambda: proto, host, port)
                 await _race(proto, proto.wait_greeting())
         except (TimeoutError, OSError, ssl.SSLError, ChannelError, ImapLibError) as exc:
             _abort(proto)
@@ -230,8 +234,13 @@ class ImapSession:
         try:
             async with asyncio.timeout(self.config.connect_timeout_secs):
                 assert ctx is not None
-                transport = await loop.start_tls(
-                    proto.transport, proto, ctx, server_hostname=self.host
+                transport = await start_tls(
+                    loop,
+                    proto.transport,
+                    proto,
+                    ctx,
+                    server_hostname=self.host,
+                    handshake_timeout=self.config.connect_timeout_secs,
                 )
         except (TimeoutError, OSError, ssl.SSLError) as exc:
             raise _transport_error(exc, self.host, self.port, "STARTTLS") from exc
@@ -611,9 +620,14 @@ class ImapSession:
         if resp.result != "OK":
             raise ChannelError(f"UID COPY failed: {_text(resp)}", code="move_failed")
         await self.store_flags(uids, "(\\Deleted)")
+        await self.uid_expunge(uids, code="move_failed")
+
+    async def uid_expunge(self, uids: list[int], *, code: str = "expunge_failed") -> None:
+        """Expunge exactly ``uids`` (UIDPLUS): a plain EXPUNGE would also remove any
+        other message flagged ``\\Deleted``."""
         resp = await self._execute("UID EXPUNGE", uid_set(uids))
         if resp.result != "OK":
-            raise ChannelError(f"UID EXPUNGE failed: {_text(resp)}", code="move_failed")
+            raise ChannelError(f"UID EXPUNGE failed: {_text(resp)}", code=code)
 
     async def append(self, folder: str, raw: bytes, flags: tuple[str, ...] = ("\\Seen",)) -> None:
         proto = self._proto
@@ -646,6 +660,8 @@ class ImapSession:
             exc = task.exception()
             detail = str(exc) if exc else _text(task.result())
             raise ChannelError(f"IDLE refused: {detail}", code="idle_failed")
+        # Waiting for a push may last 29 minutes: the big read buffer of a FETCH can go.
+        shrink_read_buffer(proto.transport)
 
     async def idle_wait(self, limit: float) -> bool:
         """Wait up to ``limit`` s for EXISTS; True if mail arrived. Raises if the link died."""
@@ -797,6 +813,19 @@ def _text(resp: Any) -> str:
         if isinstance(line, bytes):
             return line.decode(errors="replace")
     return str(resp.result)
+
+
+def push_fix(greeting: str) -> str:
+    """What to change on the server so that IDLE pushes at once (by its greeting)."""
+    text = greeting.lower()
+    if "cyrus" in text:
+        return "Cyrus: enable idled in cyrus.conf (Debian ships it commented out)"
+    if "courier" in text:
+        return "Courier: set IMAP_ENHANCEDIDLE=1 in the imapd config (needs FAM/gamin)"
+    return (
+        "the server checks for new mail on its own schedule; ask its admin to enable "
+        "push for IDLE, or lower keepalive_secs"
+    )
 
 
 def folder_candidates(name: str, ns: Namespace) -> list[str]:

@@ -5,8 +5,8 @@
 * Device authorization grant (RFC 8628), for a headless server: the user enters a
   short code on another device. Google does not allow the mail scope in it.
 
-Either way the grant goes to the token store (oauth.TokenStore) owner-only, and a
-running channel picks it up by itself (it watches the store file). authlib does the
+Either way the grant goes to the token store (the storage's, per account, owner-only),
+and a running channel picks it up by itself (it watches the record's version). authlib does the
 protocol (authorization URL, PKCE, token requests, revocation); nothing here prints
 or logs a token.
 """
@@ -24,14 +24,14 @@ from urllib.parse import parse_qs, urlsplit
 
 from prx_channel_email._oauth.tokens import (
     BadTokenAnswer,
-    TokenRecord,
-    TokenStore,
     fingerprint,
     http_error_class,
     oauth_client,
     token_call,
+    token_store,
     usable_answer,
 )
+from prx_channel_email._storage import TokenRecord
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.config.providers import (
     OAuthEndpoints,
@@ -55,7 +55,7 @@ class LoginError(ChannelError):
     code = "oauth_login_failed"
 
 
-def _store_grant(
+async def _store_grant(
     config: EmailConfig, provider: OAuthEndpoints, token: dict[str, Any]
 ) -> TokenRecord:
     if not token.get("refresh_token"):
@@ -81,7 +81,7 @@ def _store_grant(
         username=config.username,
         updated_at=now,
     )
-    TokenStore(config.state_dir).save(record)
+    await token_store(config).save(record)
     return record
 
 
@@ -226,7 +226,7 @@ async def login_browser(
                 raise
     finally:
         await listener.close()
-    return await asyncio.to_thread(_store_grant, config, provider, dict(token))
+    return await _store_grant(config, provider, dict(token))
 
 
 async def login_device(
@@ -303,15 +303,15 @@ async def login_device(
                     raise
             if time.monotonic() > deadline:
                 raise LoginError("the code was not approved in time", code="oauth_login_timeout")
-    return await asyncio.to_thread(_store_grant, config, provider, dict(token))
+    return await _store_grant(config, provider, dict(token))
 
 
-def describe(config: EmailConfig) -> list[tuple[str, str]]:
+async def describe(config: EmailConfig) -> list[tuple[str, str]]:
     """``auth status``: what is stored, never a token."""
     provider = oauth_endpoints(config)
-    store = TokenStore(config.state_dir)
-    rows = [("provider", provider.name), ("account", config.username), ("store", str(store.path))]
-    record = store.load()
+    store = token_store(config)
+    rows = [("provider", provider.name), ("account", config.username), ("store", store.location)]
+    record = await store.load()
     seed = config.oauth_refresh_token
     if record is None:
         rows.append(
@@ -337,7 +337,10 @@ def describe(config: EmailConfig) -> list[tuple[str, str]]:
         rows.append(("access token expires", f"{when} ({state})"))
     rows.append(("updated", time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(record.updated_at))))
     rows.append(
-        ("owner-only", "yes" if store.owner_only() else "NO: chmod 600 the file, 700 the directory")
+        (
+            "owner-only",
+            "yes" if await store.private() else "NO: chmod 600 the file, 700 the directory",
+        )
     )
     return rows
 
@@ -345,8 +348,8 @@ def describe(config: EmailConfig) -> list[tuple[str, str]]:
 async def logout(config: EmailConfig) -> list[str]:
     """Revoke the stored grant where the provider can, delete the store; what was done."""
     provider = oauth_endpoints(config)
-    store = TokenStore(config.state_dir)
-    record = await asyncio.to_thread(store.load)
+    store = token_store(config)
+    record = await store.load()
     done: list[str] = []
     if record is not None and record.refresh_token and provider.revoke_url:
         client = oauth_client(config)
@@ -365,8 +368,8 @@ async def logout(config: EmailConfig) -> list[str]:
             f"{provider.name} offers no revocation endpoint: remove the app's access in the "
             "account's security settings to end the grant everywhere"
         )
-    if await asyncio.to_thread(store.delete):
-        done.append(f"deleted {store.path}")
+    if await store.delete():
+        done.append(f"deleted the grant from {store.location}")
     else:
         done.append("no token was stored")
     if config.oauth_refresh_token is not None:

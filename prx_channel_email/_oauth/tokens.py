@@ -7,15 +7,16 @@ Why it is built this way:
 * A refresh happens only when a login needs a token and the cached one expires
   within the margin, or once after a login refused for the token. An idle channel
   whose IMAP session stays up asks for nothing.
-* A rotated refresh token is on disk (temp file, fsync, rename; 0600 in a 0700
-  directory) before the new access token is handed out: a crash after that point
-  loses nothing. A crash between the token endpoint's answer and the rename loses
-  the rotated token; whether the old one still works is the provider's policy
+* The record lives in the storage (``_storage``: a row of the state file with
+  SQLite), per account. A rotated refresh token is durably saved (one transaction)
+  before the new access token is handed out: a crash after that point loses
+  nothing. A crash between the token endpoint's answer and the save loses the
+  rotated token; whether the old one still works is the provider's policy
   (see README "OAuth": strict rotation then needs ``prx-email auth login``).
 * ``invalid_grant`` marks that refresh token dead: it is retried at most
   :data:`DEAD_RETRIES` more times, spaced out, and never again until the store
   changes (a new ``auth login``) or a different seed is configured. Every login
-  attempt in between costs one ``stat`` of the token file, no network, which is
+  attempt in between costs one look at the record's version, no network, which is
   how a running channel notices a new login within seconds.
 * Token endpoint outages raise :class:`OAuthUnavailable` (a TransportError) and
   are backed off here as well, so several callers do not multiply requests. A
@@ -32,23 +33,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import copy
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime
-from pathlib import Path
 from typing import Any, TypeVar
 
+from prx_channel_email._storage import TokenRecord, TokenStore, open_storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.config import EmailConfig
@@ -58,13 +56,12 @@ from prx_channel_email.errors import (
     ChannelError,
     OAuthReauthRequired,
     OAuthUnavailable,
+    StorageError,
 )
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-TOKEN_FILE = "oauth-token.json"  # noqa: S105 - a file name
-LOCK_FILE = "oauth-token.lock"
 #: Refresh when less than this share of the token's lifetime is left (capped below).
 MARGIN_SHARE = 0.1
 MAX_MARGIN_SECS = 300.0
@@ -88,121 +85,9 @@ def fingerprint(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()[:16]
 
 
-@dataclass
-class TokenRecord:
-    """What the token store holds for one account."""
-
-    refresh_token: str | None = None
-    access_token: str | None = None
-    expires_at: float | None = None  # Unix seconds
-    lifetime: float | None = None  # seconds the access token was issued for
-    scope: str | None = None
-    seed: str | None = None  # fingerprint of the configured oauth_refresh_token it supersedes
-    provider: str | None = None
-    username: str | None = None
-    updated_at: float = field(default_factory=time.time)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TokenRecord:
-        known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
-        return cls(**known)
-
-
-class TokenStore:
-    """``<state_dir>/oauth-token.json``, owner-only, replaced atomically. Blocking:
-    callers on the event loop go through ``asyncio.to_thread``."""
-
-    def __init__(self, state_dir: Path) -> None:
-        self.dir = state_dir
-        self.path = state_dir / TOKEN_FILE
-        self.lock_path = state_dir / LOCK_FILE
-
-    def signature(self) -> tuple[int, int, int] | None:
-        """Changes whenever the file is replaced (inode, mtime, size); None if absent."""
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
-            return None
-        return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-    def load(self) -> TokenRecord | None:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return None
-        try:
-            data = json.loads(raw)
-        except ValueError:
-            raise ChannelError(
-                f"the token store {self.path} is damaged; run `prx-email auth login`",
-                code="oauth_store_damaged",
-            ) from None
-        if not isinstance(data, dict):
-            raise ChannelError(
-                f"the token store {self.path} is damaged; run `prx-email auth login`",
-                code="oauth_store_damaged",
-            )
-        return TokenRecord.from_json(data)
-
-    def _ensure_dir(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.dir, 0o700)
-
-    def save(self, record: TokenRecord) -> None:
-        """Temp file in the same directory, fsync, rename over, fsync the directory."""
-        self._ensure_dir()
-        data = json.dumps(asdict(record), sort_keys=True).encode()
-        fd, tmp = tempfile.mkstemp(prefix=".oauth-token.", dir=self.dir)
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(self.dir, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-
-    def delete(self) -> bool:
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            return False
-        return True
-
-    def owner_only(self) -> bool:
-        """True when neither group nor others can read the file or enter the directory."""
-        return not (self.path.stat().st_mode & 0o077) and not (self.dir.stat().st_mode & 0o077)
-
-    @contextlib.asynccontextmanager
-    async def locked(self, within: float) -> AsyncIterator[None]:
-        """An exclusive lock between processes (the channel, the doctor, the CLI), so two
-        of them never spend the same refresh token. Polled with LOCK_NB: never blocks
-        the loop, and a cancelled waiter holds nothing."""
-        await asyncio.to_thread(self._ensure_dir)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            deadline = time.monotonic() + within
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise OAuthUnavailable(
-                            "another process holds the token store lock", code="oauth_store_busy"
-                        ) from None
-                    await asyncio.sleep(0.05)
-            yield
-        finally:
-            os.close(fd)  # closing releases the lock
+def token_store(config: EmailConfig) -> TokenStore:
+    """Where the token record of ``config``'s account is kept (the storage decides how)."""
+    return open_storage(config.state_dir).tokens(config.account, username=config.username)
 
 
 @dataclass
@@ -227,14 +112,14 @@ class TokenManager:
     ) -> None:
         self.config = config
         self.provider: OAuthEndpoints = oauth_endpoints(config)
-        self.store = TokenStore(config.state_dir)
+        self.store = token_store(config)
         self._host_provider = token_provider
         self._clock = clock
         self._record: TokenRecord | None = None
-        self._signature: tuple[int, int, int] | None = None
+        self._signature: object | None = None
         self._loaded = False
         self._unsaved: TokenRecord | None = None
-        self._unsaved_over: tuple[int, int, int] | None = None
+        self._unsaved_over: object | None = None
         self._inflight: asyncio.Future[AccessToken] | None = None
         self._refused: set[str] = set()  # fingerprints of access tokens a server refused
         # invalid_grant bookkeeping: which refresh token, how often, when next.
@@ -269,10 +154,10 @@ class TokenManager:
 
     async def _current(self) -> TokenRecord | None:
         """The record, re-read whenever the file changed (a new login elsewhere)."""
-        signature = await asyncio.to_thread(self.store.signature)
+        signature = await self.store.version()
         if self._loaded and signature == self._signature:
             return self._record
-        record = await asyncio.to_thread(self.store.load)
+        record = await self.store.load()
         self._loaded, self._signature = True, signature
         if self._unsaved is not None and signature == self._unsaved_over:
             record = self._unsaved  # our own rotation that could not be written yet
@@ -297,15 +182,16 @@ class TokenManager:
 
     async def _save(self, record: TokenRecord) -> None:
         try:
-            await asyncio.to_thread(self.store.save, record)
-        except OSError as exc:
+            await self.store.save(record)
+        except (OSError, StorageError) as exc:
             self._unsaved, self._unsaved_over = record, self._signature
+            why = exc.strerror if isinstance(exc, OSError) else exc.code
             raise ChannelError(
-                f"cannot write the token store {self.store.path}: {exc.strerror}",
+                f"cannot write the token store {self.store.location}: {why}",
                 code="storage_error",
             ) from None
         self._unsaved = None
-        self._signature = await asyncio.to_thread(self.store.signature)
+        self._signature = await self.store.version()
         self._record = record
 
     # --- tokens ---
@@ -392,13 +278,13 @@ class TokenManager:
 
     async def _refresh_locked(self, record: TokenRecord, refresh_token: str) -> AccessToken:
         # Another process (doctor, CLI, a second channel) may have refreshed meanwhile.
-        fresh = await asyncio.to_thread(self.store.load)
+        fresh = await self.store.load()
         if (
             fresh is not None
             and self._apply_seed(fresh) is fresh
             and fresh.refresh_token != refresh_token
         ):
-            self._record, self._signature = fresh, await asyncio.to_thread(self.store.signature)
+            self._record, self._signature = fresh, await self.store.version()
             if (
                 fresh.access_token
                 and fresh.expires_at

@@ -21,7 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from prx_channel_email._storage.sqlite.outbox_table import NewRow, OutboxRow, OutboxTable, Stored
+from prx_channel_email._storage import NewRow, OutboxRow, OutboxStore, Stored
 from prx_channel_email._support.observability import log_event
 
 T = TypeVar("T")
@@ -41,7 +41,7 @@ class SentMarks:
     """
 
     def __init__(
-        self, table: OutboxTable, *, on_recorded: Callable[[], None], delay_secs: float = 0.0
+        self, table: OutboxStore, *, on_recorded: Callable[[], None], delay_secs: float = 0.0
     ) -> None:
         self.table = table
         self._on_recorded = on_recorded
@@ -170,7 +170,7 @@ class GroupInsert:
 
     def __init__(
         self,
-        table: OutboxTable,
+        table: OutboxStore,
         marks: SentMarks,
         lease_secs: float,
         *,

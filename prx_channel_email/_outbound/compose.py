@@ -32,6 +32,7 @@ from prx_channel_email._mail.message_ids import (
     normalize_id,
     parse_id_list,
 )
+from prx_channel_email._storage.interface import MailKey
 from prx_channel_email.config import EmailConfig, is_address
 from prx_channel_email.errors import SendError
 
@@ -59,6 +60,8 @@ class Parent:
     message_id: str
     subject: str
     references: list[str]
+    # The received mail it is (None when known only by its ids): a reply settles it.
+    key: MailKey | None = None
 
 
 @dataclass(frozen=True)

@@ -44,19 +44,13 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
+from prx_channel_email._handoff.ledger import HandoffLedger
 from prx_channel_email._mail.message_ids import normalize_id
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._outbound.commits import GroupInsert, SentMarks
 from prx_channel_email._outbound.compose import Parent, compose, parent_from_ids, parse_recipient
 from prx_channel_email._outbound.sent_folder import ImapSentFolder
-from prx_channel_email._storage.sqlite.outbox_table import (
-    EXHAUSTED_PREFIX,
-    NewRow,
-    OutboxEntry,
-    OutboxRow,
-    OutboxTable,
-)
-from prx_channel_email._storage.sqlite.store import LedgerEntry, StateStore
+from prx_channel_email._storage import EXHAUSTED_PREFIX, NewRow, OutboxEntry, OutboxRow, Storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
@@ -131,9 +125,9 @@ class Outbox:
     crash recovery quickly; production uses the defaults derived from the config.
     ``on_accepted(message_id)`` is called synchronously the moment the server
     accepted a message, before anything is recorded (crash tests kill the process there).
-    ``on_reply_durable(parent_message_id)`` is awaited once a reply's row is
-    committed (or a repeated send found it), before ``send()`` returns: the channel
-    acknowledges the message answered.
+    Once a reply's row is committed (or a repeated send found it), before ``send()``
+    returns, the parent is settled in the hand-off ``ledger`` (shared with the inbound
+    flow; ``handoff="ack"``), then ``on_reply_durable(parent_message_id)`` is awaited.
     ``sent_mark_delay_secs`` > 0 brings back the batched "sent" marks (for the kill
     benchmark's comparison only).
     """
@@ -141,9 +135,10 @@ class Outbox:
     def __init__(
         self,
         config: EmailConfig,
-        store: StateStore,
+        store: Storage,
         metrics: Metrics,
         *,
+        ledger: HandoffLedger | None = None,
         transport: SmtpTransport | None = None,
         retry_base_secs: float = 5.0,
         lease_secs: float | None = None,
@@ -170,7 +165,9 @@ class Outbox:
         self.lease_secs = lease_secs or (
             config.connect_timeout_secs + 4 * config.command_timeout_secs + 30.0
         )
-        self.table = OutboxTable(store, config.account)
+        self.table = store.outbox(config.account)
+        # Where reply parents are found and settled (the channel's, shared with inbound).
+        self.ledger = ledger or HandoffLedger(store, config.account, handoff=config.handoff)
         self.holdoff = AuthHoldoff(float(config.send_retry_max_secs), config.smtp_host)
         self._wake = asyncio.Event()
         self._changed = asyncio.Event()
@@ -435,15 +432,18 @@ class Outbox:
         return held.message_id
 
     async def _reply_durable(self, parent: Parent | None) -> None:
-        """Tell the owner a reply to ``parent`` is durably in the outbox (it acks it).
+        """A reply to ``parent`` is durably in the outbox: the ledger settles it (acks
+        it), then the hook hears of it.
 
-        A failing hook is logged: the reply goes out anyway, and an un-acked parent
+        A failure is logged: the reply goes out anyway, and an un-acked parent
         only means it is handed on again after a restart.
         """
-        if parent is None or self._on_reply_durable is None:
+        if parent is None:
             return
         try:
-            await self._on_reply_durable(parent.message_id)
+            await self.ledger.reply_durable(parent.key)
+            if self._on_reply_durable is not None:
+                await self._on_reply_durable(parent.message_id)
         except Exception as exc:
             log_event(
                 log,
@@ -465,22 +465,22 @@ class Outbox:
         self._release_soon(ids)
 
     async def _find_parent(self, message: SendMessage, recipient: str) -> Parent | None:
-        """The message this reply answers: explicit ids first, else the sender's latest."""
-        account = self.config.account
-        entry: LedgerEntry | None = None
+        """The message this reply answers (the hand-off ledger's lookup): explicit ids
+        first, else the recipient's latest."""
         reply_id = normalize_id(message.in_reply_to)
         thread = normalize_id(message.thread_ts)
-        if reply_id is not None:
-            entry = await self.store.find_message(account, reply_id)
-        elif thread is not None:
-            entry = await self.store.latest_in_thread(account, thread)
-        elif message.in_reply_to is None and message.thread_ts is None:
-            entry = await self.store.latest_from(account, recipient)
+        entry = await self.ledger.find_parent(
+            reply_id=reply_id,
+            thread=thread,
+            recipient=recipient,
+            explicit=message.in_reply_to is not None or message.thread_ts is not None,
+        )
         if entry is not None:
             return Parent(
                 message_id=entry.message_id,
                 subject=entry.subject,
                 references=list(entry.references),
+                key=entry.key,
             )
         return parent_from_ids(reply_id, thread)
 

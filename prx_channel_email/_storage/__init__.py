@@ -1,1 +1,99 @@
-"""The durable state, behind one interface."""
+"""The durable state, behind one interface.
+
+Everything outside this package reaches the state through :class:`Storage` (and
+the per-account :class:`OutboxStore` it hands out), with the frozen dataclasses of
+:mod:`.interface` as the only currency. Backends live in subpackages
+(``sqlite/`` today); :func:`open_storage` picks one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prx_channel_email._storage.files import low_space, make_private_dir, private_file
+from prx_channel_email._storage.interface import (
+    ACCEPTED,
+    DEFERRED,
+    DELIVERED,
+    EXHAUSTED_PREFIX,
+    QUARANTINED,
+    REJECTED,
+    CopiesOf,
+    Cursor,
+    Deferral,
+    HandoffBatch,
+    InFlight,
+    InFlightRow,
+    LedgerEntry,
+    Mailbox,
+    MailKey,
+    NewRow,
+    OutboxEntry,
+    OutboxRow,
+    OutboxStore,
+    Record,
+    Release,
+    SenderChanges,
+    Storage,
+    Stored,
+    TokenRecord,
+    TokenStore,
+    WaitingRow,
+)
+from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._storage.sqlite.store import state_exists as _sqlite_state_exists
+
+__all__ = [
+    "ACCEPTED",
+    "DEFERRED",
+    "DELIVERED",
+    "EXHAUSTED_PREFIX",
+    "QUARANTINED",
+    "REJECTED",
+    "CopiesOf",
+    "Cursor",
+    "Deferral",
+    "HandoffBatch",
+    "InFlight",
+    "InFlightRow",
+    "LedgerEntry",
+    "MailKey",
+    "Mailbox",
+    "NewRow",
+    "OutboxEntry",
+    "OutboxRow",
+    "OutboxStore",
+    "Record",
+    "Release",
+    "SenderChanges",
+    "Storage",
+    "Stored",
+    "TokenRecord",
+    "TokenStore",
+    "WaitingRow",
+    "low_space",
+    "make_private_dir",
+    "open_storage",
+    "private_file",
+    "state_exists",
+]
+
+
+def open_storage(state_dir: Path, *, url: str | None = None) -> Storage:
+    """The storage for this state (not opened yet: ``await storage.open()`` or
+    ``async with``). ``url`` None: SQLite in ``state_dir``; ``postgresql://...``: the
+    shared PostgreSQL backend (the ``postgres`` extra)."""
+    if url is None:
+        return StateStore(state_dir)
+    if url.split(":", 1)[0].lower() in ("postgresql", "postgres"):
+        from prx_channel_email._storage.postgres.store import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"no storage backend for {url.split(':', 1)[0]!r} URLs")
+
+
+def state_exists(state_dir: Path, *, url: str | None = None) -> bool:
+    """True when there is state to open (something was ever stored there)."""
+    if url is not None:
+        return True
+    return _sqlite_state_exists(state_dir)

@@ -83,6 +83,13 @@ def search_criteria(
     return terms
 
 
+def within(terms: list[str], uids: str) -> list[str]:
+    """``terms`` limited to the UID set ``uids`` (after CHARSET, which must come first)."""
+    if terms[:1] == ["CHARSET"]:
+        return [*terms[:2], "UID", uids, *terms[2:]]
+    return ["UID", uids, *terms]
+
+
 def id_criteria(field: str, ids: list[str]) -> list[str]:
     """``OR HEADER f a OR HEADER f b HEADER f c``: any of ``ids`` in header ``field``."""
     terms: list[str] = []

@@ -36,7 +36,7 @@ from prx_channel_email._net.imap_compat import quote
 from prx_channel_email._outbound.compose import reply_subject
 from prx_channel_email._support.observability import log_event
 from prx_channel_email._tools import cursor as cursors
-from prx_channel_email._tools.criteria import any_of, id_criteria, search_criteria
+from prx_channel_email._tools.criteria import any_of, id_criteria, search_criteria, within
 from prx_channel_email._tools.extract import extract
 from prx_channel_email._tools.render import Boundary
 from prx_channel_email._tools.sessions import IDLE_CLOSE_SECS, AccountSessions, Mailbox
@@ -55,6 +55,8 @@ THREAD_MAX_KEYS = 20
 # Bytes of bodies fetched in one UID FETCH (a page of big mail is several commands).
 BODY_BATCH_BYTES = 8 * 1024 * 1024
 HEADER_ITEMS = "(UID FLAGS RFC822.SIZE BODY.PEEK[HEADER])"
+# UIDs the first search of a page covers (later windows double: see MailboxTools._page).
+FIRST_WINDOW = 256
 
 Send = Callable[[SendMessage], Awaitable[str]]
 
@@ -127,7 +129,8 @@ class MailboxTools:
         idle_close_secs: float = IDLE_CLOSE_SECS,
     ) -> None:
         items = accounts.values() if isinstance(accounts, Mapping) else accounts
-        self._accounts = {a.name: a for a in items}
+        # An account whose capabilities leave out "tools" is not served: as if absent.
+        self._accounts = {a.name: a for a in items if "tools" in a.config.capabilities}
         self._sessions = {
             name: AccountSessions(a.config, name, idle_close_secs=idle_close_secs)
             for name, a in self._accounts.items()
@@ -254,27 +257,39 @@ class MailboxTools:
         need: int,
     ) -> tuple[list[dict[str, Any]], cursors.Position | None]:
         """Up to ``need`` shown messages of one folder from ``start`` down, and where
-        the next page starts when one more shown message exists here."""
-        info = await box.select(folder)
+        the next page starts when one more shown message exists here.
+
+        The server searches a window of UIDs at a time, newest first, each window twice
+        as wide as the one before: a page of recent matches costs the server a scan of
+        recent mail, not of the whole folder (without a full-text index, a body search
+        reads every message it covers), and a listing's answer is not every UID.
+        """
+        info = await box.select(folder, fresh=True)  # UIDNEXT now, not at the last page
         if start.below and start.uidvalidity != info.uidvalidity:
             raise cursors.invalid()  # the folder was rebuilt: its UIDs mean other mail now
-        if start.below == 1:
+        # The highest UID from what the server has: Courier's SELECT gives no UIDNEXT.
+        top = start.below - 1 if start.below else await box.session.last_uid_at_select(folder, info)
+        if top < 1:
             return [], None
-        scope = ["UID", f"1:{start.below - 1}"] if start.below else []
-        uids = sorted(await box.session.uid_search(*scope, *terms), reverse=True)
         chosen: list[_Seen] = []
         after: cursors.Position | None = None
         batch_size = acct.config.fetch_batch_size
-        for at in range(0, len(uids), batch_size):
-            batch = uids[at : at + batch_size]
-            for seen in await self._examine(acct, box, folder, batch):
-                if len(chosen) < need:
-                    chosen.append(seen)
-                else:  # one more shown message: the next page starts with it
-                    after = cursors.Position(index, info.uidvalidity, seen.uid + 1)
+        width = max(FIRST_WINDOW, need + 1)
+        while top >= 1 and after is None:
+            low = max(1, top - width + 1)
+            found = await box.session.uid_search(*within(terms, f"{low}:{top}"))
+            uids = sorted((u for u in found if low <= u <= top), reverse=True)
+            for at in range(0, len(uids), batch_size):
+                batch = uids[at : at + batch_size]
+                for seen in await self._examine(acct, box, folder, batch):
+                    if len(chosen) < need:
+                        chosen.append(seen)
+                    else:  # one more shown message: the next page starts with it
+                        after = cursors.Position(index, info.uidvalidity, seen.uid + 1)
+                        break
+                if after is not None:
                     break
-            if after is not None:
-                break
+            top, width = low - 1, width * 2
         hits = await self._download(acct, box, chosen)
         return [self._summary(h) for h in hits], after
 

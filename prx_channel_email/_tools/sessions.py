@@ -39,8 +39,10 @@ class Mailbox:
         self._folders: list[str] | None = None
         self._folders_at = 0.0
 
-    async def select(self, folder: str) -> SelectInfo:
-        if self.selected != folder or self.info is None:
+    async def select(self, folder: str, *, fresh: bool = False) -> SelectInfo:
+        """SELECT ``folder`` unless it is selected already; ``fresh``: always (its
+        UIDNEXT then tells what arrived since)."""
+        if fresh or self.selected != folder or self.info is None:
             self.selected = None
             self.info = await self.session.select(folder)
             self.selected = folder

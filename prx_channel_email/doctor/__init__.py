@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import functools
 import os
 import re
 import ssl
@@ -32,15 +33,17 @@ import aiosmtplib
 from prx_channel_email._mail.authresults import authserv_ids, provider_field, trust_line, verdict
 from prx_channel_email._mail.envelope import sender_of
 from prx_channel_email._mail.headers import Headers, split_header_block
-from prx_channel_email._net.imap import ImapSession
+from prx_channel_email._net.imap import ImapSession, SelectInfo, open_session
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._net.tls import ssl_context
 from prx_channel_email._outbound.compose import parse_recipient
-from prx_channel_email._storage.sqlite.store import low_space, make_private_dir
+from prx_channel_email._storage import low_space, make_private_dir
 from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
 from prx_channel_email.config.providers import detect_provider, provider_named
+from prx_channel_email.doctor.database import database_checks
 
 # Re-exported: callers build and read reports from here, as before.
+from prx_channel_email.doctor.imap_checks import closest_folder, folders_check, push_check
 from prx_channel_email.doctor.report import Check as Check
 from prx_channel_email.doctor.report import DoctorReport as DoctorReport
 from prx_channel_email.doctor.report import Status as Status
@@ -67,6 +70,7 @@ IMAP_CHECKS = (
     "imap login",
     "imap idle",
     "imap folder",
+    "imap folders",
     "sender verification",
 )
 SMTP_CHECKS = ("smtp dns", "smtp tcp", "smtp tls", "smtp ehlo", "smtp auth", "send test")
@@ -348,12 +352,18 @@ async def _imap_handshake(
             record(*await _tls_step(conn, ctx, "imap", host, port, security, budget))
         elif security == "plain":
             record("skip", "plaintext connection (imap_security = 'plain', loopback only)", None)
+        # Say goodbye: servers log a dropped connection as an error on every doctor run.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(probe.command("LOGOUT"), min(budget, 2.0))
     finally:
         conn.close()
 
 
 async def _imap_chain(
-    config: EmailConfig, budget: float, add: Callable[[str, Status, str, str | None], None]
+    config: EmailConfig,
+    budget: float,
+    add: Callable[[str, Status, str, str | None], None],
+    push_test: bool = False,
 ) -> None:
     port, security = config.imap_port, config.imap_security
     port_fix = _port_fix("imap", security, port)
@@ -390,24 +400,44 @@ async def _imap_chain(
         except TransportError as exc:
             raise _Fail(exc.message, "the server is busy or down; try again later.") from None
         record("pass", f"logged in as {config.username}")
-        if session.has_idle:
-            record("pass", "IDLE supported: new mail is pushed at once")
-        else:
+        # The folder by the server's rules ("Work" is "INBOX.Work" on Courier).
+        wire = await session.resolve_folder(config.imap_folder)
+        info: SelectInfo | None = None
+        missing: FolderNotFoundError | None = None
+        try:
+            info = await session.select(wire)
+        except FolderNotFoundError as exc:
+            missing = exc
+        if not session.has_idle:
             record(
                 "warn",
                 "the server does not support IDLE",
                 f"nothing to do: the channel polls every {config.poll_interval_secs} s instead "
                 "(lower poll_interval_secs for faster answers).",
             )
-        try:
-            info = await session.select(config.imap_folder)
-        except FolderNotFoundError as exc:
-            shown = ", ".join(exc.folders) if exc.folders else "(none)"
+        elif push_test and info is not None:
+            # The second connection logs in as the channel does (open_session).
+            second = functools.partial(open_session, bounded)
+            record(*await push_check(config, session, wire, second, budget))
+        else:
+            record(
+                "pass",
+                "IDLE advertised (prx-email doctor --push-test measures whether new mail "
+                "is really pushed at once)",
+            )
+        if missing is not None or info is None:
+            folders = missing.folders if missing is not None else []
+            ns = await session.namespace()
+            close = closest_folder(config.imap_folder, folders, ns.delimiter)
+            shown = ", ".join(folders) if folders else "(none)"
             raise _Fail(
                 f"folder {config.imap_folder!r} does not exist",
-                f"set imap_folder to one of: {shown}",
-            ) from None
-        record("pass", f"{config.imap_folder!r} exists, {info.exists} messages")
+                (f'set imap_folder = "{close}". ' if close else "")
+                + f"Folders on the server: {shown}",
+            )
+        named = f" (on this server: {wire!r})" if wire != config.imap_folder else ""
+        record("pass", f"{config.imap_folder!r} exists{named}, {info.exists} messages")
+        record(*await folders_check(config, session))
         record(*await _auth_results_check(config, session, info.exists))
     except _Fail as failure:
         record("fail", failure.detail, failure.fix)
@@ -618,6 +648,7 @@ async def _smtp_chain(
         try:
             record("pass", f"connected to {host}:{port}")
             record(*await _smtp_tls_probe(conn, ctx, host, port, security, budget))
+            await _smtp_goodbye(conn, budget, greeted=security == "starttls")
         finally:
             conn.close()
         # The channel's own client and AUTH exchange, with the doctor's budget.
@@ -705,6 +736,21 @@ async def _smtp_tls_probe(
     if not reply or not reply[-1].startswith(b"220"):
         raise _Fail(f"STARTTLS refused: {reply[-1][:80]!r}" if reply else "STARTTLS refused", fix)
     return await _tls_step(conn, ctx, "smtp", host, port, security, budget)
+
+
+async def _smtp_goodbye(conn: _Conn, budget: float, *, greeted: bool) -> None:
+    """QUIT the probe connection: a server logs a dropped one ("lost connection after
+    STARTTLS") on every doctor run. Never fails the check."""
+
+    async def goodbye() -> None:
+        if not greeted:
+            await _smtp_reply(conn, budget)  # the greeting (after the TLS handshake)
+        conn.writer.write(b"QUIT\r\n")
+        await conn.writer.drain()
+        await _smtp_reply(conn, budget)
+
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(goodbye(), min(budget, 2.0))
 
 
 async def _smtp_reply(conn: _Conn, budget: float) -> list[bytes]:
@@ -863,6 +909,7 @@ async def run_doctor(
     config: EmailConfig,
     *,
     send_test: str | None = None,
+    push_test: bool = False,
     check_timeout: float = DEFAULT_CHECK_TIMEOUT,
     config_path: str | None = None,
     progress: Progress | None = None,
@@ -874,6 +921,8 @@ async def run_doctor(
     )
     report.checks.extend(_local_checks(config))
     report.checks.extend(await _dir_checks(config, check_timeout))
+    # Shared state (state_url): the database, its schema and clock, who serves what.
+    report.checks.extend(await database_checks(config, check_timeout))
     if config.auth_method == "oauth2":  # first: the logins below need the token
         from prx_channel_email.doctor.oauth import oauth_checks
 
@@ -896,9 +945,9 @@ async def run_doctor(
         progress("connecting to the IMAP and SMTP servers")
     # Each step has its own budget; a whole chain gets four of them, so a server that
     # answers every step slowly still cannot keep the doctor busy for a minute.
-    chain_budget = max(4 * check_timeout, 20.0)
+    chain_budget = max(4 * check_timeout, 20.0) + (2 * check_timeout if push_test else 0)
     outcomes = await asyncio.gather(
-        asyncio.wait_for(_imap_chain(config, check_timeout, add), chain_budget),
+        asyncio.wait_for(_imap_chain(config, check_timeout, add, push_test), chain_budget),
         asyncio.wait_for(_smtp_chain(config, check_timeout, add, send_test), chain_budget),
         return_exceptions=True,
     )
@@ -967,6 +1016,7 @@ async def doctor(
     path: str | os.PathLike[str] | None = None,
     *,
     send_test: str | None = None,
+    push_test: bool = False,
     check_timeout: float = DEFAULT_CHECK_TIMEOUT,
     progress: Progress | None = None,
 ) -> DoctorReport:
@@ -979,6 +1029,7 @@ async def doctor(
     return await run_doctor(
         config,
         send_test=send_test,
+        push_test=push_test,
         check_timeout=check_timeout,
         config_path=shown,
         progress=progress,
@@ -995,6 +1046,7 @@ async def doctor_accounts(
     *,
     account: str | None = None,
     send_test: str | None = None,
+    push_test: bool = False,
     check_timeout: float = DEFAULT_CHECK_TIMEOUT,
     progress: Progress | None = None,
 ) -> list[DoctorReport]:
@@ -1023,8 +1075,9 @@ async def doctor_accounts(
                 progress(f"{name}: {text}" if several else text)
 
         async with gate:
-            report = await run_doctor(config, send_test=send_test, check_timeout=check_timeout,
-                                      config_path=shown, progress=told)  # fmt: skip
+            report = await run_doctor(config, send_test=send_test, push_test=push_test,
+                                      check_timeout=check_timeout, config_path=shown,
+                                      progress=told)  # fmt: skip
         report.account = name
         return report
 

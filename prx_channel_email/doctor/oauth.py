@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from prx_channel_email._oauth.tokens import TokenStore, attach
+from prx_channel_email._oauth.tokens import attach, token_store
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.config.providers import LOGIN_FIX, missing_scopes, provider_named
 from prx_channel_email.doctor.report import Check
@@ -31,11 +31,12 @@ async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig,
     """Store, refresh and scope checks; returns the config the later chains should use."""
     config, manager = attach(config, None)
     provider = manager.provider
-    store = TokenStore(config.state_dir)
+    store = token_store(config)
     checks: list[Check] = []
-    record = store.load() if store.path.exists() else None
+    record = await store.load()
     if record is None and config.oauth_refresh_token is None:
-        checks.append(Check("oauth store", "fail", f"no token stored at {store.path}", LOGIN_FIX))
+        nothing = f"no token stored at {store.location}"
+        checks.append(Check("oauth store", "fail", nothing, LOGIN_FIX))
         checks.append(Check("oauth refresh", "skip", "skipped: nothing to refresh", None))
         checks.append(Check("oauth scopes", "skip", "skipped: nothing to refresh", None))
         return config, checks
@@ -43,17 +44,18 @@ async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig,
         checks.append(
             Check("oauth store", "pass", "seeded from oauth_refresh_token (saved at first use)")
         )
-    elif not store.owner_only():
+    elif not await store.private():
+        where = config.state_dir
         checks.append(
             Check(
                 "oauth store",
                 "fail",
-                f"{store.path} or its directory can be read by others",
-                f"chmod 600 {store.path}; chmod 700 {store.dir}",
+                f"{store.location} or its directory can be read by others",
+                f"chmod 700 {where}; chmod 600 {where}/*",
             )
         )
     else:
-        checks.append(Check("oauth store", "pass", f"{store.path} (owner-only)"))
+        checks.append(Check("oauth store", "pass", f"{store.location} (owner-only)"))
     try:
         async with asyncio.timeout(2 * budget):
             token = await manager.refresh_now()

@@ -101,6 +101,13 @@ class _SMTP(SMTP):
     def _create_session(self) -> Session:
         return _Session(self.loop)
 
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Whether the client said QUIT before the connection ended (politeness).
+        handler = self.event_handler
+        if isinstance(handler, _Handler):
+            handler.owner._note_ended(handler.listener, getattr(self.session, "quit", False))
+        super().connection_lost(exc)
+
 
 class _Handler:
     """aiosmtpd handler; all state lives in the owning SmtpServer."""
@@ -108,6 +115,10 @@ class _Handler:
     def __init__(self, owner: SmtpServer, listener: str) -> None:
         self.owner = owner
         self.listener = listener
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        session.quit = True  # type: ignore[attr-defined]
+        return "221 Bye"
 
     async def auth_XOAUTH2(self, server: SMTP, args: list[str]) -> AuthResult:
         """XOAUTH2 (offered only with an ``oauth_validator``): on a bad token, the
@@ -248,6 +259,7 @@ class SmtpServer:
         self._scripts: dict[str, deque[str]] = {"MAIL": deque(), "RCPT": deque(), "DATA": deque()}
         self._rejections: dict[str, str] = {}
         self._drops = 0
+        self._ended: list[tuple[str, bool]] = []
         self._relay: Callable[[ReceivedMessage], None] | None = None
         self._relay_errors: list[BaseException] = []
         self._runner = LoopThread("smtp-fixture")
@@ -483,9 +495,25 @@ class SmtpServer:
                 queue.clear()
             self._rejections.clear()
             self._drops = 0
+            self._ended.clear()
             self._relay = None
             self._relay_errors.clear()
             self.username, self.password = self._default_credentials
+
+    def _note_ended(self, listener: str, quit: bool) -> None:
+        with self._cond:
+            self._ended.append((listener, quit))
+            self._cond.notify_all()
+
+    def wait_for_ended_connections(
+        self, count: int = 1, timeout: float = 10.0
+    ) -> list[tuple[str, bool]]:
+        """Block until ``count`` client connections have ended; each is (listener,
+        whether the client said QUIT first)."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: len(self._ended) >= count, timeout):
+                raise TimeoutError(f"{len(self._ended)} connection(s) ended, wanted {count}")
+            return list(self._ended)
 
     def wait_for_auth_attempts(self, count: int = 1, timeout: float = 10.0) -> list[AuthAttempt]:
         """Block until at least ``count`` AUTH attempts happened; return them all.

@@ -1,9 +1,10 @@
 """The outbox table: its schema and every SQL statement that reads or writes it.
 
-The outbox (outbox.py) decides *when* a row moves; this module only knows *how*
-a move is written. Every write method takes ``sent``: rows the server accepted
-whose "sent" mark has not reached the disk yet. They are marked in the same
-transaction, so a burst pays one fsync per reply, not two (see outbox_commits.py).
+The outbox (_outbound/outbox.py) decides *when* a row moves; this module only knows
+*how* a move is written, in SQLite (``json_each`` for id lists, ``secure_delete``).
+Every write method takes ``sent``: rows the server accepted whose "sent" mark has
+not reached the disk yet. They are marked in the same
+transaction, so a burst pays one fsync per reply, not two (see _outbound/commits.py).
 
 A row moves ``pending -> sending (leased) -> sent``, or to ``failed``.
 """
@@ -13,12 +14,26 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeVar
 
-if TYPE_CHECKING:  # store.py imports this module's schema
-    from prx_channel_email._storage.sqlite.store import StateStore
+from prx_channel_email._storage.interface import (
+    EXHAUSTED_PREFIX,
+    NewRow,
+    OutboxEntry,
+    OutboxRow,
+    Stored,
+)
+
+T = TypeVar("T")
+
+
+class Runner(Protocol):
+    """The store's one-transaction runner (store.py); a protocol so that this module
+    does not import the store, which imports this module's schema."""
+
+    def run(self, fn: Callable[[sqlite3.Connection], T]) -> Awaitable[T]: ...
+
 
 #: The outbox table as the first release wrote it (part of store.py's "base" step). Never
 #: edit it: a change is a step function here, named in store.py's MIGRATIONS list.
@@ -59,59 +74,6 @@ def add_idempotency_key(conn: sqlite3.Connection) -> None:
     )
 
 
-#: ``last_error`` of a row that failed because its attempts ran out (every one of
-#: them transient) starts with this; :meth:`OutboxTable.requeue_exhausted` revives those.
-EXHAUSTED_PREFIX = "gave up after "
-
-
-@dataclass(frozen=True)
-class OutboxRow:
-    """What an attempt needs: the envelope and the exact bytes to send."""
-
-    id: int
-    message_id: str
-    mail_from: str
-    recipient: str
-    raw: bytes
-    attempts: int
-
-
-@dataclass(frozen=True)
-class NewRow:
-    """A composed reply about to be stored."""
-
-    message_id: str
-    mail_from: str
-    recipient: str
-    raw: bytes
-    idempotency_key: str | None = None
-
-
-@dataclass(frozen=True)
-class OutboxEntry:
-    """One row as the operator sees it (``prx-email outbox list``): never the body."""
-
-    id: int
-    message_id: str
-    state: str
-    recipient: str
-    attempts: int
-    last_error: str | None
-    smtp_code: int | None
-    created_at: float
-    updated_at: float
-    error_code: str | None = None
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A row :meth:`OutboxTable.insert` wrote, or the row that already held its key."""
-
-    id: int
-    message_id: str
-    held: OutboxEntry | None = None  # set when the key was already in the outbox
-
-
 _ENTRY_COLUMNS = (
     "id, message_id, state, recipient, attempts, last_error, smtp_code,"
     " created_at, updated_at, error_code"
@@ -125,9 +87,11 @@ def _row(values: Any) -> OutboxRow:
 
 
 class OutboxTable:
-    """The ``outbox`` rows of one account; every method is one transaction."""
+    """The ``outbox`` rows of one account (an
+    :class:`~prx_channel_email._storage.interface.OutboxStore`); every method is one
+    transaction."""
 
-    def __init__(self, store: StateStore, account: str) -> None:
+    def __init__(self, store: Runner, account: str) -> None:
         self.store = store
         self.account = account
 

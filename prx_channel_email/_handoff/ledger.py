@@ -247,7 +247,8 @@ class LedgerWriter:
             seq=seq,
             reason=reason,
             arrived_at=arrived_at,
-            message=pack_message(message),
+            # JSON, not the compact form: the storage layer reads thread_ts from it.
+            message=message.model_dump_json(),
         )
         cursor = Cursor(self.uidvalidity, uid)
         self._pending.append(_Pending(cursor, deferral=deferral, on_durable=on_durable))

@@ -3,14 +3,16 @@ manager is handed to each connection, never found on the (frozen, shareable) con
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from prx_channel_email import EmailChannel
-from prx_channel_email._net.imap import open_session
-from prx_channel_email._net.smtp import SmtpTransport
+from prx_channel_email._net.imap import ImapSettings, open_session
+from prx_channel_email._net.smtp import SmtpSettings, SmtpTransport
+from prx_channel_email._net.tls import TlsSettings
 from prx_channel_email.config import EmailConfig
 
 
@@ -53,3 +55,45 @@ async def test_an_oauth_login_without_its_token_manager_is_a_wiring_error(
         await open_session(config)
     with pytest.raises(ValueError, match="TokenManager"):
         SmtpTransport(config)
+
+
+def _password_config(tmp_path: Path, **values: Any) -> EmailConfig:
+    base: dict[str, Any] = {
+        "imap_host": "imap.example.test",
+        "smtp_host": "smtp.example.test",
+        "username": "bot@example.test",
+        "password": "pw-never-shown",
+        "smtp_password": "smtp-pw-never-shown",
+        "from_address": "bot@example.test",
+        "state_dir": tmp_path,
+    }
+    return EmailConfig(**{**base, **values})
+
+
+def test_the_connection_slices_are_frozen_and_never_show_a_password(tmp_path: Path) -> None:
+    config = _password_config(tmp_path, smtp_port=587)
+    imap, smtp = ImapSettings.from_config(config), SmtpSettings.from_config(config)
+    shown = repr(imap) + repr(smtp) + str(imap) + str(smtp)
+    assert "pw-never-shown" not in shown
+    # What they carry is what the config says (derived values included).
+    assert imap.imap_login == config.imap_login and smtp.smtp_login == config.smtp_login
+    assert smtp.smtp_effective_security == "starttls" == config.smtp_effective_security
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        imap.imap_host = "elsewhere.example"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("host", "allow_insecure"),
+    [
+        ("127.0.0.1", False),
+        ("[::1]", False),
+        ("localhost", False),
+        ("mail.localhost", False),
+        ("mail.example.test", False),
+        ("mail.example.test", True),
+    ],
+)
+def test_the_plaintext_rule_is_the_configs(tmp_path: Path, host: str, allow_insecure: bool) -> None:
+    """The connection code and the config's validation answer alike (one rule)."""
+    config = _password_config(tmp_path, allow_insecure=allow_insecure)
+    assert TlsSettings.from_config(config).plaintext_allowed(host) == config.plaintext_allowed(host)

@@ -10,9 +10,12 @@ from typing import Any
 import pytest
 
 from prx_channel_email import EmailChannel
+from prx_channel_email._inbound.attachments import AttachmentLimits
+from prx_channel_email._inbound.policy import PolicySettings
 from prx_channel_email._net.imap import ImapSettings, open_session
 from prx_channel_email._net.smtp import SmtpSettings, SmtpTransport
 from prx_channel_email._net.tls import TlsSettings
+from prx_channel_email._outbound.compose import ComposeSettings
 from prx_channel_email.config import EmailConfig
 
 
@@ -97,3 +100,47 @@ def test_the_plaintext_rule_is_the_configs(tmp_path: Path, host: str, allow_inse
     """The connection code and the config's validation answer alike (one rule)."""
     config = _password_config(tmp_path, allow_insecure=allow_insecure)
     assert TlsSettings.from_config(config).plaintext_allowed(host) == config.plaintext_allowed(host)
+
+
+SLICES = [
+    TlsSettings,
+    ImapSettings,
+    SmtpSettings,
+    ComposeSettings,
+    AttachmentLimits,
+    PolicySettings,
+]
+
+
+@pytest.mark.parametrize("slice_type", SLICES, ids=lambda s: s.__name__)
+def test_each_slice_carries_the_configs_values_under_the_configs_names(
+    tmp_path: Path, slice_type: Any
+) -> None:
+    """A slice holds a subset of EmailConfig, named and valued as there (lists become
+    tuples: a frozen slice holds nothing mutable); so no field can drift in meaning."""
+    config = _password_config(
+        tmp_path,
+        allowed_senders=["@people.example"],
+        own_addresses=["alias@example.test"],
+        from_name="Bot",
+        ca_file=None,
+        allow_insecure=True,
+    )
+    taken = slice_type.from_config(config)
+    for item in dataclasses.fields(taken):
+        value = getattr(taken, item.name)
+        if isinstance(value, TlsSettings):
+            assert value == TlsSettings.from_config(config)
+            continue
+        expected = getattr(config, item.name)
+        assert value == (tuple(expected) if isinstance(expected, list) else expected), item.name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(taken, dataclasses.fields(taken)[0].name, None)
+
+
+def test_the_channels_parts_hold_slices_not_the_config(tmp_path: Path) -> None:
+    config = _password_config(tmp_path)
+    channel = EmailChannel(config)
+    assert isinstance(channel.pipeline.policy.config, PolicySettings)
+    assert isinstance(channel.outbox.transport.config, SmtpSettings)
+    assert channel.outbox.compose_settings == ComposeSettings.from_config(config)

@@ -548,7 +548,7 @@ class SyncEngine:
             if step.kind is StepKind.DUPLICATE:
                 writer.skip(uid, header_id or "")
                 continue
-            raw = data.get(uid)
+            raw = data.pop(uid, None)  # ours alone: let go once judged (a 24 MB body)
             if raw is None:  # kind MISSING, or a FETCH answer that left it out
                 retry_in = self._body_missing(uid, header_id)
                 if retry_in is not None:
@@ -570,6 +570,7 @@ class SyncEngine:
                 outcome = await self._judge_oversized(uid, raw, size, mid)
             else:
                 outcome = await self._judge(uid, raw, mid)
+            del raw  # parsed: not held while the hand-off stores the message
             if outcome.decision == "deliver" and outcome.message is not None:
                 waiting = self.deferred.judge(outcome.message, writer.key(uid))
                 if waiting is None:

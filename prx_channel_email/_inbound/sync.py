@@ -573,7 +573,7 @@ class SyncEngine:
             if outcome.decision == "deliver" and outcome.message is not None:
                 waiting = self.deferred.judge(outcome.message, writer.key(uid))
                 if waiting is None:
-                    await writer.hand_on(uid, outcome.message, outcome.entry, queue)
+                    await writer.accept(uid, outcome.message, outcome.entry, queue)
                 else:
                     stored = functools.partial(self.deferred.stored, waiting)
                     writer.defer(uid, outcome.message, outcome.entry, seq=waiting.seq,
@@ -588,6 +588,7 @@ class SyncEngine:
                         mid, outcome.sender, outcome.subject, reason, outcome.detail or ""
                     )
             self.status.last_uid = uid
+        await writer.put_staged()  # one commit for the step's messages, then the puts
         return DONE
 
     def _body_missing(self, uid: int, header_id: str | None) -> float | None:

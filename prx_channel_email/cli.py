@@ -741,7 +741,7 @@ def mcp_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
 
     The tools show only mail the channel would hand on; the write tools are offered
     only with tools_write = true. Logs go to stderr; stdout carries the protocol.
-    Needs the mcp extra: pip install "prx-channel-email[mcp]".
+    Needs the mcp extra: pip install "prx-channel-email\\[mcp]".
     """
     _logging(debug, quiet=not debug)
     with _guard(debug):

@@ -46,11 +46,21 @@ ALICE, MALLORY = "alice@example.org", "mallory@evil.example"
 Opener = Callable[[], Awaitable[Storage]]
 
 
-@pytest.fixture(params=["sqlite"])  # a new backend: one more param, one more branch
+# A new backend: one more param and branch. "pgbouncer" is PostgreSQL through a
+# transaction-pooling PgBouncer, where no session state survives a transaction.
+@pytest.fixture(params=["sqlite", "postgres", "pgbouncer"])
 def open_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
     """Opens this test's state (empty at first; the same state each call)."""
     if request.param == "sqlite":
         return lambda: open_storage(tmp_path / "state").open()
+    if request.param == "postgres":
+        # A real PostgreSQL (tests/servers/postgres.py), a fresh database per test.
+        url = request.getfixturevalue("pg_url")
+        return lambda: open_storage(tmp_path / "unused", url=url).open()
+    if request.param == "pgbouncer":
+        server = request.getfixturevalue("postgres")
+        url = request.getfixturevalue("pgbouncer").url(server.new_database())
+        return lambda: open_storage(tmp_path / "unused", url=url).open()
     raise AssertionError(f"no backend {request.param!r}")
 
 

@@ -29,7 +29,7 @@ from prx_channel_email.errors import (
     OAuthUnavailable,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("prx_channel_email.smtp")  # the name users filter on
 
 #: A reused connection idle for longer than this is probed with NOOP before use.
 PROBE_AFTER_IDLE_SECS = 30.0

@@ -59,7 +59,7 @@ from prx_channel_email.errors import (
     StorageError,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("prx_channel_email.oauth")  # the name users filter on (was the module path)
 T = TypeVar("T")
 
 #: Refresh when less than this share of the token's lifetime is left (capped below).

@@ -58,7 +58,7 @@ from prx_channel_email.errors import OAuthReauthRequired, SendError, StorageErro
 from prx_channel_email.models import SendMessage
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
+log = logging.getLogger("prx_channel_email.outbox")  # the name users filter on
 
 #: Replies with more text than this (or with attachments) are composed in a thread:
 #: adversarial Markdown renders in super-linear time (20,000 chars took 0.4 s).

@@ -18,7 +18,7 @@ from prx_channel_email._support.observability import log_event
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import ChannelError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("prx_channel_email.sent_folder")  # the name users filter on
 
 
 class ImapSentFolder:

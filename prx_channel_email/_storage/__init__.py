@@ -81,10 +81,15 @@ __all__ = [
 
 def open_storage(state_dir: Path, *, url: str | None = None) -> Storage:
     """The storage for this state (not opened yet: ``await storage.open()`` or
-    ``async with``). ``url`` None: SQLite in ``state_dir``; other backends come by URL."""
-    if url is not None:
-        raise ValueError(f"no storage backend for {url.split(':', 1)[0]!r} URLs")
-    return StateStore(state_dir)
+    ``async with``). ``url`` None: SQLite in ``state_dir``; ``postgresql://...``: the
+    shared PostgreSQL backend (the ``postgres`` extra)."""
+    if url is None:
+        return StateStore(state_dir)
+    if url.split(":", 1)[0].lower() in ("postgresql", "postgres"):
+        from prx_channel_email._storage.postgres.store import PostgresStore
+
+        return PostgresStore(url)
+    raise ValueError(f"no storage backend for {url.split(':', 1)[0]!r} URLs")
 
 
 def state_exists(state_dir: Path, *, url: str | None = None) -> bool:

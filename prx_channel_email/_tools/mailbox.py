@@ -129,7 +129,8 @@ class MailboxTools:
         idle_close_secs: float = IDLE_CLOSE_SECS,
     ) -> None:
         items = accounts.values() if isinstance(accounts, Mapping) else accounts
-        self._accounts = {a.name: a for a in items}
+        # An account whose capabilities leave out "tools" is not served: as if absent.
+        self._accounts = {a.name: a for a in items if "tools" in a.config.capabilities}
         self._sessions = {
             name: AccountSessions(a.config, name, idle_close_secs=idle_close_secs)
             for name, a in self._accounts.items()

@@ -40,6 +40,7 @@ from prx_channel_email._outbound.compose import parse_recipient
 from prx_channel_email._storage import low_space, make_private_dir
 from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
 from prx_channel_email.config.providers import detect_provider, provider_named
+from prx_channel_email.doctor.database import database_checks
 
 # Re-exported: callers build and read reports from here, as before.
 from prx_channel_email.doctor.imap_checks import closest_folder, folders_check, push_check
@@ -920,6 +921,8 @@ async def run_doctor(
     )
     report.checks.extend(_local_checks(config))
     report.checks.extend(await _dir_checks(config, check_timeout))
+    # Shared state (state_url): the database, its schema and clock, who serves what.
+    report.checks.extend(await database_checks(config, check_timeout))
     if config.auth_method == "oauth2":  # first: the logins below need the token
         from prx_channel_email.doctor.oauth import oauth_checks
 

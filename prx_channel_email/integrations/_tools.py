@@ -42,7 +42,7 @@ def available(*, write: bool = False) -> bool:
     """Whether a host should offer a tool now: a channel runs (and, for a write tool,
     its tools may write)."""
     tools = live()
-    return tools is not None and (tools.writable or not write)
+    return tools is not None and bool(tools.accounts) and (tools.writable or not write)
 
 
 async def run(name: str, arguments: dict[str, Any] | None) -> dict[str, Any]:

@@ -65,7 +65,9 @@ class EmailTool(Tool):
     @classmethod
     def enabled(cls, ctx: Any) -> bool:
         config = configured()
-        return config is not None and (config.tools_write or not cls.spec.write)
+        if config is None or "tools" not in config.capabilities:
+            return False
+        return config.tools_write or not cls.spec.write
 
     async def execute(self, **kwargs: Any) -> Any:
         text, failed = await run_json(self.spec.name, kwargs)

@@ -71,17 +71,38 @@ class LeaseKeeper:
         return self.lease_secs / 3
 
     async def run(self) -> None:
-        while True:
-            started = time.monotonic()
-            try:
-                await asyncio.wait_for(self.tick(started), timeout=self.interval)
-            except Exception as exc:  # the database is away, or slow
-                log_event(log, logging.WARNING, "replica.tick_failed",
-                          replica=self.replica_id, error=type(exc).__name__,
-                          code="lease_renewal_failed")  # fmt: skip
+        """Tick every ``lease_secs / 3`` until cancelled.
+
+        A tick the database does not answer (a network split, a frozen server) is not
+        waited for: after half a lease it is abandoned, and leases that ran out by the
+        local clock are dropped all the same, so this replica stops serving them on
+        time even when the database cannot tell it so.
+        """
+        tick: asyncio.Task[None] | None = None
+        try:
+            while True:
+                started = time.monotonic()
+                if tick is None or tick.done():
+                    tick = asyncio.create_task(self.tick(started))
+                done, _ = await asyncio.wait({tick}, timeout=self.lease_secs / 2)
+                if tick in done:
+                    exc = tick.exception()
+                    if exc is None:
+                        self.ticked.set()
+                    else:
+                        log_event(log, logging.WARNING, "replica.tick_failed",
+                                  replica=self.replica_id, error=type(exc).__name__,
+                                  code="lease_renewal_failed")  # fmt: skip
+                else:
+                    tick.cancel()  # not awaited: a cut connection may take long to give up
+                    log_event(log, logging.WARNING, "replica.tick_failed",
+                              replica=self.replica_id, error="no answer",
+                              code="lease_renewal_failed")  # fmt: skip
                 await self._drop_expired()
-            self.ticked.set()
-            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+                await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
+        finally:
+            if tick is not None:
+                tick.cancel()
 
     async def tick(self, started: float | None = None) -> None:
         """One round: heartbeat, renew, then give back or take to reach the share."""

@@ -83,21 +83,27 @@ def share(mailboxes: int, replicas: int) -> int:
 
 
 async def fence(cur: Any, lease: Lease) -> None:
-    """Inside a write transaction: refuse it unless ``lease`` is still held.
+    """Inside a write transaction: refuse it unless ``lease`` is still held."""
+    await fence_epoch(cur, lease.account, lease.folder, lease.epoch)
 
-    The row is locked FOR SHARE: a take-over (an UPDATE of the row) waits until this
-    transaction ends, so a write that commits was made under a lease that was valid
-    when the transaction began and was not taken over before COMMIT.
+
+async def fence_epoch(cur: Any, account: str, folder: str, epoch: int) -> None:
+    """Inside a write transaction: refuse it (:class:`LeaseLost`, nothing written)
+    unless the mailbox's lease still carries ``epoch`` and has not run out.
+
+    The epoch alone names the holder (every take-over bumps it). The row is locked FOR
+    SHARE: a take-over (an UPDATE of the row) waits until this transaction ends, so a
+    write that commits was made under a lease that was valid when the transaction
+    began and was not taken over before COMMIT.
     """
     await cur.execute(
-        "SELECT 1 FROM mailbox_lease WHERE account=%s AND folder=%s AND owner=%s"
+        "SELECT 1 FROM mailbox_lease WHERE account=%s AND folder=%s"
         " AND epoch=%s AND expires_at > now() FOR SHARE",
-        (lease.account, lease.folder, lease.owner, lease.epoch),
+        (account, folder, epoch),
     )
     if await cur.fetchone() is None:
         raise LeaseLost(
-            f"replica {lease.owner} no longer owns {lease.account}/{lease.folder}"
-            f" (epoch {lease.epoch}): the write was refused"
+            f"this replica no longer owns {account}/{folder} (epoch {epoch}): the write was refused"
         )
 
 

@@ -8,6 +8,7 @@ before its body is parsed, and oversized mail gets the same decisions.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -180,8 +181,13 @@ class Policy:
         self._refused_unverified.add(sender)
         return True
 
+    def in_rollout(self, sender: str) -> bool:
+        """Whether ``sender`` is in the share of senders this account serves."""
+        return in_rollout(sender, self.config.rollout_percent)
+
     def decide(self, env: Envelope, *, record: bool = True) -> Decision:
-        """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py).
+        """Loop guards, then the allow-list, then authenticity, then the account's
+        rollout share (rate limits: deferred.py).
 
         ``record=False`` (a look-up by the mailbox tools) decides the same way but does
         not count as the sender's first refusal, so the listener's one explanation of
@@ -213,6 +219,9 @@ class Policy:
                     first_for_sender=self._first_refusal(env.sender) if record else False,
                     quarantine=detail.startswith(TEMPERROR),
                 )
+        if not self.in_rollout(env.sender):  # allowed, but left to people for now
+            return Decision(ROLLOUT, verified, f"outside rollout_percent "
+                            f"({self.config.rollout_percent:g})")  # fmt: skip
         target, refused = self.reply_target(env)
         return Decision(None, verified, detail, reply_target=target, reply_to_refused=refused)
 
@@ -241,3 +250,19 @@ class Policy:
         if sender_allowed(reply_to, self.allowed_senders):
             return reply_to, None
         return env.sender, reply_to
+
+
+# rollout_percent is applied in basis points of this hash's range.
+_ROLLOUT_BUCKETS = 10_000
+ROLLOUT = "rollout"
+
+
+def in_rollout(sender: str, percent: float) -> bool:
+    """``sender`` falls in the first ``percent`` of a stable hash of the folded address:
+    the same answer on every account, machine and restart, and raising the percentage
+    keeps everyone who was in (the first N buckets grow, none move)."""
+    if percent >= 100:
+        return True
+    digest = hashlib.sha256(fold_address(sender).encode("utf-8", "surrogatepass")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % _ROLLOUT_BUCKETS
+    return bucket < round(percent * _ROLLOUT_BUCKETS / 100)

@@ -911,6 +911,8 @@ def _parse_fetch(lines: list[Any]) -> dict[int, FetchedMessage]:
                 text.append(line)
         elif text:
             literal = bytes(line)
+            if isinstance(line, bytearray):
+                line.clear()  # the copy replaces it: one copy of a big body, not two
     if text:
         finish()
     return out

@@ -305,7 +305,7 @@ class LedgerWriter:
             await self.hand_on(uid, message, entry, queue)
             return
         self._handled.add((message.id, message.sender))
-        item = InFlight(self.key(uid), entry or _entry_of(message), message.model_dump_json())
+        item = InFlight(self.key(uid), entry or _entry_of(message), pack_message(message))
         self._staged.append(_Staged(uid, item, message, queue))
 
     async def put_staged(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,45 @@ class ChannelMessage(BaseModel):
         }
         fields.update(kw)
         return SendMessage(**fields)
+
+
+#: The stored form of a message (see :func:`pack_message`).
+_PACKED = "prx-message/1 "
+
+
+def pack_message(message: ChannelMessage) -> str:
+    """A message as stored while it waits (in flight, deferred): its small fields as
+    JSON, then the body texts as they are, so a body is never JSON-escaped (24 MB of
+    ``"`` was 48 MB per copy) and ``content`` is not stored twice when it is the
+    whole text (a message with nothing to strip)."""
+    if "\x00" in message.content or "\x00" in message.full_text:
+        return message.model_dump_json()  # a text column of some databases takes no NUL
+    head = message.model_dump(mode="json", exclude={"content", "full_text"})
+    same = message.content == message.full_text
+    head["_lengths"] = [-1 if same else len(message.content), len(message.full_text)]
+    meta = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+    body = message.full_text if same else message.content + message.full_text
+    return f"{_PACKED}{len(meta)}\n{meta}{body}"
+
+
+def unpack_message(data: str | bytes) -> ChannelMessage:
+    """The message :func:`pack_message` stored (or the JSON form of older rows).
+    Raises ValueError when ``data`` is neither."""
+    text = data.decode() if isinstance(data, bytes) else data
+    if not text.startswith(_PACKED):
+        return ChannelMessage.model_validate_json(text)
+    size, _, rest = text[len(_PACKED) :].partition("\n")
+    head = json.loads(rest[: int(size)])
+    content_len, full_len = head.pop("_lengths")
+    at = int(size)
+    if content_len < 0:
+        full = content = rest[at : at + full_len]
+    else:
+        content = rest[at : at + content_len]
+        full = rest[at + content_len : at + content_len + full_len]
+    if len(full) != full_len:
+        raise ValueError("a stored message is cut short")
+    return ChannelMessage.model_validate({**head, "content": content, "full_text": full})
 
 
 def reply_key(parent_id: str, content: str) -> str:

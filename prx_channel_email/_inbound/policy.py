@@ -12,6 +12,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from prx_channel_email._mail.addresses import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
 from prx_channel_email._mail.addresses import NO_SENDER as NO_SENDER
@@ -141,8 +142,36 @@ NOTHING_TRUSTED = (
 )
 
 
-def describe_sender_auth(config: EmailConfig) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class PolicySettings:
+    """What the inbound policy reads of the config (the names are EmailConfig's)."""
+
+    account: str
+    from_address: str
+    own_addresses: tuple[str, ...]
+    allowed_senders: tuple[str, ...]
+    sender_auth: Literal["off", "flag", "enforce"]
+    trusted_authserv_ids: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config: EmailConfig) -> PolicySettings:
+        return cls(
+            account=config.account,
+            from_address=config.from_address,
+            own_addresses=tuple(config.own_addresses),
+            allowed_senders=tuple(config.allowed_senders),
+            sender_auth=config.sender_auth,
+            trusted_authserv_ids=tuple(config.trusted_authserv_ids),
+        )
+
+    @classmethod
+    def of(cls, config: EmailConfig | PolicySettings) -> PolicySettings:
+        return config if isinstance(config, PolicySettings) else cls.from_config(config)
+
+
+def describe_sender_auth(settings: EmailConfig | PolicySettings) -> tuple[bool, str]:
     """(is it a problem, one line) on what sender authenticity does under ``config``."""
+    config = PolicySettings.of(settings)
     trusted = ", ".join(config.trusted_authserv_ids)
     if config.sender_auth == "off":
         return True, "sender_auth = 'off': From headers are not verified"
@@ -157,8 +186,10 @@ def describe_sender_auth(config: EmailConfig) -> tuple[bool, str]:
 class Policy:
     """The inbound policy of one channel. :meth:`decide` is cheap and header-only."""
 
-    def __init__(self, config: EmailConfig, clock: Callable[[], float] = time.time) -> None:
-        self.config = config
+    def __init__(
+        self, settings: EmailConfig | PolicySettings, clock: Callable[[], float] = time.time
+    ) -> None:
+        config = self.config = PolicySettings.of(settings)
         self.own = [fold_address(config.from_address), *config.own_addresses]
         self.stamp = channel_stamp(config.account)
         self.allowed_senders: list[str] = list(config.allowed_senders)

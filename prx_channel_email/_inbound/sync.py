@@ -568,7 +568,7 @@ class SyncEngine:
             if step.kind is StepKind.DUPLICATE:
                 writer.skip(uid, header_id or "")
                 continue
-            raw = data.get(uid)
+            raw = data.pop(uid, None)  # ours alone: let go once judged (a 24 MB body)
             if raw is None:  # kind MISSING, or a FETCH answer that left it out
                 retry_in = self._body_missing(uid, header_id)
                 if retry_in is not None:
@@ -590,11 +590,12 @@ class SyncEngine:
                 outcome = await self._judge_oversized(uid, raw, size, mid)
             else:
                 outcome = await self._judge(uid, raw, mid)
+            del raw  # parsed: not held while the hand-off stores the message
             if outcome.decision == "deliver" and outcome.message is not None:
                 message = outcome.message.model_copy(update=self._stamp)
                 waiting = self.deferred.judge(message, writer.key(uid))
                 if waiting is None:
-                    await writer.hand_on(uid, message, outcome.entry, queue)
+                    await writer.accept(uid, message, outcome.entry, queue)
                 else:
                     stored = functools.partial(self.deferred.stored, waiting)
                     writer.defer(uid, message, outcome.entry, seq=waiting.seq,
@@ -610,6 +611,7 @@ class SyncEngine:
                         mid, outcome.sender, outcome.subject, reason, outcome.detail or ""
                     )
             self.status.last_uid = uid
+        await writer.put_staged()  # one commit for the step's messages, then the puts
         return DONE
 
     def _body_missing(self, uid: int, header_id: str | None) -> float | None:

@@ -49,7 +49,13 @@ from prx_channel_email._mail.message_ids import normalize_id
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._outbound.commits import GroupInsert, SentMarks
-from prx_channel_email._outbound.compose import Parent, compose, parent_from_ids, parse_recipient
+from prx_channel_email._outbound.compose import (
+    ComposeSettings,
+    Parent,
+    compose,
+    parent_from_ids,
+    parse_recipient,
+)
 from prx_channel_email._outbound.sent_folder import ImapSentFolder
 from prx_channel_email._storage import (
     EXHAUSTED_PREFIX,
@@ -157,6 +163,7 @@ class Outbox:
         sent_mark_delay_secs: float = 0.0,
     ) -> None:
         self.config = config
+        self.compose_settings = ComposeSettings.from_config(config)
         self.store = store
         self.metrics = metrics
         # The SMTP side works (False after a refused login or an unreachable server) ...
@@ -356,7 +363,7 @@ class Outbox:
             raise self.holdoff.error(message.recipient)
         build = functools.partial(
             compose,
-            self.config,
+            self.compose_settings,
             content=message.content,
             # Always the caller's recipient: the parent only threads the reply. (msg.reply()
             # already addresses its reply target; a Reply-To must not redirect a

@@ -51,6 +51,7 @@ from pydantic_settings import (
 
 from prx_channel_email._mail.addresses import fold_address
 from prx_channel_email._support.hosts import is_loopback as is_loopback
+from prx_channel_email._support.hosts import plaintext_allowed
 from prx_channel_email.config.providers import oauth_problems, provider_authserv_ids
 from prx_channel_email.errors import ConfigError
 
@@ -796,7 +797,7 @@ class EmailConfig(BaseSettings):
     # --- derived values ---
     def plaintext_allowed(self, host: str) -> bool:
         """Plaintext may carry the password only on this machine, or by explicit opt-in."""
-        return is_loopback(host) or self.allow_insecure
+        return plaintext_allowed(host, self.allow_insecure)
 
     @property
     def smtp_effective_security(self) -> Literal["tls", "starttls", "plain"]:

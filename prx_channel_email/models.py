@@ -54,6 +54,9 @@ class SendMessage(BaseModel):
     thread_ts: str | None = None
     attachments: list[Path] = Field(default_factory=list)
     idempotency_key: str | None = None
+    # The account that sends it (its SMTP login and from_address). None: the account
+    # of the parent, or the only one (several and no parent: SendError account_required).
+    account: str | None = None
 
 
 class ChannelMessage(BaseModel):
@@ -88,6 +91,10 @@ class ChannelMessage(BaseModel):
     # Handed on in an earlier run and not acknowledged there (handoff="ack"), or the
     # one message a kill interrupted (handoff="queue"): the host may have seen it.
     redelivered: bool = False
+    # Where it came from: the account's name ("default" for a single-account config)
+    # and the IMAP folder it was found in.
+    account: str = "default"
+    folder: str = "INBOX"
 
     def reply(self, content: str, **kw: Any) -> SendMessage:
         """Build the threaded answer to this message (to its reply target, "Re: subject").
@@ -101,6 +108,7 @@ class ChannelMessage(BaseModel):
             "in_reply_to": self.id,
             "thread_ts": self.thread_ts,
             "idempotency_key": reply_key(self.id, content),
+            "account": self.account,  # the answer leaves from the address that got the mail
         }
         fields.update(kw)
         return SendMessage(**fields)

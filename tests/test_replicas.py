@@ -147,3 +147,31 @@ async def test_a_stopping_replica_hands_its_mailboxes_and_unacked_mail_to_the_ot
         async with asyncio.timeout(GENEROUS):
             after = await q2.get()
         assert after.subject == "after" and not after.redelivered
+
+
+async def test_metrics_and_status_name_the_replica_serving_each_mailbox(
+    dovecot: DovecotServer, smtp_server: SmtpServer, tmp_path: Path, pg_url: str
+) -> None:
+    import urllib.request
+
+    from tests.servers.dovecot import free_ports
+
+    users = [dovecot.add_user()]
+    dovecot.create_folder(users[0], "Other")
+    (port,) = free_ports(1)
+    accounts = _accounts(tmp_path, dovecot, users, smtp_server, state_url=pg_url,
+                         metrics_port=port)  # fmt: skip
+    async with replica(accounts, "r-metrics") as (one, _q, _):
+        await until(lambda: len(_served(one)) == 2, GENEROUS)
+        await until(lambda: {m.replica for m in one.mailboxes()} == {"r-metrics"}, LEASE * 2)
+
+        def scrape() -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+                return r.read().decode()
+
+        text = await asyncio.to_thread(scrape)
+        assert 'prx_email_mailbox_here{account="acct0",folder="INBOX"} 1.0' in text
+        assert (
+            'prx_email_mailbox_replica{account="acct0",folder="Other",replica="r-metrics"} 1.0'
+            in text
+        )

@@ -152,7 +152,7 @@ class PolicySettings:
     allowed_senders: tuple[str, ...]
     sender_auth: Literal["off", "flag", "enforce"]
     trusted_authserv_ids: tuple[str, ...]
-    rollout_percent: float
+    rollout_percent: float = 100.0
 
     @classmethod
     def from_config(cls, config: EmailConfig) -> PolicySettings:

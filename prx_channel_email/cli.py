@@ -33,7 +33,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from prx_channel_email._inbound.policy import describe_sender_auth
-from prx_channel_email._storage import OutboxEntry, OutboxStore, open_storage, state_exists
+from prx_channel_email._storage import OutboxEntry, OutboxStore, state_exists, storage_of
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
@@ -389,12 +389,12 @@ async def _send(
 
 async def _outbox(config: EmailConfig, op: Callable[[OutboxStore], Awaitable[Any]]) -> Any:
     """Run ``op`` on the outbox rows of the account (no SMTP, no IMAP)."""
-    if not state_exists(config.state_dir):
+    if config.state_url is None and not state_exists(config.state_dir):
         raise ChannelError(
             f"no state in {config.state_dir} yet: nothing was ever sent with this config",
             code="no_state",
         )
-    async with open_storage(config.state_dir) as store:
+    async with storage_of(config) as store:
         return await op(store.outbox(config.account))
 
 
@@ -746,20 +746,21 @@ def outbox_retry_cmd(
 def mcp_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
     """Serve the mailbox tools over MCP on stdio (for Claude Desktop, Cursor, any MCP client).
 
+    Every account of the config is served (the tools' account argument chooses one).
     The tools show only mail the channel would hand on; the write tools are offered
     only with tools_write = true. Logs go to stderr; stdout carries the protocol.
     Needs the mcp extra: pip install "prx-channel-email\\[mcp]".
     """
     _logging(debug, quiet=not debug)
     with _guard(debug):
-        cfg = _load(config)
+        accounts = load_accounts(config)  # every account (one, named "default", without a table)
         try:
             from prx_channel_email._tools.mcp_server import serve_stdio
         except ImportError:
             _fail('prx-email mcp needs the MCP SDK: pip install "prx-channel-email[mcp]"')
 
         async def go() -> None:
-            async with EmailChannel(cfg) as channel:
+            async with EmailChannel(accounts) as channel:
                 await serve_stdio(channel.tools)
 
         asyncio.run(go())

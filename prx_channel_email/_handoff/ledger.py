@@ -31,6 +31,7 @@ from prx_channel_email._storage import (
     Deferral,
     HandoffBatch,
     InFlight,
+    LeaseLost,
     LedgerEntry,
     Mailbox,
     MailKey,
@@ -120,6 +121,16 @@ class _Pending:
     on_durable: Callable[[], None] | None = None  # memory to change once committed
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """An accepted message of the current fetch step, waiting for the step's commit."""
+
+    uid: int
+    item: InFlight
+    message: ChannelMessage
+    queue: asyncio.Queue[ChannelMessage]
+
+
 def cursor_moves(cursors: list[Cursor]) -> list[Cursor]:
     """The last cursor per UIDVALIDITY, in order (one write each is enough)."""
     last: dict[int, Cursor] = {}
@@ -136,24 +147,30 @@ class LedgerWriter:
 
     * :meth:`begin` a pass (its UIDVALIDITY, and whether the cursor may move);
     * per message :meth:`skip` (a duplicate), :meth:`record` (refused, quarantined),
-      :meth:`defer` (kept back) or ``await`` :meth:`hand_on` (accepted); then
-      ``await`` :meth:`flush`;
+      :meth:`defer` (kept back) or ``await`` :meth:`accept` (accepted), and ``await``
+      :meth:`put_staged` at the end of each fetch step; then ``await`` :meth:`flush`
+      (:meth:`hand_on` commits and puts one message at once: deferred mail);
     * :meth:`redeliver` once per run, before the first pass. Settling (acks, replies)
       is the shared :class:`HandoffLedger`'s.
 
     What a crash at each point repeats (the README's crash table is this list):
 
-    * ``hand_on`` first commits, in ONE transaction, the message as *in flight* (its
-      serialized ChannelMessage), the cursor past it, the decisions queued by
-      ``skip``/``record``/``defer`` before it, and (``handoff="queue"``) the settling
-      of the message put just before. Only then is it put on the queue.
-    * A kill before that commit: nothing of it is on disk; the next start fetches it
-      again from the cursor (nothing lost, nothing repeated).
-    * A kill after the commit: it is in flight, and the next start hands it on again
-      with ``redelivered=True``. With ``handoff="ack"`` that is every message not
-      acknowledged; with ``handoff="queue"`` it is at most the one message put last
-      (the previous ones were settled by the commit that preceded each next put, the
-      last by :meth:`flush` at the end of the pass).
+    * ``handoff="ack"``: ``put_staged`` first commits, in ONE transaction, the
+      accepted messages of the fetch step (at most ``fetch_batch_size``) as *in
+      flight* (each with its serialized ChannelMessage), the cursor past them and the
+      decisions queued by ``skip``/``record``/``defer`` among them. Only then are they
+      put on the queue, in UID order. One fsync'd transaction per step, not per
+      message: a backlog drains at the speed of parsing, not of the disk.
+    * ``handoff="queue"``: ``accept`` commits each message on its own the same way
+      (with the settling of the message put just before), then puts it.
+    * A kill before a commit: nothing of it is on disk; the next start fetches those
+      messages again from the cursor (nothing lost, nothing repeated).
+    * A kill after the commit: its messages are in flight, and the next start hands
+      them on again with ``redelivered=True``. With ``handoff="ack"`` that is exactly
+      the messages not acknowledged (a committed step whose puts the kill cut short
+      included: none of them was seen, none acked); with ``handoff="queue"`` it is at
+      most the one message put last (the previous ones were settled by the commit
+      that preceded each next put, the last by :meth:`flush` at the end of the pass).
 
     A failed write (full or read-only disk, I/O error) pauses the hand-off in place:
     the same transaction is retried with backoff, nothing more is put on the queue
@@ -185,6 +202,9 @@ class LedgerWriter:
         self.on_storage = on_storage
         self.storage_backoff = storage_backoff or Backoff(base=0.5, cap=30.0)
         self.storage_fault: StorageError | None = None
+        # The fencing token of this mailbox's lease, where replicas share the state
+        # (set by the channel when it starts serving the mailbox); None: no lease.
+        self.fence: int | None = None
         self.uidvalidity = 0
         # False during a first start or a re-baseline: the cursor must not exist
         # half-way, or the next start would continue from it instead of redoing the pass.
@@ -196,6 +216,7 @@ class LedgerWriter:
         self._pending: list[_Pending] = []  # decisions that ride on the next commit
         self._unsettled: list[MailKey] = []  # handoff="queue": put, settled by the next commit
         self._handed: set[tuple[str, str]] = set()
+        self._staged: list[_Staged] = []  # accepted in this step, not yet committed
         self.last_handed_on_at: float | None = None  # MailboxStatus.last_message_at
         self._lock = asyncio.Lock()
 
@@ -273,6 +294,29 @@ class LedgerWriter:
                   folder=self.folder, uid=uid, message_id=message_id,
                   code=reason)  # fmt: skip
 
+    async def accept(
+        self,
+        uid: int,
+        message: ChannelMessage,
+        entry: LedgerEntry | None,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Accepted. ``handoff="ack"``: ``message`` goes in flight with the step's
+        commit (:meth:`put_staged`, or any earlier commit) and on ``queue`` right after
+        it. ``"queue"``: committed and put at once (:meth:`hand_on`), which keeps that
+        mode's promise that a kill repeats at most the one message being put."""
+        if self.handoff != "ack":
+            await self.hand_on(uid, message, entry, queue)
+            return
+        self._handled.add((message.id, message.sender))
+        item = InFlight(self.key(uid), entry or _entry_of(message), pack_message(message))
+        self._staged.append(_Staged(uid, item, message, queue))
+
+    async def put_staged(self) -> None:
+        """Commit what :meth:`stage` collected (one transaction), then put it on the queue."""
+        if self._staged:
+            await self._commit(None, None, None)
+
     async def hand_on(
         self,
         uid: int | None,
@@ -286,7 +330,8 @@ class LedgerWriter:
 
         ``uid`` None: not from this pass's folder listing (a ``release`` of deferred
         mail, keyed by it); the cursor does not move. The release is written in the
-        same transaction, so both happen or neither.
+        same transaction, so both happen or neither. Messages staged meanwhile ride
+        on the same commit and are put first.
         """
         mid = message.id
         self._handled.add((mid, message.sender))
@@ -297,6 +342,17 @@ class LedgerWriter:
             key, cursor = release.key, None
         item = InFlight(key, entry or _entry_of(message), pack_message(message))
         await self._commit(cursor, item, release)
+        await self._put(message, key, uid, queue)
+
+    async def _put(
+        self,
+        message: ChannelMessage,
+        key: MailKey,
+        uid: int | None,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Put a committed message on the queue (and remember that it went)."""
+        mid = message.id
         self._handed.add((mid, message.sender))
         await queue.put(message)
         self.last_handed_on_at = time.time()
@@ -309,36 +365,46 @@ class LedgerWriter:
                   folder=self.folder, uid=uid, message_id=mid)  # fmt: skip
 
     async def flush(self) -> None:
-        """Write the decisions still pending (and settle the last put, queue mode)."""
-        if self._pending or self._unsettled:
+        """Write the decisions still pending, hand on what is staged (and settle the
+        last put, queue mode)."""
+        if self._pending or self._unsettled or self._staged:
             await self._commit(None, None, None)
 
     async def _commit(
         self, cursor: Cursor | None, item: InFlight | None, release: Release | None
     ) -> None:
         # One commit at a time: the release of deferred mail hands on concurrently.
+        # Whatever commits first takes the staged messages along (the cursor may not
+        # pass one that is not on disk) and puts them on their queue.
         async with self._lock:
             pending = list(self._pending)
             settle = list(self._unsettled)
+            staged = list(self._staged)
             cursors = [p.cursor for p in pending if p.cursor is not None]
+            cursors += [Cursor(self.uidvalidity, s.uid) for s in staged]
             if cursor is not None:
                 cursors.append(cursor)
+            cursors.sort(key=lambda c: c.last_uid)  # cursor_moves keeps the last of each
             batch = HandoffBatch(
                 mailbox=self.mailbox,
                 records=[p.record for p in pending if p.record is not None],
-                in_flight=[item] if item is not None else [],
+                in_flight=[s.item for s in staged] + ([item] if item is not None else []),
                 deferrals=[p.deferral for p in pending if p.deferral is not None],
                 releases=[release] if release is not None else [],
                 settle=settle,
                 cursors=cursor_moves(cursors) if self.move_cursor else [],
+                fence=self.fence,
             )
             await self.durable(lambda: self.store.commit_handoff(batch))
             # Only now: a cancelled or failed commit leaves them for the next one.
             del self._pending[: len(pending)]
             del self._unsettled[: len(settle)]
+            del self._staged[: len(staged)]
         for p in pending:
             if p.on_durable is not None:
                 p.on_durable()
+        for s in staged:
+            await self._put(s.message, s.item.key, s.uid, s.queue)
 
     # --- after a restart ---
 
@@ -377,10 +443,16 @@ class LedgerWriter:
     # --- storage faults ---
 
     async def durable(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a state write until the storage takes it, pausing (not failing) meanwhile."""
+        """Run a state write until the storage takes it, pausing (not failing) meanwhile.
+
+        A write refused because this replica lost the mailbox's lease is not retried:
+        :class:`LeaseLost` goes up, and the mailbox stops being served here.
+        """
         while True:
             try:
                 result = await op()
+            except LeaseLost:
+                raise
             except StorageError as exc:
                 self._fault(exc)
                 await asyncio.sleep(self.storage_backoff.next())

@@ -39,7 +39,7 @@ from prx_channel_email._net.imap import (
     open_session,
     push_fix,
 )
-from prx_channel_email._storage import Cursor, Mailbox, Storage
+from prx_channel_email._storage import Cursor, LeaseLost, Mailbox, Storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import DEFAULT_ACCOUNT, EmailConfig
@@ -226,6 +226,15 @@ class SyncEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await release
 
+    def serve_under(self, fence: int | None) -> None:
+        """Serve this mailbox under a lease whose fencing token is ``fence`` (replicas).
+
+        Another replica may have served it meanwhile and left mail in flight: that is
+        handed on again at the next start (what this run handed on itself is not).
+        """
+        self.writer.fence = fence
+        self._redelivered = False
+
     async def _connected(self, queue: asyncio.Queue[ChannelMessage]) -> None:
         while True:
             session: ImapSession | None = None
@@ -252,6 +261,8 @@ class SyncEngine:
                 self.metrics.inc("imap.reconnects.network")
                 delay = self.backoff.next()
                 self._failed(exc, "imap.disconnected", logging.WARNING, delay)
+            except LeaseLost:
+                raise  # another replica serves this mailbox now: stop, do not retry
             except StorageError as exc:  # a read of the state failed (writes pause in place)
                 self._storage_changed(exc)
                 delay = self.backoff.next()
@@ -459,7 +470,9 @@ class SyncEngine:
         return result
 
     async def _set_cursor(self, cursor: Cursor) -> None:
-        await self.writer.durable(functools.partial(self.store.set_cursor, self.mailbox, cursor))
+        await self.writer.durable(
+            functools.partial(self.store.set_cursor, self.mailbox, cursor, fence=self.writer.fence)
+        )
 
     # --- handing messages on ---
 
@@ -582,7 +595,7 @@ class SyncEngine:
                 message = outcome.message.model_copy(update=self._stamp)
                 waiting = self.deferred.judge(message, writer.key(uid))
                 if waiting is None:
-                    await writer.hand_on(uid, message, outcome.entry, queue)
+                    await writer.accept(uid, message, outcome.entry, queue)
                 else:
                     stored = functools.partial(self.deferred.stored, waiting)
                     writer.defer(uid, message, outcome.entry, seq=waiting.seq,
@@ -598,6 +611,7 @@ class SyncEngine:
                         mid, outcome.sender, outcome.subject, reason, outcome.detail or ""
                     )
             self.status.last_uid = uid
+        await writer.put_staged()  # one commit for the step's messages, then the puts
         return DONE
 
     def _body_missing(self, uid: int, header_id: str | None) -> float | None:

@@ -36,6 +36,7 @@ from prx_channel_email._storage.interface import (
     Cursor,
     HandoffBatch,
     InFlightRow,
+    LeaseLost,
     LedgerEntry,
     Mailbox,
     MailKey,
@@ -47,7 +48,7 @@ from prx_channel_email._storage.interface import (
     TokenRecord,
     WaitingRow,
 )
-from prx_channel_email._storage.postgres.leases import LeaseLost, fence_epoch
+from prx_channel_email._storage.postgres.leases import fence_epoch
 from prx_channel_email._storage.postgres.schema import mask_url, migrate, storage_error
 from prx_channel_email.errors import ChannelError, OAuthUnavailable, StorageError
 

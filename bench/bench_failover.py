@@ -25,12 +25,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.config_builder import config_table
 from tests.servers.certs import make_pki
 from tests.servers.dovecot import DovecotServer
 from tests.servers.postgres import PostgresServer
 from tests.servers.smtp import SmtpServer
-from tests.test_replica_campaign import FOLDERS, Replica, _write_config
+from tests.test_replica_campaign import FOLDERS, Replica, twelve_mailboxes
 
 
 def main() -> None:
@@ -48,22 +47,10 @@ def main() -> None:
         pg = PostgresServer().start()
         replicas: list[Replica] = []
         try:
-            users = [dovecot.add_user() for _ in range(4)]
-            for u in users:
-                for folder in FOLDERS[1:]:
-                    dovecot.create_folder(u, folder)
-            url = pg.url(pg.new_database())
-            top = config_table(tmp / "state", dovecot=dovecot, account=users[0], smtp=smtp,
-                               allowed_senders=["@example.test"], handoff="ack",
-                               state_url=url, lease_secs=args.lease)  # fmt: skip
-            for key in ("username", "password"):
-                top.pop(key)
-            accounts = {f"box{i}": {"username": u.username, "password": u.password,
-                                    "from_address": u.address, "imap_folders": FOLDERS}
-                        for i, u in enumerate(users)}  # fmt: skip
-            config = tmp / "config.toml"
-            _write_config(config, top, accounts)
-            every = {(n, f) for n in accounts for f in FOLDERS}
+            users, config = twelve_mailboxes(
+                tmp, dovecot, smtp, pg.url(pg.new_database()), args.lease
+            )
+            every = {(f"box{i}", f) for i in range(len(users)) for f in FOLDERS}
             share = math.ceil(len(every) / 3) + 1
             replicas = [Replica(f"r{i}", config, tmp) for i in range(3)]
             for r in replicas:

@@ -18,6 +18,7 @@ as data; its memory changes only after that returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -198,6 +199,18 @@ class LedgerWriter:
         self._handed: set[tuple[str, str]] = set()
         self.last_handed_on_at: float | None = None  # MailboxStatus.last_message_at
         self._lock = asyncio.Lock()
+        # Set on a stop: a write paused on a storage fault gives up instead of waiting
+        # for a disk that may never come back (what it would have written is redone
+        # or repeated at the next start, as after a kill).
+        self._stopping = asyncio.Event()
+
+    def stop_retrying(self) -> None:
+        """A stop is under way: a paused state write raises its fault instead of waiting."""
+        self._stopping.set()
+
+    def resume(self) -> None:
+        """A new run: paused writes wait for the storage again."""
+        self._stopping.clear()
 
     def begin(self, uidvalidity: int, *, move_cursor: bool = True) -> None:
         """Start a pass over UIDs of ``uidvalidity``; the previous one must be flushed."""
@@ -382,7 +395,10 @@ class LedgerWriter:
                 result = await op()
             except StorageError as exc:
                 self._fault(exc)
-                await asyncio.sleep(self.storage_backoff.next())
+                if self._stopping.is_set():
+                    raise
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.storage_backoff.next())
                 continue
             if self.storage_fault is not None:
                 self._recovered()

@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from prx_channel_email._inbound.ratelimit import LOOP_SUSPECTED, HandoffGate, Limits, Waiting
 from prx_channel_email._storage import Mailbox, MailKey, Release, Storage
 from prx_channel_email._support.observability import Metrics, log_event
+from prx_channel_email._support.tasks import to_completion
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import ChannelMessage
 
@@ -44,6 +45,8 @@ log = logging.getLogger("prx_channel_email.sync")
 
 # Hands a released message on: commits its Release with the in-flight write, then puts.
 HandOn = Callable[[ChannelMessage, Release], Awaitable[None]]
+# Ends a release pass: settles what it put (handoff="queue"), as the end of a sync pass does.
+Settle = Callable[[], Awaitable[None]]
 
 RETRY_SECS = 5.0  # after a failed release (a storage error): try again this much later
 
@@ -69,6 +72,7 @@ class DeferredMail:
         self._loaded = False
         self._wake = asyncio.Event()
         self._planned: float | None = None  # when the scheduler wakes next (None: on news)
+        self._put = False  # this release pass put something on the queue (to settle)
 
     async def load(self) -> None:
         """Read waiting mail and recent hand-offs back from the store (once)."""
@@ -119,7 +123,7 @@ class DeferredMail:
                       hold_secs=int(self.limits.loop_window))  # fmt: skip
         else:
             self.metrics.inc("inbound.deferred")
-            wait = (self.gate.next_due() or self.clock()) - self.clock()
+            wait = self.gate.expected_at(waiting) - self.clock()  # its own turn
             log_event(log, logging.INFO, "inbound.deferred", account=self.account,
                       message_id=message.id, sender=message.sender, code=waiting.reason,
                       release_in=f"{max(wait, 0.0):.0f}s")  # fmt: skip
@@ -139,12 +143,14 @@ class DeferredMail:
 
     # --- the release scheduler ---
 
-    async def run(self, hand_on: HandOn) -> None:
-        """Hand waiting mail on as the limits allow; runs until cancelled."""
+    async def run(self, hand_on: HandOn, settle: Settle | None = None) -> None:
+        """Hand waiting mail on as the limits allow; runs until cancelled. ``settle``
+        runs after every release pass that put something (even a cancelled one), so a
+        clean stop in queue mode repeats nothing."""
         await self.load()
         while True:
             try:
-                delay = await self._release_due(hand_on)
+                delay = await self._release_pass(hand_on, settle)
                 if delay is None:
                     nxt = self.gate.next_due()
                     delay = None if nxt is None else max(0.0, nxt - self.clock())
@@ -158,6 +164,14 @@ class DeferredMail:
             with contextlib.suppress(TimeoutError):
                 # Woken early when new mail waits (it may be due sooner).
                 await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def _release_pass(self, hand_on: HandOn, settle: Settle | None) -> float | None:
+        self._put = False
+        try:
+            return await self._release_due(hand_on)
+        finally:
+            if settle is not None and self._put:
+                await to_completion(settle())
 
     async def _release_due(self, hand_on: HandOn) -> float | None:
         released, unheld = self.gate.due()
@@ -195,6 +209,7 @@ class DeferredMail:
         message = ChannelMessage.model_validate_json(data)
         at = w.handed_at  # the time the limits counted: the ledger must agree with them
         await hand_on(message, Release(w.key, at))
+        self._put = True
         self.gate.released(w)
         self.metrics.inc("inbound.released")
         log_event(log, logging.INFO, "inbound.released", account=account, message_id=mid,

@@ -124,6 +124,10 @@ class SlidingWindow:
             del self._stamps[key]  # forget keys that went quiet
         return stamps
 
+    def recent(self, key: str, now: float) -> list[float]:
+        """A copy of the events for ``key`` within the window, oldest first."""
+        return list(self._recent(key, now))
+
     def used(self, key: str, now: float) -> int:
         return len(self._recent(key, now))
 
@@ -297,6 +301,24 @@ class HandoffGate:
         if self._lines.get(w.sender, [w.seq])[0] != w.seq:
             return None
         return self._budget_at(w.sender, self.clock())
+
+    def expected_at(self, w: Waiting) -> float:
+        """When ``w`` itself is expected to go, if nothing else arrives: the sender's
+        line ahead of it is released at the sender's pace (an estimate for the log,
+        not a promise: other senders of its domain share the domain's budget)."""
+        if w.held:
+            return self._quiet_since(w) + self.limits.loop_window
+        now = self.clock()
+        line = self._lines.get(w.sender, [])
+        ahead = line.index(w.seq) if w.seq in line else 0
+        mine = self._sender.recent(w.sender, now)
+        at = now
+        for _ in range(ahead + 1):
+            at = max(now, self._domain.free_at(domain_of(w.sender), now))
+            if len(mine) >= self._sender.count:
+                at = max(at, mine[len(mine) - self._sender.count] + self._sender.window)
+            mine.append(at)
+        return at
 
     # --- internals ---
 

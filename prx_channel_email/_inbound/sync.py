@@ -42,6 +42,7 @@ from prx_channel_email._net.imap import (
 from prx_channel_email._storage import Cursor, Mailbox, Storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
+from prx_channel_email._support.tasks import to_completion
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import (
     AuthenticationError,
@@ -207,14 +208,18 @@ class SyncEngine:
     # --- the outer loop: connect, serve, back off ---
 
     async def run(self, queue: asyncio.Queue[ChannelMessage]) -> None:
+        self.writer.resume()
         # Waiting mail and recent hand-offs first: they decide what the next mail does.
         await self.deferred.load()
         release = asyncio.create_task(
-            self.deferred.run(lambda msg, rel: self.writer.hand_on_released(msg, rel, queue))
+            self.deferred.run(
+                lambda msg, rel: self.writer.hand_on_released(msg, rel, queue), self.writer.flush
+            )
         )
         try:
             await self._connected(queue)
         finally:
+            self.writer.stop_retrying()  # a settle paused on a broken disk must not hang the stop
             release.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await release
@@ -517,7 +522,7 @@ class SyncEngine:
         finally:
             if ahead is not None:
                 ahead.cancel()
-            await _to_completion(writer.flush())
+            await to_completion(writer.flush(), writer.stop_retrying)
         if writer.delivered and self.config.handoff == "queue":
             await self._after_handoff(session, writer.delivered)
         return result
@@ -711,16 +716,6 @@ def _hints(block: bytes | None) -> tuple[str | None, str]:
         return None, ""
     headers = Headers.from_block(block)
     return header_message_id(headers.get("message-id")), sender_of(headers)[1]
-
-
-async def _to_completion(aw: Awaitable[None]) -> None:
-    """Finish ``aw`` even when cancelled meanwhile; the cancellation is re-raised after."""
-    task = asyncio.ensure_future(aw)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
 
 
 async def _close(session: ImapSession) -> None:

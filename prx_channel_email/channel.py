@@ -9,6 +9,7 @@ acks its parent there) and one set of counters.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -16,8 +17,9 @@ from typing import TYPE_CHECKING
 from prx_channel_email._handoff.ledger import HandoffLedger
 from prx_channel_email._inbound.pipeline import InboundPipeline
 from prx_channel_email._inbound.sync import SyncEngine, SyncStatus
+from prx_channel_email._net.imap import open_session
 from prx_channel_email._net.smtp import SmtpTransport
-from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, attach, auth_backoff
+from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, auth_backoff, token_manager
 from prx_channel_email._outbound.outbox import Outbox
 from prx_channel_email._storage import open_storage
 from prx_channel_email._support.backoff import Backoff
@@ -68,10 +70,9 @@ class EmailChannel(Channel):
         ``on_rejected`` is called with a :class:`RejectedMessage` for each refused mail.
         ``token_provider``: an async callable returning (access token, expiry), asked
         before every login, for hosts that manage OAuth tokens themselves."""
-        # OAuth: one token manager for IMAP, SMTP and the Sent copy rides on the config.
-        self.tokens: TokenManager | None = None
-        if config.auth_method == "oauth2" or token_provider is not None:
-            config, self.tokens = attach(config, token_provider)
+        # OAuth: one token manager for IMAP, SMTP and the Sent copy, handed to each.
+        self.tokens: TokenManager | None
+        config, self.tokens = token_manager(config, token_provider)
         self.config = config
         self.metrics = Metrics()
         self.reporter = StatusReporter(config.account, on_status, on_rejected, metrics=self.metrics)
@@ -85,10 +86,13 @@ class EmailChannel(Channel):
             self.pipeline,
             self.metrics,
             reporter=self.reporter,
-            auth_backoff=auth_backoff(config),
+            auth_backoff=auth_backoff(self.tokens),
+            session_factory=functools.partial(open_session, tokens=self.tokens),
             ledger=self.ledger,
         )
-        self.outbox = Outbox(config, self.store, self.metrics, ledger=self.ledger)
+        self.outbox = Outbox(
+            config, self.store, self.metrics, tokens=self.tokens, ledger=self.ledger
+        )
         self._started = False
         self._start_lock = asyncio.Lock()
         self._listeners: set[asyncio.Task[object]] = set()
@@ -103,7 +107,7 @@ class EmailChannel(Channel):
         ``tools_write``. They use their own IMAP session, opened on demand."""
         if self._tools is None:
             self._tools = MailboxTools(
-                [ToolAccount("default", self.config, self.pipeline)],
+                [ToolAccount("default", self.config, self.pipeline, self.tokens)],
                 send=self.send_message,
                 prepare=self.start,
             )
@@ -325,12 +329,12 @@ class EmailChannel(Channel):
         (slowly after a permanent failure: the server side may get fixed). ``after``:
         a send just failed to log in, so wait before the first try."""
         transient = Backoff(base=1.0, cap=300.0)
-        permanent = auth_backoff(self.config, base=300.0)  # quick again after `auth login`
+        permanent = auth_backoff(self.tokens, base=300.0)  # quick again after `auth login`
         if after:
             await asyncio.sleep(permanent.next())
         while True:
             try:
-                await SmtpTransport(self.config, self.metrics).check_login()
+                await SmtpTransport(self.config, self.metrics, tokens=self.tokens).check_login()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # SmtpFailure, or a bug: neither may end the check

@@ -11,13 +11,13 @@ import asyncio
 import json
 import sys
 
-from prx_channel_email._oauth.tokens import token_source
+from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email.config import EmailConfig
 
 
 async def main() -> None:
     config = EmailConfig(**json.loads(sys.argv[1]))
-    await token_source(config).token()
+    await TokenManager(config).token()
 
 
 if __name__ == "__main__":

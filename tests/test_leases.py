@@ -349,3 +349,16 @@ async def test_a_replica_cut_off_from_the_database_stops_and_another_takes_over(
                 await r.kill()
         await cut_off.close()
         await direct.close()
+
+
+async def test_replicas_taking_many_new_mailboxes_at_once_do_not_deadlock(pool: Any) -> None:
+    table = LeaseTable(pool, lease_secs=30)
+    for rnd in range(3):
+        boxes = [(f"a{rnd}-{i}", "INBOX") for i in range(2000)]
+        # Each replica prefers its own order, as the keeper's rendezvous order does.
+        orders = [boxes, boxes[::-1], boxes[1000:] + boxes[:1000]]
+        got = await asyncio.gather(
+            *(table.acquire(f"R{i}", order, limit=700) for i, order in enumerate(orders))
+        )
+        taken = [lease.mailbox for leases in got for lease in leases]
+        assert len(taken) == len(set(taken)) == 2000

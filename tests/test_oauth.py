@@ -13,7 +13,7 @@ import pytest
 from prx_channel_email import EmailChannel
 from prx_channel_email._net.imap import ImapSession, open_session
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
-from prx_channel_email._oauth.tokens import token_source, token_store
+from prx_channel_email._oauth.tokens import TokenManager, token_store
 from prx_channel_email._storage import open_storage
 from prx_channel_email._storage.sqlite.store import DB_NAME
 from prx_channel_email.errors import (
@@ -34,13 +34,14 @@ async def test_imap_and_smtp_log_in_with_one_refresh(
 ) -> None:
     account = dovecot_oauth.add_user()
     config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
-    session = await open_session(config)
+    tokens = TokenManager(config)  # the account's one manager, handed to both
+    session = await open_session(config, tokens)
     try:
         folders = await session.list_folders()
     finally:
         await session.logout()
     assert "INBOX" in folders
-    transport = SmtpTransport(config)
+    transport = SmtpTransport(config, tokens=tokens)
     try:
         await transport.send(account.address, ANN, b"Subject: hi\r\n\r\nhello\r\n")
     finally:
@@ -60,7 +61,7 @@ async def test_oauthbearer_is_used_where_only_it_is_offered(
 ) -> None:
     account = dovecot_oauth.add_user()
     config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
-    session = await ImapSession.connect(config)
+    session = await ImapSession.connect(config, tokens=TokenManager(config))
     try:
         # As a server offering only OAUTHBEARER would advertise itself.
         session.capabilities = frozenset(c for c in session.capabilities if c != "AUTH=XOAUTH2")
@@ -76,9 +77,10 @@ async def test_a_refused_cached_token_is_refreshed_once_and_the_login_goes_on(
 ) -> None:
     account = dovecot_oauth.add_user()
     config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
-    await (await open_session(config)).logout()
+    tokens = TokenManager(config)
+    await (await open_session(config, tokens)).logout()
     oauth_server.expire_access_tokens()  # the cached token still looks valid to us
-    session = await open_session(config)
+    session = await open_session(config, tokens)
     await session.logout()
     assert oauth_server.token_requests["refresh_token"] == 2
 
@@ -94,10 +96,10 @@ async def test_revoked_grant_means_reauth_bounded_retries_and_no_token_in_logs(
     account = dovecot_oauth.add_user()
     config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
     oauth_server.revoke_all(account.username)
-    manager = token_source(config)
+    manager = TokenManager(config)
     for _ in range(10):  # a listener and an outbox retrying, again and again
         with pytest.raises(OAuthReauthRequired) as info:
-            await open_session(config)
+            await open_session(config, manager)
     assert info.value.code == "oauth_reauth_required"
     assert "prx-email auth login" in info.value.message
     assert manager.reauth_required
@@ -113,7 +115,7 @@ async def test_token_endpoint_outage_backs_off_then_recovers(
     account = dovecot_oauth.add_user()
     config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
     oauth_server.fail_next(1, 503)
-    manager = token_source(config)
+    manager = TokenManager(config)
     for _ in range(5):
         with pytest.raises(OAuthUnavailable) as info:
             await manager.token()
@@ -198,11 +200,14 @@ async def test_a_token_the_server_keeps_refusing_fails_fast_with_its_reason(
         tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account,
         oauth_refresh_token=oauth_server.issue(other.username),
     )  # fmt: skip
+    tokens = TokenManager(config)
     with pytest.raises(AuthenticationError) as info:
-        await asyncio.wait_for(open_session(config), 30)
+        await asyncio.wait_for(open_session(config, tokens), 30)
     assert info.value.code == "oauth_token_refused"
-    assert not token_source(config).reauth_required
+    assert not tokens.reauth_required
     with pytest.raises(SmtpFailure) as sent:
-        await SmtpTransport(config).send(account.address, ANN, b"Subject: x\r\n\r\ny\r\n")
+        await SmtpTransport(config, tokens=tokens).send(
+            account.address, ANN, b"Subject: x\r\n\r\ny\r\n"
+        )
     assert sent.value.code == "oauth_token_refused" and sent.value.permanent
     assert "535" in sent.value.message

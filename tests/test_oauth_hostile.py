@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from prx_channel_email._oauth.flows import login_browser
-from prx_channel_email._oauth.tokens import token_source, token_store
+from prx_channel_email._oauth.tokens import TokenManager, token_store
 from prx_channel_email._storage import TokenRecord
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import ChannelError, OAuthUnavailable
@@ -59,7 +59,7 @@ async def test_a_slow_endless_or_huge_answer_is_cut_off_and_backed_off(
     """httpx's timeouts are per read: without a total deadline a drip of one byte per
     0.2 s holds token() (and the store lock) for minutes; an 8 MB answer is read whole."""
     config = token_config(tmp_path, oauth_server)
-    manager = token_source(config)
+    manager = TokenManager(config)
     oauth_server.misbehave_next(mode, b"x" * (8 << 20) if mode == "huge" else b"")
     with pytest.raises(OAuthUnavailable) as info:
         await asyncio.wait_for(manager.token(), 60)
@@ -103,7 +103,7 @@ async def test_an_unusable_token_answer_is_an_outage_not_a_crash(
     """``expires_in: 1e400`` made authlib's int() raise OverflowError out of token()
     (and send()); a non-Bearer type or an absurd lifetime was believed."""
     config = token_config(tmp_path, oauth_server)
-    manager = token_source(config)
+    manager = TokenManager(config)
     oauth_server.misbehave_next("body", body)
     with pytest.raises(OAuthUnavailable) as info:
         await asyncio.wait_for(manager.token(), 60)
@@ -120,9 +120,10 @@ async def test_a_lowercase_bearer_type_and_a_string_lifetime_are_accepted(
     oauth_server.misbehave_next(
         "body", b'{"access_token": "at-1", "token_type": "bearer", "expires_in": "3600"}'
     )
-    token = await token_source(config).token()
+    manager = TokenManager(config)
+    token = await manager.token()
     assert token.value == "at-1"
-    assert token.expires_at is not None and token.expires_at > token_source(config).now() + 3000
+    assert token.expires_at is not None and token.expires_at > manager.now() + 3000
 
 
 async def browser_login_in_background(

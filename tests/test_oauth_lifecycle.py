@@ -19,7 +19,7 @@ from prx_channel_email._net.imap import open_session
 from prx_channel_email._net.smtp import SmtpTransport
 from prx_channel_email._oauth import tokens as oauth_module
 from prx_channel_email._oauth.flows import login_device
-from prx_channel_email._oauth.tokens import KILL_BEFORE_SAVE_ENV, token_store
+from prx_channel_email._oauth.tokens import KILL_BEFORE_SAVE_ENV, TokenManager, token_store
 from prx_channel_email._outbound.sent_folder import ImapSentFolder
 from prx_channel_email.errors import ChannelError, OAuthReauthRequired
 from prx_channel_email.models import ChannelMessage, SendMessage
@@ -38,11 +38,12 @@ async def test_imap_smtp_and_sent_copy_needing_a_token_at_once_make_one_request(
     account = dovecot_oauth.add_user()
     dovecot_oauth.create_folder(account, "Sent")
     config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
-    transport = SmtpTransport(config)
-    sent = ImapSentFolder(config)
+    tokens = TokenManager(config)  # the account's one manager, handed to all three
+    transport = SmtpTransport(config, tokens=tokens)
+    sent = ImapSentFolder(config, tokens)
     try:
         session, _, _ = await asyncio.gather(
-            open_session(config),
+            open_session(config, tokens),
             transport.send(account.address, ANN, b"Subject: a\r\n\r\nx\r\n"),
             sent.save(b"Subject: a\r\nMessage-ID: <s@x>\r\n\r\nx\r\n", "<s@x>"),
         )
@@ -70,7 +71,7 @@ async def test_rotation_survives_a_restart_and_a_new_seed_replaces_the_store(
 
     oauth_server.expire_access_tokens()  # the restarted channel must refresh again
     async with EmailChannel(config) as channel:  # same config, same (spent) seed
-        session = await open_session(channel.config)
+        session = await open_session(channel.config, channel.tokens)
         await session.logout()
         assert await channel.health_check()
     second = await store.load()
@@ -83,7 +84,7 @@ async def test_rotation_survives_a_restart_and_a_new_seed_replaces_the_store(
     fresh_seed = oauth_server.issue(account.username)
     replaced = config.model_copy(update={"oauth_refresh_token": SecretStr(fresh_seed)})
     oauth_server.expire_access_tokens()
-    session = await open_session(replaced)
+    session = await open_session(replaced, TokenManager(replaced))
     await session.logout()
     third = await store.load()
     assert third is not None and third.seed != second.seed
@@ -225,9 +226,27 @@ async def test_a_host_token_provider_is_asked_before_every_login(
     channel = EmailChannel(config, token_provider=provider)
     async with channel:
         for _ in range(2):
-            session = await open_session(channel.config)
+            session = await open_session(channel.config, channel.tokens)
             await session.logout()
         await channel.send_message(SendMessage(content="hello", recipient=ANN, subject="hi"))
     assert calls == 3
     assert smtp_oauth.wait_for_messages(1)[0].auth_login == account.username
     assert await token_store(config).load() is None  # the host keeps its tokens
+
+
+async def test_the_mailbox_tools_log_in_with_the_channels_token_manager(
+    tmp_path: Path, oauth_server: OAuthServer, dovecot_oauth: DovecotServer, smtp_oauth: SmtpServer
+) -> None:
+    """The tools' own IMAP session is handed the channel's manager: it logs in with the
+    token the channel already holds, no second refresh."""
+    account = dovecot_oauth.add_user()
+    config = oauth_config(tmp_path, oauth_server, dovecot_oauth, smtp_oauth, account)
+    async with EmailChannel(config) as channel:
+        assert channel.tokens is not None
+        await channel.tokens.token()
+        try:
+            listed = await channel.tools.list_folders()
+        finally:
+            await channel.tools.close()
+    assert "INBOX" in str(listed)
+    assert oauth_server.token_requests["refresh_token"] == 1

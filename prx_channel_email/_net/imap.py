@@ -42,6 +42,7 @@ from prx_channel_email._net.tls import (
     ssl_context,
     start_tls,
 )
+from prx_channel_email._oauth.tokens import TokenManager, imap_login, required
 from prx_channel_email._support.observability import log_event
 from prx_channel_email._version import __version__
 from prx_channel_email.config import EmailConfig
@@ -156,8 +157,10 @@ class ImapSession:
         protocol: ImapProtocol,
         host: str,
         port: int,
+        tokens: TokenManager | None = None,
     ) -> None:
         self.config = config
+        self.tokens = tokens  # the account's OAuth tokens (None: a password login)
         self._proto = protocol
         self.host = host
         self.port = port
@@ -172,9 +175,17 @@ class ImapSession:
 
     @classmethod
     async def connect(
-        cls, config: EmailConfig, *, host: str | None = None, port: int | None = None
+        cls,
+        config: EmailConfig,
+        *,
+        tokens: TokenManager | None = None,
+        host: str | None = None,
+        port: int | None = None,
     ) -> ImapSession:
-        """TCP + TLS (implicit or STARTTLS) + greeting. Raises TransportError."""
+        """TCP + TLS (implicit or STARTTLS) + greeting. Raises TransportError.
+        ``tokens``: the account's token manager, which an OAuth login needs."""
+        if config.auth_method == "oauth2":  # a wiring error: say so before connecting
+            required(tokens, "IMAP login")
         host = host or config.imap_host
         port = port or config.imap_port
         security = config.imap_security
@@ -196,7 +207,7 @@ class ImapSession:
         except (TimeoutError, OSError, ssl.SSLError, ChannelError, ImapLibError) as exc:
             _abort(proto)
             raise _transport_error(exc, host, port, "connect") from exc
-        session = cls(config, proto, host, port)
+        session = cls(config, proto, host, port, tokens)
         if security == "starttls":
             try:
                 await session._starttls(ctx)
@@ -312,9 +323,7 @@ class ImapSession:
         AuthenticationError on NO/BAD."""
         user, password = self.config.imap_login
         if self.config.auth_method == "oauth2":
-            from prx_channel_email._oauth.tokens import imap_login
-
-            await imap_login(self.config, self, user)
+            await imap_login(required(self.tokens, "IMAP login"), self, user)
         else:
             await self._login_password(user, password)
         await self._capability()
@@ -734,14 +743,13 @@ class ImapSession:
         await self.logout()
 
 
-async def open_session(config: EmailConfig) -> ImapSession:
-    """Connect and log in; the session is closed again if login fails."""
+async def open_session(config: EmailConfig, tokens: TokenManager | None = None) -> ImapSession:
+    """Connect and log in; the session is closed again if login fails. ``tokens``:
+    the account's token manager, which an OAuth login needs."""
     if config.auth_method == "oauth2":
-        from prx_channel_email._oauth.tokens import token_source
-
         # No usable grant: fail before connecting (a retry then costs no network).
-        await token_source(config).check_grant()
-    session = await ImapSession.connect(config)
+        await required(tokens, "IMAP login").check_grant()
+    session = await ImapSession.connect(config, tokens=tokens)
     try:
         await session.login()
     except BaseException:

@@ -20,6 +20,7 @@ import time
 import aiosmtplib
 
 from prx_channel_email._net.tls import check_plaintext_allowed, ssl_context
+from prx_channel_email._oauth.tokens import TokenManager, required, smtp_login
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import (
@@ -156,8 +157,18 @@ class SmtpTransport:
     Sends are serialised on the connection (SMTP has one transaction at a time).
     """
 
-    def __init__(self, config: EmailConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: EmailConfig,
+        metrics: Metrics | None = None,
+        *,
+        tokens: TokenManager | None = None,
+    ) -> None:
+        """``tokens``: the account's token manager, which an OAuth login needs."""
+        if config.auth_method == "oauth2":  # a wiring error: say so now, not at each retry
+            required(tokens, "SMTP login")
         self.config = config
+        self.tokens = tokens
         self.metrics = metrics or Metrics()
         self._smtp: aiosmtplib.SMTP | None = None
         self._lock = asyncio.Lock()
@@ -191,9 +202,7 @@ class SmtpTransport:
     async def _open(self) -> aiosmtplib.SMTP:
         cfg = self.config
         if cfg.auth_method == "oauth2":  # no usable grant: fail before connecting
-            from prx_channel_email._oauth.tokens import token_source
-
-            await token_source(cfg).check_grant()
+            await required(self.tokens, "SMTP login").check_grant()
         smtp = self.client(auto_starttls=False)
         try:
             await smtp.connect(timeout=cfg.connect_timeout_secs)
@@ -242,9 +251,8 @@ class SmtpTransport:
         user, secret = self.config.smtp_login
         offered = set(smtp.supported_auth_methods)
         if self.config.auth_method == "oauth2":
-            from prx_channel_email._oauth.tokens import smtp_login
-
-            await smtp_login(self.config, smtp, user)
+            tokens = required(self.tokens, "SMTP login")
+            await smtp_login(tokens, smtp, user, self.config.smtp_host)
         elif "plain" in offered:
             await smtp.auth_plain(user, secret)
         elif "login" in offered:

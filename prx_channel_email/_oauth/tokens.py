@@ -2,8 +2,8 @@
 
 Why it is built this way:
 
-* One :class:`TokenManager` per config object (:func:`token_source`), shared by the
-  IMAP listener, SMTP and the Sent-folder copy, so at most one refresh is in flight.
+* One :class:`TokenManager` per account (:func:`token_manager`), handed explicitly to
+  the IMAP listener, SMTP and the Sent-folder copy, so at most one refresh is in flight.
 * A refresh happens only when a login needs a token and the cached one expires
   within the margin, or once after a login refused for the token. An idle channel
   whose IMAP session stays up asks for nothing.
@@ -563,25 +563,27 @@ def _verify(config: EmailConfig) -> Any:
     return ctx
 
 
-def token_source(config: EmailConfig) -> TokenManager:
-    """The manager shared by every connection made with this config object."""
-    manager = config._oauth_tokens
-    if manager is None:
-        manager = TokenManager(config)
-        config._oauth_tokens = manager
-    assert isinstance(manager, TokenManager)
-    return manager
+def token_manager(
+    config: EmailConfig, token_provider: TokenProvider | None = None
+) -> tuple[EmailConfig, TokenManager | None]:
+    """The config as the logins see it, and the one token manager every connection of
+    the account must be given (None for a password login). A host that hands out
+    tokens (EmailChannel's ``token_provider``) means OAuth, whatever auth_method says.
+
+    The manager is passed to each connection explicitly; it never rides on the
+    config, which is frozen settings and may be shared by several channels."""
+    if token_provider is not None and config.auth_method != "oauth2":
+        config = config.model_copy(update={"auth_method": "oauth2"})
+    if config.auth_method != "oauth2":
+        return config, None
+    return config, TokenManager(config, token_provider=token_provider)
 
 
-def attach(
-    config: EmailConfig, token_provider: TokenProvider | None
-) -> tuple[EmailConfig, TokenManager]:
-    """A copy of ``config`` with a manager of its own (EmailChannel's ``token_provider``)."""
-    # A host that hands out tokens means OAuth, whatever auth_method says.
-    copy = config.model_copy(update={"auth_method": "oauth2"} if token_provider else None)
-    manager = TokenManager(copy, token_provider=token_provider)
-    copy._oauth_tokens = manager
-    return copy, manager
+def required(tokens: TokenManager | None, what: str) -> TokenManager:
+    """``tokens``, which an OAuth login cannot do without (a wiring error otherwise)."""
+    if tokens is None:
+        raise ValueError(f"{what}: auth_method 'oauth2' needs the account's TokenManager")
+    return tokens
 
 
 #: While a new sign-in is awaited, the listener looks again this often. Such a look
@@ -600,11 +602,10 @@ class _AuthBackoff(Backoff):
         return super().next()
 
 
-def auth_backoff(config: EmailConfig, base: float = 30.0, cap: float = 1800.0) -> Backoff:
+def auth_backoff(tokens: TokenManager | None, base: float = 30.0, cap: float = 1800.0) -> Backoff:
     """The delay after a refused login: like a password's (``base`` doubling up to
     ``cap``), except while waiting for a new OAuth sign-in (see REAUTH_POLL_SECS)."""
-    manager = config._oauth_tokens if config.auth_method == "oauth2" else None
-    return _AuthBackoff(base=base, cap=cap, manager=manager)
+    return _AuthBackoff(base=base, cap=cap, manager=tokens)
 
 
 # --- SASL strings ---
@@ -676,17 +677,17 @@ def smtp_hint(message: str) -> str:
     return "check that SMTP access is enabled for the mailbox and the scopes include sending"
 
 
-async def smtp_login(config: EmailConfig, smtp: Any, user: str) -> None:
-    """AUTH XOAUTH2 on an aiosmtplib connection (its auth_xoauth2 answers the error
-    challenge with the empty line the protocol wants)."""
+async def smtp_login(manager: TokenManager, smtp: Any, user: str, host: str) -> None:
+    """AUTH XOAUTH2 on an aiosmtplib connection to ``host`` (its auth_xoauth2 answers
+    the error challenge with the empty line the protocol wants)."""
     import aiosmtplib
 
     offered = {m.lower() for m in smtp.server_auth_methods}
     if "xoauth2" not in offered:
         raise AuthenticationError(
-            f"SMTP server {config.smtp_host} does not offer AUTH XOAUTH2 "
+            f"SMTP server {host} does not offer AUTH XOAUTH2 "
             f"(offered: {', '.join(sorted(offered)) or 'none'})",
-            server=config.smtp_host,
+            server=host,
             code="auth_unsupported",
         )
     last: list[str] = []
@@ -697,8 +698,8 @@ async def smtp_login(config: EmailConfig, smtp: Any, user: str) -> None:
         except aiosmtplib.SMTPAuthenticationError as exc:
             if 400 <= exc.code < 500:
                 raise OAuthUnavailable(
-                    f"SMTP server {config.smtp_host} cannot check the token now ({exc.code})",
-                    host=config.smtp_host,
+                    f"SMTP server {host} cannot check the token now ({exc.code})",
+                    host=host,
                     code="smtp_auth_transient",
                 ) from None
             last[:] = [f"{exc.code} {exc.message}"]
@@ -708,16 +709,15 @@ async def smtp_login(config: EmailConfig, smtp: Any, user: str) -> None:
     def refusal() -> AuthenticationError:
         said = last[0] if last else "refused"
         return AuthenticationError(
-            f"SMTP server {config.smtp_host} refused the OAuth token for {user} ({said}); "
-            + smtp_hint(said),
-            server=config.smtp_host,
+            f"SMTP server {host} refused the OAuth token for {user} ({said}); " + smtp_hint(said),
+            server=host,
             code="oauth_token_refused",
         )
 
-    await login_with_token(token_source(config), attempt, refusal)
+    await login_with_token(manager, attempt, refusal)
 
 
-async def imap_login(config: EmailConfig, session: Any, user: str) -> None:
+async def imap_login(manager: TokenManager, session: Any, user: str) -> None:
     """AUTHENTICATE XOAUTH2, or OAUTHBEARER (RFC 7628) where only that is offered."""
     caps = session.capabilities
     if "AUTH=XOAUTH2" in caps:
@@ -736,7 +736,6 @@ async def imap_login(config: EmailConfig, session: Any, user: str) -> None:
             server=session.host,
             code="auth_unsupported",
         )
-    manager = token_source(config)
     said: list[str] = []
 
     async def attempt(token: str) -> bool:

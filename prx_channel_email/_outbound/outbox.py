@@ -47,6 +47,7 @@ from typing import Any, Protocol, TypeVar
 from prx_channel_email._handoff.ledger import HandoffLedger
 from prx_channel_email._mail.message_ids import normalize_id
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
+from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._outbound.commits import GroupInsert, SentMarks
 from prx_channel_email._outbound.compose import Parent, compose, parent_from_ids, parse_recipient
 from prx_channel_email._outbound.sent_folder import ImapSentFolder
@@ -140,6 +141,7 @@ class Outbox:
         *,
         ledger: HandoffLedger | None = None,
         transport: SmtpTransport | None = None,
+        tokens: TokenManager | None = None,
         retry_base_secs: float = 5.0,
         lease_secs: float | None = None,
         sent_folder: SentFolder | None = None,
@@ -154,9 +156,10 @@ class Outbox:
         self._smtp_ok = True
         # ... and the state is writable (else the storage code of the last failure).
         self.storage_error: str | None = None
-        self.transport = transport or SmtpTransport(config, metrics)
+        # ``tokens``: the account's OAuth tokens, for the SMTP and the Sent folder logins.
+        self.transport = transport or SmtpTransport(config, metrics, tokens=tokens)
         if sent_folder is None and config.save_sent:
-            sent_folder = ImapSentFolder(config)
+            sent_folder = ImapSentFolder(config, tokens)
         self.sent_folder = sent_folder
         self._on_accepted = on_accepted
         self._on_reply_durable = on_reply_durable

@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 from prx_channel_email._net.imap import ImapSession
+from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import ChannelError
@@ -24,8 +25,9 @@ log = logging.getLogger("prx_channel_email.sent_folder")  # the name users filte
 class ImapSentFolder:
     """One lazily opened IMAP session that APPENDs sent replies, reopened when it fails."""
 
-    def __init__(self, config: EmailConfig) -> None:
+    def __init__(self, config: EmailConfig, tokens: TokenManager | None = None) -> None:
         self.config = config
+        self.tokens = tokens  # the account's OAuth tokens (None: a password login)
         self._session: ImapSession | None = None
         self._folder: str | None = None
         self._lock = asyncio.Lock()
@@ -33,7 +35,7 @@ class ImapSentFolder:
     async def _ready(self) -> tuple[ImapSession, str]:
         session = self._session
         if session is None or not session.is_open:
-            session = await ImapSession.connect(self.config)
+            session = await ImapSession.connect(self.config, tokens=self.tokens)
             try:
                 await session.login()
             except BaseException:

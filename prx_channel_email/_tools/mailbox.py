@@ -33,6 +33,7 @@ from prx_channel_email._mail.message_ids import normalize_id
 from prx_channel_email._mail.mime_body import parse_message, read_body
 from prx_channel_email._net.imap import FetchedMessage
 from prx_channel_email._net.imap_compat import quote
+from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._outbound.compose import reply_subject
 from prx_channel_email._support.observability import log_event
 from prx_channel_email._tools import cursor as cursors
@@ -69,6 +70,8 @@ class ToolAccount:
     name: str
     config: EmailConfig
     pipeline: InboundPipeline
+    #: The account's OAuth tokens, shared with the channel's connections (None: password).
+    tokens: TokenManager | None = None
 
     @property
     def folders(self) -> list[str]:
@@ -132,7 +135,7 @@ class MailboxTools:
         # An account whose capabilities leave out "tools" is not served: as if absent.
         self._accounts = {a.name: a for a in items if "tools" in a.config.capabilities}
         self._sessions = {
-            name: AccountSessions(a.config, name, idle_close_secs=idle_close_secs)
+            name: AccountSessions(a.config, name, tokens=a.tokens, idle_close_secs=idle_close_secs)
             for name, a in self._accounts.items()
         }
         self._send = send

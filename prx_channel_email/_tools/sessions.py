@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from prx_channel_email._net.imap import ImapSession, SelectInfo, open_session
+from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import TransportError
@@ -60,9 +61,15 @@ class AccountSessions:
     """The tools' session for one account (see the module docstring)."""
 
     def __init__(
-        self, config: EmailConfig, name: str, *, idle_close_secs: float = IDLE_CLOSE_SECS
+        self,
+        config: EmailConfig,
+        name: str,
+        *,
+        tokens: TokenManager | None = None,
+        idle_close_secs: float = IDLE_CLOSE_SECS,
     ) -> None:
         self.config = config
+        self.tokens = tokens  # the account's OAuth tokens (None: a password login)
         self.name = name
         self.idle_close_secs = idle_close_secs
         self._box: Mailbox | None = None
@@ -98,7 +105,7 @@ class AccountSessions:
         if self._box is not None and self._box.session.is_open:
             return self._box
         self._drop()
-        session = await open_session(self.config)
+        session = await open_session(self.config, self.tokens)
         self._box = Mailbox(session)
         self._base = 0
         log_event(log, logging.DEBUG, "tools.session_opened", account=self.name)

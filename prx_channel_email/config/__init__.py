@@ -34,7 +34,6 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     Field,
-    PrivateAttr,
     SecretStr,
     ValidationError,
     ValidationInfo,
@@ -575,10 +574,6 @@ class EmailConfig(BaseSettings):
         20_000,
         description="Longest text field in a tool result; longer text is cut with a marker.",
     )
-
-    # The OAuth token manager shared by every connection made with this object
-    # (oauth.token_source); never part of the settings.
-    _oauth_tokens: Any = PrivateAttr(default=None)
 
     @classmethod
     def settings_customise_sources(

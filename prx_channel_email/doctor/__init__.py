@@ -36,14 +36,16 @@ from prx_channel_email._mail.headers import Headers, split_header_block
 from prx_channel_email._net.imap import ImapSession, SelectInfo, open_session
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._net.tls import ssl_context
+from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._outbound.compose import parse_recipient
 from prx_channel_email._storage import low_space, make_private_dir
 from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
 from prx_channel_email.config.providers import detect_provider, provider_named
 from prx_channel_email.doctor.database import database_checks
+from prx_channel_email.doctor.imap_checks import closest_folder, folders_check, push_check
+from prx_channel_email.doctor.oauth import oauth_checks
 
 # Re-exported: callers build and read reports from here, as before.
-from prx_channel_email.doctor.imap_checks import closest_folder, folders_check, push_check
 from prx_channel_email.doctor.report import Check as Check
 from prx_channel_email.doctor.report import DoctorReport as DoctorReport
 from prx_channel_email.doctor.report import Status as Status
@@ -361,6 +363,7 @@ async def _imap_handshake(
 
 async def _imap_chain(
     config: EmailConfig,
+    tokens: TokenManager | None,
     budget: float,
     add: Callable[[str, Status, str, str | None], None],
     push_test: bool = False,
@@ -382,7 +385,7 @@ async def _imap_chain(
     try:
         await _imap_handshake(config, budget, record)
         try:
-            session = await ImapSession.connect(bounded)
+            session = await ImapSession.connect(bounded, tokens=tokens)
         except TransportError as exc:
             raise _Fail(f"{exc.message} [{exc.code}]", port_fix) from None
         caps = " ".join(sorted(session.capabilities))
@@ -417,7 +420,7 @@ async def _imap_chain(
             )
         elif push_test and info is not None:
             # The second connection logs in as the channel does (open_session).
-            second = functools.partial(open_session, bounded)
+            second = functools.partial(open_session, bounded, tokens)
             record(*await push_check(config, session, wire, second, budget))
         else:
             record(
@@ -627,6 +630,7 @@ async def _auth_results_check(
 
 async def _smtp_chain(
     config: EmailConfig,
+    tokens: TokenManager | None,
     budget: float,
     add: Callable[[str, Status, str, str | None], None],
     send_test: str | None,
@@ -655,7 +659,8 @@ async def _smtp_chain(
         transport = SmtpTransport(
             config.model_copy(
                 update={"connect_timeout_secs": budget, "command_timeout_secs": budget}
-            )
+            ),
+            tokens=tokens,
         )
         client = transport.client()
         try:
@@ -923,10 +928,9 @@ async def run_doctor(
     report.checks.extend(await _dir_checks(config, check_timeout))
     # Shared state (state_url): the database, its schema and clock, who serves what.
     report.checks.extend(await database_checks(config, check_timeout))
+    tokens: TokenManager | None = None
     if config.auth_method == "oauth2":  # first: the logins below need the token
-        from prx_channel_email.doctor.oauth import oauth_checks
-
-        config, found = await oauth_checks(config, check_timeout)
+        tokens, found = await oauth_checks(config, check_timeout)
         report.checks.extend(found)
     results: dict[str, Check] = {}
     bad_send_test: str | None = None
@@ -947,8 +951,8 @@ async def run_doctor(
     # answers every step slowly still cannot keep the doctor busy for a minute.
     chain_budget = max(4 * check_timeout, 20.0) + (2 * check_timeout if push_test else 0)
     outcomes = await asyncio.gather(
-        asyncio.wait_for(_imap_chain(config, check_timeout, add, push_test), chain_budget),
-        asyncio.wait_for(_smtp_chain(config, check_timeout, add, send_test), chain_budget),
+        asyncio.wait_for(_imap_chain(config, tokens, check_timeout, add, push_test), chain_budget),
+        asyncio.wait_for(_smtp_chain(config, tokens, check_timeout, add, send_test), chain_budget),
         return_exceptions=True,
     )
     for names, outcome in zip((IMAP_CHECKS, SMTP_CHECKS), outcomes, strict=True):

@@ -1,7 +1,7 @@
 """The doctor's OAuth checks: the token store, a real refresh, the scopes.
 
-They run before the IMAP and SMTP chains and hand those chains the config with
-the token just obtained, so the logins that follow use the channel's own
+They run before the IMAP and SMTP chains and hand those chains the token manager
+holding the token just obtained, so the logins that follow use the channel's own
 XOAUTH2 code with no further token request.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from prx_channel_email._oauth.tokens import attach, token_store
+from prx_channel_email._oauth.tokens import TokenManager, required, token_manager, token_store
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.config.providers import LOGIN_FIX, missing_scopes, provider_named
 from prx_channel_email.doctor.report import Check
@@ -27,9 +27,11 @@ def reauth_fix(provider: str) -> str:
     return f"{LOGIN_FIX}. {hint}" if hint else LOGIN_FIX
 
 
-async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig, list[Check]]:
-    """Store, refresh and scope checks; returns the config the later chains should use."""
-    config, manager = attach(config, None)
+async def oauth_checks(config: EmailConfig, budget: float) -> tuple[TokenManager, list[Check]]:
+    """Store, refresh and scope checks; returns the token manager the later chains log
+    in with (holding the token just obtained)."""
+    config, tokens = token_manager(config)
+    manager = required(tokens, "the doctor's OAuth checks")
     provider = manager.provider
     store = token_store(config)
     checks: list[Check] = []
@@ -39,7 +41,7 @@ async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig,
         checks.append(Check("oauth store", "fail", nothing, LOGIN_FIX))
         checks.append(Check("oauth refresh", "skip", "skipped: nothing to refresh", None))
         checks.append(Check("oauth scopes", "skip", "skipped: nothing to refresh", None))
-        return config, checks
+        return manager, checks
     if record is None:
         checks.append(
             Check("oauth store", "pass", "seeded from oauth_refresh_token (saved at first use)")
@@ -69,11 +71,11 @@ async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig,
             )
         )
         checks.append(Check("oauth scopes", "skip", "skipped: no token", None))
-        return config, checks
+        return manager, checks
     except OAuthReauthRequired as exc:
         checks.append(Check("oauth refresh", "fail", exc.message, reauth_fix(provider.name)))
         checks.append(Check("oauth scopes", "skip", "skipped: no token", None))
-        return config, checks
+        return manager, checks
     except OAuthUnavailable as exc:
         checks.append(
             Check(
@@ -84,7 +86,7 @@ async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig,
             )
         )
         checks.append(Check("oauth scopes", "skip", "skipped: no token", None))
-        return config, checks
+        return manager, checks
     except (AuthenticationError, ChannelError) as exc:
         fix = (
             "check oauth_client_id and oauth_client_secret (a Google 'Desktop app' client "
@@ -94,7 +96,7 @@ async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig,
         )
         checks.append(Check("oauth refresh", "fail", f"{exc.message} [{exc.code}]", fix))
         checks.append(Check("oauth scopes", "skip", "skipped: no token", None))
-        return config, checks
+        return manager, checks
     left = f"valid for {token.expires_at - manager.now():.0f} s" if token.expires_at else "issued"
     checks.append(
         Check("oauth refresh", "pass", f"the token endpoint answered: access token {left}")
@@ -114,4 +116,4 @@ async def oauth_checks(config: EmailConfig, budget: float) -> tuple[EmailConfig,
         checks.append(
             Check("oauth scopes", "pass", f"cover IMAP and SMTP ({granted or 'as requested'})")
         )
-    return config, checks
+    return manager, checks

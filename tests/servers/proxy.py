@@ -18,6 +18,7 @@ TLS passes through untouched (it is just bytes), so clients connect to
 from __future__ import annotations
 
 import asyncio
+import ssl as ssl_module
 import threading
 from collections.abc import Coroutine
 from types import TracebackType
@@ -31,11 +32,19 @@ _CHUNK = 64 * 1024
 class TcpProxy:
     """See the module docstring. Use as a context manager or start()/stop()."""
 
-    def __init__(self, target_host: str, target_port: int, *, host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        host: str = "127.0.0.1",
+        ssl: ssl_module.SSLContext | None = None,
+    ) -> None:
         self.target_host = target_host
         self.target_port = target_port
         self.host = host
         self.port = 0
+        self._ssl = ssl  # a TLS listener (clients see TLS, the target plaintext)
         self._cond = threading.Condition()
         self._accepted = 0
         self._active = 0
@@ -67,7 +76,7 @@ class TcpProxy:
     async def _start(self) -> None:
         self._flowing = asyncio.Event()
         self._flowing.set()
-        self._server = await asyncio.start_server(self._handle, self.host, 0)
+        self._server = await asyncio.start_server(self._handle, self.host, 0, ssl=self._ssl)
         self.port = self._server.sockets[0].getsockname()[1]
 
     def stop(self) -> None:
@@ -181,11 +190,7 @@ class TcpProxy:
                 client_w.transport.abort()
                 return
             self._writers.add(upstream_w)
-            await asyncio.gather(
-                self._pump(client_r, upstream_w),
-                self._pump(upstream_r, client_w),
-                return_exceptions=True,
-            )
+            await self._relay(client_r, client_w, upstream_r, upstream_w)
         finally:
             for writer in (client_w, upstream_w):
                 if writer is not None:
@@ -195,6 +200,20 @@ class TcpProxy:
                 self._active -= 1
                 self._cond.notify_all()
             self._tasks.discard(task)
+
+    async def _relay(
+        self,
+        client_r: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        upstream_r: asyncio.StreamReader,
+        upstream_w: asyncio.StreamWriter,
+    ) -> None:
+        """Move bytes both ways until either side ends (subclasses rewrite them)."""
+        await asyncio.gather(
+            self._pump(client_r, upstream_w),
+            self._pump(upstream_r, client_w),
+            return_exceptions=True,
+        )
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         assert self._flowing is not None

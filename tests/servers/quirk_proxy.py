@@ -34,11 +34,9 @@ import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any
 
 from .certs import TestPKI
-from .loop_thread import LoopThread
+from .proxy import TcpProxy
 
 QUIRKS = frozenset(
     {
@@ -88,8 +86,12 @@ class _State:
     idling: bool = False
 
 
-class QuirkProxy:
-    """See the module docstring. Use as a context manager or start()/stop()."""
+class QuirkProxy(TcpProxy):
+    """See the module docstring. Use as a context manager or start()/stop().
+
+    A :class:`TcpProxy` (same lifecycle and counters) with a TLS listener whose
+    relay reads IMAP and rewrites it instead of moving bytes.
+    """
 
     def __init__(
         self,
@@ -101,92 +103,39 @@ class QuirkProxy:
         greeting: str | None = None,
         host: str = "127.0.0.1",
     ) -> None:
+        super().__init__(backend_host, backend_port, host=host, ssl=pki.server_context())
         self.quirks = frozenset(quirks)
         unknown = self.quirks - QUIRKS
         if unknown:
             raise ValueError(f"unknown quirks: {sorted(unknown)}")
-        self.backend = (backend_host, backend_port)
-        self.pki = pki
         self.greeting = greeting
-        self.host = host
-        self.port = 0
         self.sessions: list[ProxySession] = []
         self._lock = threading.Lock()
-        self._runner = LoopThread("quirk-proxy")
-        self._server: asyncio.AbstractServer | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def __enter__(self) -> QuirkProxy:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def start(self, timeout: float = 10.0) -> None:
-        self._runner.start(self._start, timeout, self._shutdown)
-
-    async def _start(self) -> None:
-        ctx = self.pki.server_context()
-        self._server = await asyncio.start_server(self._handle, self.host, 0, ssl=ctx)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def stop(self) -> None:
-        self._runner.stop(self._shutdown)
-
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
     def finished_sessions(self) -> list[ProxySession]:
         with self._lock:
             return [s for s in self.sessions if s.closed]
 
-    # ------------------------------------------------------------------ forwarding
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
+    async def _relay(
+        self,
+        client_r: asyncio.StreamReader,
+        client_w: asyncio.StreamWriter,
+        upstream_r: asyncio.StreamReader,
+        upstream_w: asyncio.StreamWriter,
+    ) -> None:
         session = ProxySession()
         with self._lock:
             self.sessions.append(session)
         state = _State()
-        upstream_w: asyncio.StreamWriter | None = None
-        self._writers.add(client_w)
         try:
-            try:
-                upstream_r, upstream_w = await asyncio.open_connection(*self.backend)
-            except OSError:
-                return
-            self._writers.add(upstream_w)
             await asyncio.gather(
                 self._from_client(client_r, upstream_w, client_w, session, state),
                 self._from_server(upstream_r, client_w, state),
                 return_exceptions=True,
             )
         finally:
-            for writer in (client_w, upstream_w):
-                if writer is not None:
-                    self._writers.discard(writer)
-                    writer.transport.abort()
             with self._lock:
                 session.closed = True
-            self._tasks.discard(task)
 
     async def _from_client(
         self,
@@ -218,12 +167,7 @@ class QuirkProxy:
                 if len(words) >= 2 and words[1].upper() == b"IDLE":
                     state.idle_tag = words[0]
                 upstream.write(line)
-                while literal:
-                    upstream.write(await reader.readexactly(int(literal.group(1))))
-                    line = await reader.readline()
-                    upstream.write(line)
-                    literal = _LITERAL_RE.search(line)
-                await upstream.drain()
+                await _pass_literals(reader, upstream, literal)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             upstream.transport.abort()
 
@@ -262,12 +206,7 @@ class QuirkProxy:
                 first = False
                 if out:
                     client.write(out)
-                while literal:
-                    client.write(await reader.readexactly(int(literal.group(1))))
-                    line = await reader.readline()
-                    client.write(line)
-                    literal = _LITERAL_RE.search(line)
-                await client.drain()
+                await _pass_literals(reader, client, literal)
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             client.transport.abort()
 
@@ -321,3 +260,16 @@ class QuirkProxy:
         if GMAIL_SENT.encode() in m.group(3):
             flags.append(b"\\Sent")
         return m.group(1) + b" ".join(flags) + m.group(3) + b"\r\n"
+
+
+async def _pass_literals(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, literal: re.Match[bytes] | None
+) -> None:
+    """Forward the literal a line announced, and the rest of that command or response
+    (which may announce another), untouched; then flush."""
+    while literal:
+        writer.write(await reader.readexactly(int(literal.group(1))))
+        line = await reader.readline()
+        writer.write(line)
+        literal = _LITERAL_RE.search(line)
+    await writer.drain()

@@ -171,6 +171,9 @@ class LeaseTable:
             return []
         accounts = [c[0] for c in candidates]
         folders = [c[1] for c in candidates]
+        # New rows go in one fixed order: replicas inserting overlapping sets in their
+        # own preference orders would otherwise deadlock on each other's row locks.
+        fresh = sorted(set(candidates))
         taken: list[Lease] = []
         async with self.pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
             # New mailboxes get a row first (epoch 0, already expired), so every take is
@@ -180,7 +183,7 @@ class LeaseTable:
                 " SELECT account, folder, '', 0, '-infinity'"
                 " FROM unnest(%s::text[], %s::text[]) AS c(account, folder)"
                 " ON CONFLICT (account, folder) DO NOTHING",
-                (accounts, folders),
+                ([c[0] for c in fresh], [c[1] for c in fresh]),
             )
             await cur.execute(
                 "WITH free AS ("

@@ -281,6 +281,23 @@ async def test_deferred_mail_waits_in_line_per_mailbox_and_goes_with_its_release
     assert await backend.recent_handoffs(A, at - 1) == [(ALICE, at)]
 
 
+async def test_waiting_mail_refused_at_release_is_gone_and_never_counts(
+    backend: Storage,
+) -> None:
+    await backend.commit_handoff(HandoffBatch(INBOX, deferrals=[
+        deferral(key(1), "<m@x>", 1, MALLORY), deferral(key(2), "<a@x>", 2)]))  # fmt: skip
+    assert await backend.refuse_waiting(key(1), "not_allowed")
+    assert [w.key for w in await backend.waiting(INBOX)] == [key(2)]  # alice's still waits
+    assert await backend.deferred_message(key(1)) is None
+    # Refused mail is no copy of anything and no reply parent, and was never handed on.
+    assert await backend.handed_on(A, [("<m@x>", MALLORY)]) == set()
+    assert await backend.recent_handoffs(A, 0) == []
+    assert not await backend.refuse_waiting(key(1), "not_allowed")  # once
+    assert not await backend.refuse_waiting(key(9), "not_allowed")  # unknown: nothing
+    # A refused row is no longer a release: a late release of it changes nothing.
+    assert [w.key for w in await backend.waiting(INBOX)] == [key(2)]
+
+
 async def test_recent_handoffs_are_per_account_oldest_first(backend: Storage) -> None:
     now = time.time()
     await backend.commit_handoff(HandoffBatch(INBOX, records=[

@@ -34,6 +34,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from prx_channel_email._inbound.policy import NOT_ALLOWED
 from prx_channel_email._inbound.ratelimit import LOOP_SUSPECTED, HandoffGate, Limits, Waiting
 from prx_channel_email._storage import Mailbox, MailKey, Release, Storage
 from prx_channel_email._support.observability import Metrics, log_event
@@ -60,6 +61,7 @@ class DeferredMail:
         clock: Callable[[], float] = time.time,
         *,
         folder: str | None = None,
+        allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -67,6 +69,9 @@ class DeferredMail:
         self.account = config.account
         self.mailbox = Mailbox(config.account, folder or config.imap_folder)
         self.clock = clock
+        # The current allow-list (the policy's): asked again at release, so mail from a
+        # sender removed since it arrived is refused then, never handed on.
+        self.allowed = allowed
         self.limits = Limits.from_config(config)
         self.gate = HandoffGate(self.limits, clock)
         self._loaded = False
@@ -174,6 +179,14 @@ class DeferredMail:
                 await to_completion(settle())
 
     async def _release_due(self, hand_on: HandOn) -> float | None:
+        if self.allowed is not None:
+            for i, w in enumerate(refused := self.gate.refused(self.allowed)):
+                try:
+                    await self._refuse(w)
+                except BaseException:
+                    for rest in refused[i:]:
+                        self.gate.release_failed(rest)
+                    raise
         released, unheld = self.gate.due()
         for w in unheld:
             log_event(log, logging.INFO, "inbound.loop_quiet", account=self.account,
@@ -214,6 +227,18 @@ class DeferredMail:
         self.metrics.inc("inbound.released")
         log_event(log, logging.INFO, "inbound.released", account=account, message_id=mid,
                   sender=w.sender, waited=f"{at - w.arrived_at:.0f}s")  # fmt: skip
+
+    async def _refuse(self, w: Waiting) -> None:
+        """``w``'s sender is no longer allowed: refused now (logged, counted), not handed on."""
+        assert w.key is not None, "every waiting message is keyed by its mail"
+        await self.store.refuse_waiting(w.key, NOT_ALLOWED)
+        self.gate.released(w)
+        self.metrics.inc(f"inbound.skipped.{NOT_ALLOWED}")
+        self.metrics.inc("inbound.refused_at_release")
+        log_event(log, logging.WARNING, "inbound.refused_at_release", account=self.account,
+                  message_id=w.message_id, sender=w.sender, uid=w.key.uid,
+                  waited=f"{self.clock() - w.arrived_at:.0f}s", code=NOT_ALLOWED)  # fmt: skip
+        self._gauges()
 
     def _wake_for(self, waiting: Waiting) -> None:
         """Wake the scheduler if ``waiting`` may go before its planned wake-up (a

@@ -256,6 +256,19 @@ class HandoffGate:
             released.append(w)
         return released, unheld
 
+    def refused(self, allowed: Callable[[str], bool]) -> list[Waiting]:
+        """Waiting mail whose sender ``allowed`` no longer accepts (removed from the
+        allow-list since it arrived), marked ``releasing``: the caller refuses it, then
+        calls :meth:`released`. It uses no one's budget (checked before :meth:`due`)."""
+        gone = [
+            w
+            for w in self._waiting.values()
+            if not w.releasing and w.stored and not allowed(w.sender)
+        ]
+        for w in gone:
+            w.releasing = True
+        return gone
+
     def next_due(self) -> float | None:
         """When :meth:`due` may next return something (None: nothing waits)."""
         now = self.clock()
@@ -276,8 +289,12 @@ class HandoffGate:
         return soonest
 
     def released(self, w: Waiting) -> None:
-        """``w`` is on the queue: it no longer waits."""
-        if self._waiting.pop(w.seq, None) is not None and not w.held:
+        """``w`` is on the queue (or refused): it no longer waits."""
+        if self._waiting.pop(w.seq, None) is None:
+            return
+        if w.held:
+            self._held -= 1
+        else:
             line = self._lines.get(w.sender, [])
             if w.seq in line:
                 line.remove(w.seq)

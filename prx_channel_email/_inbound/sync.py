@@ -202,7 +202,9 @@ class SyncEngine:
         self.ledger = self.writer.ledger
         self._redelivered = False  # what an earlier run left in flight went out again
         # Rate limits and the loop guard: accepted mail over a limit waits in the store.
-        self.deferred = DeferredMail(config, store, metrics, folder=self.folder)
+        self.deferred = DeferredMail(
+            config, store, metrics, folder=self.folder, allowed=pipeline.policy.allows
+        )
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
 
     # --- the outer loop: connect, serve, back off ---

@@ -486,6 +486,12 @@ class Storage(Protocol):
         """The waiting mail's ChannelMessage JSON, None when it is not waiting."""
         ...
 
+    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+        """A waiting mail is refused after all (its sender is no longer allowed): its
+        deferred row goes and its ledger row becomes ``rejected`` with ``reason``; it is
+        never handed on. False when it was not waiting (nothing changes)."""
+        ...
+
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:
         """``(sender, when)`` of every mail of ``account`` handed on after ``since``
         (settled or in flight, each mail once), oldest first."""

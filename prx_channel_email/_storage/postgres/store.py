@@ -32,6 +32,7 @@ from prx_channel_email._storage.interface import (
     DEFERRED,
     DELIVERED,
     EXHAUSTED_PREFIX,
+    REJECTED,
     CopiesOf,
     Cursor,
     HandoffBatch,
@@ -350,6 +351,20 @@ class PostgresStore:
             return str(row[0]) if row else None
 
         return await self.run(q)
+
+    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+        async def tx(cur: Cur) -> bool:
+            await cur.execute(f"DELETE FROM deferred WHERE {_KEY}", _k(key))
+            if cur.rowcount == 0:
+                return False
+            await cur.execute(
+                f"UPDATE ledger SET outcome='{REJECTED}', reason=%s WHERE {_KEY}"
+                f" AND outcome='{DEFERRED}'",
+                (reason, *_k(key)),
+            )
+            return True
+
+        return await self.run(tx)
 
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:
         async def q(cur: Cur) -> list[tuple[str, float]]:

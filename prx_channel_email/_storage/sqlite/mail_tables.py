@@ -19,6 +19,7 @@ from prx_channel_email._storage.interface import (
     ACCEPTED,
     DEFERRED,
     DELIVERED,
+    REJECTED,
     CopiesOf,
     Deferral,
     HandoffBatch,
@@ -346,6 +347,18 @@ def commit_handoff(conn: sqlite3.Connection, batch: HandoffBatch) -> None:
             (release.handed_at, *_k(release.key)),
         )
         conn.execute(f"DELETE FROM deferred WHERE {_KEY_WHERE}", _k(release.key))
+
+
+def refuse_waiting(conn: sqlite3.Connection, key: MailKey, reason: str) -> bool:
+    """See :meth:`Storage.refuse_waiting`."""
+    if conn.execute(f"DELETE FROM deferred WHERE {_KEY_WHERE}", _k(key)).rowcount == 0:
+        return False
+    conn.execute(
+        f"UPDATE ledger SET outcome='{REJECTED}', reason=? WHERE {_KEY_WHERE}"
+        f" AND outcome='{DEFERRED}'",
+        (reason, *_k(key)),
+    )
+    return True
 
 
 def _inflight_row(item: InFlight, now: float) -> tuple[Any, ...]:

@@ -233,6 +233,9 @@ class StateStore:
     async def deferred_message(self, key: MailKey) -> str | None:
         return await self.run(lambda conn: mail_tables.deferred_message(conn, key))
 
+    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+        return await self.run(lambda conn: mail_tables.refuse_waiting(conn, key, reason))
+
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:
         return await self.run(lambda conn: mail_tables.recent_handoffs(conn, account, since))
 

@@ -100,3 +100,26 @@ async def test_waiting_mail_of_a_sender_gone_from_the_config_is_refused_after_a_
         await run.until(lambda: stats().get("inbound.waiting.deferred") == 0)
         assert stats()["inbound.refused_at_release"] == 2
         assert run.queue.empty()
+
+
+async def test_a_quiet_sender_goes_before_another_senders_backlog_of_its_domain(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """One mail per 2 s for the domain: mallory's backlog of three waits; anna's one
+    mail, arriving after all of it, goes at the next free slot, not after the backlog."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=["@example.org"],
+                        rate_limit_count=1, domain_rate_limit_count=1,
+                        rate_limit_window_secs=2)  # fmt: skip
+    backlog = [letter(MALLORY) for _ in range(4)]
+    anna, raw_anna = letter(ANNA)
+    async with listening(config) as run:
+        for _, raw in backlog:
+            dovecot.deliver(account, raw, mail_from=MALLORY)
+        assert (await run.next()).id == backlog[0][0]
+        stats = run.channel.stats
+        await run.until(lambda: stats().get("inbound.waiting.deferred") == 3)
+        dovecot.deliver(account, raw_anna, mail_from=ANNA)
+        later = [(await run.next()).id for _ in range(4)]
+    assert sorted(later) == sorted([anna, *(mid for mid, _ in backlog[1:])])
+    assert later.index(anna) <= 1, later  # one slot at most behind mallory
+    assert [m for m in later if m != anna] == [mid for mid, _ in backlog[1:]]  # in order

@@ -15,7 +15,9 @@ The limits, all sliding windows:
   ``rate_limit_window_secs``. A sender's mail is handed on in arrival order: while
   one of its messages waits, every later one waits behind it.
 * per sender domain: at most ``domain_rate_limit_count`` in the same window, so
-  a loop that rotates addresses inside an allowed domain is still bounded.
+  a loop that rotates addresses inside an allowed domain is still bounded. The
+  domain's free slots go round robin per sender (see :meth:`HandoffGate.due`): one
+  sender's backlog never queues another sender of the domain behind it.
 * the loop guard: an answer that arrives within ``loop_reply_secs`` of the bot's
   reply it answers (the reply's Message-ID carries its minting time, see
   message_ids.py) is a *quick answer*. People do not read and answer that fast;
@@ -28,6 +30,7 @@ The limits, all sliding windows:
 from __future__ import annotations
 
 import bisect
+import heapq
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -166,6 +169,8 @@ class HandoffGate:
         self._waiting: dict[int, Waiting] = {}  # by seq; dicts keep insertion order
         # Per sender: the seqs of its waiting, not held mail, in order (FIFO).
         self._lines: dict[str, list[int]] = {}
+        # Per sender with mail in line: when its waiting mail last went (round robin).
+        self._served: dict[str, float] = {}
         self._held = 0  # how many of _waiting are held
         self._next_seq = 1
 
@@ -230,30 +235,45 @@ class HandoffGate:
 
     def due(self) -> tuple[list[Waiting], list[Waiting]]:
         """``(released, unheld)``: waiting mail that may be handed on now (marked
-        ``releasing`` and counted against the limits), in order, and held mail whose
-        loop went quiet (it now waits for the rate limit like deferred mail)."""
+        ``releasing`` and counted against the limits), in the order it goes, and held
+        mail whose loop went quiet (it now waits for the rate limit like deferred mail).
+
+        Fair within a domain (round robin per sender): each sender's mail goes in its
+        own arrival order, and the next free slot goes to the sender served longest ago
+        (a sender not released from this backlog yet first; then the earliest). One
+        sender's backlog never queues another sender of its domain behind it: a sender
+        within its own limit waits at most one round of the senders waiting with it.
+        """
         now = self.clock()
-        released: list[Waiting] = []
         unheld: list[Waiting] = []
-        blocked: set[str] = set()
-        for w in self._waiting.values():
-            if w.held:
-                if self._quiet_since(w) + self.limits.loop_window > now:
-                    continue  # held mail keeps no one else waiting
+        for w in list(self._waiting.values()):
+            if w.held and self._quiet_since(w) + self.limits.loop_window <= now:
                 w.held = False
                 self._held -= 1
                 self._line_add(w)
                 unheld.append(w)
-            if w.releasing or not w.stored or w.sender in blocked:
-                blocked.add(w.sender)
-                continue
-            if self._budget_at(w.sender, now) > now:
-                blocked.add(w.sender)
-                continue
+        # Per sender whose next mail is ready: (last served, seq, sender, place in line).
+        ready: list[tuple[float, int, str, int]] = []
+        for sender, line in self._lines.items():
+            head = self._waiting[line[0]]
+            if head.releasing or not head.stored:
+                continue  # its earlier mail is on the way (or not on disk yet)
+            heapq.heappush(ready, (self._served.get(sender, 0.0), head.seq, sender, 0))
+        released: list[Waiting] = []
+        while ready:
+            _, _, sender, pos = heapq.heappop(ready)
+            if self._budget_at(sender, now) > now:
+                continue  # the sender's or the domain's budget is used up for now
+            w = self._waiting[self._lines[sender][pos]]
             w.releasing = True
             w.handed_at = now
-            self._note(w.sender, now)
+            self._note(sender, now)
+            self._served[sender] = now
             released.append(w)
+            line = self._lines[sender]
+            if pos + 1 < len(line) and self._waiting[line[pos + 1]].stored:
+                nxt = line[pos + 1]
+                heapq.heappush(ready, (now, nxt, sender, pos + 1))  # back of the round
         return released, unheld
 
     def refused(self, allowed: Callable[[str], bool]) -> list[Waiting]:
@@ -300,6 +320,7 @@ class HandoffGate:
                 line.remove(w.seq)
             if not line:
                 self._lines.pop(w.sender, None)
+                self._served.pop(w.sender, None)
 
     def release_failed(self, w: Waiting) -> None:
         """The hand-off of ``w`` did not happen: it waits again, at its place in line.

@@ -23,7 +23,7 @@ def message(n: int, sender: str) -> ChannelMessage:
     return ChannelMessage(id=mid, sender=sender, reply_target=sender, timestamp=0, thread_ts=mid)
 
 
-def test_the_deferred_log_names_each_messages_own_release_time(
+async def test_the_deferred_log_names_each_messages_own_release_time(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One per 30 s: the second waits 30 s, the third 60 s (not the scheduler's next
@@ -32,7 +32,9 @@ def test_the_deferred_log_names_each_messages_own_release_time(
     config = inbound_config(tmp_path, rate_limit_count=1, rate_limit_window_secs=30)
     deferred = DeferredMail(config, None, Metrics(), clock)  # type: ignore[arg-type]
     caplog.set_level(logging.INFO, "prx_channel_email.sync")
-    verdicts = [deferred.judge(message(n, ALICE), MailKey("a", "INBOX", 1, n)) for n in range(3)]
+    verdicts = [
+        await deferred.judge(message(n, ALICE), MailKey("a", "INBOX", 1, n)) for n in range(3)
+    ]
     assert verdicts[0] is None
     logged = [r.getMessage() for r in caplog.records if "inbound.deferred" in r.getMessage()]
     assert len(logged) == 2

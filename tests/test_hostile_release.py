@@ -3,12 +3,20 @@ settled like any other hand-off, and the release re-checks who is allowed."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import email
 import logging
 from pathlib import Path
 
 import pytest
 
+from prx_channel_email._mail.message_ids import mint_message_id
+from prx_channel_email.channel import EmailChannel
+from prx_channel_email.models import ChannelMessage
+from tests.outbound_helpers import dovecot_config
 from tests.servers.dovecot import Account, DovecotServer
+from tests.servers.smtp import SmtpServer
 from tests.test_policy_e2e import e2e_config, letter, listening
 
 ANNA = "anna@example.org"
@@ -123,3 +131,43 @@ async def test_a_quiet_sender_goes_before_another_senders_backlog_of_its_domain(
     assert sorted(later) == sorted([anna, *(mid for mid, _ in backlog[1:])])
     assert later.index(anna) <= 1, later  # one slot at most behind mallory
     assert [m for m in later if m != anna] == [mid for mid, _ in backlog[1:]]  # in order
+
+
+async def test_forged_quick_answers_hold_nobody_and_a_real_quick_answer_is_not_held(
+    dovecot: DovecotServer, account: Account, smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    """Mallory answers "bot replies" that were never sent (ids of the minted shape, with
+    a fresh timestamp): they are no quick answers, so neither her mail nor anna's
+    genuine quick answer to a real reply is held."""
+    config = dovecot_config(tmp_path, smtp_server, dovecot, account,
+                            allowed_senders=["@example.org"], loop_max_quick_replies=3)  # fmt: skip
+    channel = EmailChannel(config)
+    queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+
+    async def next_message() -> ChannelMessage:
+        return await asyncio.wait_for(queue.get(), 15)
+
+    async with channel:
+        listener = asyncio.create_task(channel.listen(queue))
+        try:
+            await asyncio.wait_for(channel.sync.synced.wait(), 15)
+            first, raw = letter(ANNA)
+            dovecot.deliver(account, raw, mail_from=ANNA)
+            await channel.send((await next_message()).reply("Noted."))
+            reply_id = str(email.message_from_bytes(smtp_server.messages[-1].raw)["Message-ID"])
+            forged = [letter(MALLORY, f"In-Reply-To: {mint_message_id(config.from_address)}")
+                      for _ in range(5)]  # fmt: skip
+            for _, raw in forged:
+                dovecot.deliver(account, raw, mail_from=MALLORY)
+            got = [(await next_message()).id for _ in forged]
+            assert got == [mid for mid, _ in forged]  # none of them held
+            answer, raw = letter(
+                ANNA, f"In-Reply-To: {reply_id}", f"References: {first} {reply_id}"
+            )
+            dovecot.deliver(account, raw, mail_from=ANNA)  # seconds after the real reply
+            assert (await next_message()).id == answer
+            assert channel.stats().get("inbound.held", 0) == 0
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener

@@ -374,6 +374,17 @@ async def test_outbox_idempotency_key_is_held_once_per_account(backend: Storage)
     assert await out.by_key("nope") is None
 
 
+async def test_a_reply_of_ours_is_known_by_its_message_id_per_account(backend: Storage) -> None:
+    before = time.time()
+    await backend.outbox(A).insert([new(1)], 60.0, sent=[])
+    found = await backend.outbox(A).sent_reply("<r1@bot>")
+    assert found is not None
+    at, recipient = found
+    assert before - 1 <= at <= time.time() + 1 and recipient == new(1).recipient
+    assert await backend.outbox(A).sent_reply("<never@bot>") is None
+    assert await backend.outbox(B).sent_reply("<r1@bot>") is None  # another account's
+
+
 async def test_outbox_claims_the_earliest_due_and_recovers_expired_leases(
     backend: Storage,
 ) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable
 
 from prx_channel_email._inbound.policy import NOT_ALLOWED
 from prx_channel_email._inbound.ratelimit import LOOP_SUSPECTED, HandoffGate, Limits, Waiting
+from prx_channel_email._mail.message_ids import is_minted
 from prx_channel_email._storage import Mailbox, MailKey, Release, Storage
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email._support.tasks import to_completion
@@ -111,11 +112,16 @@ class DeferredMail:
 
     # --- fresh mail ---
 
-    def judge(self, message: ChannelMessage, key: MailKey) -> Waiting | None:
+    async def judge(self, message: ChannelMessage, key: MailKey) -> Waiting | None:
         """None: hand ``message`` on now. Else the place in line it must be stored with
         (not releasable until :meth:`stored` says its row is on disk)."""
         verdict, waiting = self.gate.judge(
-            message.id, message.sender, message.in_reply_to, message.references, message.thread_ts
+            message.id,
+            message.sender,
+            message.in_reply_to,
+            message.references,
+            message.thread_ts,
+            replied=await self.replied(message),
         )
         if waiting is None:
             return None
@@ -135,6 +141,18 @@ class DeferredMail:
         self._gauges()
         self._wake_for(waiting)
         return waiting
+
+    async def replied(self, message: ChannelMessage) -> tuple[float, str] | None:
+        """``(when stored, recipient)`` of the bot's reply ``message`` answers, if ours.
+
+        Only a Message-ID in this account's outbox counts: one that merely looks
+        minted (its timestamp is not authenticated) proves nothing. Ids that do not
+        even look minted are not looked up.
+        """
+        parent = message.in_reply_to or (message.references[-1] if message.references else None)
+        if parent is None or not is_minted(parent):
+            return None
+        return await self.store.outbox(self.account).sent_reply(parent)
 
     def stored(self, waiting: Waiting) -> None:
         """The row of ``waiting`` is committed: it may be released from now on.

@@ -18,13 +18,14 @@ The limits, all sliding windows:
   a loop that rotates addresses inside an allowed domain is still bounded. The
   domain's free slots go round robin per sender (see :meth:`HandoffGate.due`): one
   sender's backlog never queues another sender of the domain behind it.
-* the loop guard: an answer that arrives within ``loop_reply_secs`` of the bot's
-  reply it answers (the reply's Message-ID carries its minting time, see
-  message_ids.py) is a *quick answer*. People do not read and answer that fast;
-  robots do. When one sender domain, or one thread, sees more than
+* the loop guard: an answer that arrives within ``loop_reply_secs`` of a reply
+  this channel really sent (its Message-ID is in the outbox, and the outbox's time
+  counts, never one read from the answer) is a *quick answer*. People do not read
+  and answer that fast; robots do. When one sender, or one thread, sees more than
   ``loop_max_quick_replies`` quick answers within ``loop_window_secs``, further
-  quick answers from that domain (or in that thread) are held (``loop_suspected``)
-  until it has seen none for ``loop_window_secs``. Ordinary mail is not held.
+  quick answers from that sender (or in that thread) are held (``loop_suspected``)
+  until it has seen none for ``loop_window_secs``. Ordinary mail is not held, and
+  one sender's answers never hold another's outside a shared thread.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from prx_channel_email._mail.message_ids import minted_at
+from prx_channel_email._mail.addresses import fold_address
 from prx_channel_email._storage.interface import MailKey
 from prx_channel_email.config import EmailConfig
 
@@ -85,6 +86,9 @@ class Waiting:
     handed_at: float = 0.0  # when due() counted it against the limits
 
     thread: str = ""  # the conversation key (ChannelMessage.thread_ts)
+    # A quick answer from an address the answered reply was not sent to (counted, and
+    # held, by its domain too; not stored: after a restart it waits by sender and thread).
+    rotated: bool = False
     key: MailKey | None = None  # the mail it is (its row in the store)
 
     @property
@@ -93,7 +97,7 @@ class Waiting:
 
     @property
     def loop_keys(self) -> list[str]:
-        return loop_keys(self.sender, self.thread)
+        return loop_keys(self.sender, self.thread, rotated=self.rotated)
 
     @property
     def reason(self) -> str:
@@ -104,9 +108,12 @@ def domain_of(sender: str) -> str:
     return sender.rpartition("@")[2].lower()
 
 
-def loop_keys(sender: str, thread: str | None) -> list[str]:
-    """What quick answers are counted by: the sender's domain, and the thread."""
-    return ["domain:" + domain_of(sender)] + (["thread:" + thread] if thread else [])
+def loop_keys(sender: str, thread: str | None, *, rotated: bool = False) -> list[str]:
+    """What quick answers are counted by: the sender, and the thread; the domain only
+    for an answer from an address the answered reply was not sent to (``rotated``),
+    so one sender of a domain can never hold another's answers to its own replies."""
+    keys = ["sender:" + sender] + (["thread:" + thread] if thread else [])
+    return keys + (["domain:" + domain_of(sender)] if rotated else [])
 
 
 class SlidingWindow:
@@ -198,11 +205,11 @@ class HandoffGate:
 
     # --- fresh mail ---
 
-    def is_quick_answer(self, in_reply_to: str | None, references: list[str], now: float) -> bool:
-        """An answer arriving within ``loop_reply_secs`` of the bot's reply it answers."""
-        parent = in_reply_to or (references[-1] if references else None)
-        sent = minted_at(parent)
-        return sent is not None and now - sent < self.limits.loop_reply_secs
+    def is_quick_answer(self, replied_at: float | None, now: float) -> bool:
+        """An answer arriving within ``loop_reply_secs`` of the bot's reply it answers.
+        ``replied_at``: when that reply was stored, as the outbox says (never a time
+        read from the answer: a minted id's timestamp can be forged)."""
+        return replied_at is not None and now - replied_at < self.limits.loop_reply_secs
 
     def judge(
         self,
@@ -211,25 +218,36 @@ class HandoffGate:
         in_reply_to: str | None = None,
         references: list[str] | None = None,
         thread: str | None = None,
+        *,
+        replied: tuple[float, str] | None = None,
     ) -> tuple[Verdict, Waiting | None]:
         """The verdict for one accepted message. ``now`` counts it as handed on;
-        ``defer``/``hold`` put it in line (the caller stores the returned item)."""
+        ``defer``/``hold`` put it in line (the caller stores the returned item).
+        ``replied``: ``(when stored, recipient)`` of the bot's reply this answers, as
+        the outbox says (``in_reply_to`` / ``references`` themselves prove nothing)."""
         now = self.clock()
-        if self.is_quick_answer(in_reply_to, references or [], now):
-            keys = loop_keys(sender, thread)
+        if replied is not None and self.is_quick_answer(replied[0], now):
+            # Answered from an address the reply was not sent to: the mark of a
+            # responder rotating addresses, counted for its domain too. A sender
+            # answering its own replies is counted per sender and thread only, so no
+            # one else of the domain can make its answers wait.
+            rotated = fold_address(replied[1]) != fold_address(sender)
+            keys = loop_keys(sender, thread, rotated=rotated)
             for key in keys:
                 self._quick.note(key, now)
             if any(self._quick.used(k, now) > self.limits.loop_max_quick for k in keys):
-                return "hold", self._enqueue(message_id, sender, now, held=True, thread=thread)
+                held = self._enqueue(message_id, sender, now, held=True, thread=thread)
+                held.rotated = rotated
+                return "hold", held
         if self._sender_waits(sender) or self._budget_at(sender, now) > now:
             return "defer", self._enqueue(message_id, sender, now, held=False, thread=thread)
         self._note(sender, now)
         return "now", None
 
-    def loop_active(self, domain: str, now: float | None = None) -> bool:
-        """More than the allowed quick answers from ``domain`` within the loop window."""
+    def loop_active(self, sender: str, now: float | None = None) -> bool:
+        """More than the allowed quick answers from ``sender`` within the loop window."""
         at = self.clock() if now is None else now
-        return self._quick.used("domain:" + domain, at) > self.limits.loop_max_quick
+        return self._quick.used("sender:" + sender, at) > self.limits.loop_max_quick
 
     # --- waiting mail ---
 

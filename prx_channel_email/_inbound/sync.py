@@ -578,7 +578,7 @@ class SyncEngine:
             else:
                 outcome = await self._judge(uid, raw, mid)
             if outcome.decision == "deliver" and outcome.message is not None:
-                waiting = self.deferred.judge(outcome.message, writer.key(uid))
+                waiting = await self.deferred.judge(outcome.message, writer.key(uid))
                 if waiting is None:
                     await writer.hand_on(uid, outcome.message, outcome.entry, queue)
                 else:

@@ -269,6 +269,12 @@ class OutboxStore(Protocol):
 
     async def by_key(self, key: str) -> OutboxEntry | None: ...
 
+    async def sent_reply(self, message_id: str) -> tuple[float, str] | None:
+        """``(when stored, recipient)`` of this account's reply with ``message_id``
+        (None: no reply of ours has it). The loop guard's proof that an answer answers
+        a reply this channel really sent, and to whom."""
+        ...
+
     async def claim_due(
         self, exclude: Iterable[int], lease_secs: float, *, sent: Sequence[OutboxRow]
     ) -> tuple[OutboxRow, float] | None:

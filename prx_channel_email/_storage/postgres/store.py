@@ -637,6 +637,18 @@ class PgOutbox:
     async def by_key(self, key: str) -> OutboxEntry | None:
         return await self.store.run(lambda cur: self._by_key(cur, key))
 
+    async def sent_reply(self, message_id: str) -> tuple[float, str] | None:
+        async def q(cur: Cur) -> tuple[float, str] | None:
+            await cur.execute(
+                "SELECT created_at, recipient FROM outbox WHERE account=%s AND message_id=%s"
+                " ORDER BY created_at LIMIT 1",
+                (self.account, message_id),
+            )
+            row = await cur.fetchone()
+            return (float(row[0]), str(row[1])) if row else None
+
+        return await self.store.run(q)
+
     async def claim_due(
         self, exclude: Iterable[int], lease_secs: float, *, sent: Sequence[OutboxRow]
     ) -> tuple[OutboxRow, float] | None:

@@ -263,17 +263,24 @@ def _install_stop(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
 
 
-async def _run(config: EmailConfig, handler: Handler) -> None:
+async def _run(accounts: dict[str, EmailConfig], handler: Handler) -> None:
+    """Serve every account of the config (one channel) until Ctrl-C / SIGTERM."""
     stop = asyncio.Event()
     _install_stop(stop)
-    async with EmailChannel(config) as channel:
-        senders = ", ".join(config.allowed_senders) or "nobody (allowed_senders is empty)"
-        err.print(
-            f"[green]listening[/] on {escape(config.account)} folder {escape(config.imap_folder)}; "
-            f"answering {escape(senders)}. Ctrl-C stops."
-        )
-        problem, auth = describe_sender_auth(config)
-        err.print(f"[yellow]{escape(auth)}[/]" if problem else escape(auth))
+    async with EmailChannel(accounts) as channel:
+        several = len(accounts) > 1
+        for name, config in accounts.items():
+            senders = ", ".join(config.allowed_senders) or "nobody (allowed_senders is empty)"
+            label = f"account {escape(name)}: " if several else ""
+            folders = ", ".join(config.imap_folders) if "receive" in config.capabilities else "-"
+            err.print(
+                f"[green]listening[/] {label}on {escape(config.account)} folder"
+                f"{'s' if len(config.imap_folders) > 1 else ''} {escape(folders)}; "
+                f"answering {escape(senders)}."
+            )
+            problem, auth = describe_sender_auth(config)
+            err.print(f"[yellow]{escape(auth)}[/]" if problem else escape(auth))
+        err.print("Ctrl-C stops.")
         await serve(channel, handler, stop)
     err.print("stopped; unsent replies stay queued for the next start.")
 
@@ -626,9 +633,9 @@ def run_cmd(
     """
     _logging(debug)
     with _guard(debug):
-        cfg = _load(config)
+        accounts = load_accounts(config)
         func = load_handler(handler)
-        asyncio.run(_run(cfg, func))
+        asyncio.run(_run(accounts, func))
 
 
 @app.command("send")

@@ -13,6 +13,9 @@ class ChannelError(Exception):
     """Base of every error raised by prx_channel_email."""
 
     code: str = "channel_error"
+    # The account the error is about (several accounts in one channel); None when it
+    # is about none in particular (or the channel has one account and no one asked).
+    account: str | None = None
 
     def __init__(self, message: str, *, code: str | None = None) -> None:
         super().__init__(message)

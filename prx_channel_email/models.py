@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ class SendMessage(BaseModel):
     thread_ts: str | None = None
     attachments: list[Path] = Field(default_factory=list)
     idempotency_key: str | None = None
+    # The account that sends it (its SMTP login and from_address). None: the account
+    # of the parent, or the only one (several and no parent: SendError account_required).
+    account: str | None = None
 
 
 class ChannelMessage(BaseModel):
@@ -87,6 +91,10 @@ class ChannelMessage(BaseModel):
     # Handed on in an earlier run and not acknowledged there (handoff="ack"), or the
     # one message a kill interrupted (handoff="queue"): the host may have seen it.
     redelivered: bool = False
+    # Where it came from: the account's name ("default" for a single-account config)
+    # and the IMAP folder it was found in.
+    account: str = "default"
+    folder: str = "INBOX"
 
     def reply(self, content: str, **kw: Any) -> SendMessage:
         """Build the threaded answer to this message (to its reply target, "Re: subject").
@@ -100,9 +108,49 @@ class ChannelMessage(BaseModel):
             "in_reply_to": self.id,
             "thread_ts": self.thread_ts,
             "idempotency_key": reply_key(self.id, content),
+            "account": self.account,  # the answer leaves from the address that got the mail
         }
         fields.update(kw)
         return SendMessage(**fields)
+
+
+#: The stored form of a message (see :func:`pack_message`).
+_PACKED = "prx-message/1 "
+
+
+def pack_message(message: ChannelMessage) -> str:
+    """A message as stored while it waits (in flight, deferred): its small fields as
+    JSON, then the body texts as they are, so a body is never JSON-escaped (24 MB of
+    ``"`` was 48 MB per copy) and ``content`` is not stored twice when it is the
+    whole text (a message with nothing to strip)."""
+    if "\x00" in message.content or "\x00" in message.full_text:
+        return message.model_dump_json()  # a text column of some databases takes no NUL
+    head = message.model_dump(mode="json", exclude={"content", "full_text"})
+    same = message.content == message.full_text
+    head["_lengths"] = [-1 if same else len(message.content), len(message.full_text)]
+    meta = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
+    body = message.full_text if same else message.content + message.full_text
+    return f"{_PACKED}{len(meta)}\n{meta}{body}"
+
+
+def unpack_message(data: str | bytes) -> ChannelMessage:
+    """The message :func:`pack_message` stored (or the JSON form of older rows).
+    Raises ValueError when ``data`` is neither."""
+    text = data.decode() if isinstance(data, bytes) else data
+    if not text.startswith(_PACKED):
+        return ChannelMessage.model_validate_json(text)
+    size, _, rest = text[len(_PACKED) :].partition("\n")
+    head = json.loads(rest[: int(size)])
+    content_len, full_len = head.pop("_lengths")
+    at = int(size)
+    if content_len < 0:
+        full = content = rest[at : at + full_len]
+    else:
+        content = rest[at : at + content_len]
+        full = rest[at + content_len : at + content_len + full_len]
+    if len(full) != full_len:
+        raise ValueError("a stored message is cut short")
+    return ChannelMessage.model_validate({**head, "content": content, "full_text": full})
 
 
 def reply_key(parent_id: str, content: str) -> str:

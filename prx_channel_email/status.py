@@ -89,6 +89,10 @@ class ChannelStatus:
     component: str | None = None
     retry_in: float | None = None
     since: float = 0.0
+    # The mailbox this is about (several mailboxes: one status each); None for the
+    # whole channel.
+    account: str | None = None
+    folder: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -166,8 +170,14 @@ class StatusReporter:
         on_rejected: RejectedCallback | None = None,
         *,
         metrics: Metrics | None = None,
+        name: str | None = None,
+        folder: str | None = None,
     ) -> None:
+        """``account`` keys the logs; ``name``/``folder`` name the mailbox in the
+        statuses it reports and on the errors ``wait_ready`` raises."""
         self.account = account
+        self.name = name
+        self.folder = folder
         self._on_status = on_status
         self._on_rejected = on_rejected
         self._metrics = metrics or Metrics()
@@ -175,7 +185,7 @@ class StatusReporter:
         self._rejected_waiting = asyncio.Event()
         self._rejected_feed: asyncio.Task[None] | None = None
         self._rejected_overflowing = False
-        self._status = ChannelStatus(since=time.time())
+        self._status = ChannelStatus(since=time.time(), account=name, folder=folder)
         self._changed = asyncio.Event()  # set and replaced on every change
         self._imap_failure: tuple[ChannelState, str, str, float | None] | None = None
         self._smtp_failure: tuple[ChannelState, str, str, float | None] | None = None
@@ -279,15 +289,19 @@ class StatusReporter:
         except TimeoutError:
             status = self._status
             detail = f" (last problem: {status.code}: {status.message})" if status.code else ""
-            raise NotReadyError(
+            error = NotReadyError(
                 f"the channel was not ready within {timeout:g} s{detail}", status=status
-            ) from None
+            )
+            error.account = self.name
+            raise error from None
         status = self._status
         if status.state is ChannelState.CONNECTED:
             return status
         if status.state is ChannelState.CLOSED:
             raise ChannelError("the channel was closed", code="closed")
-        raise ChannelError(status.message or "the channel failed", code=status.code or "failed")
+        failure = ChannelError(status.message or "the channel failed", code=status.code or "failed")
+        failure.account = self.name
+        raise failure
 
     # --- internals ---
 
@@ -315,7 +329,10 @@ class StatusReporter:
             state = ChannelState.CONNECTED
         else:  # a side not checked yet, nothing wrong so far
             state = ChannelState.STARTING
-        new = ChannelStatus(state, imap, smtp, code, message, component, retry_in, old.since)
+        new = ChannelStatus(
+            state, imap, smtp, code, message, component, retry_in, old.since,
+            account=self.name, folder=self.folder,
+        )  # fmt: skip
         if replace(new, retry_in=None, since=0.0) == replace(old, retry_in=None, since=0.0):
             return  # nothing a host would show changed
         new = replace(new, since=time.time())

@@ -52,7 +52,8 @@ def outcome_fields(outcome: Any) -> dict[str, Any]:
     """An Outcome as the plain data the corpus .json files hold (paths become a flag)."""
     out: dict[str, Any] = {"decision": outcome.decision, "reason": outcome.reason}
     if outcome.message is not None:
-        msg = outcome.message.model_dump(mode="json")
+        # Where it came from (account, folder) is stamped by the sync engine, not parsed.
+        msg = outcome.message.model_dump(mode="json", exclude={"account", "folder"})
         msg["attachments"] = [
             {
                 "filename": a["filename"],

@@ -147,3 +147,20 @@ async def lunch_conversation(
     reply2 = await nth_mail(smtp_server, 2, timeout=timeout)
     assert_threaded(reply2, parent="<l2@people.example>", references=[*refs, "<l2@people.example>"])
     assert "Noon works." in plain_body(reply2)
+
+
+def accounts_host_table(
+    tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer, users: dict[str, Account]
+) -> dict[str, Any]:
+    """Several accounts as a host user writes them: the shared settings at the top, an
+    ``accounts`` table with each account's login and address (camelCase, as hosts write)."""
+    shared = {
+        k: v
+        for k, v in host_table(tmp_path, smtp_server, dovecot, next(iter(users.values()))).items()
+        if k not in ("username", "password", "fromAddress")
+    }
+    shared["accounts"] = {
+        name: {"username": u.username, "password": u.password, "fromAddress": u.address}
+        for name, u in users.items()
+    }
+    return shared

@@ -11,7 +11,7 @@ export DEBIAN_FRONTEND=noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
 
 # --- system packages: real servers the tests run against ------------------------
-APT_PACKAGES=(dovecot-imapd dovecot-lmtpd notmuch postgresql pgbouncer)
+APT_PACKAGES=(dovecot-imapd dovecot-lmtpd notmuch postgresql pgbouncer libsasl2-modules)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
@@ -40,6 +40,27 @@ if [ "${#missing[@]}" -gt 0 ]; then
     "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
     cleanup_policy
     trap - EXIT
+fi
+
+# --- Cyrus IMAP: unpacked into a private prefix, never installed -------------------
+# Debian's cyrus-imapd conflicts with dovecot-imapd. tests/servers/cyrus.py runs it
+# from here (readable by all users: Cyrus's processes run as an unprivileged one).
+CYRUS_ROOT="${PRX_TEST_CYRUS_ROOT:-/opt/prx-test-cyrus/root}"
+if [ ! -x "$CYRUS_ROOT/usr/lib/cyrus/bin/master" ]; then
+    SUDO=()
+    if [ "$(id -u)" -ne 0 ]; then SUDO=(sudo); fi
+    debs=$(mktemp -d "${TMPDIR:-/tmp}/prx-cyrus.XXXXXX")
+    chmod 777 "$debs"  # apt-get download writes as the _apt user
+    echo "tests/run.sh: unpacking Cyrus IMAP into $CYRUS_ROOT" >&2
+    cyrus_debs=(cyrus-imapd cyrus-common libpcre3 libical3 sasl2-bin)
+    if ! (cd "$debs" && apt-get download -q "${cyrus_debs[@]}"); then
+        "${SUDO[@]}" apt-get update -q  # no package lists yet
+        (cd "$debs" && apt-get download -q "${cyrus_debs[@]}")
+    fi
+    "${SUDO[@]}" mkdir -p "$CYRUS_ROOT"
+    for deb in "$debs"/*.deb; do "${SUDO[@]}" dpkg -x "$deb" "$CYRUS_ROOT"; done
+    "${SUDO[@]}" chmod 755 "$(dirname "$CYRUS_ROOT")" "$CYRUS_ROOT"
+    rm -rf "$debs"
 fi
 
 # --- Python: the package and its test dependencies -------------------------------

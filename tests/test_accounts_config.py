@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 from prx_channel_email import ConfigError, load_accounts, load_config
+from tests.test_config import _clean_env, write  # noqa: F401 (_clean_env: an autouse fixture)
 
 SECRET = "s3cr3t-Pa55w0rd!"
 OTHER_SECRET = "0ther-S3cret#"
@@ -37,19 +37,6 @@ capabilities = ["receive", "reply"]
 rollout_percent = 10
 """
 )
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-@pytest.fixture(autouse=True)
-def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("PRX_EMAIL_") or key == "PRX_CONFIG":
-            monkeypatch.delenv(key)
 
 
 def test_accounts_inherit_every_unset_key_from_the_top_level_table(tmp_path: Path) -> None:

@@ -218,6 +218,39 @@ def test_run_answers_with_a_module_handler_and_stops_cleanly_on_sigterm(
         assert "Traceback" not in stderr
 
 
+def test_run_serves_every_account_of_the_config(
+    dovecot: DovecotServer, smtp_server: SmtpServer, tmp_path: Path
+) -> None:
+    support, billing = dovecot.add_user(), dovecot.add_user()
+    bot = tmp_path / "mybot.py"
+    bot.write_text("async def handle(msg):\n    return 'ANSWER from ' + msg.account\n")
+    shared = make_table(dovecot, support, smtp_server, tmp_path, initial_sync="unseen")
+    for key in ("username", "password", "from_address"):
+        del shared[key]
+    path = write_config(tmp_path / "config.toml", shared)
+    with path.open("a") as file:
+        for name, user in (("support", support), ("billing", billing)):
+            file.write(f"\n[channels_config.email.accounts.{name}]\n")
+            for key, value in (("username", user.username), ("password", user.password),
+                               ("from_address", user.address)):  # fmt: skip
+                file.write(f"{key} = {json.dumps(value)}\n")
+    with reaped(start_run(bot, path)) as proc:
+        for user, mid in ((support, b"<s1@example.test>"), (billing, b"<b1@example.test>")):
+            dovecot.deliver(
+                user,
+                b"From: alice@example.test\r\nSubject: q\r\nMessage-ID: " + mid + b"\r\n\r\nhi\r\n",
+            )
+        replies = smtp_server.wait_for_messages(2, timeout=30)
+        answers = {r.message()["In-Reply-To"]: (r.mail_from, r.raw.decode()) for r in replies}
+        assert answers["<s1@example.test>"][0] == support.address
+        assert "ANSWER from support" in answers["<s1@example.test>"][1]
+        assert answers["<b1@example.test>"][0] == billing.address
+        assert "ANSWER from billing" in answers["<b1@example.test>"][1]
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+
+
 def test_config_table_helper_matches_fixture(
     dovecot: DovecotServer, account: Account, smtp_server: SmtpServer, tmp_path: Path
 ) -> None:

@@ -29,6 +29,7 @@ from hermes_cli.plugins import discover_plugins
 from prx_channel_email.integrations.hermes import NAME, PrxEmailAdapter
 from tests.integration_helpers import (
     STRANGER,
+    accounts_host_table,
     assert_threaded,
     host_table,
     mail,
@@ -258,3 +259,40 @@ async def test_a_mail_hermes_did_not_finish_comes_again_after_a_reconnect(
     finally:
         await adapter.disconnect()
     assert smtp_server.messages == []
+
+
+async def test_several_accounts_through_one_platform_answer_from_the_address_written_to(
+    tmp_path: Path, hermes_home: Path, smtp_server: SmtpServer, dovecot: DovecotServer
+) -> None:
+    support, billing = dovecot.add_user(), dovecot.add_user()
+    table = accounts_host_table(
+        tmp_path, smtp_server, dovecot, {"support": support, "billing": billing}
+    )
+    adapter = adapter_from_config(hermes_home, table)
+    handler = EchoHandler()
+    adapter.set_message_handler(handler)
+    assert await asyncio.wait_for(adapter.connect(), timeout=30)
+    try:
+        dovecot.deliver(support, mail("<hs@people.example>", "Help", "It broke"),
+                        mail_from=ANN)  # fmt: skip
+        first = await handler.next()
+        dovecot.deliver(billing, mail("<hb@people.example>", "Invoice", "Where is it?"),
+                        mail_from=ANN)  # fmt: skip
+        second = await handler.next()
+        assert (first.source.chat_id, second.source.chat_id) == (
+            f"support:{ANN}",
+            f"billing:{ANN}",
+        )
+        assert build_session_key(first.source) != build_session_key(second.source)
+        replies = [await nth_mail(smtp_server, n) for n in (1, 2)]
+        result = await adapter.send(f"billing:{ANN}", "Paid, thanks")
+        assert result.success
+        replies.append(await nth_mail(smtp_server, 3))
+        assert [(r["Subject"], r["From"]) for r in replies] == [
+            ("Re: Help", support.address),
+            ("Re: Invoice", billing.address),
+            ("Re: Invoice", billing.address),
+        ]
+        assert [m.rcpt_tos for m in smtp_server.messages] == [(ANN,)] * 3
+    finally:
+        await adapter.disconnect()

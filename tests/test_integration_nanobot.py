@@ -30,6 +30,7 @@ from prx_channel_email.errors import SendError
 from prx_channel_email.integrations.nanobot import NAME, PrxEmailChannel, register
 from tests.integration_helpers import (
     STRANGER,
+    accounts_host_table,
     assert_threaded,
     host_table,
     mail,
@@ -301,3 +302,50 @@ async def test_a_mail_whose_turn_never_ended_comes_again_after_a_restart(
         assert (await agent.next()).metadata["message_id"] == "<a3@people.example>"
     await agent.stop()
     assert smtp_server.messages == []
+
+
+async def test_several_accounts_through_one_channel_answer_from_the_address_written_to(
+    tmp_path: Path, smtp_server: SmtpServer, dovecot: DovecotServer
+) -> None:
+    support, billing = dovecot.add_user(), dovecot.add_user()
+    table = accounts_host_table(
+        tmp_path, smtp_server, dovecot, {"support": support, "billing": billing}
+    )
+    bus = MessageBus()
+    manager = nanobot_manager(bus, tmp_path, table)
+    agent = EchoAgent(bus)
+    try:
+        async with running(manager):
+            await wait_until(lambda: status(manager)["state"] == "running")
+            dovecot.deliver(support, mail("<s@people.example>", "Help", "It broke"),
+                            mail_from=ANN)  # fmt: skip
+            first = await agent.next()
+            dovecot.deliver(billing, mail("<b@people.example>", "Invoice", "Where is it?"),
+                            mail_from=ANN)  # fmt: skip
+            second = await agent.next()
+            assert (first.chat_id, second.chat_id) == (f"support:{ANN}", f"billing:{ANN}")
+            assert first.session_key == f"{NAME}:support:<s@people.example>"
+            assert second.session_key == f"{NAME}:billing:<b@people.example>"
+            assert (first.metadata["account"], second.metadata["account"]) == (
+                "support",
+                "billing",
+            )
+            replies = [await nth_mail(smtp_server, n) for n in (1, 2)]
+            # A proactive send to a chat id names its account too.
+            await bus.publish_outbound(OutboundMessage(channel=NAME, chat_id=f"billing:{ANN}",
+                                                       content="Paid, thanks"))  # fmt: skip
+            replies.append(await nth_mail(smtp_server, 3))
+        assert [(r["Subject"], r["From"]) for r in replies] == [
+            ("Re: Help", support.address),
+            ("Re: Invoice", billing.address),
+            ("Re: Invoice", billing.address),
+        ]
+        assert [m.mail_from for m in smtp_server.messages] == [
+            support.address,
+            billing.address,
+            billing.address,
+        ]
+        assert [m.rcpt_tos for m in smtp_server.messages] == [(ANN,)] * 3
+    finally:
+        agent.task.cancel()
+        await asyncio.gather(agent.task, return_exceptions=True)

@@ -42,7 +42,7 @@ from prx_channel_email._storage import (
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.errors import StorageError
-from prx_channel_email.models import ChannelMessage
+from prx_channel_email.models import ChannelMessage, pack_message, unpack_message
 
 T = TypeVar("T")
 
@@ -260,6 +260,7 @@ class LedgerWriter:
             seq=seq,
             reason=reason,
             arrived_at=arrived_at,
+            # JSON, not the compact form: the storage layer reads thread_ts from it.
             message=message.model_dump_json(),
         )
         cursor = Cursor(self.uidvalidity, uid)
@@ -307,7 +308,7 @@ class LedgerWriter:
         else:
             assert release is not None, "a hand-on without a UID is a release"
             key, cursor = release.key, None
-        item = InFlight(key, entry or _entry_of(message), message.model_dump_json())
+        item = InFlight(key, entry or _entry_of(message), pack_message(message))
         await self._commit(cursor, item, release)
         self._handed.add((mid, message.sender))
         await queue.put(message)
@@ -360,7 +361,7 @@ class LedgerWriter:
         for row in await self.store.in_flight(self.mailbox):
             mid = row.message_id
             try:
-                message = ChannelMessage.model_validate_json(row.message)
+                message = unpack_message(row.message)
             except ValueError as exc:
                 log_event(log, logging.ERROR, "inbound.inflight_unreadable", exc=exc,
                           account=self.account, message_id=mid,

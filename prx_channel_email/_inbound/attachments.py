@@ -109,8 +109,30 @@ class Planned:
     data: bytes | None
 
 
-def plan(found: list[RawAttachment], config: EmailConfig) -> list[Planned]:
+@dataclass(frozen=True)
+class AttachmentLimits:
+    """What attachment planning reads of the config (the names are EmailConfig's)."""
+
+    max_attachment_bytes: int
+    max_attachments_total_bytes: int
+    attachment_types: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config: EmailConfig) -> AttachmentLimits:
+        return cls(
+            max_attachment_bytes=config.max_attachment_bytes,
+            max_attachments_total_bytes=config.max_attachments_total_bytes,
+            attachment_types=tuple(config.attachment_types),
+        )
+
+    @classmethod
+    def of(cls, config: EmailConfig | AttachmentLimits) -> AttachmentLimits:
+        return config if isinstance(config, AttachmentLimits) else cls.from_config(config)
+
+
+def plan(found: list[RawAttachment], limits: EmailConfig | AttachmentLimits) -> list[Planned]:
     """Apply the per-attachment and per-message caps and the type allow-list."""
+    config = AttachmentLimits.of(limits)
     out: list[Planned] = []
     used: set[str] = set()
     total = 0

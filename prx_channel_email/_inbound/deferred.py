@@ -41,7 +41,7 @@ from prx_channel_email._storage import Mailbox, MailKey, Release, Storage
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email._support.tasks import to_completion
 from prx_channel_email.config import EmailConfig
-from prx_channel_email.models import ChannelMessage
+from prx_channel_email.models import ChannelMessage, unpack_message
 
 log = logging.getLogger("prx_channel_email.sync")
 
@@ -237,7 +237,7 @@ class DeferredMail:
                       message_id=mid, sender=w.sender, code="deferred_missing")  # fmt: skip
             self.gate.released(w)
             return
-        message = ChannelMessage.model_validate_json(data)
+        message = unpack_message(data)
         at = w.handed_at  # the time the limits counted: the ledger must agree with them
         await hand_on(message, Release(w.key, at))
         self._put = True

@@ -8,9 +8,11 @@ before its body is parsed, and oversized mail gets the same decisions.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 from prx_channel_email._mail.addresses import AMBIGUOUS_SENDER as AMBIGUOUS_SENDER
 from prx_channel_email._mail.addresses import NO_SENDER as NO_SENDER
@@ -140,8 +142,36 @@ NOTHING_TRUSTED = (
 )
 
 
-def describe_sender_auth(config: EmailConfig) -> tuple[bool, str]:
+@dataclass(frozen=True)
+class PolicySettings:
+    """What the inbound policy reads of the config (the names are EmailConfig's)."""
+
+    account: str
+    from_address: str
+    own_addresses: tuple[str, ...]
+    allowed_senders: tuple[str, ...]
+    sender_auth: Literal["off", "flag", "enforce"]
+    trusted_authserv_ids: tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, config: EmailConfig) -> PolicySettings:
+        return cls(
+            account=config.account,
+            from_address=config.from_address,
+            own_addresses=tuple(config.own_addresses),
+            allowed_senders=tuple(config.allowed_senders),
+            sender_auth=config.sender_auth,
+            trusted_authserv_ids=tuple(config.trusted_authserv_ids),
+        )
+
+    @classmethod
+    def of(cls, config: EmailConfig | PolicySettings) -> PolicySettings:
+        return config if isinstance(config, PolicySettings) else cls.from_config(config)
+
+
+def describe_sender_auth(settings: EmailConfig | PolicySettings) -> tuple[bool, str]:
     """(is it a problem, one line) on what sender authenticity does under ``config``."""
+    config = PolicySettings.of(settings)
     trusted = ", ".join(config.trusted_authserv_ids)
     if config.sender_auth == "off":
         return True, "sender_auth = 'off': From headers are not verified"
@@ -156,8 +186,10 @@ def describe_sender_auth(config: EmailConfig) -> tuple[bool, str]:
 class Policy:
     """The inbound policy of one channel. :meth:`decide` is cheap and header-only."""
 
-    def __init__(self, config: EmailConfig, clock: Callable[[], float] = time.time) -> None:
-        self.config = config
+    def __init__(
+        self, settings: EmailConfig | PolicySettings, clock: Callable[[], float] = time.time
+    ) -> None:
+        config = self.config = PolicySettings.of(settings)
         self.own = [fold_address(config.from_address), *config.own_addresses]
         self.stamp = channel_stamp(config.account)
         self.allowed_senders: list[str] = list(config.allowed_senders)
@@ -185,8 +217,13 @@ class Policy:
         self._refused_unverified.add(sender)
         return True
 
+    def in_rollout(self, sender: str) -> bool:
+        """Whether ``sender`` is in the share of senders this account serves."""
+        return in_rollout(sender, self.config.rollout_percent)
+
     def decide(self, env: Envelope, *, record: bool = True) -> Decision:
-        """Loop guards, then the allow-list, then authenticity (rate limits: deferred.py).
+        """Loop guards, then the allow-list, then authenticity, then the account's
+        rollout share (rate limits: deferred.py).
 
         ``record=False`` (a look-up by the mailbox tools) decides the same way but does
         not count as the sender's first refusal, so the listener's one explanation of
@@ -217,6 +254,9 @@ class Policy:
                     first_for_sender=self._first_refusal(env.sender) if record else False,
                     quarantine=detail.startswith(TEMPERROR),
                 )
+        if not self.in_rollout(env.sender):  # allowed, but left to people for now
+            return Decision(ROLLOUT, verified, f"outside rollout_percent "
+                            f"({self.config.rollout_percent:g})")  # fmt: skip
         target, refused = self.reply_target(env)
         return Decision(None, verified, detail, reply_target=target, reply_to_refused=refused)
 
@@ -245,3 +285,19 @@ class Policy:
         if sender_allowed(reply_to, self.allowed_senders):
             return reply_to, None
         return env.sender, reply_to
+
+
+# rollout_percent is applied in basis points of this hash's range.
+_ROLLOUT_BUCKETS = 10_000
+ROLLOUT = "rollout"
+
+
+def in_rollout(sender: str, percent: float) -> bool:
+    """``sender`` falls in the first ``percent`` of a stable hash of the folded address:
+    the same answer on every account, machine and restart, and raising the percentage
+    keeps everyone who was in (the first N buckets grow, none move)."""
+    if percent >= 100:
+        return True
+    digest = hashlib.sha256(fold_address(sender).encode("utf-8", "surrogatepass")).digest()
+    bucket = int.from_bytes(digest[:8], "big") % _ROLLOUT_BUCKETS
+    return bucket < round(percent * _ROLLOUT_BUCKETS / 100)

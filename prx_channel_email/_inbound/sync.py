@@ -43,7 +43,7 @@ from prx_channel_email._storage import Cursor, Mailbox, Storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email._support.tasks import to_completion
-from prx_channel_email.config import EmailConfig
+from prx_channel_email.config import DEFAULT_ACCOUNT, EmailConfig
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
@@ -169,7 +169,11 @@ class SyncEngine:
         storage_backoff: Backoff | None = None,
         reporter: StatusReporter | None = None,
         ledger: HandoffLedger | None = None,
+        folder: str | None = None,
+        name: str = DEFAULT_ACCOUNT,
     ) -> None:
+        """``folder``: the mailbox this engine serves (default: the config's
+        ``imap_folder``); ``name``: the account's name, stamped on its messages."""
         self.config = config
         self.reporter = reporter or StatusReporter(config.account)
         self.store = store
@@ -177,7 +181,10 @@ class SyncEngine:
         self.metrics = metrics
         self.status = SyncStatus()
         self.account = config.account
-        self.folder = config.imap_folder  # the configured name: the key of its state
+        self.name = name
+        # The configured name: the key of its state.
+        self.folder = folder or config.imap_folder
+        self._stamp = {"account": name, "folder": self.folder}
         self.mailbox = Mailbox(self.account, self.folder)
         self.wire_folder = self.folder  # the server's name for it (see ImapSession.resolve_folder)
         self.push = PushWatch(self.account, self.folder, metrics)
@@ -555,7 +562,7 @@ class SyncEngine:
             if step.kind is StepKind.DUPLICATE:
                 writer.skip(uid, header_id or "")
                 continue
-            raw = data.get(uid)
+            raw = data.pop(uid, None)  # ours alone: let go once judged (a 24 MB body)
             if raw is None:  # kind MISSING, or a FETCH answer that left it out
                 retry_in = self._body_missing(uid, header_id)
                 if retry_in is not None:
@@ -577,17 +584,20 @@ class SyncEngine:
                 outcome = await self._judge_oversized(uid, raw, size, mid)
             else:
                 outcome = await self._judge(uid, raw, mid)
+            del raw  # parsed: not held while the hand-off stores the message
             if outcome.decision == "deliver" and outcome.message is not None:
-                waiting = await self.deferred.judge(outcome.message, writer.key(uid))
+                message = outcome.message.model_copy(update=self._stamp)
+                waiting = await self.deferred.judge(message, writer.key(uid))
                 if waiting is None:
-                    await writer.hand_on(uid, outcome.message, outcome.entry, queue)
+                    await writer.hand_on(uid, message, outcome.entry, queue)
                 else:
                     stored = functools.partial(self.deferred.stored, waiting)
-                    writer.defer(uid, outcome.message, outcome.entry, seq=waiting.seq,
+                    writer.defer(uid, message, outcome.entry, seq=waiting.seq,
                                  reason=waiting.reason, arrived_at=waiting.arrived_at,
                                  on_durable=stored)  # fmt: skip
             else:
-                kind = "rejected" if outcome.decision == "reject" else "quarantined"
+                # A sender outside rollout_percent is left to people: recorded, not refused.
+                kind = "quarantined" if outcome.decision == "quarantine" else "rejected"
                 writer.record(uid, mid, kind, outcome.reason or kind)
                 if outcome.decision == "reject":
                     reason = outcome.reason or kind

@@ -17,13 +17,21 @@ from dataclasses import dataclass, field
 from email.message import Message
 from typing import Any
 
-from prx_channel_email._mail.charsets import decode_bytes, decode_words, tidy, unescape_header
+from prx_channel_email._mail.charsets import (
+    decode_bytes,
+    decode_words,
+    tidy_owned,
+    unescape_header,
+)
 from prx_channel_email._mail.headers import Headers
 
 MAX_MULTIPARTS = 100  # multipart containers in one message (nesting and fan-out)
 MAX_BOUNDARY_LINES = 2000  # lines starting with "--": an upper bound on the part count
 MAX_DEPTH = 40  # how deep the text walk follows nested parts
 MAX_HTML_CHARS = 2_000_000  # HTML beyond this is cut before rendering
+
+
+_MULTIPART_RE = re.compile(rb"multipart/", re.IGNORECASE)
 
 
 class TooComplex(ValueError):
@@ -35,21 +43,18 @@ def check_structure(body: bytes, start: int = 0) -> None:
 
     Counts are upper bounds found at C speed: lines starting with "--" (every
     part needs one), then, only when there are many of those, the "multipart/"
-    declarations. Ordinary mail is far below both.
+    declarations in any letter case (57 KB of "mUltipart" nesting slipped past a
+    case-sensitive count into the recursive parser). Ordinary mail is far below both.
     """
     lines = body.count(b"\n--", start)
     if lines > MAX_BOUNDARY_LINES:
         raise TooComplex(f"more than {MAX_BOUNDARY_LINES} MIME boundary lines")
     # Other spellings ("mUltipart") slip past this count, but not past mail-parser's
     # own recursion guard, which the pipeline turns into a quarantine.
-    if lines > MAX_MULTIPARTS and (
-        sum(
-            body.count(spelling, start)
-            for spelling in (b"multipart/", b"Multipart/", b"MULTIPART/")
-        )
-        > MAX_MULTIPARTS
-    ):
-        raise TooComplex(f"more than {MAX_MULTIPARTS} nested or sibling multiparts")
+    if lines > MAX_MULTIPARTS:
+        found = _MULTIPART_RE.finditer(body, start)
+        if next(itertools.islice(found, MAX_MULTIPARTS, None), None) is not None:
+            raise TooComplex(f"more than {MAX_MULTIPARTS} nested or sibling multiparts")
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,11 @@ class _SlicedPart(Message):
     def _payload(self, value: Any) -> None:
         self.__dict__["_text"] = value
         self.view = None
+
+    def is_multipart(self) -> bool:
+        # A leaf still held as a view is not multipart: asking must not decode it
+        # (that kept a second copy of a 24 MB body for the rest of the parse).
+        return False if self.view is not None else super().is_multipart()
 
 
 _SPLIT_PARSER = email.parser.BytesParser(_SlicedPart, policy=email.policy.compat32)
@@ -278,6 +288,15 @@ def _from_view(part: _SlicedPart, view: memoryview) -> bytes | None:
     return view.tobytes()
 
 
+def _unencoded_view(part: Message) -> memoryview | None:
+    """A sliced leaf's bytes as they are, when no transfer encoding needs undoing:
+    text is decoded straight from the message, with no copy of its bytes first."""
+    if not isinstance(part, _SlicedPart) or part.view is None:
+        return None
+    cte = str(part.get("content-transfer-encoding", "")).strip().lower()
+    return part.view if cte in ("", "7bit", "8bit", "binary") else None
+
+
 def _payload(part: Message) -> bytes:
     if isinstance(part, _SlicedPart) and part.view is not None:
         decoded = _from_view(part, part.view)
@@ -299,7 +318,7 @@ def _payload(part: Message) -> bytes:
 
 
 def _part_text(part: Message) -> str:
-    data = _payload(part)
+    data = _unencoded_view(part) or _payload(part)
     try:
         label = part.get_content_charset()
     except Exception:
@@ -381,13 +400,13 @@ class _Walker:
         if _is_attachment(part, ctype):
             self.attachments.append(RawAttachment(_filename(part), ctype, _payload(part)))
             return ""
-        text = _part_text(part)
+        box = [_part_text(part)]  # tidy_owned takes it: no reference kept here
         if ctype == "text/html":
             # Imported on first HTML mail: lxml costs a listening channel ~5 MB at rest.
             from prx_channel_email._mail.html_text import html_to_text
 
-            return html_to_text(text[:MAX_HTML_CHARS])
-        return tidy(text)
+            return html_to_text(box[0][:MAX_HTML_CHARS])
+        return tidy_owned(box)
 
     def _alternative(self, kids: list[Message], depth: int) -> str:
         # Prefer text/plain; fall back to whatever alternative yields text.

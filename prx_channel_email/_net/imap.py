@@ -28,14 +28,15 @@ import logging
 import re
 import ssl
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from prx_channel_email._net import imap_compat as compat
 from prx_channel_email._net.imap_compat import ImapLibError, ImapProtocol, ImapResponse, quote
 from prx_channel_email._net.tls import (
+    TlsSettings,
     check_plaintext_allowed,
     open_tls,
     shrink_read_buffer,
@@ -148,12 +149,47 @@ def uid_set(uids: list[int]) -> str:
     return ",".join(parts)
 
 
+@dataclass(frozen=True)
+class ImapSettings:
+    """What an IMAP session reads of the config (the names are EmailConfig's)."""
+
+    account: str
+    imap_host: str
+    imap_port: int
+    imap_security: Literal["tls", "starttls", "plain"]
+    auth_method: Literal["password", "oauth2"]
+    imap_login: tuple[str, str] = field(repr=False)  # (user, password); "" with OAuth
+    connect_timeout_secs: float
+    command_timeout_secs: float
+    fetch_batch_size: int
+    tls: TlsSettings
+
+    @classmethod
+    def from_config(cls, config: EmailConfig) -> ImapSettings:
+        return cls(
+            account=config.account,
+            imap_host=config.imap_host,
+            imap_port=config.imap_port,
+            imap_security=config.imap_security,
+            auth_method=config.auth_method,
+            imap_login=config.imap_login,
+            connect_timeout_secs=config.connect_timeout_secs,
+            command_timeout_secs=config.command_timeout_secs,
+            fetch_batch_size=config.fetch_batch_size,
+            tls=TlsSettings.from_config(config),
+        )
+
+    @classmethod
+    def of(cls, config: EmailConfig | ImapSettings) -> ImapSettings:
+        return config if isinstance(config, ImapSettings) else cls.from_config(config)
+
+
 class ImapSession:
     """One connection to the IMAP server; see the module docstring for what it adds."""
 
     def __init__(
         self,
-        config: EmailConfig,
+        config: ImapSettings,
         protocol: ImapProtocol,
         host: str,
         port: int,
@@ -176,7 +212,7 @@ class ImapSession:
     @classmethod
     async def connect(
         cls,
-        config: EmailConfig,
+        settings: EmailConfig | ImapSettings,
         *,
         tokens: TokenManager | None = None,
         host: str | None = None,
@@ -184,14 +220,15 @@ class ImapSession:
     ) -> ImapSession:
         """TCP + TLS (implicit or STARTTLS) + greeting. Raises TransportError.
         ``tokens``: the account's token manager, which an OAuth login needs."""
+        config = ImapSettings.of(settings)
         if config.auth_method == "oauth2":  # a wiring error: say so before connecting
             required(tokens, "IMAP login")
         host = host or config.imap_host
         port = port or config.imap_port
         security = config.imap_security
         if security == "plain":
-            check_plaintext_allowed(config, host)
-        ctx = ssl_context(config) if security != "plain" else None
+            check_plaintext_allowed(config.tls, host)
+        ctx = ssl_context(config.tls) if security != "plain" else None
         compat.ensure_compatible()
         loop = asyncio.get_running_loop()
         proto = ImapProtocol(loop)
@@ -743,9 +780,12 @@ class ImapSession:
         await self.logout()
 
 
-async def open_session(config: EmailConfig, tokens: TokenManager | None = None) -> ImapSession:
+async def open_session(
+    settings: EmailConfig | ImapSettings, tokens: TokenManager | None = None
+) -> ImapSession:
     """Connect and log in; the session is closed again if login fails. ``tokens``:
     the account's token manager, which an OAuth login needs."""
+    config = ImapSettings.of(settings)
     if config.auth_method == "oauth2":
         # No usable grant: fail before connecting (a retry then costs no network).
         await required(tokens, "IMAP login").check_grant()
@@ -911,6 +951,8 @@ def _parse_fetch(lines: list[Any]) -> dict[int, FetchedMessage]:
                 text.append(line)
         elif text:
             literal = bytes(line)
+            if isinstance(line, bytearray):
+                line.clear()  # the copy replaces it: one copy of a big body, not two
     if text:
         finish()
     return out

@@ -16,10 +16,12 @@ import contextlib
 import logging
 import ssl
 import time
+from dataclasses import dataclass, field
+from typing import Literal
 
 import aiosmtplib
 
-from prx_channel_email._net.tls import check_plaintext_allowed, ssl_context
+from prx_channel_email._net.tls import TlsSettings, check_plaintext_allowed, ssl_context
 from prx_channel_email._oauth.tokens import TokenManager, required, smtp_login
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
@@ -146,7 +148,42 @@ def _by_code(smtp_code: int, message: str, code: str) -> SmtpFailure:
     )
 
 
-def ehlo_name(config: EmailConfig) -> str:
+@dataclass(frozen=True)
+class SmtpSettings:
+    """What the SMTP transport reads of the config (the names are EmailConfig's)."""
+
+    account: str
+    smtp_host: str
+    smtp_port: int
+    smtp_effective_security: Literal["tls", "starttls", "plain"]
+    auth_method: Literal["password", "oauth2"]
+    smtp_login: tuple[str, str] = field(repr=False)  # (user, secret); "" with OAuth
+    from_address: str
+    connect_timeout_secs: float
+    command_timeout_secs: float
+    tls: TlsSettings
+
+    @classmethod
+    def from_config(cls, config: EmailConfig) -> SmtpSettings:
+        return cls(
+            account=config.account,
+            smtp_host=config.smtp_host,
+            smtp_port=config.smtp_port,
+            smtp_effective_security=config.smtp_effective_security,
+            auth_method=config.auth_method,
+            smtp_login=config.smtp_login,
+            from_address=config.from_address,
+            connect_timeout_secs=config.connect_timeout_secs,
+            command_timeout_secs=config.command_timeout_secs,
+            tls=TlsSettings.from_config(config),
+        )
+
+    @classmethod
+    def of(cls, config: EmailConfig | SmtpSettings) -> SmtpSettings:
+        return config if isinstance(config, SmtpSettings) else cls.from_config(config)
+
+
+def ehlo_name(config: SmtpSettings) -> str:
     """The name we greet with: the sender's domain, known without asking DNS."""
     return config.from_address.rsplit("@", 1)[-1]
 
@@ -159,7 +196,7 @@ class SmtpTransport:
 
     def __init__(
         self,
-        config: EmailConfig,
+        config: EmailConfig | SmtpSettings,
         metrics: Metrics | None = None,
         *,
         tokens: TokenManager | None = None,
@@ -167,7 +204,7 @@ class SmtpTransport:
         """``tokens``: the account's token manager, which an OAuth login needs."""
         if config.auth_method == "oauth2":  # a wiring error: say so now, not at each retry
             required(tokens, "SMTP login")
-        self.config = config
+        self.config = SmtpSettings.of(config)
         self.tokens = tokens
         self.metrics = metrics or Metrics()
         self._smtp: aiosmtplib.SMTP | None = None
@@ -186,7 +223,7 @@ class SmtpTransport:
         cfg = self.config
         security = cfg.smtp_effective_security
         if security == "plain":
-            check_plaintext_allowed(cfg, cfg.smtp_host)
+            check_plaintext_allowed(cfg.tls, cfg.smtp_host)
         return aiosmtplib.SMTP(
             hostname=cfg.smtp_host,
             port=cfg.smtp_port,
@@ -194,7 +231,7 @@ class SmtpTransport:
             use_tls=security == "tls",
             start_tls=security == "starttls" and auto_starttls,
             validate_certs=True,
-            tls_context=ssl_context(cfg) if security != "plain" else None,
+            tls_context=ssl_context(cfg.tls) if security != "plain" else None,
             # Without a name aiosmtplib calls socket.getfqdn(): a blocking DNS lookup.
             local_hostname=ehlo_name(cfg),
         )

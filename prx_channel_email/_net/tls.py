@@ -7,14 +7,33 @@ import functools
 import math
 import ssl
 from asyncio import sslproto
+from dataclasses import dataclass
+from pathlib import Path
 
+from prx_channel_email._support.hosts import plaintext_allowed
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.errors import InsecureConnectionError
 
 
-def ssl_context(config: EmailConfig) -> ssl.SSLContext:
+@dataclass(frozen=True)
+class TlsSettings:
+    """What the TLS code reads of the config: whom to trust besides the system store,
+    and whether plaintext may carry the password off this machine."""
+
+    ca_file: Path | None = None
+    allow_insecure: bool = False
+
+    @classmethod
+    def from_config(cls, config: EmailConfig) -> TlsSettings:
+        return cls(ca_file=config.ca_file, allow_insecure=config.allow_insecure)
+
+    def plaintext_allowed(self, host: str) -> bool:
+        return plaintext_allowed(host, self.allow_insecure)
+
+
+def ssl_context(tls: TlsSettings) -> ssl.SSLContext:
     """The system trust store, plus ``ca_file`` for self-signed servers. Never unverified."""
-    return _context(str(config.ca_file) if config.ca_file is not None else None)
+    return _context(str(tls.ca_file) if tls.ca_file is not None else None)
 
 
 @functools.lru_cache(maxsize=16)
@@ -125,9 +144,9 @@ def shrink_read_buffer(transport: asyncio.BaseTransport | None) -> None:
         proto.shrink()
 
 
-def check_plaintext_allowed(config: EmailConfig, host: str) -> None:
+def check_plaintext_allowed(tls: TlsSettings, host: str) -> None:
     """Refuse a plaintext connection that would carry the password off this machine."""
-    if not config.plaintext_allowed(host):
+    if not tls.plaintext_allowed(host):
         raise InsecureConnectionError(
             f"refusing a plaintext connection to {host}: the password would travel unencrypted. "
             "Use TLS or STARTTLS, or set allow_insecure = true if you accept the risk."

@@ -279,8 +279,33 @@ def _read_attachments(paths: list[Path], cap: int) -> list[tuple[str, str, bytes
     return out
 
 
+@dataclass(frozen=True)
+class ComposeSettings:
+    """What composing a message reads of the config (the names are EmailConfig's)."""
+
+    account: str
+    from_address: str
+    from_name: str | None
+    default_subject: str
+    max_outbound_attachment_bytes: int
+
+    @classmethod
+    def from_config(cls, config: EmailConfig) -> ComposeSettings:
+        return cls(
+            account=config.account,
+            from_address=config.from_address,
+            from_name=config.from_name,
+            default_subject=config.default_subject,
+            max_outbound_attachment_bytes=config.max_outbound_attachment_bytes,
+        )
+
+    @classmethod
+    def of(cls, config: EmailConfig | ComposeSettings) -> ComposeSettings:
+        return config if isinstance(config, ComposeSettings) else cls.from_config(config)
+
+
 def compose(
-    config: EmailConfig,
+    settings: EmailConfig | ComposeSettings,
     *,
     content: str,
     recipient: str,
@@ -291,6 +316,7 @@ def compose(
     now: datetime | None = None,
 ) -> Composed:
     """Build the whole message. Raises SendError for bad input; does file I/O (run in a thread)."""
+    config = ComposeSettings.of(settings)
     rcpt = parse_recipient(recipient)
     for field, text in (("content", content), ("subject", subject or "")):
         try:

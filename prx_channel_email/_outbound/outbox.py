@@ -49,9 +49,22 @@ from prx_channel_email._mail.message_ids import normalize_id
 from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
 from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._outbound.commits import GroupInsert, SentMarks
-from prx_channel_email._outbound.compose import Parent, compose, parent_from_ids, parse_recipient
+from prx_channel_email._outbound.compose import (
+    ComposeSettings,
+    Parent,
+    compose,
+    parent_from_ids,
+    parse_recipient,
+)
 from prx_channel_email._outbound.sent_folder import ImapSentFolder
-from prx_channel_email._storage import EXHAUSTED_PREFIX, NewRow, OutboxEntry, OutboxRow, Storage
+from prx_channel_email._storage import (
+    EXHAUSTED_PREFIX,
+    LedgerEntry,
+    NewRow,
+    OutboxEntry,
+    OutboxRow,
+    Storage,
+)
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
@@ -150,6 +163,7 @@ class Outbox:
         sent_mark_delay_secs: float = 0.0,
     ) -> None:
         self.config = config
+        self.compose_settings = ComposeSettings.from_config(config)
         self.store = store
         self.metrics = metrics
         # The SMTP side works (False after a refused login or an unreachable server) ...
@@ -339,7 +353,8 @@ class Outbox:
                 recipient=message.recipient,
             )
         recipient = parse_recipient(message.recipient)
-        parent = await self._storing(self._find_parent(message, recipient), message.recipient)
+        parent = await self._storing(self._find_parent(message), message.recipient)
+        self._check_capability(parent, message.recipient)
         if key is not None:
             held = await self._storing(self.table.by_key(key), message.recipient)
             if held is not None:  # a retried send: nothing new goes out
@@ -348,7 +363,7 @@ class Outbox:
             raise self.holdoff.error(message.recipient)
         build = functools.partial(
             compose,
-            self.config,
+            self.compose_settings,
             content=message.content,
             # Always the caller's recipient: the parent only threads the reply. (msg.reply()
             # already addresses its reply target; a Reply-To must not redirect a
@@ -467,17 +482,31 @@ class Outbox:
             self._active.pop(row_id, None)
         self._release_soon(ids)
 
-    async def _find_parent(self, message: SendMessage, recipient: str) -> Parent | None:
-        """The message this reply answers (the hand-off ledger's lookup): explicit ids
-        first, else the recipient's latest."""
-        reply_id = normalize_id(message.in_reply_to)
-        thread = normalize_id(message.thread_ts)
-        entry = await self.ledger.find_parent(
-            reply_id=reply_id,
-            thread=thread,
-            recipient=recipient,
+    def _check_capability(self, parent: Parent | None, recipient: str) -> None:
+        """An answer needs the account's "reply", a new conversation its "send"."""
+        kind = "reply" if parent is not None else "send"
+        if kind not in self.config.capabilities:
+            raise SendError(
+                f"this account may not {kind} (capabilities: "
+                f"{', '.join(self.config.capabilities) or 'none'})",
+                code="capability_disabled",
+                recipient=recipient,
+            )
+
+    async def parent_entry(self, message: SendMessage) -> LedgerEntry | None:
+        """The received mail ``message`` answers (the hand-off ledger's lookup): explicit
+        ids first, else the recipient's latest. None when this account received none
+        (the channel asks each account to find the one a reply leaves from)."""
+        return await self.ledger.find_parent(
+            reply_id=normalize_id(message.in_reply_to),
+            thread=normalize_id(message.thread_ts),
+            recipient=parse_recipient(message.recipient),
             explicit=message.in_reply_to is not None or message.thread_ts is not None,
         )
+
+    async def _find_parent(self, message: SendMessage) -> Parent | None:
+        """The message this reply answers: the ledger's entry, else the ids given."""
+        entry = await self.parent_entry(message)
         if entry is not None:
             return Parent(
                 message_id=entry.message_id,
@@ -485,7 +514,7 @@ class Outbox:
                 references=list(entry.references),
                 key=entry.key,
             )
-        return parent_from_ids(reply_id, thread)
+        return parent_from_ids(normalize_id(message.in_reply_to), normalize_id(message.thread_ts))
 
     async def _attempt(self, row: OutboxRow, *, foreground: bool) -> None:
         """One SMTP attempt for a row this process holds (in ``_active``).

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prx_channel_email._net.imap import ImapSession
+from prx_channel_email._net.imap import ImapSession, ImapSettings
 from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.config import EmailConfig
@@ -27,6 +27,7 @@ class ImapSentFolder:
 
     def __init__(self, config: EmailConfig, tokens: TokenManager | None = None) -> None:
         self.config = config
+        self.imap = ImapSettings.from_config(config)
         self.tokens = tokens  # the account's OAuth tokens (None: a password login)
         self._session: ImapSession | None = None
         self._folder: str | None = None
@@ -35,7 +36,7 @@ class ImapSentFolder:
     async def _ready(self) -> tuple[ImapSession, str]:
         session = self._session
         if session is None or not session.is_open:
-            session = await ImapSession.connect(self.config, tokens=self.tokens)
+            session = await ImapSession.connect(self.imap, tokens=self.tokens)
             try:
                 await session.login()
             except BaseException:

@@ -21,3 +21,8 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+def plaintext_allowed(host: str, allow_insecure: bool) -> bool:
+    """Plaintext may carry the password only on this machine, or by explicit opt-in."""
+    return is_loopback(host) or allow_insecure

@@ -59,16 +59,23 @@ class Metrics:
     ``inbound.skipped.not_allowed``, ``outbound.sent`` ...
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parent: Metrics | None = None) -> None:
+        """``parent``: counts here count there too (a mailbox's counters roll up into
+        the channel's totals; a gauge there is the last one set anywhere below)."""
         self._counts: Counter[str] = Counter()
         self._gauges: dict[str, int] = {}
+        self._parent = parent
 
     def inc(self, name: str, n: int = 1) -> None:
         self._counts[name] += n
+        if self._parent is not None:
+            self._parent.inc(name, n)
 
     def gauge(self, name: str, value: int) -> None:
         """A level rather than a count (e.g. how much mail waits right now)."""
         self._gauges[name] = value
+        if self._parent is not None:
+            self._parent.gauge(name, value)
 
     def get(self, name: str) -> int:
         return self._gauges[name] if name in self._gauges else self._counts[name]

@@ -21,6 +21,7 @@ file), and never echoes a value back (a value might be a password).
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import os
@@ -28,7 +29,7 @@ import re
 import socket
 import ssl
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,6 +51,7 @@ from pydantic_settings import (
 
 from prx_channel_email._mail.addresses import fold_address
 from prx_channel_email._support.hosts import is_loopback as is_loopback
+from prx_channel_email._support.hosts import plaintext_allowed
 from prx_channel_email.config.providers import oauth_problems, provider_authserv_ids
 from prx_channel_email.errors import ConfigError
 
@@ -619,13 +621,8 @@ class EmailConfig(BaseSettings):
         source in errors. Unknown keys are refused (a typo must not go unnoticed)."""
         shown = str(path) if path is not None else None
         data = _snake_keys(table, shown)
-        env_token = _ENV_OVERRIDES.set(True)
-        path_token = _TABLE_PATH.set(shown)
-        try:
+        with _from_table(shown):
             return cls(**data)
-        finally:
-            _TABLE_PATH.reset(path_token)
-            _ENV_OVERRIDES.reset(env_token)
 
     @model_validator(mode="before")
     @classmethod
@@ -800,7 +797,7 @@ class EmailConfig(BaseSettings):
     # --- derived values ---
     def plaintext_allowed(self, host: str) -> bool:
         """Plaintext may carry the password only on this machine, or by explicit opt-in."""
-        return is_loopback(host) or self.allow_insecure
+        return plaintext_allowed(host, self.allow_insecure)
 
     @property
     def smtp_effective_security(self) -> Literal["tls", "starttls", "plain"]:
@@ -840,6 +837,21 @@ class EmailConfig(BaseSettings):
             data["state_url"] = mask_url(self.state_url.get_secret_value())
         data["smtp_effective_security"] = self.smtp_effective_security
         return data
+
+
+@contextlib.contextmanager
+def _from_table(path: str | None, *, account_env: dict[str, str] | None = None) -> Iterator[None]:
+    """While a table is validated: the environment overrides it (an account's own
+    variables first), and errors name ``path``."""
+    overrides = _ENV_OVERRIDES.set(True)
+    where = _TABLE_PATH.set(path)
+    own = _ACCOUNT_ENV.set(account_env)
+    try:
+        yield
+    finally:
+        _ACCOUNT_ENV.reset(own)
+        _TABLE_PATH.reset(where)
+        _ENV_OVERRIDES.reset(overrides)
 
 
 class _Values(PydanticBaseSettingsSource):
@@ -1169,13 +1181,8 @@ def same_login_problems(accounts: Mapping[str, EmailConfig]) -> list[str]:
 def _validate(
     name: str, data: dict[str, Any], env: dict[str, str], shown: str | None
 ) -> EmailConfig:
-    token = _ACCOUNT_ENV.set(env)
-    path_token = _TABLE_PATH.set(shown)
-    try:
+    with _from_table(shown, account_env=env):
         return EmailConfig(**data)
-    finally:
-        _TABLE_PATH.reset(path_token)
-        _ACCOUNT_ENV.reset(token)
 
 
 def _attribute(problems: list[str], name: str, own: set[str], shared: set[str]) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import email.utils
 import functools
 import os
@@ -33,9 +34,9 @@ import aiosmtplib
 from prx_channel_email._mail.authresults import authserv_ids, provider_field, trust_line, verdict
 from prx_channel_email._mail.envelope import sender_of
 from prx_channel_email._mail.headers import Headers, split_header_block
-from prx_channel_email._net.imap import ImapSession, SelectInfo, open_session
-from prx_channel_email._net.smtp import SmtpFailure, SmtpTransport
-from prx_channel_email._net.tls import ssl_context
+from prx_channel_email._net.imap import ImapSession, ImapSettings, SelectInfo, open_session
+from prx_channel_email._net.smtp import SmtpFailure, SmtpSettings, SmtpTransport
+from prx_channel_email._net.tls import TlsSettings, ssl_context
 from prx_channel_email._oauth.tokens import TokenManager
 from prx_channel_email._outbound.compose import parse_recipient
 from prx_channel_email._storage import low_space, make_private_dir
@@ -336,7 +337,7 @@ async def _imap_handshake(
     conn = await _tcp(host, port, "imap", security, budget)
     try:
         record("pass", f"connected to {host}:{port}", None)
-        ctx = ssl_context(config)
+        ctx = ssl_context(TlsSettings.from_config(config))
         probe = _ImapProbe(conn, budget)
         if security == "tls":
             record(*await _tls_step(conn, ctx, "imap", host, port, security, budget))
@@ -378,8 +379,8 @@ async def _imap_chain(
         done.append(names[len(done)])
 
     # The channel's session, with the doctor's budget for every wait.
-    bounded = config.model_copy(
-        update={"connect_timeout_secs": budget, "command_timeout_secs": budget}
+    bounded = dataclasses.replace(
+        ImapSettings.from_config(config), connect_timeout_secs=budget, command_timeout_secs=budget
     )
     session: ImapSession | None = None
     try:
@@ -644,7 +645,7 @@ async def _smtp_chain(
         add(names[len(done)], status, detail, fix)
         done.append(names[len(done)])
 
-    ctx = ssl_context(config)
+    ctx = ssl_context(TlsSettings.from_config(config))
     client: aiosmtplib.SMTP | None = None
     try:
         record("pass", f"{host} -> {await _resolve(host, port, 'smtp', budget)}")
@@ -657,8 +658,10 @@ async def _smtp_chain(
             conn.close()
         # The channel's own client and AUTH exchange, with the doctor's budget.
         transport = SmtpTransport(
-            config.model_copy(
-                update={"connect_timeout_secs": budget, "command_timeout_secs": budget}
+            dataclasses.replace(
+                SmtpSettings.from_config(config),
+                connect_timeout_secs=budget,
+                command_timeout_secs=budget,
             ),
             tokens=tokens,
         )

@@ -13,7 +13,10 @@ entry-point group ``hermes_agent.plugins``; enable it with ``plugins.enabled:
   a ``SendResult`` with the new Message-ID; without ``reply_to`` it threads onto the
   person's latest mail; a permanent failure is a non-retryable failed SendResult;
 - ``connect()`` returns within 30 s: False on a failed login, with a non-retryable
-  fatal error for permanent causes (wrong password, untrusted certificate, ...).
+  fatal error for permanent causes (wrong password, untrusted certificate, ...);
+- several accounts (an ``accounts`` table in ``extra``) are served by this one
+  platform: ``chat_id`` is then ``<account>:<address>``, so an answer leaves from the
+  address written to; one account failing for good is logged while the others serve.
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ from prx_channel_email.status import ChannelState, ChannelStatus
 
 from ._bridge import (
     EmailBridge,
+    accounts_from_host_table,
     build_send,
-    config_from_host_table,
     inbound_metadata,
     inbound_text,
     snake_case,
@@ -61,9 +64,9 @@ def _message_id(value: Any) -> str | None:
     return None
 
 
-def email_config(platform: PlatformConfig) -> EmailConfig:
-    """The EmailConfig from ``platforms.prx_email.extra`` (hermes' own keys ignored)."""
-    return config_from_host_table(
+def email_accounts(platform: PlatformConfig) -> dict[str, EmailConfig]:
+    """The accounts from ``platforms.prx_email.extra`` (hermes' own keys ignored)."""
+    return accounts_from_host_table(
         platform.extra or {}, only_known=True, source=f"platforms.{NAME}.extra"
     )
 
@@ -74,7 +77,7 @@ def _ignored_keys(platform: PlatformConfig) -> list[str]:
     return sorted(
         str(k)
         for k in (platform.extra or {})
-        if snake_case(str(k)) not in fields and not str(k).startswith("_")
+        if snake_case(str(k)) not in fields and not str(k).startswith("_") and k != "accounts"
     )
 
 
@@ -100,13 +103,14 @@ class PrxEmailAdapter(BasePlatformAdapter):
         if ignored:  # named once, so a misspelt setting does not go unnoticed
             log_event(log, logging.INFO, "hermes.extra_keys_ignored", keys=",".join(ignored))
         try:
-            config = email_config(self.config)
+            accounts = email_accounts(self.config)
         except ConfigError as exc:
             self._set_fatal_error(exc.code, str(exc), retryable=False)
             return False
         # "*" lets everyone write: hermes then still wants its own allow-all opt-in.
-        self._dm_policy = "open" if "*" in config.allowed_senders else "allowlist"
-        bridge = EmailBridge(config, self._on_mail, host="hermes", on_status=self._status)
+        anyone = any("*" in c.allowed_senders for c in accounts.values())
+        self._dm_policy = "open" if anyone else "allowlist"
+        bridge = EmailBridge(accounts, self._on_mail, host="hermes", on_status=self._status)
         try:
             await bridge.start(CONNECT_BUDGET_SECS)
         except NotReadyError as exc:  # still trying: hermes may call connect() again later
@@ -116,15 +120,18 @@ class PrxEmailAdapter(BasePlatformAdapter):
             self._set_fatal_error(exc.code, f"{exc.code}: {exc}", retryable=False)
             return False
         self._bridge = bridge
-        self._account = config.account
+        self._account = bridge.config.account
         self._mark_connected()
         return True
 
     async def _status(self, status: ChannelStatus) -> None:
         # After connect(): a failure that needs someone to act (the password was changed,
         # the folder deleted) becomes hermes' fatal state, as for its own platforms.
-        if self._bridge is None or status.state is not ChannelState.FAILED:
+        bridge = self._bridge
+        if bridge is None or status.state is not ChannelState.FAILED:
             return
+        if bridge.several and not bridge.all_failed():
+            return  # one account of several: logged, the others serve on
         code = status.code or "failed"
         self._set_fatal_error(code, f"{code}: {status.message or ''}", retryable=False)
         await self._notify_fatal_error()
@@ -137,8 +144,9 @@ class PrxEmailAdapter(BasePlatformAdapter):
 
     async def _on_mail(self, message: ChannelMessage) -> None:
         saved = [a for a in message.attachments if a.path is not None]
+        bridge = self._bridge
         source = self.build_source(
-            chat_id=message.reply_target,
+            chat_id=bridge.chat_id(message) if bridge is not None else message.reply_target,
             chat_name=message.sender_display or message.sender,
             chat_type="dm",
             user_id=message.sender,
@@ -166,8 +174,9 @@ class PrxEmailAdapter(BasePlatformAdapter):
         # A failed turn stays unacknowledged, so a restarted gateway sees it again.
         if outcome == ProcessingOutcome.SUCCESS and self._bridge is not None:
             message_id = _message_id(event.message_id)
+            account = (event.metadata or {}).get("account")
             if message_id is not None:
-                await self._bridge.ack(message_id)
+                await self._bridge.ack(message_id, account if isinstance(account, str) else None)
 
     async def send(
         self,
@@ -213,10 +222,12 @@ class PrxEmailAdapter(BasePlatformAdapter):
         if bridge is None:
             return SendResult(success=False, error="prx_email is not connected", retryable=False)
         meta = metadata or {}
+        account, recipient = bridge.send_target(chat_id)
         message = build_send(
             host="hermes",
             content=content,
-            recipient=chat_id,
+            recipient=recipient,
+            account=account if bridge.several else None,
             parent=_message_id(reply_to),
             thread=_message_id(meta.get("thread_id")),
             attachments=files,
@@ -249,7 +260,7 @@ class PrxEmailAdapter(BasePlatformAdapter):
 
 def _configured(platform: PlatformConfig) -> bool:
     try:
-        email_config(platform)
+        email_accounts(platform)
     except ChannelError:
         return False
     return True

@@ -7,6 +7,10 @@ nanobot's own CLI with it registered. What maps to what:
 
 - one email thread is one nanobot session (``session_key`` = ``prx_email:<thread_ts>``);
   ``chat_id`` is the person's reply address, ``sender_id`` their From address;
+- several accounts (an ``accounts`` table in the channel's settings) are served by
+  this one channel: ``chat_id`` is then ``<account>:<address>`` and the session key
+  ``prx_email:<account>:<thread_ts>``, so an answer leaves from the address written
+  to; one account failing for good is logged while the others serve;
 - the first mail of a thread carries its subject in the text the agent reads;
 - saved attachments are ``media``; Message-ID, thread and ``sender_verified`` are metadata;
 - an ``OutboundMessage`` goes out as the threaded reply to the mail its metadata
@@ -20,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +42,11 @@ from prx_channel_email.status import ChannelState, ChannelStatus
 
 from ._bridge import (
     EmailBridge,
+    accounts_from_host_table,
     build_send,
-    config_from_host_table,
     inbound_metadata,
     inbound_text,
+    split_chat_id,
 )
 
 log = logging.getLogger(__name__)
@@ -69,16 +74,22 @@ def _section_table(section: Any) -> dict[str, Any]:
     raise ChannelError(f"the {NAME} channel table is not a mapping", code="config_invalid")
 
 
-def email_config(section: Any) -> EmailConfig:
-    """The EmailConfig of nanobot's ``channels.prx_email`` table (the channel and its
-    tools read it the same way)."""
+def email_accounts(section: Any) -> dict[str, EmailConfig]:
+    """The accounts of nanobot's ``channels.prx_email`` table: its ``accounts`` table,
+    else the table itself as the one account (the channel and its tools read it the
+    same way)."""
     table = _section_table(section)
     if "allowed_senders" not in table and "allowedSenders" not in table:
         # A nanobot user's natural allow-list; the channel's own matching rules apply.
         allow = table.get("allowFrom", table.get("allow_from"))
         if allow is not None:
             table["allowed_senders"] = allow
-    return config_from_host_table(table, host_keys=HOST_KEYS, source=f"channels.{NAME}")
+    return accounts_from_host_table(table, host_keys=HOST_KEYS, source=f"channels.{NAME}")
+
+
+def email_config(section: Any) -> EmailConfig:
+    """The (first) account's settings of nanobot's ``channels.prx_email`` table."""
+    return next(iter(email_accounts(section).values()))
 
 
 def thread_session_key(thread_ts: str) -> str:
@@ -86,18 +97,23 @@ def thread_session_key(thread_ts: str) -> str:
     return f"{NAME}:{thread_ts}"
 
 
-def outbound_to_send(msg: OutboundMessage) -> SendMessage:
-    """The SendMessage for a nanobot reply: threaded on the mail its metadata names."""
+def outbound_to_send(msg: OutboundMessage, accounts: Collection[str] = ()) -> SendMessage:
+    """The SendMessage for a nanobot reply: threaded on the mail its metadata names,
+    from the account its chat id (or, failing that, its metadata) names."""
     meta = msg.metadata or {}
     parent = meta.get("message_id") or msg.reply_to
     thread = meta.get("thread_ts")
+    account, recipient = split_chat_id(msg.chat_id, accounts)
+    if account is None and meta.get("account") in accounts:
+        account = meta["account"]
     return build_send(
         host="nanobot",
         content=msg.content,
-        recipient=msg.chat_id,
+        recipient=recipient,
         parent=parent if isinstance(parent, str) else None,
         thread=thread if isinstance(thread, str) else None,
         attachments=[Path(p) for p in msg.media],
+        account=account if len(accounts) > 1 else None,
     )
 
 
@@ -146,10 +162,10 @@ class PrxEmailChannel(BaseChannel):
 
     async def start(self) -> None:
         """Log in, then serve until :meth:`stop`; raises ChannelError on a permanent failure."""
-        config = email_config(self.config)
+        accounts = email_accounts(self.config)
         self._stop.clear()
         self._failure = None
-        self._bridge = EmailBridge(config, self._publish, host="nanobot", on_status=self._status)
+        self._bridge = EmailBridge(accounts, self._publish, host="nanobot", on_status=self._status)
         try:
             await self._bridge.start(READY_TIMEOUT_SECS)
         except BaseException:
@@ -169,10 +185,12 @@ class PrxEmailChannel(BaseChannel):
         # nanobot shows "running" only while is_running: a channel that lost its
         # connection (and keeps retrying) shows "starting" until it is back. A failure
         # that needs someone to act ends start() with it, so nanobot shows "failed".
-        if self._bridge is None or self._stop.is_set():
+        bridge = self._bridge
+        if bridge is None or self._stop.is_set():
             return
-        self._running = status.state is ChannelState.CONNECTED
-        if status.state is ChannelState.FAILED:
+        self._running = bridge.serving()
+        # With several accounts, one that fails is logged and the others serve on.
+        if status.state is ChannelState.FAILED and (not bridge.several or bridge.all_failed()):
             code = status.code or "failed"
             self._failure = ChannelError(status.message or code, code=code)
             self._stop.set()
@@ -191,13 +209,16 @@ class PrxEmailChannel(BaseChannel):
             await bridge.close()
 
     async def _publish(self, message: ChannelMessage) -> None:
+        bridge = self._bridge
         await self._handle_message(
             sender_id=message.sender,
-            chat_id=message.reply_target,
+            chat_id=bridge.chat_id(message) if bridge is not None else message.reply_target,
             content=inbound_text(message),
             media=[str(a.path) for a in message.attachments if a.path is not None],
             metadata=inbound_metadata(message),
-            session_key=thread_session_key(message.thread_ts),
+            session_key=thread_session_key(
+                bridge.session(message) if bridge is not None else message.thread_ts
+            ),
             is_dm=True,
         )
 
@@ -212,7 +233,8 @@ class PrxEmailChannel(BaseChannel):
             and isinstance(message_id, str)
             and self._bridge is not None
         ):
-            await self._bridge.ack(message_id)
+            account = ctx.metadata.get("account")
+            await self._bridge.ack(message_id, account if isinstance(account, str) else None)
 
     async def send(self, msg: OutboundMessage) -> None:
         """Send ``msg`` as threaded mail. Raises SendError (permanent) or ChannelError."""
@@ -222,7 +244,7 @@ class PrxEmailChannel(BaseChannel):
             return
         if self._bridge is None:
             raise ChannelError(f"the {NAME} channel is not running", code="not_running")
-        message_id = await self._bridge.send(outbound_to_send(msg))
+        message_id = await self._bridge.send(outbound_to_send(msg, self._bridge.accounts))
         log_event(log, logging.INFO, "nanobot.sent", message_id=message_id,
                   in_reply_to=(msg.metadata or {}).get("message_id"))  # fmt: skip
 

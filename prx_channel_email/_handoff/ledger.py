@@ -121,6 +121,16 @@ class _Pending:
     on_durable: Callable[[], None] | None = None  # memory to change once committed
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """An accepted message of the current fetch step, waiting for the step's commit."""
+
+    uid: int
+    item: InFlight
+    message: ChannelMessage
+    queue: asyncio.Queue[ChannelMessage]
+
+
 def cursor_moves(cursors: list[Cursor]) -> list[Cursor]:
     """The last cursor per UIDVALIDITY, in order (one write each is enough)."""
     last: dict[int, Cursor] = {}
@@ -137,24 +147,30 @@ class LedgerWriter:
 
     * :meth:`begin` a pass (its UIDVALIDITY, and whether the cursor may move);
     * per message :meth:`skip` (a duplicate), :meth:`record` (refused, quarantined),
-      :meth:`defer` (kept back) or ``await`` :meth:`hand_on` (accepted); then
-      ``await`` :meth:`flush`;
+      :meth:`defer` (kept back) or ``await`` :meth:`accept` (accepted), and ``await``
+      :meth:`put_staged` at the end of each fetch step; then ``await`` :meth:`flush`
+      (:meth:`hand_on` commits and puts one message at once: deferred mail);
     * :meth:`redeliver` once per run, before the first pass. Settling (acks, replies)
       is the shared :class:`HandoffLedger`'s.
 
     What a crash at each point repeats (the README's crash table is this list):
 
-    * ``hand_on`` first commits, in ONE transaction, the message as *in flight* (its
-      serialized ChannelMessage), the cursor past it, the decisions queued by
-      ``skip``/``record``/``defer`` before it, and (``handoff="queue"``) the settling
-      of the message put just before. Only then is it put on the queue.
-    * A kill before that commit: nothing of it is on disk; the next start fetches it
-      again from the cursor (nothing lost, nothing repeated).
-    * A kill after the commit: it is in flight, and the next start hands it on again
-      with ``redelivered=True``. With ``handoff="ack"`` that is every message not
-      acknowledged; with ``handoff="queue"`` it is at most the one message put last
-      (the previous ones were settled by the commit that preceded each next put, the
-      last by :meth:`flush` at the end of the pass).
+    * ``handoff="ack"``: ``put_staged`` first commits, in ONE transaction, the
+      accepted messages of the fetch step (at most ``fetch_batch_size``) as *in
+      flight* (each with its serialized ChannelMessage), the cursor past them and the
+      decisions queued by ``skip``/``record``/``defer`` among them. Only then are they
+      put on the queue, in UID order. One fsync'd transaction per step, not per
+      message: a backlog drains at the speed of parsing, not of the disk.
+    * ``handoff="queue"``: ``accept`` commits each message on its own the same way
+      (with the settling of the message put just before), then puts it.
+    * A kill before a commit: nothing of it is on disk; the next start fetches those
+      messages again from the cursor (nothing lost, nothing repeated).
+    * A kill after the commit: its messages are in flight, and the next start hands
+      them on again with ``redelivered=True``. With ``handoff="ack"`` that is exactly
+      the messages not acknowledged (a committed step whose puts the kill cut short
+      included: none of them was seen, none acked); with ``handoff="queue"`` it is at
+      most the one message put last (the previous ones were settled by the commit
+      that preceded each next put, the last by :meth:`flush` at the end of the pass).
 
     A failed write (full or read-only disk, I/O error) pauses the hand-off in place:
     the same transaction is retried with backoff, nothing more is put on the queue
@@ -197,6 +213,7 @@ class LedgerWriter:
         self._pending: list[_Pending] = []  # decisions that ride on the next commit
         self._unsettled: list[MailKey] = []  # handoff="queue": put, settled by the next commit
         self._handed: set[tuple[str, str]] = set()
+        self._staged: list[_Staged] = []  # accepted in this step, not yet committed
         self.last_handed_on_at: float | None = None  # MailboxStatus.last_message_at
         self._lock = asyncio.Lock()
         # Set on a stop: a write paused on a storage fault gives up instead of waiting
@@ -286,6 +303,29 @@ class LedgerWriter:
                   folder=self.folder, uid=uid, message_id=message_id,
                   code=reason)  # fmt: skip
 
+    async def accept(
+        self,
+        uid: int,
+        message: ChannelMessage,
+        entry: LedgerEntry | None,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Accepted. ``handoff="ack"``: ``message`` goes in flight with the step's
+        commit (:meth:`put_staged`, or any earlier commit) and on ``queue`` right after
+        it. ``"queue"``: committed and put at once (:meth:`hand_on`), which keeps that
+        mode's promise that a kill repeats at most the one message being put."""
+        if self.handoff != "ack":
+            await self.hand_on(uid, message, entry, queue)
+            return
+        self._handled.add((message.id, message.sender))
+        item = InFlight(self.key(uid), entry or _entry_of(message), pack_message(message))
+        self._staged.append(_Staged(uid, item, message, queue))
+
+    async def put_staged(self) -> None:
+        """Commit what :meth:`stage` collected (one transaction), then put it on the queue."""
+        if self._staged:
+            await self._commit(None, None, None)
+
     async def hand_on(
         self,
         uid: int | None,
@@ -299,7 +339,8 @@ class LedgerWriter:
 
         ``uid`` None: not from this pass's folder listing (a ``release`` of deferred
         mail, keyed by it); the cursor does not move. The release is written in the
-        same transaction, so both happen or neither.
+        same transaction, so both happen or neither. Messages staged meanwhile ride
+        on the same commit and are put first.
         """
         mid = message.id
         self._handled.add((mid, message.sender))
@@ -310,6 +351,17 @@ class LedgerWriter:
             key, cursor = release.key, None
         item = InFlight(key, entry or _entry_of(message), pack_message(message))
         await self._commit(cursor, item, release)
+        await self._put(message, key, uid, queue)
+
+    async def _put(
+        self,
+        message: ChannelMessage,
+        key: MailKey,
+        uid: int | None,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Put a committed message on the queue (and remember that it went)."""
+        mid = message.id
         self._handed.add((mid, message.sender))
         await queue.put(message)
         self.last_handed_on_at = time.time()
@@ -322,24 +374,30 @@ class LedgerWriter:
                   folder=self.folder, uid=uid, message_id=mid)  # fmt: skip
 
     async def flush(self) -> None:
-        """Write the decisions still pending (and settle the last put, queue mode)."""
-        if self._pending or self._unsettled:
+        """Write the decisions still pending, hand on what is staged (and settle the
+        last put, queue mode)."""
+        if self._pending or self._unsettled or self._staged:
             await self._commit(None, None, None)
 
     async def _commit(
         self, cursor: Cursor | None, item: InFlight | None, release: Release | None
     ) -> None:
         # One commit at a time: the release of deferred mail hands on concurrently.
+        # Whatever commits first takes the staged messages along (the cursor may not
+        # pass one that is not on disk) and puts them on their queue.
         async with self._lock:
             pending = list(self._pending)
             settle = list(self._unsettled)
+            staged = list(self._staged)
             cursors = [p.cursor for p in pending if p.cursor is not None]
+            cursors += [Cursor(self.uidvalidity, s.uid) for s in staged]
             if cursor is not None:
                 cursors.append(cursor)
+            cursors.sort(key=lambda c: c.last_uid)  # cursor_moves keeps the last of each
             batch = HandoffBatch(
                 mailbox=self.mailbox,
                 records=[p.record for p in pending if p.record is not None],
-                in_flight=[item] if item is not None else [],
+                in_flight=[s.item for s in staged] + ([item] if item is not None else []),
                 deferrals=[p.deferral for p in pending if p.deferral is not None],
                 releases=[release] if release is not None else [],
                 settle=settle,
@@ -349,9 +407,12 @@ class LedgerWriter:
             # Only now: a cancelled or failed commit leaves them for the next one.
             del self._pending[: len(pending)]
             del self._unsettled[: len(settle)]
+            del self._staged[: len(staged)]
         for p in pending:
             if p.on_durable is not None:
                 p.on_durable()
+        for s in staged:
+            await self._put(s.message, s.item.key, s.uid, s.queue)
 
     # --- after a restart ---
 

@@ -589,7 +589,7 @@ class SyncEngine:
                 message = outcome.message.model_copy(update=self._stamp)
                 waiting = await self.deferred.judge(message, writer.key(uid))
                 if waiting is None:
-                    await writer.hand_on(uid, message, outcome.entry, queue)
+                    await writer.accept(uid, message, outcome.entry, queue)
                 else:
                     stored = functools.partial(self.deferred.stored, waiting)
                     writer.defer(uid, message, outcome.entry, seq=waiting.seq,
@@ -605,6 +605,7 @@ class SyncEngine:
                         mid, outcome.sender, outcome.subject, reason, outcome.detail or ""
                     )
             self.status.last_uid = uid
+        await writer.put_staged()  # one commit for the step's messages, then the puts
         return DONE
 
     def _body_missing(self, uid: int, header_id: str | None) -> float | None:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email
+import functools
+import json
 import logging
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from prx_channel_email._mail.message_ids import mint_message_id
 from prx_channel_email.channel import EmailChannel
+from prx_channel_email.cli import app
 from prx_channel_email.models import ChannelMessage
 from tests.outbound_helpers import dovecot_config
 from tests.servers.dovecot import Account, DovecotServer
@@ -171,3 +175,35 @@ async def test_forged_quick_answers_hold_nobody_and_a_real_quick_answer_is_not_h
             listener.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await listener
+
+
+async def test_quarantined_mail_is_listed_by_the_api_and_the_cli(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """An allowed sender's mail naming the bot in Reply-To is quarantined (a person
+    could write so too): the host and the operator see whose it is, what and why."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA])
+    held, raw = letter(ANNA, f"Reply-To: {account.address}")
+    async with listening(config) as run:
+        dovecot.deliver(account, raw, mail_from=ANNA)
+        await run.until(lambda: run.channel.stats().get("inbound.quarantined") == 1)
+        await run.until(lambda: not run.channel.sync.writer._pending)  # recorded
+        listed = await run.channel.quarantined()
+    assert [(q.message_id, q.sender, q.subject, q.reason) for q in listed] == [
+        (held, ANNA, f"test {held}", "own_mail")
+    ]
+    assert run.queue.empty()
+    path = tmp_path / "prx.toml"
+    fields = {"imap_host": config.imap_host, "imap_port": config.imap_port,
+              "imap_security": config.imap_security, "smtp_host": "127.0.0.1",
+              "username": config.username, "password": "x",
+              "from_address": config.from_address, "state_dir": str(config.state_dir)}  # fmt: skip
+    lines = [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    path.write_text("\n".join(["[channels_config.email]", *lines]) + "\n")
+    cli = functools.partial(CliRunner().invoke, app)  # asyncio.run inside: off this loop
+    done = await asyncio.to_thread(cli, ["quarantine", "list", "--json", "--config", str(path)])
+    assert done.exit_code == 0, done.output
+    (shown,) = json.loads(done.output)
+    assert (shown["id"], shown["sender"], shown["reason"]) == (listed[0].id, ANNA, "own_mail")
+    text = await asyncio.to_thread(cli, ["quarantine", "list", "--config", str(path)])
+    assert listed[0].id in text.output and ANNA in text.output and "own_mail" in text.output

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from prx_channel_email._storage import (
+    QUARANTINED,
+    REJECTED,
     CopiesOf,
     Cursor,
     Deferral,
@@ -296,6 +298,29 @@ async def test_waiting_mail_refused_at_release_is_gone_and_never_counts(
     assert not await backend.refuse_waiting(key(9), "not_allowed")  # unknown: nothing
     # A refused row is no longer a release: a late release of it changes nothing.
     assert [w.key for w in await backend.waiting(INBOX)] == [key(2)]
+
+
+async def test_quarantined_mail_is_listed_newest_first_until_handed_on(
+    backend: Storage,
+) -> None:
+    held = LedgerEntry("<q@x>", ALICE, ALICE, "about q", "", [], 1000.0)
+    await backend.commit_handoff(HandoffBatch(INBOX, records=[
+        Record(key(1), "<q@x>", QUARANTINED, "reply_to_self", held),
+        Record(key(2), "<r@x>", REJECTED, "not_allowed"),
+        Record(key(3), "<p@x>", QUARANTINED, "parse_error")]))  # fmt: skip
+    await backend.commit_handoff(HandoffBatch(OTHER, records=[
+        Record(key(1, OTHER), "<o@x>", QUARANTINED, "parse_error")]))  # fmt: skip
+    listed = await backend.quarantined(A)
+    assert {q.key for q in listed} == {key(1), key(3), key(1, OTHER)}  # every folder
+    mine = next(q for q in listed if q.key == key(1))
+    assert (mine.message_id, mine.sender, mine.subject, mine.reason) == (
+        "<q@x>", ALICE, "about q", "reply_to_self")  # fmt: skip
+    assert await backend.quarantined(B) == []
+    assert len(await backend.quarantined(A, limit=1)) == 1
+    # Handed on after all (accepted wins over quarantined): no longer listed.
+    await backend.commit_handoff(HandoffBatch(INBOX, in_flight=[flying(key(1), "<q@x>")]))
+    await backend.settle([key(1)])
+    assert key(1) not in {q.key for q in await backend.quarantined(A)}
 
 
 async def test_recent_handoffs_are_per_account_oldest_first(backend: Storage) -> None:

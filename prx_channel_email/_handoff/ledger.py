@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from prx_channel_email._storage import (
+    QUARANTINED,
     CopiesOf,
     Cursor,
     Deferral,
@@ -294,9 +295,24 @@ class LedgerWriter:
         put, like any hand-off."""
         await self.hand_on(None, message, None, queue, release=release)
 
-    def record(self, uid: int, message_id: str, kind: str, reason: str) -> None:
-        """A message not handed on (``rejected`` / ``quarantined``), with why."""
-        record = Record(self.key(uid), message_id, kind, reason)
+    def record(
+        self,
+        uid: int,
+        message_id: str,
+        kind: str,
+        reason: str,
+        *,
+        sender: str | None = None,
+        subject: str | None = None,
+    ) -> None:
+        """A message not handed on (``rejected`` / ``quarantined``), with why. Sender and
+        subject are kept for quarantined mail, so ``prx-email quarantine list`` can
+        say whose it is without fetching it."""
+        entry = None
+        if kind == QUARANTINED and (sender or subject):
+            sender = sender or ""
+            entry = LedgerEntry(message_id, sender, sender, subject or "", "", [], time.time())
+        record = Record(self.key(uid), message_id, kind, reason, entry)
         self._pending.append(_Pending(Cursor(self.uidvalidity, uid), record=record))
         # The pipeline counts its decisions (inbound.skipped.<reason>); we log the UID.
         log_event(log, logging.DEBUG, f"inbound.recorded_{kind}", account=self.account,

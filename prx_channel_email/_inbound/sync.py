@@ -598,7 +598,8 @@ class SyncEngine:
             else:
                 # A sender outside rollout_percent is left to people: recorded, not refused.
                 kind = "quarantined" if outcome.decision == "quarantine" else "rejected"
-                writer.record(uid, mid, kind, outcome.reason or kind)
+                writer.record(uid, mid, kind, outcome.reason or kind,
+                              sender=outcome.sender, subject=outcome.subject)  # fmt: skip
                 if outcome.decision == "reject":
                     reason = outcome.reason or kind
                     self.reporter.rejected(

@@ -189,6 +189,19 @@ class WaitingRow:
     thread: str
 
 
+@dataclass(frozen=True)
+class QuarantinedMail:
+    """A mail the policy quarantined, as the operator sees it (``prx-email quarantine
+    list``): never its body, which stays on the server, unread, where it was."""
+
+    key: MailKey
+    message_id: str
+    sender: str
+    subject: str
+    reason: str
+    received_at: float
+
+
 # --- outbound ---------------------------------------------------------------------
 
 #: ``last_error`` of a row that failed because its attempts ran out (every one of
@@ -490,6 +503,11 @@ class Storage(Protocol):
 
     async def deferred_message(self, key: MailKey) -> str | None:
         """The waiting mail's ChannelMessage JSON, None when it is not waiting."""
+        ...
+
+    async def quarantined(self, account: str, limit: int = 100) -> list[QuarantinedMail]:
+        """The newest quarantined mail of ``account`` first (mail handed on since, e.g.
+        a copy that passed later, is no longer quarantined)."""
         ...
 
     async def refuse_waiting(self, key: MailKey, reason: str) -> bool:

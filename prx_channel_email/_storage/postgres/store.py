@@ -32,6 +32,7 @@ from prx_channel_email._storage.interface import (
     DEFERRED,
     DELIVERED,
     EXHAUSTED_PREFIX,
+    QUARANTINED,
     REJECTED,
     CopiesOf,
     Cursor,
@@ -43,6 +44,7 @@ from prx_channel_email._storage.interface import (
     NewRow,
     OutboxEntry,
     OutboxRow,
+    QuarantinedMail,
     SenderChanges,
     Stored,
     TokenRecord,
@@ -349,6 +351,28 @@ class PostgresStore:
             await cur.execute(f"SELECT message FROM deferred WHERE {_KEY}", _k(key))
             row = await cur.fetchone()
             return str(row[0]) if row else None
+
+        return await self.run(q)
+
+    async def quarantined(self, account: str, limit: int = 100) -> list[QuarantinedMail]:
+        async def q(cur: Cur) -> list[QuarantinedMail]:
+            await cur.execute(
+                "SELECT folder, uidvalidity, uid, message_id, sender, subject, reason,"
+                f" received_at FROM ledger WHERE account=%s AND outcome='{QUARANTINED}'"
+                " ORDER BY received_at DESC, uid DESC LIMIT %s",
+                (account, limit),
+            )
+            return [
+                QuarantinedMail(
+                    MailKey(account, r[0], int(r[1]), int(r[2])),
+                    r[3],
+                    r[4] or "",
+                    r[5] or "",
+                    r[6] or QUARANTINED,
+                    float(r[7]),
+                )
+                for r in await cur.fetchall()
+            ]
 
         return await self.run(q)
 

@@ -17,7 +17,8 @@ every call appends a line to ``$HOSTILE_OUT``. Per shape:
     python bench/bench_hostile.py [--mb 24] [--only quoted,control] [--checkout OLD_TREE]
 
 Bounds (docs/concepts/security.md, "Work bounds"): the loop's longest gap stays
-under 250 ms for every shape; peak memory stays under 5x the message size.
+under 250 ms for every shape; peak memory about 5x the message size (the aim is
+at most 5x; 5.1-5.2x measured for 24 MB bodies handed on whole).
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING
@@ -32,7 +33,10 @@ from prx_channel_email._net.logins import LoginGate
 from prx_channel_email._net.smtp import SmtpTransport
 from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, auth_backoff, token_manager
 from prx_channel_email._outbound.outbox import Outbox
-from prx_channel_email._storage import QuarantinedMail, Storage, open_storage
+from prx_channel_email._storage import LeaseLost, QuarantinedMail, Storage, open_storage
+from prx_channel_email._storage.postgres.keeper import LeaseKeeper
+from prx_channel_email._storage.postgres.leases import Lease, LeaseTable
+from prx_channel_email._storage.postgres.store import PostgresStore
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email._tools import MailboxTools, ToolAccount
@@ -219,7 +223,12 @@ class EmailChannel(Channel):
         _check_accounts(configs, token_provider)
         first = next(iter(configs.values()))
         self.metrics = Metrics()
-        self.store = open_storage(first.state_dir)
+        url = first.state_url.get_secret_value() if first.state_url is not None else None
+        self.store = open_storage(first.state_dir, url=url)
+        # Replicas sharing the state (state_url): each mailbox is served under a lease.
+        self.replica_id = first.replica_id
+        self.lease_secs = first.lease_secs
+        self._keeper: LeaseKeeper | None = None
         self.logins = LoginGate(first.max_concurrent_logins)
         self.accounts: dict[str, _Account] = {
             name: _Account(
@@ -373,6 +382,13 @@ class EmailChannel(Channel):
         task = asyncio.current_task()
         if task is not None:
             self._listeners.add(task)
+        if isinstance(self.store, PostgresStore):
+            try:
+                await self._serve_leased(queue)
+            finally:
+                if task is not None:
+                    self._listeners.discard(task)
+            return
         mailboxes = [
             asyncio.create_task(_serve_mailbox(account, engine, queue))
             for account in self.accounts.values()
@@ -390,6 +406,73 @@ class EmailChannel(Channel):
                 await asyncio.gather(*mailboxes, return_exceptions=True)
             if task is not None:
                 self._listeners.discard(task)
+
+    async def _serve_leased(self, queue: asyncio.Queue[ChannelMessage]) -> None:
+        """Serve the mailboxes whose lease this replica holds, until cancelled.
+
+        The lease keeper takes this replica's share and tells it when to start a
+        mailbox (its writes then carry the lease's epoch) and when to stop one (the
+        mailbox's task is cancelled: it leaves IDLE and closes its session). A write
+        refused for a lost lease stops the mailbox the same way.
+        """
+        assert isinstance(self.store, PostgresStore)
+        # Leases are keyed like the state (the account's state key, the folder).
+        engines = {(a.config.account, f): (a, e) for a in self.accounts.values()
+                   for f, e in a.engines.items()}  # fmt: skip
+        tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+        async def serve(account: _Account, engine: SyncEngine, lease: Lease) -> None:
+            try:
+                await _serve_mailbox(account, engine, queue)
+            except LeaseLost:
+                await keeper.lost(lease)
+
+        async def gain(lease: Lease) -> None:
+            account, engine = engines[lease.mailbox]
+            engine.serve_under(lease.epoch)
+            tasks[lease.mailbox] = asyncio.create_task(serve(account, engine, lease))
+
+        async def loss(lease: Lease) -> None:
+            served = tasks.pop(lease.mailbox, None)
+            if served is not None and served is not asyncio.current_task():
+                served.cancel()
+                await asyncio.wait({served}, timeout=LISTENER_STOP_SECS)
+
+        keeper = LeaseKeeper(
+            LeaseTable(self.store.pool, lease_secs=self.lease_secs),
+            self.replica_id,
+            list(engines),
+            on_gain=gain,
+            on_loss=loss,
+        )
+        self._keeper = keeper
+        try:
+            await keeper.run()
+        finally:
+            for served in tasks.values():
+                served.cancel()
+            if tasks:
+                await asyncio.wait(set(tasks.values()), timeout=LISTENER_STOP_SECS)
+            tasks.clear()
+            # A clean stop hands the mailboxes over at once (bounded: a lost database
+            # must not hold the stop up; the leases then run out by themselves).
+            await asyncio.shield(keeper.leave())
+            self._keeper = None
+
+    async def _first_tick(self, within: float) -> LeaseKeeper:
+        """The lease keeper once it took this replica's first share."""
+        deadline = time.monotonic() + within
+        while self._keeper is None or not self._keeper.ticked.is_set():
+            if time.monotonic() > deadline:
+                raise NotReadyError(
+                    f"no mailbox lease taken within {within:g} s (is the database reachable?)"
+                )
+            if self._keeper is None:
+                await asyncio.sleep(0.05)  # listen() has not started the keeper yet
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._keeper.ticked.wait(), deadline - time.monotonic())
+        return self._keeper
 
     async def close(self) -> None:
         """Stop listening (a ledger write in flight completes), stop the outboxes, close
@@ -572,6 +655,16 @@ class EmailChannel(Channel):
         that code, and ``.account`` naming the account, at once; ``timeout`` seconds
         without either raise NotReadyError (code ``timeout``, also a TimeoutError)."""
         reporters = [r for a in self._selected(account) for r in a.reporters]
+        if isinstance(self.store, PostgresStore):
+            # Replicas: only the mailboxes whose lease this one took count.
+            start = time.monotonic()
+            keeper = await self._first_tick(timeout)
+            timeout = max(0.0, timeout - (time.monotonic() - start))
+            keys = {a.name: a.config.account for a in self.accounts.values()}
+            reporters = [r for r in reporters
+                         if (keys.get(r.name or ""), r.folder) in keeper.held]  # fmt: skip
+            if not reporters:
+                return ChannelStatus(ChannelState.CONNECTED, True, True)
         if len(reporters) == 1:
             return await reporters[0].wait_ready(timeout)
         waits = {asyncio.create_task(r.wait_ready(timeout)): r for r in reporters}
@@ -620,11 +713,24 @@ class EmailChannel(Channel):
     def mailboxes(self) -> list[MailboxStatus]:
         """One :class:`MailboxStatus` per mailbox (account, folder) this channel serves:
         a snapshot, cheap enough for a status page or a health probe to call often."""
-        return [
+        boxes = [
             _mailbox_status(account.name, engine)
             for account in self.accounts.values()
             for engine in account.engines.values()
         ]
+        keeper = self._keeper
+        if keeper is None:
+            return boxes
+        out = []
+        for box in boxes:
+            mailbox = (self.accounts[box.account].config.account, box.folder)
+            here = keeper.lease(mailbox) is not None
+            holder = self.replica_id if here else keeper.holders.get(mailbox)
+            update: dict[str, object] = {"replica": holder, "here": here}
+            if not here:
+                update |= {"state": ChannelState.CLOSED, "idling": False, "code": None}
+            out.append(box.model_copy(update=update))
+        return out
 
     @property
     def status(self) -> SyncStatus:
@@ -689,7 +795,7 @@ async def _serve_mailbox(
         try:
             await engine.run(queue)
             return
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, LeaseLost):
             raise
         except Exception as exc:
             delay = backoff.next()

@@ -800,20 +800,21 @@ def quarantine_list_cmd(
 def mcp_cmd(config: ConfigOpt = None, debug: DebugOpt = False) -> None:
     """Serve the mailbox tools over MCP on stdio (for Claude Desktop, Cursor, any MCP client).
 
+    Every account of the config is served (the tools' account argument chooses one).
     The tools show only mail the channel would hand on; the write tools are offered
     only with tools_write = true. Logs go to stderr; stdout carries the protocol.
     Needs the mcp extra: pip install "prx-channel-email\\[mcp]".
     """
     _logging(debug, quiet=not debug)
     with _guard(debug):
-        cfg = _load(config)
+        accounts = load_accounts(config)  # every account (one, named "default", without a table)
         try:
             from prx_channel_email._tools.mcp_server import serve_stdio
         except ImportError:
             _fail('prx-email mcp needs the MCP SDK: pip install "prx-channel-email[mcp]"')
 
         async def go() -> None:
-            async with EmailChannel(cfg) as channel:
+            async with EmailChannel(accounts) as channel:
                 await serve_stdio(channel.tools)
 
         asyncio.run(go())

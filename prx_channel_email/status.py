@@ -124,11 +124,15 @@ class MailboxStatus(BaseModel):
     last_message_at: float | None = None
     last_sync_at: float | None = None
     replica: str | None = None
+    # False when replicas share the state and this process does not hold the
+    # mailbox's lease: another replica serves it (``replica``), or nobody does yet.
+    here: bool = True
 
     @property
     def healthy(self) -> bool:
-        """Serving mail right now (what ``/healthz`` asks of every mailbox)."""
-        return self.state is ChannelState.CONNECTED
+        """Serving mail right now (what ``/healthz`` asks of every mailbox this process
+        serves; a mailbox another replica serves is that replica's to report)."""
+        return self.state is ChannelState.CONNECTED or not self.here
 
 
 @dataclass(frozen=True)

@@ -18,13 +18,14 @@ from prx_channel_email._storage import (
     Cursor,
     HandoffBatch,
     InFlight,
+    LeaseLost,
     LedgerEntry,
     Mailbox,
     MailKey,
     NewRow,
     open_storage,
 )
-from prx_channel_email._storage.postgres.leases import LeaseLost, LeaseTable
+from prx_channel_email._storage.postgres.leases import LeaseTable
 from prx_channel_email._storage.postgres.store import PostgresStore
 from prx_channel_email.errors import StorageError
 from tests.servers.postgres import PASSWORD, PostgresServer

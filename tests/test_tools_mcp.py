@@ -158,3 +158,52 @@ async def test_mcp_lists_the_write_tools_only_with_tools_write(
     uids = dovecot.list_uids(account, "INBOX")
     seen = [uid for uid in uids if "\\Seen" in dovecot.flags(account, "INBOX", uid)]
     assert len(seen) == 1
+
+
+async def test_mcp_serves_every_account_of_the_config(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    from tests.tools_helpers import mail
+
+    other = dovecot.add_user()
+    dovecot.append(account, "INBOX", mail("<one@people.example>", ANN, "For one"))
+    dovecot.append(other, "INBOX", mail("<two@people.example>", ANN, "For two"))
+    shared = {
+        "imap_host": "127.0.0.1",
+        "imap_port": dovecot.imaps_port,
+        "smtp_host": "127.0.0.1",
+        "smtp_port": 2525,
+        "allowed_senders": [ANN],
+        "sender_auth": "enforce",
+        "trusted_authserv_ids": [TRUSTED],
+        "ca_file": str(dovecot.ca_file),
+        "state_dir": str(tmp_path / "state"),
+    }
+    text = "[channels_config.email]\n" + "".join(
+        f"{k} = {json.dumps(v)}\n" for k, v in shared.items()
+    )
+    for name, user in (("one", account), ("two", other)):
+        text += f"[channels_config.email.accounts.{name}]\n"
+        text += f'username = "{user.username}"\npassword = "{user.password}"\n'
+        text += f'from_address = "{user.address}"\n'
+    config = tmp_path / "accounts.toml"
+    config.write_text(text)
+    async with (
+        stdio_client(server_params(config)) as (read, write_stream),
+        ClientSession(read, write_stream) as session,
+    ):
+        await session.initialize()
+        listed = await session.call_tool("email_list_folders", {})
+        assert not listed.isError, listed.content
+        folders = listed.structuredContent
+        assert {f["account"] for f in folders["folders"]} == {"one", "two"}  # type: ignore[index]
+        found = await session.call_tool("email_search", {})
+        assert not found.isError, found.content
+        both = found.structuredContent
+        assert {(m["account"], m["id"]) for m in both["messages"]} == {  # type: ignore[index]
+            ("one", "<one@people.example>"), ("two", "<two@people.example>")
+        }  # fmt: skip
+        two = (await session.call_tool("email_search", {"account": "two"})).structuredContent
+        assert [m["id"] for m in two["messages"]] == ["<two@people.example>"]  # type: ignore[index]
+        got = await session.call_tool("email_get", {"message_id": "<two@people.example>"})
+        assert got.structuredContent["account"] == "two"  # type: ignore[index]

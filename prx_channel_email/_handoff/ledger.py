@@ -33,6 +33,7 @@ from prx_channel_email._storage import (
     Deferral,
     HandoffBatch,
     InFlight,
+    LeaseLost,
     LedgerEntry,
     Mailbox,
     MailKey,
@@ -203,6 +204,9 @@ class LedgerWriter:
         self.on_storage = on_storage
         self.storage_backoff = storage_backoff or Backoff(base=0.5, cap=30.0)
         self.storage_fault: StorageError | None = None
+        # The fencing token of this mailbox's lease, where replicas share the state
+        # (set by the channel when it starts serving the mailbox); None: no lease.
+        self.fence: int | None = None
         self.uidvalidity = 0
         # False during a first start or a re-baseline: the cursor must not exist
         # half-way, or the next start would continue from it instead of redoing the pass.
@@ -418,6 +422,7 @@ class LedgerWriter:
                 releases=[release] if release is not None else [],
                 settle=settle,
                 cursors=cursor_moves(cursors) if self.move_cursor else [],
+                fence=self.fence,
             )
             await self.durable(lambda: self.store.commit_handoff(batch))
             # Only now: a cancelled or failed commit leaves them for the next one.
@@ -467,10 +472,16 @@ class LedgerWriter:
     # --- storage faults ---
 
     async def durable(self, op: Callable[[], Awaitable[T]]) -> T:
-        """Run a state write until the storage takes it, pausing (not failing) meanwhile."""
+        """Run a state write until the storage takes it, pausing (not failing) meanwhile.
+
+        A write refused because this replica lost the mailbox's lease is not retried:
+        :class:`LeaseLost` goes up, and the mailbox stops being served here.
+        """
         while True:
             try:
                 result = await op()
+            except LeaseLost:
+                raise
             except StorageError as exc:
                 self._fault(exc)
                 if self._stopping.is_set():

@@ -152,6 +152,7 @@ class PolicySettings:
     allowed_senders: tuple[str, ...]
     sender_auth: Literal["off", "flag", "enforce"]
     trusted_authserv_ids: tuple[str, ...]
+    rollout_percent: float = 100.0
 
     @classmethod
     def from_config(cls, config: EmailConfig) -> PolicySettings:
@@ -162,6 +163,7 @@ class PolicySettings:
             allowed_senders=tuple(config.allowed_senders),
             sender_auth=config.sender_auth,
             trusted_authserv_ids=tuple(config.trusted_authserv_ids),
+            rollout_percent=config.rollout_percent,
         )
 
     @classmethod

@@ -39,7 +39,7 @@ from prx_channel_email._net.imap import (
     open_session,
     push_fix,
 )
-from prx_channel_email._storage import Cursor, Mailbox, Storage
+from prx_channel_email._storage import Cursor, LeaseLost, Mailbox, Storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email._support.tasks import to_completion
@@ -233,6 +233,15 @@ class SyncEngine:
             with contextlib.suppress(asyncio.CancelledError):
                 await release
 
+    def serve_under(self, fence: int | None) -> None:
+        """Serve this mailbox under a lease whose fencing token is ``fence`` (replicas).
+
+        Another replica may have served it meanwhile and left mail in flight: that is
+        handed on again at the next start (what this run handed on itself is not).
+        """
+        self.writer.fence = fence
+        self._redelivered = False
+
     async def _connected(self, queue: asyncio.Queue[ChannelMessage]) -> None:
         while True:
             session: ImapSession | None = None
@@ -259,6 +268,8 @@ class SyncEngine:
                 self.metrics.inc("imap.reconnects.network")
                 delay = self.backoff.next()
                 self._failed(exc, "imap.disconnected", logging.WARNING, delay)
+            except LeaseLost:
+                raise  # another replica serves this mailbox now: stop, do not retry
             except StorageError as exc:  # a read of the state failed (writes pause in place)
                 self._storage_changed(exc)
                 delay = self.backoff.next()
@@ -466,7 +477,9 @@ class SyncEngine:
         return result
 
     async def _set_cursor(self, cursor: Cursor) -> None:
-        await self.writer.durable(functools.partial(self.store.set_cursor, self.mailbox, cursor))
+        await self.writer.durable(
+            functools.partial(self.store.set_cursor, self.mailbox, cursor, fence=self.writer.fence)
+        )
 
     # --- handing messages on ---
 

@@ -160,13 +160,28 @@ class ChannelCollector(Collector):
             "When the mailbox last handed a message on (this run).",
             labels=labels,
         )
+        here = GaugeMetricFamily(
+            f"{PREFIX}_mailbox_here",
+            "1 when this process serves the mailbox; 0 when another replica holds its lease"
+            " (shared state) or nobody does yet.",
+            labels=labels,
+        )
+        replicas = GaugeMetricFamily(
+            f"{PREFIX}_mailbox_replica",
+            "1 for the replica serving the mailbox, as this process last read the leases"
+            " (shared state only).",
+            labels=[*labels, "replica"],
+        )
         for box in boxes:
             key = [box.account, box.folder]
             up.add_metric(key, 1 if box.state is ChannelState.CONNECTED else 0)
             idling.add_metric(key, 1 if box.idling else 0)
+            here.add_metric(key, 1 if box.here else 0)
+            if box.replica is not None:
+                replicas.add_metric([*key, box.replica], 1)
             if box.last_message_at is not None:
                 last.add_metric(key, box.last_message_at)
-        yield from (up, idling, last)
+        yield from (up, idling, last, here, replicas)
 
     def _counter_families(self, sets: list[CounterSet]) -> Iterator[Metric]:
         per_folder: dict[tuple[str, str, str], int] = defaultdict(int)  # (name, acc, folder)

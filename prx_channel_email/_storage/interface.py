@@ -32,6 +32,17 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from prx_channel_email.errors import StorageError
+
+
+class LeaseLost(StorageError):
+    """A write for a mailbox whose lease this replica no longer holds was refused
+    (nothing of it was written): stop serving that mailbox. Only backends shared by
+    replicas raise it."""
+
+    code = "lease_lost"
+
+
 # --- keys -------------------------------------------------------------------------
 
 

@@ -56,6 +56,8 @@ class LeaseKeeper:
         # Monotonic time until which each held lease is surely still ours.
         self._valid_until: dict[tuple[str, str], float] = {}
         self.live_replicas = 1
+        # Who serves which mailbox, as of the last tick (status pages).
+        self.holders: dict[tuple[str, str], str] = {}
         self.ticked = asyncio.Event()  # set after every completed tick (tests, status)
 
     def lease(self, mailbox: tuple[str, str]) -> Lease | None:
@@ -134,6 +136,8 @@ class LeaseKeeper:
                           replica=self.replica_id, account=lease.account,
                           folder=lease.folder, epoch=lease.epoch)  # fmt: skip
                 await self.on_gain(lease)
+        self.holders = {m: h.owner for m, h in (await self.table.holders()).items()
+                        if h.expires_in > 0}  # fmt: skip
 
     async def lost(self, lease: Lease) -> None:
         """A write under ``lease`` was refused: stop serving that mailbox now."""

@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from prx_channel_email.errors import StorageError
+from prx_channel_email._storage.interface import LeaseLost
 
 # Named like the other migrations; PostgreSQL-only (SQLite serves one process).
 LEASES_DDL = """
@@ -46,12 +46,6 @@ CREATE TABLE IF NOT EXISTS replica (
     seen_at TIMESTAMPTZ NOT NULL
 );
 """
-
-
-class LeaseLost(StorageError):
-    """This replica no longer owns the mailbox: the write was refused, nothing changed."""
-
-    code = "lease_lost"
 
 
 @dataclass(frozen=True)

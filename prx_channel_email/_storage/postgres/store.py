@@ -38,6 +38,7 @@ from prx_channel_email._storage.interface import (
     Cursor,
     HandoffBatch,
     InFlightRow,
+    LeaseLost,
     LedgerEntry,
     Mailbox,
     MailKey,
@@ -50,7 +51,7 @@ from prx_channel_email._storage.interface import (
     TokenRecord,
     WaitingRow,
 )
-from prx_channel_email._storage.postgres.leases import LeaseLost, fence_epoch
+from prx_channel_email._storage.postgres.leases import fence_epoch
 from prx_channel_email._storage.postgres.schema import mask_url, migrate, storage_error
 from prx_channel_email.errors import ChannelError, OAuthUnavailable, StorageError
 

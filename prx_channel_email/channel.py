@@ -33,7 +33,7 @@ from prx_channel_email._net.logins import LoginGate
 from prx_channel_email._net.smtp import SmtpTransport
 from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, auth_backoff, token_manager
 from prx_channel_email._outbound.outbox import Outbox
-from prx_channel_email._storage import LeaseLost, QuarantinedMail, Storage, open_storage
+from prx_channel_email._storage import LeaseLost, QuarantinedMail, Storage, storage_of
 from prx_channel_email._storage.postgres.keeper import LeaseKeeper
 from prx_channel_email._storage.postgres.leases import Lease, LeaseTable
 from prx_channel_email._storage.postgres.store import PostgresStore
@@ -223,8 +223,7 @@ class EmailChannel(Channel):
         _check_accounts(configs, token_provider)
         first = next(iter(configs.values()))
         self.metrics = Metrics()
-        url = first.state_url.get_secret_value() if first.state_url is not None else None
-        self.store = open_storage(first.state_dir, url=url)
+        self.store = storage_of(first)
         # Replicas sharing the state (state_url): each mailbox is served under a lease.
         self.replica_id = first.replica_id
         self.lease_secs = first.lease_secs

@@ -34,7 +34,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from prx_channel_email._inbound.policy import describe_sender_auth
-from prx_channel_email._storage import OutboxEntry, OutboxStore, open_storage, state_exists
+from prx_channel_email._storage import OutboxEntry, OutboxStore, state_exists, storage_of
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.channel import EmailChannel, quarantined_messages
 from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
@@ -390,12 +390,12 @@ async def _send(
 
 async def _outbox(config: EmailConfig, op: Callable[[OutboxStore], Awaitable[Any]]) -> Any:
     """Run ``op`` on the outbox rows of the account (no SMTP, no IMAP)."""
-    if not state_exists(config.state_dir):
+    if config.state_url is None and not state_exists(config.state_dir):
         raise ChannelError(
             f"no state in {config.state_dir} yet: nothing was ever sent with this config",
             code="no_state",
         )
-    async with open_storage(config.state_dir) as store:
+    async with storage_of(config) as store:
         return await op(store.outbox(config.account))
 
 
@@ -782,9 +782,9 @@ def quarantine_list_cmd(
         cfg = _load(config)
 
         async def listed() -> list[QuarantinedMessage]:
-            if not state_exists(cfg.state_dir):
+            if cfg.state_url is None and not state_exists(cfg.state_dir):
                 return []
-            async with open_storage(cfg.state_dir) as store:
+            async with storage_of(cfg) as store:
                 return await quarantined_messages(store, cfg.account, max(1, limit))
 
         entries = asyncio.run(listed())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,3 +149,30 @@ async def test_replicas_starting_together_apply_each_migration_once(
     finally:
         for s in opened:
             await s.close()
+
+
+async def test_with_state_url_the_oauth_grant_is_shared_and_refreshed_one_at_a_time(
+    pg_url: str, tmp_path: Path
+) -> None:
+    from prx_channel_email._oauth.tokens import token_store
+    from prx_channel_email._storage import TokenRecord
+    from prx_channel_email.errors import OAuthUnavailable
+    from tests.config_builder import build_config
+
+    def config(where: str) -> Any:
+        return build_config(tmp_path / where, username="bot@example.test", password="x",
+                            from_address="bot@example.test", state_url=pg_url)  # fmt: skip
+
+    # Two replicas (other state_dirs, one database) see one record ...
+    one, two = token_store(config("a")), token_store(config("b"))
+    await one.save(TokenRecord(refresh_token="r1", access_token="a1", expires_at=1e10))
+    loaded = await two.load()
+    assert loaded is not None and loaded.refresh_token == "r1"
+    # ... and only one of them may refresh it at a time.
+    async with one.locked(within=5):
+        with pytest.raises(OAuthUnavailable) as busy:
+            async with two.locked(within=0.5):
+                pass
+        assert busy.value.code == "oauth_store_busy"
+    async with two.locked(within=5):
+        pass

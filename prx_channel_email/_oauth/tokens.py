@@ -46,7 +46,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, TypeVar
 
-from prx_channel_email._storage import TokenRecord, TokenStore, open_storage
+from prx_channel_email._storage import TokenRecord, TokenStore, storage_of
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.config import EmailConfig
@@ -87,7 +87,7 @@ def fingerprint(secret: str) -> str:
 
 def token_store(config: EmailConfig) -> TokenStore:
     """Where the token record of ``config``'s account is kept (the storage decides how)."""
-    return open_storage(config.state_dir).tokens(config.account, username=config.username)
+    return storage_of(config).tokens(config.account, username=config.username)
 
 
 @dataclass

@@ -9,6 +9,7 @@ the per-account :class:`OutboxStore` it hands out), with the frozen dataclasses 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prx_channel_email._storage.files import low_space, make_private_dir, private_file
 from prx_channel_email._storage.interface import (
@@ -45,6 +46,9 @@ from prx_channel_email._storage.interface import (
 from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email._storage.sqlite.store import state_exists as _sqlite_state_exists
 
+if TYPE_CHECKING:
+    from prx_channel_email.config import EmailConfig
+
 __all__ = [
     "ACCEPTED",
     "DEFERRED",
@@ -80,6 +84,7 @@ __all__ = [
     "open_storage",
     "private_file",
     "state_exists",
+    "storage_of",
 ]
 
 
@@ -101,3 +106,11 @@ def state_exists(state_dir: Path, *, url: str | None = None) -> bool:
     if url is not None:
         return True
     return _sqlite_state_exists(state_dir)
+
+
+def storage_of(config: EmailConfig) -> Storage:
+    """The storage a config names: PostgreSQL when it sets ``state_url``, else SQLite in
+    its ``state_dir`` (not opened yet). Every user of the state (the channel, the CLI's
+    outbox and auth commands, the token store) opens it through here, so they agree."""
+    url = config.state_url.get_secret_value() if config.state_url is not None else None
+    return open_storage(config.state_dir, url=url)

@@ -126,8 +126,9 @@ class PushWatch:
     channel then answers a keepalive late. An IDLE cycle that ran out without a
     push, followed by a pass that finds new mail, is a miss (counted as
     ``imap.push_missed``; pushes as ``imap.idle_pushes``). Mail can also land in
-    the instant between the end of IDLE and the search, so one miss proves
-    nothing; from the second on, the fix is logged, once.
+    the instant between the end of IDLE and the search (Dovecot announces half a
+    second late), so one miss proves nothing: two in a row, with no push between
+    them, log the fix, once.
     """
 
     WARN_AFTER = 2
@@ -141,6 +142,7 @@ class PushWatch:
 
     def pushed(self) -> None:
         self.metrics.inc("imap.idle_pushes")
+        self.misses = 0  # the server does push: a miss before was a near one
 
     def missed(self, session: ImapSession, found: int) -> None:
         self.misses += 1

@@ -190,6 +190,11 @@ class Policy:
         merged += [e for e in added if e not in merged]
         self.allowed_senders = merged
 
+    def allows(self, sender: str) -> bool:
+        """The current allow-list (config plus the host's changes) accepts ``sender``:
+        asked on arrival by :meth:`decide`, and again when waiting mail is released."""
+        return bool(sender) and sender_allowed(sender, self.allowed_senders)
+
     def _first_refusal(self, sender: str) -> bool:
         """True the first time ``sender`` is refused as unverified (bounded memory)."""
         if sender in self._refused_unverified:
@@ -214,13 +219,12 @@ class Policy:
         reason = loop_reason(env, self.own, self.stamp)
         if reason is not None:
             weak = self._weak_loop_signal(env, reason)
-            allowed = bool(env.sender) and sender_allowed(env.sender, self.allowed_senders)
-            return Decision(reason, quarantine=weak and allowed)
+            return Decision(reason, quarantine=weak and self.allows(env.sender))
         if env.sender_problem is not None:
             return Decision(env.sender_problem)
         if not env.sender:
             return Decision(NO_SENDER)
-        if not sender_allowed(env.sender, self.allowed_senders):
+        if not self.allows(env.sender):
             return Decision(NOT_ALLOWED)
         verified: bool | None = None
         detail = ""

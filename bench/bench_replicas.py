@@ -18,6 +18,9 @@ Three parts, each against a baseline measured in the same run:
    The bound the contract states is lease_secs + 15 s.
 3. Database load: transactions per second the keepers cause (pg_stat_database's
    xact_commit), idle, with 100 and with 1,000 mailboxes.
+4. The whole channel draining a backlog of one mailbox on real Dovecot (IMAP fetch,
+   parse, policy, the hand-off), with SQLite state against PostgreSQL state,
+   alternated; and the database's transactions per second while it drains (load).
 """
 
 from __future__ import annotations
@@ -158,17 +161,79 @@ async def part_load(pg: PostgresServer, lease: float, seconds: float) -> None:
               " mailboxes)")  # fmt: skip
 
 
+async def drain_once(pg: PostgresServer, dovecot: Any, url: str | None, count: int) -> float:
+    """Messages per second for one channel draining ``count`` mails of a fresh mailbox."""
+    from bench.bench_inbound import config_for, lmtp_fill
+    from prx_channel_email import ChannelMessage, EmailChannel
+
+    user = dovecot.add_user()
+    lmtp_fill(dovecot, user, [
+        (f"From: a@example.org\r\nTo: {user.address}\r\nSubject: m{i}\r\n"
+         f"Message-ID: <m{i}.{user.username}@b>\r\n\r\n" + "text line\r\n" * 40).encode()
+        for i in range(count)
+    ])  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        extra: dict[str, Any] = {"initial_sync": "unseen"}
+        if url is not None:
+            extra["state_url"] = url
+        channel = EmailChannel(config_for(dovecot, user, Path(tmp), **extra))
+        queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+        async with channel:
+            start = time.perf_counter()
+            listener = asyncio.create_task(channel.listen(queue))
+            for _ in range(count):
+                await asyncio.wait_for(queue.get(), 120)
+            took = time.perf_counter() - start
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
+    return count / took
+
+
+async def part_channel_drain(pg: PostgresServer, count: int) -> None:
+    from tests.servers.dovecot import DovecotServer
+
+    rates: dict[str, list[float]] = {"sqlite": [], "postgres": []}
+    tps: list[float] = []
+    with DovecotServer() as dovecot:
+        for _round in range(2):
+            rates["sqlite"].append(await drain_once(pg, dovecot, None, count))
+            db = pg.new_database()
+            url = pg.url(db)
+            async with open_storage(Path("."), url=url):  # schema first, not timed
+                pass
+            pool = AsyncConnectionPool(url, min_size=1, max_size=1, open=False,
+                                       kwargs={"prepare_threshold": None})  # fmt: skip
+            await pool.open(wait=True, timeout=30)
+            before, t0 = await _commits(pool, db), time.perf_counter()
+            rates["postgres"].append(await drain_once(pg, dovecot, url, count))
+            tps.append((await _commits(pool, db) - before) / (time.perf_counter() - t0))
+            await pool.close()
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"4. channel drain of {count} mails in one mailbox (best of 2 alternated rounds)")
+    for name, rate in best.items():
+        print(f"   {name:9s} {rate:8.0f} msg/s")
+    print(f"   postgres / sqlite = {best['postgres'] / best['sqlite']:.2f};"
+          f" database load while draining: {max(tps):.0f} tx/s")  # fmt: skip
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--messages", type=int, default=2000)
     ap.add_argument("--kills", type=int, default=10)
     ap.add_argument("--lease", type=float, default=3.0)
     ap.add_argument("--load-seconds", type=float, default=20.0)
+    ap.add_argument("--drain", type=int, default=500, help="mails per channel drain (part 4)")
+    ap.add_argument("--parts", default="1234", help="which parts to run, e.g. 4")
     args = ap.parse_args()
     with PostgresServer() as pg:
-        await part_throughput(pg, args.messages)
-        await part_failover(pg, args.kills, args.lease)
-        await part_load(pg, args.lease, args.load_seconds)
+        if "1" in args.parts:
+            await part_throughput(pg, args.messages)
+        if "2" in args.parts:
+            await part_failover(pg, args.kills, args.lease)
+        if "3" in args.parts:
+            await part_load(pg, args.lease, args.load_seconds)
+        if "4" in args.parts:
+            await part_channel_drain(pg, args.drain)
 
 
 if __name__ == "__main__":

@@ -45,9 +45,8 @@ from prx_channel_email._storage import (
     Storage,
     open_storage,
 )
-from prx_channel_email._storage.postgres.keeper import LeaseKeeper
-from prx_channel_email._storage.postgres.leases import Lease, LeaseTable
 from tests.servers.postgres import PostgresServer
+from tests.test_leases import _Replica as Replica
 
 BOX = Mailbox("support", "INBOX")
 
@@ -81,24 +80,6 @@ async def part_throughput(pg: PostgresServer, count: int) -> None:
     print(f"   postgres / sqlite = {best['postgres'] / best['sqlite']:.2f}")
 
 
-class Replica:
-    def __init__(self, pool: Any, name: str, mailboxes: list[tuple[str, str]], lease: float):
-        self.serving: set[tuple[str, str]] = set()
-        self.keeper = LeaseKeeper(LeaseTable(pool, lease_secs=lease), name, mailboxes,
-                                  on_gain=self._gain, on_loss=self._loss)  # fmt: skip
-        self.task = asyncio.create_task(self.keeper.run())
-
-    async def _gain(self, lease: Lease) -> None:
-        self.serving.add(lease.mailbox)
-
-    async def _loss(self, lease: Lease) -> None:
-        self.serving.discard(lease.mailbox)
-
-    async def kill(self) -> None:
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
 async def _until(check: Any, timeout: float) -> float:
     start = time.monotonic()
     while not check():
@@ -117,7 +98,7 @@ async def part_failover(pg: PostgresServer, kills: int, lease: float) -> None:
                                kwargs={"prepare_threshold": None})  # fmt: skip
     await pool.open(wait=True, timeout=30)
     boxes = [(f"acct{i // 3}", f"F{i % 3}") for i in range(12)]
-    replicas = [Replica(pool, f"r{i}", boxes, lease) for i in range(3)]
+    replicas = [Replica(pool, f"r{i}", lease, boxes) for i in range(3)]
     times: list[float] = []
     try:
         for n in range(kills):
@@ -135,7 +116,7 @@ async def part_failover(pg: PostgresServer, kills: int, lease: float) -> None:
 
             await _until(moved_over, lease + 30)
             times.append(time.monotonic() - killed_at)
-            replicas[n % 3] = Replica(pool, f"r{n % 3}-{n}", boxes, lease)
+            replicas[n % 3] = Replica(pool, f"r{n % 3}-{n}", lease, boxes)
     finally:
         for r in replicas:
             await r.kill()
@@ -163,7 +144,7 @@ async def part_load(pg: PostgresServer, lease: float, seconds: float) -> None:
                                    kwargs={"prepare_threshold": None})  # fmt: skip
         await pool.open(wait=True, timeout=30)
         boxes = [(f"a{i // 10}", f"F{i % 10}") for i in range(count)]
-        replicas = [Replica(pool, f"r{i}", boxes, lease) for i in range(3)]
+        replicas = [Replica(pool, f"r{i}", lease, boxes) for i in range(3)]
         await _until(lambda: sum(len(r.serving) for r in replicas) == count, 4 * lease + 30)  # noqa: B023
         await asyncio.sleep(lease)  # settled
         before = await _commits(pool, db)

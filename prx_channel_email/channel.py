@@ -33,7 +33,7 @@ from prx_channel_email._net.logins import LoginGate
 from prx_channel_email._net.smtp import SmtpTransport
 from prx_channel_email._oauth.tokens import TokenManager, TokenProvider, auth_backoff, token_manager
 from prx_channel_email._outbound.outbox import Outbox
-from prx_channel_email._storage import LeaseLost, Storage, storage_of
+from prx_channel_email._storage import LeaseLost, QuarantinedMail, Storage, storage_of
 from prx_channel_email._storage.postgres.keeper import LeaseKeeper
 from prx_channel_email._storage.postgres.leases import Lease, LeaseTable
 from prx_channel_email._storage.postgres.store import PostgresStore
@@ -54,7 +54,7 @@ from prx_channel_email.errors import (
     SendError,
     StorageError,
 )
-from prx_channel_email.models import Channel, ChannelMessage, SendMessage
+from prx_channel_email.models import Channel, ChannelMessage, QuarantinedMessage, SendMessage
 from prx_channel_email.status import (
     ChannelState,
     ChannelStatus,
@@ -576,6 +576,20 @@ class EmailChannel(Channel):
             code="account_unknown",
         )
 
+    # --- quarantined mail ---
+
+    async def quarantined(
+        self, *, account: str | None = None, limit: int = 100
+    ) -> list[QuarantinedMessage]:
+        """Mail the policy quarantined (newest first, per account): sender, subject,
+        reason and when; ``prx-email quarantine list`` shows the same."""
+        await self.start()
+        targets = [self._account_of(account)] if account is not None else self.accounts.values()
+        found: list[QuarantinedMessage] = []
+        for target in targets:
+            found += await quarantined_messages(self.store, target.config.account, limit)
+        return found
+
     # --- the allow-list ---
 
     @property
@@ -816,3 +830,23 @@ def _check_accounts(configs: Mapping[str, EmailConfig], token_provider: object) 
 def account_names(channel: EmailChannel) -> Iterable[str]:
     """The names of the accounts ``channel`` serves, in configuration order."""
     return channel.accounts.keys()
+
+
+async def quarantined_messages(
+    store: Storage, account: str, limit: int = 100
+) -> list[QuarantinedMessage]:
+    """The quarantined mail of ``account`` as the host and the CLI see it (one place)."""
+    return [_quarantined(q) for q in await store.quarantined(account, limit)]
+
+
+def _quarantined(q: QuarantinedMail) -> QuarantinedMessage:
+    key = q.key
+    return QuarantinedMessage(
+        id=f"{key.folder}:{key.uidvalidity}:{key.uid}",
+        account=key.account,
+        message_id=q.message_id,
+        sender=q.sender,
+        subject=q.subject,
+        reason=q.reason,
+        received_at=q.received_at,
+    )

@@ -21,6 +21,7 @@ import logging
 import signal
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -35,11 +36,11 @@ from rich.table import Table
 from prx_channel_email._inbound.policy import describe_sender_auth
 from prx_channel_email._storage import OutboxEntry, OutboxStore, state_exists, storage_of
 from prx_channel_email._support.observability import log_event
-from prx_channel_email.channel import EmailChannel
+from prx_channel_email.channel import EmailChannel, quarantined_messages
 from prx_channel_email.config import EmailConfig, load_accounts, load_config, resolve_path
 from prx_channel_email.doctor import DoctorReport, doctor_accounts
 from prx_channel_email.errors import ChannelError, ConfigError, SendError
-from prx_channel_email.models import ChannelMessage, SendMessage
+from prx_channel_email.models import ChannelMessage, QuarantinedMessage, SendMessage
 from prx_channel_email.status import MailboxStatus
 
 Handler = Callable[[ChannelMessage], Awaitable[str | None]]
@@ -415,6 +416,26 @@ def _show_outbox(entries: list[OutboxEntry], console: Console) -> None:
             console.print(f"{'':>{width}}  last error: {escape(code + e.last_error)}")
 
 
+# --------------------------------------------------------------------------- quarantine
+
+
+def _age(ts: float, now: float) -> str:
+    secs = max(0, int(now - ts))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if secs >= size:
+            return f"{secs // size}{unit}"
+    return f"{secs}s"
+
+
+def _show_quarantined(entries: list[QuarantinedMessage], console: Console) -> None:
+    now = time.time()
+    for q in entries:
+        console.print(
+            f"{escape(q.id)}  {_age(q.received_at, now):>4}  {escape(q.sender or '?')}"
+            f"  {escape(repr(q.subject))}  reason={escape(q.reason)}"
+        )
+
+
 # --------------------------------------------------------------------------- demo
 
 
@@ -740,6 +761,39 @@ def outbox_retry_cmd(
             f"requeued {n} repl{'y' if n == 1 else 'ies'}: a running channel sends "
             "them within a minute, otherwise the next prx-email run does"
         )
+
+
+quarantine_app = typer.Typer(
+    help="Look at mail the policy quarantined (held, never handed on).", no_args_is_help=True
+)
+app.add_typer(quarantine_app, name="quarantine")
+
+
+@quarantine_app.command("list")
+def quarantine_list_cmd(
+    limit: Annotated[int, typer.Option("--limit", "-n", help="At most this many.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Quarantined mail, newest first: id, age, sender, subject, reason. Never the text
+    (it stays unread on the server, where it was)."""
+    with _guard(debug):
+        cfg = _load(config)
+
+        async def listed() -> list[QuarantinedMessage]:
+            if cfg.state_url is None and not state_exists(cfg.state_dir):
+                return []
+            async with storage_of(cfg) as store:
+                return await quarantined_messages(store, cfg.account, max(1, limit))
+
+        entries = asyncio.run(listed())
+        if as_json:
+            print(json.dumps([e.model_dump() for e in entries], indent=2))
+        elif not entries:
+            out.print("nothing is quarantined")
+        else:
+            _show_quarantined(entries, out)
 
 
 @app.command("mcp")

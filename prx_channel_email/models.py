@@ -18,6 +18,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class QuarantinedMessage(BaseModel):
+    """Mail the policy quarantined (never handed on): whose it is and why, never its
+    body, which stays unread on the server where it was. ``id`` names it for
+    ``prx-email quarantine`` (``folder:uidvalidity:uid``)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    id: str
+    account: str
+    message_id: str
+    sender: str
+    subject: str
+    reason: str
+    received_at: float
+
+
 class Attachment(BaseModel):
     """One attachment of an inbound message.
 

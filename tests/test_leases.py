@@ -203,9 +203,11 @@ MANY = [(f"acct{i // 3}", f"F{i % 3}") for i in range(12)]
 class _Replica:
     """One keeper and what it serves, as the channel would see it."""
 
-    def __init__(self, pool: Any, name: str, lease_secs: float) -> None:
+    def __init__(
+        self, pool: Any, name: str, lease_secs: float, mailboxes: list[tuple[str, str]] = MANY
+    ) -> None:
         self.serving: set[tuple[str, str]] = set()
-        self.keeper = LeaseKeeper(LeaseTable(pool, lease_secs=lease_secs), name, MANY,
+        self.keeper = LeaseKeeper(LeaseTable(pool, lease_secs=lease_secs), name, mailboxes,
                                   on_gain=self._gain, on_loss=self._loss)  # fmt: skip
         self.task = asyncio.create_task(self.keeper.run())
 
@@ -238,7 +240,7 @@ async def _until_true(check: Any, timeout: float) -> None:
 
 # The bounds below are the contract's (a joining replica's share within 2 leases, a dead
 # one's mailboxes within lease + a tick) plus SLACK for a loaded test machine.
-SLACK = 5.0
+SLACK = 15.0
 
 
 async def test_replicas_share_the_mailboxes_and_take_over_from_a_dead_one(pool: Any) -> None:

@@ -66,7 +66,11 @@ def judge(
     thread: str | None = None,
 ) -> tuple[Verdict, Waiting | None]:
     """``g.judge`` plus what the store does once the waiting message is written."""
-    verdict, waiting = g.judge(mid, sender, irt, refs, thread)
+    # What the outbox says about the reply answered (here: its minted id's time, and
+    # sent to this very sender).
+    at = minted_at(irt or (refs[-1] if refs else None))
+    replied = (at, sender) if at is not None else None
+    verdict, waiting = g.judge(mid, sender, irt, refs, thread, replied=replied)
     if waiting is not None:
         waiting.stored = True
     return verdict, waiting
@@ -192,22 +196,24 @@ def test_restored_mail_keeps_its_order_and_new_mail_queues_behind_it() -> None:
     assert order == ["<2@a>", "<3@a>", "<4@a>"]
 
 
-def test_quick_answers_to_bot_replies_are_held_once_a_domain_loops() -> None:
+def test_quick_answers_to_bot_replies_are_held_once_a_sender_loops() -> None:
     clock = Clock()
     g = gate(clock, sender=100, max_quick=3, quick_secs=30, loop_window=600)
     verdicts = []
     for i in range(5):
         clock.now = T0 + 10 * i
         parent = bot_reply_id(clock.now - 2)  # answered two seconds after the bot's reply
-        v, _ = judge(g, f"<r{i}@a>", f"responder{i}@example.com", parent, [parent])
+        v, _ = judge(g, f"<r{i}@a>", "responder@example.com", parent, [parent])
         verdicts.append(v)
     assert verdicts == ["now", "now", "now", "hold", "hold"]
     assert g.counts() == (0, 2)
-    assert g.loop_active("example.com")
-    # A person of that domain writing normally, or answering after a while, is not held.
+    assert g.loop_active("responder@example.com")
+    # Another person of that domain writing normally, or answering quickly, is not held:
+    # the loop guard counts per sender (and thread), never per domain.
+    assert not g.loop_active("person@example.com")
     assert judge(g, "<p@a>", "person@example.com")[0] == "now"
-    late = bot_reply_id(clock.now - 120)
-    assert judge(g, "<q@a>", "person@example.com", late)[0] == "now"
+    quick = bot_reply_id(clock.now - 1)
+    assert judge(g, "<q@a>", "person@example.com", quick, [quick])[0] == "now"
     # Held mail keeps no one waiting, and stays held while the loop is recent.
     clock.now += 599
     assert g.due() == ([], [])
@@ -216,7 +222,7 @@ def test_quick_answers_to_bot_replies_are_held_once_a_domain_loops() -> None:
     released, unheld = g.due()
     assert [w.message_id for w in unheld] == ["<r3@a>", "<r4@a>"]
     assert [w.message_id for w in released] == ["<r3@a>", "<r4@a>"]
-    assert not g.loop_active("example.com")
+    assert not g.loop_active("responder@example.com")
 
 
 def test_a_loop_across_domains_in_one_thread_is_held_by_its_thread() -> None:

@@ -55,6 +55,28 @@ def _write_config(path: Path, top: dict[str, Any], accounts: dict[str, dict[str,
     path.write_text("\n".join(lines) + "\n")
 
 
+def twelve_mailboxes(
+    where: Path, dovecot: DovecotServer, smtp: SmtpServer, state_url: str, lease: float
+) -> tuple[list[Account], Path]:
+    """Four Dovecot users with three folders each, as accounts box0..box3 of one config
+    file on shared state; returns the users and the config's path."""
+    users: list[Account] = [dovecot.add_user() for _ in range(4)]
+    for u in users:
+        for folder in FOLDERS[1:]:
+            dovecot.create_folder(u, folder)
+    top = config_table(where / "state", dovecot=dovecot, account=users[0], smtp=smtp,
+                       allowed_senders=["@example.test"], handoff="ack", initial_sync="unseen",
+                       state_url=state_url, lease_secs=lease)  # fmt: skip
+    for key in ("username", "password"):
+        top.pop(key)
+    accounts = {f"box{i}": {"username": u.username, "password": u.password,
+                            "from_address": u.address, "imap_folders": FOLDERS}
+                for i, u in enumerate(users)}  # fmt: skip
+    config = where / "config.toml"
+    _write_config(config, top, accounts)
+    return users, config
+
+
 class Replica:
     def __init__(self, name: str, config: Path, log_dir: Path) -> None:
         self.name = name
@@ -108,21 +130,8 @@ def _until(check: Any, within: float, what: str) -> float:
 def test_three_replicas_answer_every_mail_once_through_kill_and_freeze(
     dovecot: DovecotServer, smtp_server: SmtpServer, tmp_path: Path, pg_url: str
 ) -> None:
-    users: list[Account] = [dovecot.add_user() for _ in range(4)]
-    for u in users:
-        for folder in FOLDERS[1:]:
-            dovecot.create_folder(u, folder)
-    top = config_table(tmp_path / "state", dovecot=dovecot, account=users[0], smtp=smtp_server,
-                       allowed_senders=["@example.test"], handoff="ack", initial_sync="unseen",
-                       state_url=pg_url, lease_secs=LEASE)  # fmt: skip
-    for key in ("username", "password"):
-        top.pop(key)
-    accounts = {f"box{i}": {"username": u.username, "password": u.password,
-                            "from_address": u.address, "imap_folders": FOLDERS}
-                for i, u in enumerate(users)}  # fmt: skip
-    config = tmp_path / "config.toml"
-    _write_config(config, top, accounts)
-    every = {(name, f) for name in accounts for f in FOLDERS}
+    users, config = twelve_mailboxes(tmp_path, dovecot, smtp_server, pg_url, LEASE)
+    every = {(f"box{i}", f) for i in range(len(users)) for f in FOLDERS}
     replicas = [Replica(f"r{i}", config, tmp_path) for i in range(3)]
     sent: dict[str, str] = {}  # Message-ID -> subject
 

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from prx_channel_email._storage import (
+    QUARANTINED,
+    REJECTED,
     CopiesOf,
     Cursor,
     Deferral,
@@ -281,6 +283,46 @@ async def test_deferred_mail_waits_in_line_per_mailbox_and_goes_with_its_release
     assert await backend.recent_handoffs(A, at - 1) == [(ALICE, at)]
 
 
+async def test_waiting_mail_refused_at_release_is_gone_and_never_counts(
+    backend: Storage,
+) -> None:
+    await backend.commit_handoff(HandoffBatch(INBOX, deferrals=[
+        deferral(key(1), "<m@x>", 1, MALLORY), deferral(key(2), "<a@x>", 2)]))  # fmt: skip
+    assert await backend.refuse_waiting(key(1), "not_allowed")
+    assert [w.key for w in await backend.waiting(INBOX)] == [key(2)]  # alice's still waits
+    assert await backend.deferred_message(key(1)) is None
+    # Refused mail is no copy of anything and no reply parent, and was never handed on.
+    assert await backend.handed_on(A, [("<m@x>", MALLORY)]) == set()
+    assert await backend.recent_handoffs(A, 0) == []
+    assert not await backend.refuse_waiting(key(1), "not_allowed")  # once
+    assert not await backend.refuse_waiting(key(9), "not_allowed")  # unknown: nothing
+    # A refused row is no longer a release: a late release of it changes nothing.
+    assert [w.key for w in await backend.waiting(INBOX)] == [key(2)]
+
+
+async def test_quarantined_mail_is_listed_newest_first_until_handed_on(
+    backend: Storage,
+) -> None:
+    held = LedgerEntry("<q@x>", ALICE, ALICE, "about q", "", [], 1000.0)
+    await backend.commit_handoff(HandoffBatch(INBOX, records=[
+        Record(key(1), "<q@x>", QUARANTINED, "reply_to_self", held),
+        Record(key(2), "<r@x>", REJECTED, "not_allowed"),
+        Record(key(3), "<p@x>", QUARANTINED, "parse_error")]))  # fmt: skip
+    await backend.commit_handoff(HandoffBatch(OTHER, records=[
+        Record(key(1, OTHER), "<o@x>", QUARANTINED, "parse_error")]))  # fmt: skip
+    listed = await backend.quarantined(A)
+    assert {q.key for q in listed} == {key(1), key(3), key(1, OTHER)}  # every folder
+    mine = next(q for q in listed if q.key == key(1))
+    assert (mine.message_id, mine.sender, mine.subject, mine.reason) == (
+        "<q@x>", ALICE, "about q", "reply_to_self")  # fmt: skip
+    assert await backend.quarantined(B) == []
+    assert len(await backend.quarantined(A, limit=1)) == 1
+    # Handed on after all (accepted wins over quarantined): no longer listed.
+    await backend.commit_handoff(HandoffBatch(INBOX, in_flight=[flying(key(1), "<q@x>")]))
+    await backend.settle([key(1)])
+    assert key(1) not in {q.key for q in await backend.quarantined(A)}
+
+
 async def test_recent_handoffs_are_per_account_oldest_first(backend: Storage) -> None:
     now = time.time()
     await backend.commit_handoff(HandoffBatch(INBOX, records=[
@@ -355,6 +397,17 @@ async def test_outbox_idempotency_key_is_held_once_per_account(backend: Storage)
     (elsewhere,), _ = await backend.outbox(B).insert([new(3, "k")], 60.0, sent=[])
     assert elsewhere.held is None  # another account's key space
     assert await out.by_key("nope") is None
+
+
+async def test_a_reply_of_ours_is_known_by_its_message_id_per_account(backend: Storage) -> None:
+    before = time.time()
+    await backend.outbox(A).insert([new(1)], 60.0, sent=[])
+    found = await backend.outbox(A).sent_reply("<r1@bot>")
+    assert found is not None
+    at, recipient = found
+    assert before - 1 <= at <= time.time() + 1 and recipient == new(1).recipient
+    assert await backend.outbox(A).sent_reply("<never@bot>") is None
+    assert await backend.outbox(B).sent_reply("<r1@bot>") is None  # another account's
 
 
 async def test_outbox_claims_the_earliest_due_and_recovers_expired_leases(

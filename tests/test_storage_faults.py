@@ -26,7 +26,7 @@ from prx_channel_email._storage.sqlite.store import DB_NAME, StateStore
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.errors import ChannelError
 from prx_channel_email.models import ChannelMessage
-from tests.disk_helpers import fill, tmpfs
+from tests.disk_helpers import ext4, fill, tmpfs
 from tests.fakes.pipeline import imap_config
 from tests.inbound_helpers import inbound_config
 from tests.servers.dovecot import Account, DovecotServer
@@ -106,6 +106,35 @@ async def test_a_full_state_disk_pauses_the_channel_and_never_repeats_mail(
     pauses = [r for r in caplog.records if r.getMessage().startswith("storage.paused")]
     assert len(pauses) == 1, [r.getMessage() for r in pauses]  # said once...
     assert str(state) in pauses[0].getMessage()  # ...with the path
+
+
+async def test_a_filesystem_turning_read_only_mid_run_is_storage_readonly(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """ext4 after an I/O error (``errors=remount-ro``): SQLite says "disk I/O error",
+    the channel says what is wrong, ``storage_readonly``, not ``storage_error``."""
+    state = tmp_path / "state"
+    state.mkdir()
+    with ext4(state, tmp_path / "state.img") as break_disk:
+        config = imap_config(dovecot, account, state, attachments_dir=tmp_path / "att")
+        channel = EmailChannel(config)
+        queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+        async with channel:
+            task = asyncio.create_task(channel.listen(queue))
+            try:
+                await asyncio.wait_for(channel.sync.synced.wait(), 15)
+                dovecot.deliver(account, letter(0)[1])
+                assert (await asyncio.wait_for(queue.get(), 20)).id == letter(0)[0]
+                break_disk()
+                dovecot.deliver(account, letter(1)[1])
+                await until(lambda: channel.status.storage_error is not None)
+                assert channel.status.storage_error == "storage_readonly"
+                assert channel.status.last_error_code == "storage_readonly"
+                assert queue.empty()  # paused in place
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ as data; its memory changes only after that returned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from prx_channel_email._storage import (
+    QUARANTINED,
     CopiesOf,
     Cursor,
     Deferral,
@@ -219,6 +221,18 @@ class LedgerWriter:
         self._staged: list[_Staged] = []  # accepted in this step, not yet committed
         self.last_handed_on_at: float | None = None  # MailboxStatus.last_message_at
         self._lock = asyncio.Lock()
+        # Set on a stop: a write paused on a storage fault gives up instead of waiting
+        # for a disk that may never come back (what it would have written is redone
+        # or repeated at the next start, as after a kill).
+        self._stopping = asyncio.Event()
+
+    def stop_retrying(self) -> None:
+        """A stop is under way: a paused state write raises its fault instead of waiting."""
+        self._stopping.set()
+
+    def resume(self) -> None:
+        """A new run: paused writes wait for the storage again."""
+        self._stopping.clear()
 
     def begin(self, uidvalidity: int, *, move_cursor: bool = True) -> None:
         """Start a pass over UIDs of ``uidvalidity``; the previous one must be flushed."""
@@ -285,9 +299,24 @@ class LedgerWriter:
         put, like any hand-off."""
         await self.hand_on(None, message, None, queue, release=release)
 
-    def record(self, uid: int, message_id: str, kind: str, reason: str) -> None:
-        """A message not handed on (``rejected`` / ``quarantined``), with why."""
-        record = Record(self.key(uid), message_id, kind, reason)
+    def record(
+        self,
+        uid: int,
+        message_id: str,
+        kind: str,
+        reason: str,
+        *,
+        sender: str | None = None,
+        subject: str | None = None,
+    ) -> None:
+        """A message not handed on (``rejected`` / ``quarantined``), with why. Sender and
+        subject are kept for quarantined mail, so ``prx-email quarantine list`` can
+        say whose it is without fetching it."""
+        entry = None
+        if kind == QUARANTINED and (sender or subject):
+            sender = sender or ""
+            entry = LedgerEntry(message_id, sender, sender, subject or "", "", [], time.time())
+        record = Record(self.key(uid), message_id, kind, reason, entry)
         self._pending.append(_Pending(Cursor(self.uidvalidity, uid), record=record))
         # The pipeline counts its decisions (inbound.skipped.<reason>); we log the UID.
         log_event(log, logging.DEBUG, f"inbound.recorded_{kind}", account=self.account,
@@ -461,7 +490,10 @@ class LedgerWriter:
                 raise
             except StorageError as exc:
                 self._fault(exc)
-                await asyncio.sleep(self.storage_backoff.next())
+                if self._stopping.is_set():
+                    raise
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), self.storage_backoff.next())
                 continue
             if self.storage_fault is not None:
                 self._recovered()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from prx_channel_email._mail.mime_body import RawAttachment
 from prx_channel_email.config import EmailConfig
+from prx_channel_email.config.slices import ConfigSlice
 from prx_channel_email.models import Attachment
 
 TOO_LARGE = "too_large"
@@ -110,24 +111,12 @@ class Planned:
 
 
 @dataclass(frozen=True)
-class AttachmentLimits:
+class AttachmentLimits(ConfigSlice):
     """What attachment planning reads of the config (the names are EmailConfig's)."""
 
     max_attachment_bytes: int
     max_attachments_total_bytes: int
     attachment_types: tuple[str, ...]
-
-    @classmethod
-    def from_config(cls, config: EmailConfig) -> AttachmentLimits:
-        return cls(
-            max_attachment_bytes=config.max_attachment_bytes,
-            max_attachments_total_bytes=config.max_attachments_total_bytes,
-            attachment_types=tuple(config.attachment_types),
-        )
-
-    @classmethod
-    def of(cls, config: EmailConfig | AttachmentLimits) -> AttachmentLimits:
-        return config if isinstance(config, AttachmentLimits) else cls.from_config(config)
 
 
 def plan(found: list[RawAttachment], limits: EmailConfig | AttachmentLimits) -> list[Planned]:

@@ -34,9 +34,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from prx_channel_email._inbound.policy import NOT_ALLOWED
 from prx_channel_email._inbound.ratelimit import LOOP_SUSPECTED, HandoffGate, Limits, Waiting
+from prx_channel_email._mail.message_ids import is_minted
 from prx_channel_email._storage import Mailbox, MailKey, Release, Storage
 from prx_channel_email._support.observability import Metrics, log_event
+from prx_channel_email._support.tasks import to_completion
 from prx_channel_email.config import EmailConfig
 from prx_channel_email.models import ChannelMessage, unpack_message
 
@@ -44,6 +47,8 @@ log = logging.getLogger("prx_channel_email.sync")
 
 # Hands a released message on: commits its Release with the in-flight write, then puts.
 HandOn = Callable[[ChannelMessage, Release], Awaitable[None]]
+# Ends a release pass: settles what it put (handoff="queue"), as the end of a sync pass does.
+Settle = Callable[[], Awaitable[None]]
 
 RETRY_SECS = 5.0  # after a failed release (a storage error): try again this much later
 
@@ -57,6 +62,7 @@ class DeferredMail:
         clock: Callable[[], float] = time.time,
         *,
         folder: str | None = None,
+        allowed: Callable[[str], bool] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -64,11 +70,15 @@ class DeferredMail:
         self.account = config.account
         self.mailbox = Mailbox(config.account, folder or config.imap_folder)
         self.clock = clock
+        # The current allow-list (the policy's): asked again at release, so mail from a
+        # sender removed since it arrived is refused then, never handed on.
+        self.allowed = allowed
         self.limits = Limits.from_config(config)
         self.gate = HandoffGate(self.limits, clock)
         self._loaded = False
         self._wake = asyncio.Event()
         self._planned: float | None = None  # when the scheduler wakes next (None: on news)
+        self._put = False  # this release pass put something on the queue (to settle)
 
     async def load(self) -> None:
         """Read waiting mail and recent hand-offs back from the store (once)."""
@@ -102,11 +112,16 @@ class DeferredMail:
 
     # --- fresh mail ---
 
-    def judge(self, message: ChannelMessage, key: MailKey) -> Waiting | None:
+    async def judge(self, message: ChannelMessage, key: MailKey) -> Waiting | None:
         """None: hand ``message`` on now. Else the place in line it must be stored with
         (not releasable until :meth:`stored` says its row is on disk)."""
         verdict, waiting = self.gate.judge(
-            message.id, message.sender, message.in_reply_to, message.references, message.thread_ts
+            message.id,
+            message.sender,
+            message.in_reply_to,
+            message.references,
+            message.thread_ts,
+            replied=await self.replied(message),
         )
         if waiting is None:
             return None
@@ -119,13 +134,25 @@ class DeferredMail:
                       hold_secs=int(self.limits.loop_window))  # fmt: skip
         else:
             self.metrics.inc("inbound.deferred")
-            wait = (self.gate.next_due() or self.clock()) - self.clock()
+            wait = self.gate.expected_at(waiting) - self.clock()  # its own turn
             log_event(log, logging.INFO, "inbound.deferred", account=self.account,
                       message_id=message.id, sender=message.sender, code=waiting.reason,
                       release_in=f"{max(wait, 0.0):.0f}s")  # fmt: skip
         self._gauges()
         self._wake_for(waiting)
         return waiting
+
+    async def replied(self, message: ChannelMessage) -> tuple[float, str] | None:
+        """``(when stored, recipient)`` of the bot's reply ``message`` answers, if ours.
+
+        Only a Message-ID in this account's outbox counts: one that merely looks
+        minted (its timestamp is not authenticated) proves nothing. Ids that do not
+        even look minted are not looked up.
+        """
+        parent = message.in_reply_to or (message.references[-1] if message.references else None)
+        if parent is None or not is_minted(parent):
+            return None
+        return await self.store.outbox(self.account).sent_reply(parent)
 
     def stored(self, waiting: Waiting) -> None:
         """The row of ``waiting`` is committed: it may be released from now on.
@@ -139,12 +166,14 @@ class DeferredMail:
 
     # --- the release scheduler ---
 
-    async def run(self, hand_on: HandOn) -> None:
-        """Hand waiting mail on as the limits allow; runs until cancelled."""
+    async def run(self, hand_on: HandOn, settle: Settle | None = None) -> None:
+        """Hand waiting mail on as the limits allow; runs until cancelled. ``settle``
+        runs after every release pass that put something (even a cancelled one), so a
+        clean stop in queue mode repeats nothing."""
         await self.load()
         while True:
             try:
-                delay = await self._release_due(hand_on)
+                delay = await self._release_pass(hand_on, settle)
                 if delay is None:
                     nxt = self.gate.next_due()
                     delay = None if nxt is None else max(0.0, nxt - self.clock())
@@ -159,7 +188,23 @@ class DeferredMail:
                 # Woken early when new mail waits (it may be due sooner).
                 await asyncio.wait_for(self._wake.wait(), delay)
 
+    async def _release_pass(self, hand_on: HandOn, settle: Settle | None) -> float | None:
+        self._put = False
+        try:
+            return await self._release_due(hand_on)
+        finally:
+            if settle is not None and self._put:
+                await to_completion(settle())
+
     async def _release_due(self, hand_on: HandOn) -> float | None:
+        if self.allowed is not None:
+            for i, w in enumerate(refused := self.gate.refused(self.allowed)):
+                try:
+                    await self._refuse(w)
+                except BaseException:
+                    for rest in refused[i:]:
+                        self.gate.release_failed(rest)
+                    raise
         released, unheld = self.gate.due()
         for w in unheld:
             log_event(log, logging.INFO, "inbound.loop_quiet", account=self.account,
@@ -195,10 +240,23 @@ class DeferredMail:
         message = unpack_message(data)
         at = w.handed_at  # the time the limits counted: the ledger must agree with them
         await hand_on(message, Release(w.key, at))
+        self._put = True
         self.gate.released(w)
         self.metrics.inc("inbound.released")
         log_event(log, logging.INFO, "inbound.released", account=account, message_id=mid,
                   sender=w.sender, waited=f"{at - w.arrived_at:.0f}s")  # fmt: skip
+
+    async def _refuse(self, w: Waiting) -> None:
+        """``w``'s sender is no longer allowed: refused now (logged, counted), not handed on."""
+        assert w.key is not None, "every waiting message is keyed by its mail"
+        await self.store.refuse_waiting(w.key, NOT_ALLOWED)
+        self.gate.released(w)
+        self.metrics.inc(f"inbound.skipped.{NOT_ALLOWED}")
+        self.metrics.inc("inbound.refused_at_release")
+        log_event(log, logging.WARNING, "inbound.refused_at_release", account=self.account,
+                  message_id=w.message_id, sender=w.sender, uid=w.key.uid,
+                  waited=f"{self.clock() - w.arrived_at:.0f}s", code=NOT_ALLOWED)  # fmt: skip
+        self._gauges()
 
     def _wake_for(self, waiting: Waiting) -> None:
         """Wake the scheduler if ``waiting`` may go before its planned wake-up (a

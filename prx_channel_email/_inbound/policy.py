@@ -22,6 +22,7 @@ from prx_channel_email._mail.charsets import decode_words
 from prx_channel_email._mail.envelope import Envelope
 from prx_channel_email._mail.message_ids import STAMP_HEADER, channel_stamp, is_minted
 from prx_channel_email.config import EmailConfig
+from prx_channel_email.config.slices import ConfigSlice
 
 # Reason codes (also the metric suffix: inbound.skipped.<reason>).
 OWN_ADDRESS = "own_address"
@@ -143,7 +144,7 @@ NOTHING_TRUSTED = (
 
 
 @dataclass(frozen=True)
-class PolicySettings:
+class PolicySettings(ConfigSlice):
     """What the inbound policy reads of the config (the names are EmailConfig's)."""
 
     account: str
@@ -153,22 +154,6 @@ class PolicySettings:
     sender_auth: Literal["off", "flag", "enforce"]
     trusted_authserv_ids: tuple[str, ...]
     rollout_percent: float = 100.0
-
-    @classmethod
-    def from_config(cls, config: EmailConfig) -> PolicySettings:
-        return cls(
-            account=config.account,
-            from_address=config.from_address,
-            own_addresses=tuple(config.own_addresses),
-            allowed_senders=tuple(config.allowed_senders),
-            sender_auth=config.sender_auth,
-            trusted_authserv_ids=tuple(config.trusted_authserv_ids),
-            rollout_percent=config.rollout_percent,
-        )
-
-    @classmethod
-    def of(cls, config: EmailConfig | PolicySettings) -> PolicySettings:
-        return config if isinstance(config, PolicySettings) else cls.from_config(config)
 
 
 def describe_sender_auth(settings: EmailConfig | PolicySettings) -> tuple[bool, str]:
@@ -205,6 +190,11 @@ class Policy:
         merged += [e for e in added if e not in merged]
         self.allowed_senders = merged
 
+    def allows(self, sender: str) -> bool:
+        """The current allow-list (config plus the host's changes) accepts ``sender``:
+        asked on arrival by :meth:`decide`, and again when waiting mail is released."""
+        return bool(sender) and sender_allowed(sender, self.allowed_senders)
+
     def _first_refusal(self, sender: str) -> bool:
         """True the first time ``sender`` is refused as unverified (bounded memory)."""
         if sender in self._refused_unverified:
@@ -229,13 +219,12 @@ class Policy:
         reason = loop_reason(env, self.own, self.stamp)
         if reason is not None:
             weak = self._weak_loop_signal(env, reason)
-            allowed = bool(env.sender) and sender_allowed(env.sender, self.allowed_senders)
-            return Decision(reason, quarantine=weak and allowed)
+            return Decision(reason, quarantine=weak and self.allows(env.sender))
         if env.sender_problem is not None:
             return Decision(env.sender_problem)
         if not env.sender:
             return Decision(NO_SENDER)
-        if not sender_allowed(env.sender, self.allowed_senders):
+        if not self.allows(env.sender):
             return Decision(NOT_ALLOWED)
         verified: bool | None = None
         detail = ""

@@ -42,6 +42,7 @@ from prx_channel_email._net.imap import (
 from prx_channel_email._storage import Cursor, LeaseLost, Mailbox, Storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
+from prx_channel_email._support.tasks import to_completion
 from prx_channel_email.config import DEFAULT_ACCOUNT, EmailConfig
 from prx_channel_email.errors import (
     AuthenticationError,
@@ -125,8 +126,9 @@ class PushWatch:
     channel then answers a keepalive late. An IDLE cycle that ran out without a
     push, followed by a pass that finds new mail, is a miss (counted as
     ``imap.push_missed``; pushes as ``imap.idle_pushes``). Mail can also land in
-    the instant between the end of IDLE and the search, so one miss proves
-    nothing; from the second on, the fix is logged, once.
+    the instant between the end of IDLE and the search (Dovecot announces half a
+    second late), so one miss proves nothing: two in a row, with no push between
+    them, log the fix, once.
     """
 
     WARN_AFTER = 2
@@ -140,6 +142,7 @@ class PushWatch:
 
     def pushed(self) -> None:
         self.metrics.inc("imap.idle_pushes")
+        self.misses = 0  # the server does push: a miss before was a near one
 
     def missed(self, session: ImapSession, found: int) -> None:
         self.misses += 1
@@ -208,20 +211,26 @@ class SyncEngine:
         self.ledger = self.writer.ledger
         self._redelivered = False  # what an earlier run left in flight went out again
         # Rate limits and the loop guard: accepted mail over a limit waits in the store.
-        self.deferred = DeferredMail(config, store, metrics, folder=self.folder)
+        self.deferred = DeferredMail(
+            config, store, metrics, folder=self.folder, allowed=pipeline.policy.allows
+        )
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
 
     # --- the outer loop: connect, serve, back off ---
 
     async def run(self, queue: asyncio.Queue[ChannelMessage]) -> None:
+        self.writer.resume()
         # Waiting mail and recent hand-offs first: they decide what the next mail does.
         await self.deferred.load()
         release = asyncio.create_task(
-            self.deferred.run(lambda msg, rel: self.writer.hand_on_released(msg, rel, queue))
+            self.deferred.run(
+                lambda msg, rel: self.writer.hand_on_released(msg, rel, queue), self.writer.flush
+            )
         )
         try:
             await self._connected(queue)
         finally:
+            self.writer.stop_retrying()  # a settle paused on a broken disk must not hang the stop
             release.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await release
@@ -537,7 +546,7 @@ class SyncEngine:
         finally:
             if ahead is not None:
                 ahead.cancel()
-            await _to_completion(writer.flush())
+            await to_completion(writer.flush(), writer.stop_retrying)
         if writer.delivered and self.config.handoff == "queue":
             await self._after_handoff(session, writer.delivered)
         return result
@@ -593,7 +602,7 @@ class SyncEngine:
             del raw  # parsed: not held while the hand-off stores the message
             if outcome.decision == "deliver" and outcome.message is not None:
                 message = outcome.message.model_copy(update=self._stamp)
-                waiting = self.deferred.judge(message, writer.key(uid))
+                waiting = await self.deferred.judge(message, writer.key(uid))
                 if waiting is None:
                     await writer.accept(uid, message, outcome.entry, queue)
                 else:
@@ -604,7 +613,8 @@ class SyncEngine:
             else:
                 # A sender outside rollout_percent is left to people: recorded, not refused.
                 kind = "quarantined" if outcome.decision == "quarantine" else "rejected"
-                writer.record(uid, mid, kind, outcome.reason or kind)
+                writer.record(uid, mid, kind, outcome.reason or kind,
+                              sender=outcome.sender, subject=outcome.subject)  # fmt: skip
                 if outcome.decision == "reject":
                     reason = outcome.reason or kind
                     self.reporter.rejected(
@@ -735,16 +745,6 @@ def _hints(block: bytes | None) -> tuple[str | None, str]:
         return None, ""
     headers = Headers.from_block(block)
     return header_message_id(headers.get("message-id")), sender_of(headers)[1]
-
-
-async def _to_completion(aw: Awaitable[None]) -> None:
-    """Finish ``aw`` even when cancelled meanwhile; the cancellation is re-raised after."""
-    task = asyncio.ensure_future(aw)
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        await task
-        raise
 
 
 async def _close(session: ImapSession) -> None:

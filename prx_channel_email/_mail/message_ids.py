@@ -49,8 +49,8 @@ def is_minted(message_id: str | None) -> bool:
 def minted_at(message_id: str | None) -> float | None:
     """When this channel minted ``message_id`` (Unix seconds), or None when it did not.
 
-    The loop guard uses it to tell an answer that came back within seconds of our
-    reply (a robot) from one a person wrote, without looking anything up.
+    Anyone can write an id of this shape, so the time is a claim, not a proof: the
+    loop guard does not trust it (it asks the outbox when the reply was stored).
     """
     if not is_minted(message_id):
         return None

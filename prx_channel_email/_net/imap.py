@@ -30,6 +30,7 @@ import ssl
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
@@ -47,6 +48,7 @@ from prx_channel_email._oauth.tokens import TokenManager, imap_login, required
 from prx_channel_email._support.observability import log_event
 from prx_channel_email._version import __version__
 from prx_channel_email.config import EmailConfig
+from prx_channel_email.config.slices import ConfigSlice
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
@@ -150,7 +152,7 @@ def uid_set(uids: list[int]) -> str:
 
 
 @dataclass(frozen=True)
-class ImapSettings:
+class ImapSettings(ConfigSlice):
     """What an IMAP session reads of the config (the names are EmailConfig's)."""
 
     account: str
@@ -162,26 +164,12 @@ class ImapSettings:
     connect_timeout_secs: float
     command_timeout_secs: float
     fetch_batch_size: int
-    tls: TlsSettings
+    ca_file: Path | None
+    allow_insecure: bool
 
-    @classmethod
-    def from_config(cls, config: EmailConfig) -> ImapSettings:
-        return cls(
-            account=config.account,
-            imap_host=config.imap_host,
-            imap_port=config.imap_port,
-            imap_security=config.imap_security,
-            auth_method=config.auth_method,
-            imap_login=config.imap_login,
-            connect_timeout_secs=config.connect_timeout_secs,
-            command_timeout_secs=config.command_timeout_secs,
-            fetch_batch_size=config.fetch_batch_size,
-            tls=TlsSettings.from_config(config),
-        )
-
-    @classmethod
-    def of(cls, config: EmailConfig | ImapSettings) -> ImapSettings:
-        return config if isinstance(config, ImapSettings) else cls.from_config(config)
+    @property
+    def tls(self) -> TlsSettings:
+        return TlsSettings(ca_file=self.ca_file, allow_insecure=self.allow_insecure)
 
 
 class ImapSession:

@@ -17,6 +17,7 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
@@ -25,6 +26,7 @@ from prx_channel_email._net.tls import TlsSettings, check_plaintext_allowed, ssl
 from prx_channel_email._oauth.tokens import TokenManager, required, smtp_login
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email.config import EmailConfig
+from prx_channel_email.config.slices import ConfigSlice
 from prx_channel_email.errors import (
     AuthenticationError,
     ChannelError,
@@ -149,7 +151,7 @@ def _by_code(smtp_code: int, message: str, code: str) -> SmtpFailure:
 
 
 @dataclass(frozen=True)
-class SmtpSettings:
+class SmtpSettings(ConfigSlice):
     """What the SMTP transport reads of the config (the names are EmailConfig's)."""
 
     account: str
@@ -161,26 +163,12 @@ class SmtpSettings:
     from_address: str
     connect_timeout_secs: float
     command_timeout_secs: float
-    tls: TlsSettings
+    ca_file: Path | None
+    allow_insecure: bool
 
-    @classmethod
-    def from_config(cls, config: EmailConfig) -> SmtpSettings:
-        return cls(
-            account=config.account,
-            smtp_host=config.smtp_host,
-            smtp_port=config.smtp_port,
-            smtp_effective_security=config.smtp_effective_security,
-            auth_method=config.auth_method,
-            smtp_login=config.smtp_login,
-            from_address=config.from_address,
-            connect_timeout_secs=config.connect_timeout_secs,
-            command_timeout_secs=config.command_timeout_secs,
-            tls=TlsSettings.from_config(config),
-        )
-
-    @classmethod
-    def of(cls, config: EmailConfig | SmtpSettings) -> SmtpSettings:
-        return config if isinstance(config, SmtpSettings) else cls.from_config(config)
+    @property
+    def tls(self) -> TlsSettings:
+        return TlsSettings(ca_file=self.ca_file, allow_insecure=self.allow_insecure)
 
 
 def ehlo_name(config: SmtpSettings) -> str:

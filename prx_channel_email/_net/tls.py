@@ -11,21 +11,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prx_channel_email._support.hosts import plaintext_allowed
-from prx_channel_email.config import EmailConfig
+from prx_channel_email.config.slices import ConfigSlice
 from prx_channel_email.errors import InsecureConnectionError
 
 
 @dataclass(frozen=True)
-class TlsSettings:
+class TlsSettings(ConfigSlice):
     """What the TLS code reads of the config: whom to trust besides the system store,
     and whether plaintext may carry the password off this machine."""
 
     ca_file: Path | None = None
     allow_insecure: bool = False
-
-    @classmethod
-    def from_config(cls, config: EmailConfig) -> TlsSettings:
-        return cls(ca_file=config.ca_file, allow_insecure=config.allow_insecure)
 
     def plaintext_allowed(self, host: str) -> bool:
         return plaintext_allowed(host, self.allow_insecure)

@@ -34,6 +34,7 @@ from prx_channel_email._mail.message_ids import (
 )
 from prx_channel_email._storage.interface import MailKey
 from prx_channel_email.config import EmailConfig, is_address
+from prx_channel_email.config.slices import ConfigSlice
 from prx_channel_email.errors import SendError
 
 if TYPE_CHECKING:
@@ -280,7 +281,7 @@ def _read_attachments(paths: list[Path], cap: int) -> list[tuple[str, str, bytes
 
 
 @dataclass(frozen=True)
-class ComposeSettings:
+class ComposeSettings(ConfigSlice):
     """What composing a message reads of the config (the names are EmailConfig's)."""
 
     account: str
@@ -288,20 +289,6 @@ class ComposeSettings:
     from_name: str | None
     default_subject: str
     max_outbound_attachment_bytes: int
-
-    @classmethod
-    def from_config(cls, config: EmailConfig) -> ComposeSettings:
-        return cls(
-            account=config.account,
-            from_address=config.from_address,
-            from_name=config.from_name,
-            default_subject=config.default_subject,
-            max_outbound_attachment_bytes=config.max_outbound_attachment_bytes,
-        )
-
-    @classmethod
-    def of(cls, config: EmailConfig | ComposeSettings) -> ComposeSettings:
-        return config if isinstance(config, ComposeSettings) else cls.from_config(config)
 
 
 def compose(

@@ -200,6 +200,19 @@ class WaitingRow:
     thread: str
 
 
+@dataclass(frozen=True)
+class QuarantinedMail:
+    """A mail the policy quarantined, as the operator sees it (``prx-email quarantine
+    list``): never its body, which stays on the server, unread, where it was."""
+
+    key: MailKey
+    message_id: str
+    sender: str
+    subject: str
+    reason: str
+    received_at: float
+
+
 # --- outbound ---------------------------------------------------------------------
 
 #: ``last_error`` of a row that failed because its attempts ran out (every one of
@@ -279,6 +292,12 @@ class OutboxStore(Protocol):
         ...
 
     async def by_key(self, key: str) -> OutboxEntry | None: ...
+
+    async def sent_reply(self, message_id: str) -> tuple[float, str] | None:
+        """``(when stored, recipient)`` of this account's reply with ``message_id``
+        (None: no reply of ours has it). The loop guard's proof that an answer answers
+        a reply this channel really sent, and to whom."""
+        ...
 
     async def claim_due(
         self, exclude: Iterable[int], lease_secs: float, *, sent: Sequence[OutboxRow]
@@ -495,6 +514,17 @@ class Storage(Protocol):
 
     async def deferred_message(self, key: MailKey) -> str | None:
         """The waiting mail's ChannelMessage JSON, None when it is not waiting."""
+        ...
+
+    async def quarantined(self, account: str, limit: int = 100) -> list[QuarantinedMail]:
+        """The newest quarantined mail of ``account`` first (mail handed on since, e.g.
+        a copy that passed later, is no longer quarantined)."""
+        ...
+
+    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+        """A waiting mail is refused after all (its sender is no longer allowed): its
+        deferred row goes and its ledger row becomes ``rejected`` with ``reason``; it is
+        never handed on. False when it was not waiting (nothing changes)."""
         ...
 
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:

@@ -406,7 +406,7 @@ class EmailConfig(BaseSettings):
     loop_max_quick_replies: PositiveInt = Field(
         3,
         description=(
-            "More quick answers than this from one domain or thread within "
+            "More quick answers than this from one sender or thread within "
             "`loop_window_secs` are held."
         ),
     )

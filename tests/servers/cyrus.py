@@ -16,6 +16,7 @@ namespace: ``INBOX/...`` with ``/`` as the delimiter.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import imaplib
 import os
@@ -121,6 +122,7 @@ class CyrusServer:
             env=self._env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
+        atexit.register(self.close)  # a test run that ends early leaves no Cyrus behind
         deadline = time.monotonic() + timeout
         while True:
             with (

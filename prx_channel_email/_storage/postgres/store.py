@@ -32,6 +32,8 @@ from prx_channel_email._storage.interface import (
     DEFERRED,
     DELIVERED,
     EXHAUSTED_PREFIX,
+    QUARANTINED,
+    REJECTED,
     CopiesOf,
     Cursor,
     HandoffBatch,
@@ -43,6 +45,7 @@ from prx_channel_email._storage.interface import (
     NewRow,
     OutboxEntry,
     OutboxRow,
+    QuarantinedMail,
     SenderChanges,
     Stored,
     TokenRecord,
@@ -352,6 +355,42 @@ class PostgresStore:
 
         return await self.run(q)
 
+    async def quarantined(self, account: str, limit: int = 100) -> list[QuarantinedMail]:
+        async def q(cur: Cur) -> list[QuarantinedMail]:
+            await cur.execute(
+                "SELECT folder, uidvalidity, uid, message_id, sender, subject, reason,"
+                f" received_at FROM ledger WHERE account=%s AND outcome='{QUARANTINED}'"
+                " ORDER BY received_at DESC, uid DESC LIMIT %s",
+                (account, limit),
+            )
+            return [
+                QuarantinedMail(
+                    MailKey(account, r[0], int(r[1]), int(r[2])),
+                    r[3],
+                    r[4] or "",
+                    r[5] or "",
+                    r[6] or QUARANTINED,
+                    float(r[7]),
+                )
+                for r in await cur.fetchall()
+            ]
+
+        return await self.run(q)
+
+    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+        async def tx(cur: Cur) -> bool:
+            await cur.execute(f"DELETE FROM deferred WHERE {_KEY}", _k(key))
+            if cur.rowcount == 0:
+                return False
+            await cur.execute(
+                f"UPDATE ledger SET outcome='{REJECTED}', reason=%s WHERE {_KEY}"
+                f" AND outcome='{DEFERRED}'",
+                (reason, *_k(key)),
+            )
+            return True
+
+        return await self.run(tx)
+
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:
         async def q(cur: Cur) -> list[tuple[str, float]]:
             await cur.execute(
@@ -622,6 +661,18 @@ class PgOutbox:
 
     async def by_key(self, key: str) -> OutboxEntry | None:
         return await self.store.run(lambda cur: self._by_key(cur, key))
+
+    async def sent_reply(self, message_id: str) -> tuple[float, str] | None:
+        async def q(cur: Cur) -> tuple[float, str] | None:
+            await cur.execute(
+                "SELECT created_at, recipient FROM outbox WHERE account=%s AND message_id=%s"
+                " ORDER BY created_at LIMIT 1",
+                (self.account, message_id),
+            )
+            row = await cur.fetchone()
+            return (float(row[0]), str(row[1])) if row else None
+
+        return await self.store.run(q)
 
     async def claim_due(
         self, exclude: Iterable[int], lease_secs: float, *, sent: Sequence[OutboxRow]

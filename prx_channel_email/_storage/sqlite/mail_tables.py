@@ -19,6 +19,8 @@ from prx_channel_email._storage.interface import (
     ACCEPTED,
     DEFERRED,
     DELIVERED,
+    QUARANTINED,
+    REJECTED,
     CopiesOf,
     Deferral,
     HandoffBatch,
@@ -27,6 +29,7 @@ from prx_channel_email._storage.interface import (
     LedgerEntry,
     Mailbox,
     MailKey,
+    QuarantinedMail,
     Record,
     WaitingRow,
 )
@@ -346,6 +349,39 @@ def commit_handoff(conn: sqlite3.Connection, batch: HandoffBatch) -> None:
             (release.handed_at, *_k(release.key)),
         )
         conn.execute(f"DELETE FROM deferred WHERE {_KEY_WHERE}", _k(release.key))
+
+
+def quarantined(conn: sqlite3.Connection, account: str, limit: int) -> list[QuarantinedMail]:
+    """See :meth:`Storage.quarantined`."""
+    rows = conn.execute(
+        "SELECT folder, uidvalidity, uid, message_id, sender, subject, reason, received_at"
+        f" FROM ledger WHERE account=? AND outcome='{QUARANTINED}'"
+        " ORDER BY received_at DESC, uid DESC LIMIT ?",
+        (account, limit),
+    ).fetchall()
+    return [
+        QuarantinedMail(
+            MailKey(account, r[0], int(r[1]), int(r[2])),
+            r[3],
+            r[4] or "",
+            r[5] or "",
+            r[6] or QUARANTINED,
+            float(r[7]),
+        )
+        for r in rows
+    ]
+
+
+def refuse_waiting(conn: sqlite3.Connection, key: MailKey, reason: str) -> bool:
+    """See :meth:`Storage.refuse_waiting`."""
+    if conn.execute(f"DELETE FROM deferred WHERE {_KEY_WHERE}", _k(key)).rowcount == 0:
+        return False
+    conn.execute(
+        f"UPDATE ledger SET outcome='{REJECTED}', reason=? WHERE {_KEY_WHERE}"
+        f" AND outcome='{DEFERRED}'",
+        (reason, *_k(key)),
+    )
+    return True
 
 
 def _inflight_row(item: InFlight, now: float) -> tuple[Any, ...]:

@@ -186,6 +186,17 @@ class OutboxTable:
         """The row sent with idempotency key ``key``, if the outbox holds one."""
         return await self.store.run(lambda conn: self._by_key(conn, key))
 
+    async def sent_reply(self, message_id: str) -> tuple[float, str] | None:
+        def q(conn: sqlite3.Connection) -> tuple[float, str] | None:
+            row = conn.execute(
+                "SELECT created_at, recipient FROM outbox WHERE account=? AND message_id=?"
+                " ORDER BY created_at LIMIT 1",
+                (self.account, message_id),
+            ).fetchone()
+            return (float(row[0]), str(row[1])) if row else None
+
+        return await self.store.run(q)
+
     async def claim_due(
         self, exclude: Iterable[int], lease_secs: float, *, sent: Sequence[OutboxRow]
     ) -> tuple[OutboxRow, float] | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -156,7 +157,7 @@ def connect(path: Path, synchronous: str = "FULL") -> sqlite3.Connection:
 _READONLY = {8, 14, 23}  # SQLITE_READONLY, SQLITE_CANTOPEN, SQLITE_AUTH
 
 
-def _storage_code(exc: BaseException) -> str:
+def _storage_code(exc: BaseException, path: Path | None = None) -> str:
     if isinstance(exc, OSError):
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return "storage_full"
@@ -169,12 +170,30 @@ def _storage_code(exc: BaseException) -> str:
         return "storage_full"
     if primary in _READONLY or "readonly" in text or "unable to open" in text:
         return "storage_readonly"
+    if primary == 10 and path is not None and _read_only_fs(path):  # SQLITE_IOERR
+        return "storage_readonly"
     return "storage_error"
+
+
+def _read_only_fs(path: Path) -> bool:
+    """True when ``path`` cannot be opened for writing because its filesystem is read-only.
+
+    SQLite reports a write to a filesystem that turned read-only mid-run (ext4 after an
+    I/O error, ``errors=remount-ro``) as a plain I/O error; the kernel still answers an
+    open for writing with EROFS. ``statvfs`` is no help: an emergency read-only ext4
+    keeps its mount flags.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY))  # no O_TRUNC, no O_CREAT: changes nothing
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    return False
+    return False
 
 
 def storage_error(exc: BaseException, path: Path) -> StorageError:
     """The StorageError for a sqlite3 or OS failure on ``path``."""
-    code = _storage_code(exc)
+    code = _storage_code(exc, path)
     what = {
         "storage_full": "no space left for the state",
         "storage_readonly": "the state is not writable",

@@ -31,6 +31,7 @@ from prx_channel_email._storage.interface import (
     LedgerEntry,
     Mailbox,
     MailKey,
+    QuarantinedMail,
     SenderChanges,
     WaitingRow,
 )
@@ -232,6 +233,12 @@ class StateStore:
 
     async def deferred_message(self, key: MailKey) -> str | None:
         return await self.run(lambda conn: mail_tables.deferred_message(conn, key))
+
+    async def quarantined(self, account: str, limit: int = 100) -> list[QuarantinedMail]:
+        return await self.run(lambda conn: mail_tables.quarantined(conn, account, limit))
+
+    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+        return await self.run(lambda conn: mail_tables.refuse_waiting(conn, key, reason))
 
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:
         return await self.run(lambda conn: mail_tables.recent_handoffs(conn, account, since))

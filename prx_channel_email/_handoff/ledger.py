@@ -424,7 +424,13 @@ class LedgerWriter:
                 cursors=cursor_moves(cursors) if self.move_cursor else [],
                 fence=self.fence,
             )
-            await self.durable(lambda: self.store.commit_handoff(batch))
+            try:
+                await self.durable(lambda: self.store.commit_handoff(batch))
+            except LeaseLost:
+                # Another replica serves the mailbox now and fetches these from its
+                # cursor; were they kept, a later lease of ours would hand them on too.
+                del self._staged[: len(staged)]
+                raise
             # Only now: a cancelled or failed commit leaves them for the next one.
             del self._pending[: len(pending)]
             del self._unsettled[: len(settle)]

@@ -341,6 +341,16 @@ class LedgerWriter:
         item = InFlight(self.key(uid), entry or _entry_of(message), pack_message(message))
         self._staged.append(_Staged(uid, item, message, queue))
 
+    def forget_unwritten(self) -> None:
+        """Drop every decision not yet committed (staged mail, refusals, cursor moves).
+
+        For a mailbox this replica lost to another: the new holder decides that mail
+        again from the shared cursor, so nothing is lost, and nothing of the old lease
+        may be written under a new one.
+        """
+        self._staged.clear()
+        self._pending.clear()
+
     async def put_staged(self) -> None:
         """Commit what :meth:`stage` collected (one transaction), then put it on the queue."""
         if self._staged:
@@ -427,9 +437,10 @@ class LedgerWriter:
             try:
                 await self.durable(lambda: self.store.commit_handoff(batch))
             except LeaseLost:
-                # Another replica serves the mailbox now and fetches these from its
-                # cursor; were they kept, a later lease of ours would hand them on too.
-                del self._staged[: len(staged)]
+                # Another replica serves the mailbox now and decides these again from
+                # its cursor; were they kept, a later lease of ours would commit them
+                # too (a hand-off twice, or a cursor moved past mail never handed on).
+                self.forget_unwritten()
                 raise
             # Only now: a cancelled or failed commit leaves them for the next one.
             del self._pending[: len(pending)]

@@ -241,6 +241,7 @@ class SyncEngine:
         Another replica may have served it meanwhile and left mail in flight: that is
         handed on again at the next start (what this run handed on itself is not).
         """
+        self.writer.forget_unwritten()  # decided under an earlier lease: not ours to write
         self.writer.fence = fence
         self._redelivered = False
 

@@ -30,6 +30,7 @@ from prx_channel_email._storage.postgres.leases import LeaseTable
 from prx_channel_email._storage.postgres.store import PostgresStore
 from prx_channel_email.errors import StorageError
 from tests.servers.postgres import PASSWORD, PostgresServer
+from tests.test_leases import _until
 
 BOX = Mailbox("support", "INBOX")
 
@@ -64,10 +65,7 @@ async def test_a_fenced_handoff_commits_under_the_lease_and_is_refused_after_a_t
                                         fence=held.epoch))  # fmt: skip
     # B takes the mailbox over once A's lease ran out (A froze).
     leases_b = LeaseTable(b.pool, lease_secs=30)
-    deadline = asyncio.get_running_loop().time() + 10
-    while not await leases_b.acquire("B", [(BOX.account, BOX.folder)], limit=1):
-        assert asyncio.get_running_loop().time() < deadline, "B never got the lease"
-        await asyncio.sleep(0.05)
+    await _until(lambda: leases_b.acquire("B", [(BOX.account, BOX.folder)], limit=1))
     with pytest.raises(LeaseLost) as refused:
         await a.commit_handoff(HandoffBatch(BOX, in_flight=[_mail(2)], cursors=[Cursor(7, 2)],
                                             fence=held.epoch))  # fmt: skip
@@ -89,10 +87,7 @@ async def test_a_queued_reply_is_sent_by_one_replica_and_taken_over_when_it_dies
     # A holds the row (it is sending it): B finds nothing to claim while the lease runs.
     assert await b.outbox("support").claim_due([], 30, sent=[]) is None
     # A dies mid-send: its lease runs out and B claims the same row (same Message-ID).
-    deadline = asyncio.get_running_loop().time() + 10
-    while (claimed := await b.outbox("support").claim_due([], 30, sent=[])) is None:
-        assert asyncio.get_running_loop().time() < deadline, "the row was never due again"
-        await asyncio.sleep(0.05)
+    claimed = await _until(lambda: b.outbox("support").claim_due([], 30, sent=[]))
     assert claimed[0].id == stored.id and claimed[0].message_id == "<r1@bot>"
     # Now B holds it: A, back from the dead, cannot claim it again.
     assert await a.outbox("support").claim_due([], 30, sent=[]) is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from prx_channel_email._storage.ddl import statements
 from prx_channel_email._storage.postgres.leases import LEASES_DDL
 from prx_channel_email.errors import StorageError
 
@@ -133,11 +134,6 @@ MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 _MIGRATION_LOCK = 0x70727865  # "prxe": one migrating process at a time
-
-
-def statements(script: str) -> list[str]:
-    code = "\n".join(line for line in script.splitlines() if not line.strip().startswith("--"))
-    return [s for s in code.split(";") if s.strip()]
 
 
 async def migrate(pool: Any) -> list[str]:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from prx_channel_email._storage.ddl import statements
 from prx_channel_email._storage.interface import (
     ACCEPTED,
     DEFERRED,
@@ -97,13 +98,6 @@ CREATE TABLE IF NOT EXISTS inflight (
     PRIMARY KEY (account, message_id)
 )
 """
-
-
-def statements(script: str) -> list[str]:
-    """The ``;``-separated statements of ``script`` (comment lines dropped first, so a
-    ``;`` in a comment cannot split a statement)."""
-    code = "\n".join(line for line in script.splitlines() if not line.strip().startswith("--"))
-    return [s for s in code.split(";") if s.strip()]
 
 
 def migrate_deferred_mail(conn: sqlite3.Connection) -> None:

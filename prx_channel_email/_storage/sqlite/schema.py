@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from prx_channel_email._storage.ddl import statements
 from prx_channel_email._storage.files import make_private_dir, private_file
 from prx_channel_email._storage.sqlite import mail_tables, senders_table, tokens_table
 from prx_channel_email._storage.sqlite.outbox_table import OUTBOX_SCHEMA_V1, add_idempotency_key
@@ -48,7 +49,7 @@ Step = Callable[[sqlite3.Connection], None]
 
 def ddl(script: str) -> Step:
     """A migration step that runs the ``;``-separated statements of ``script``."""
-    code = mail_tables.statements(script)
+    code = statements(script)
 
     def step(conn: sqlite3.Connection) -> None:
         for statement in code:

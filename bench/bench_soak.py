@@ -357,7 +357,9 @@ def run(args: argparse.Namespace) -> int:
         }
         print(json.dumps(result), flush=True)
         (tmp / "samples.json").write_text(json.dumps(samples))
-        ok = result["lost"] == 0 and result["handed_on_twice"] == 0 and not result["replies_missing"]
+        ok = (
+            result["lost"] == 0 and result["handed_on_twice"] == 0 and not result["replies_missing"]
+        )
         return 0 if ok else 1
     finally:
         stop.set()

@@ -14,6 +14,7 @@ from prx_channel_email._inbound.ratelimit import (
     RATE_LIMITED,
     HandoffGate,
     Limits,
+    SlidingWindow,
     Verdict,
     Waiting,
 )
@@ -93,6 +94,29 @@ def test_minted_ids_carry_their_minting_time() -> None:
     assert minted_at("<abc@example.com>") is None
     assert minted_at(None) is None
     assert minted_at(f"<zz.1{MINTED_MARKER}@x>") is None
+
+
+def test_a_busy_sender_keeps_only_the_events_that_decide() -> None:
+    """A long run under a high limit must not keep a window's worth of timestamps per
+    sender and domain (a soak at 75 mail/s held one float per message for an hour):
+    only the newest ``count`` + 1 are kept, and every answer stays what all of them
+    would give."""
+    window = SlidingWindow(count=5, window=3600)
+    everything: list[float] = []
+    for i in range(10_000):
+        at = T0 + i * 0.1  # all within one window
+        window.note("anna@example.com", at)
+        everything.append(at)
+        now = at + 0.05
+        if i % 997 == 0 or i > 9_990:
+            inside = [t for t in everything if t > now - 3600]
+            expected = now if len(inside) < 5 else inside[len(inside) - 5] + 3600
+            assert window.free_at("anna@example.com", now) == expected
+            assert window.used("anna@example.com", now) == min(len(inside), 6)
+    assert len(window.recent("anna@example.com", T0 + 1000)) == 6
+    # Seeding out of order (a restart) keeps the newest too.
+    window.note("anna@example.com", T0 + 5.0)
+    assert window.recent("anna@example.com", T0 + 1000)[0] > T0 + 999
 
 
 def test_over_the_limit_waits_and_goes_in_order_once_the_window_moves() -> None:

@@ -98,3 +98,41 @@ async def test_a_reply_finds_its_parent_the_moment_the_agent_has_it(tmp_path: Pa
         assert in_thread is not None and in_thread.message_id == "<new@x>"
         old_thread = await store.latest_in_thread(ACCOUNT, "<old@x>")
         assert old_thread is not None and old_thread.message_id == "<old@x>"
+
+
+def _message(i: int) -> ChannelMessage:
+    return ChannelMessage(
+        id=f"<m{i}@x>", sender="a@example.test", reply_target="a@example.test",
+        subject="s", content="hi", full_text="hi", timestamp=2, thread_ts=f"<m{i}@x>",
+    )  # fmt: skip
+
+
+async def test_settled_mail_is_not_kept_in_memory_for_the_rest_of_the_run(tmp_path: Path) -> None:
+    """A long run must not remember every message it handed on (a 20,000-message soak
+    kept two strings per message): what the writer keeps to never put mail twice is
+    only mail still in flight; once settled, copies are found in the ledger instead."""
+    async with StateStore(tmp_path) as store:
+        writer = LedgerWriter(store, ACCOUNT, FOLDER, Metrics(), handoff="ack")
+        writer.begin(1)
+        queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+        for i in range(1, 301):
+            await writer.hand_on(i, _message(i), entry(f"<m{i}@x>"), queue)
+        assert writer.in_flight_count == 300
+        for _ in range(299):  # the host acknowledges all but the last
+            assert await writer.ledger.ack(await queue.get())
+        assert writer.in_flight_count == 1
+        assert writer.seen_in_pass("<m300@x>", "a@example.test")
+        # A copy of settled mail is still a duplicate, by the ledger's rows.
+        assert await store.handed_on(ACCOUNT, [("<m5@x>", "a@example.test")]) == {
+            ("<m5@x>", "a@example.test")
+        }
+        # What is still in flight is not put twice by a redelivery in the same run.
+        assert await writer.redeliver(queue) == 0
+
+        quick = LedgerWriter(store, ACCOUNT, "Other", Metrics(), handoff="queue")
+        quick.begin(1)
+        for i in range(1, 301):
+            await quick.hand_on(i, _message(1000 + i), entry(f"<m{1000 + i}@x>"), queue)
+        assert quick.in_flight_count <= 1  # each put is settled by the next commit
+        await quick.flush()
+        assert quick.in_flight_count == 0

@@ -65,6 +65,13 @@ class HandoffLedger:
         self.handoff = handoff
         # (uidvalidity, uid) settled per mailbox, for the optional \Seen / move.
         self._acked: dict[Mailbox, list[tuple[int, int]]] = {}
+        # The writers' hooks: told which mail is settled, so what they keep about mail
+        # in flight goes with it (a long run would otherwise keep every message).
+        self._on_settled: list[Callable[[list[MailKey]], None]] = []
+
+    def on_settled(self, hook: Callable[[list[MailKey]], None]) -> None:
+        """Call ``hook`` with the keys of mail settled here, after each commit."""
+        self._on_settled.append(hook)
 
     async def ack(self, message: ChannelMessage) -> bool:
         """The host is done with ``message``: it and its true copies (same Message-ID,
@@ -105,6 +112,8 @@ class HandoffLedger:
         done = await self.store.settle(refs)
         for key in done:  # only after the commit returned
             self._acked.setdefault(key.mailbox, []).append((key.uidvalidity, key.uid))
+        for hook in self._on_settled:
+            hook(done)
         return bool(done)
 
     def take_acked(self, mailbox: Mailbox, uidvalidity: int) -> list[int]:
@@ -212,12 +221,18 @@ class LedgerWriter:
         # half-way, or the next start would continue from it instead of redoing the pass.
         self.move_cursor = True
         self.delivered: list[int] = []  # UIDs handed on in this pass
-        # (Message-ID, sender) handed on or deferred in this pass / put on the queue in
-        # this run: a second copy is a duplicate, refused mail never shadows.
+        # (Message-ID, sender) handed on or deferred in this pass: a second copy is a
+        # duplicate, refused mail never shadows.
         self._handled: set[tuple[str, str]] = set()
         self._pending: list[_Pending] = []  # decisions that ride on the next commit
         self._unsettled: list[MailKey] = []  # handoff="queue": put, settled by the next commit
-        self._handed: set[tuple[str, str]] = set()
+        # (Message-ID, sender) put on the queue in this run and still in flight, with the
+        # key of its in-flight row: redeliver() never puts one twice. Settled mail leaves
+        # it (the ledger's handed_on rows find copies of it from then on), so it holds
+        # what the host has not acknowledged, not every message of a long run.
+        self._handed: dict[tuple[str, str], MailKey] = {}
+        self._handed_keys: dict[MailKey, tuple[str, str]] = {}
+        self.ledger.on_settled(self.forget_settled)
         self._staged: list[_Staged] = []  # accepted in this step, not yet committed
         self.last_handed_on_at: float | None = None  # MailboxStatus.last_message_at
         self._lock = asyncio.Lock()
@@ -246,9 +261,26 @@ class LedgerWriter:
         return MailKey(self.account, self.folder, self.uidvalidity, uid)
 
     def seen_in_pass(self, message_id: str, sender: str) -> bool:
-        """Handed on (or deferred) in this pass, or put on the queue in this run."""
+        """Handed on (or deferred) in this pass, or put on the queue in this run and
+        still in flight (settled mail the ledger's ``handed_on`` rows find)."""
         key = (message_id, sender)
         return key in self._handled or key in self._handed
+
+    def _note_handed(self, pair: tuple[str, str], key: MailKey) -> None:
+        self._handed[pair] = key
+        self._handed_keys[key] = pair
+
+    def forget_settled(self, keys: list[MailKey]) -> None:
+        """Settled mail is no longer in flight: nothing to guard against repeating."""
+        for key in keys:
+            pair = self._handed_keys.pop(key, None)
+            if pair is not None and self._handed.get(pair) == key:
+                del self._handed[pair]
+
+    @property
+    def in_flight_count(self) -> int:
+        """How many messages this run put on the queue that are not settled yet."""
+        return len(self._handed)
 
     # --- decisions ---
 
@@ -392,7 +424,7 @@ class LedgerWriter:
     ) -> None:
         """Put a committed message on the queue (and remember that it went)."""
         mid = message.id
-        self._handed.add((mid, message.sender))
+        self._note_handed((mid, message.sender), key)
         await queue.put(message)
         self.last_handed_on_at = time.time()
         if self.handoff == "queue":
@@ -446,6 +478,7 @@ class LedgerWriter:
             del self._pending[: len(pending)]
             del self._unsettled[: len(settle)]
             del self._staged[: len(staged)]
+            self.forget_settled(settle)
         for p in pending:
             if p.on_durable is not None:
                 p.on_durable()
@@ -471,7 +504,7 @@ class LedgerWriter:
                 continue  # never twice within one run
             if self._unsettled:
                 await self._commit(None, None, None)
-            self._handed.add((mid, message.sender))
+            self._note_handed((mid, message.sender), row.key)
             await queue.put(message.model_copy(update={"redelivered": True}))
             if self.handoff == "queue":
                 self._unsettled.append(row.key)

@@ -150,7 +150,10 @@ class SlidingWindow:
         return stamps[len(stamps) - self.count] + self.window
 
     def note(self, key: str, at: float) -> None:
-        stamps = self._stamps.setdefault(key, deque())
+        # Only the newest ``count`` + 1 events can decide anything (``free_at`` reads the
+        # count-th newest, ``used`` is compared with ``count``): keeping more would hold
+        # a whole window of timestamps per sender and domain under a high limit.
+        stamps = self._stamps.setdefault(key, deque(maxlen=self.count + 1))
         if stamps and at < stamps[-1]:  # seeding out of order: keep the deque sorted
             ordered = sorted([*stamps, at])
             stamps.clear()

@@ -72,6 +72,25 @@ def _trace_step(every: int, out_dir: Path) -> None:
             fh.write(f"{stat}\n")
 
 
+def _mallinfo_step(out_dir: Path) -> None:
+    """glibc's own account (mallinfo2): bytes in use vs free inside its arenas."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+            "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    mib = {
+        n: round(getattr(info, n) / 2**20, 2) for n in ("arena", "hblkhd", "uordblks", "fordblks")
+    }
+    with (out_dir / "mallinfo.txt").open("a") as fh:
+        fh.write(f"{_child['n']} {json.dumps(mib)}\n")
+
+
 async def handle(msg: Any) -> str | None:
     """The child's handler: report each message; answer every tenth."""
     if _child["fh"] is None:
@@ -82,6 +101,8 @@ async def handle(msg: Any) -> str | None:
     every = int(os.environ.get(TRACE_ENV, "0"))
     if every and _child["n"] % every == 0:
         _trace_step(every, Path(os.environ[OUT_ENV]).parent)
+    if _child["n"] % 2000 == 0:
+        _mallinfo_step(Path(os.environ[OUT_ENV]).parent)
     if n >= 0 and n % 10 == 0:
         return f"Thanks for message {n}.\n\n(soak reply)"
     return None
@@ -89,7 +110,7 @@ async def handle(msg: Any) -> str | None:
 
 # --------------------------------------------------------------------------- the mail
 
-_WORDS = "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor".split()
+_WORDS = ["lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit"]
 
 
 def _text(n: int, size: int) -> str:
@@ -134,6 +155,29 @@ def status_kb(pid: int) -> tuple[int, int]:
         elif line.startswith("VmHWM:"):
             hwm = int(line.split()[1])
     return rss, hwm
+
+
+def rss_by_kind(pid: int) -> dict[str, float]:
+    """The child's resident memory by kind of mapping (MiB): the C heap (``[heap]``,
+    where small malloc blocks and Python's arenas below the mmap threshold live),
+    anonymous mappings (thread arenas, large blocks, pymalloc arenas), files (code)."""
+    kinds: dict[str, float] = {}
+    kind = "other"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split()
+        if head and not head[0].endswith(":"):  # a mapping's first line
+            name = head[5] if len(head) > 5 else ""
+            kind = (
+                "heap" if name == "[heap]"
+                else "anon" if not name
+                else "stack" if name.startswith("[stack")
+                else "sqlite-shm" if name.endswith("-shm")
+                else "file" if name.startswith("/")
+                else "other"
+            )  # fmt: skip
+        elif head and head[0] == "Rss:":
+            kinds[kind] = kinds.get(kind, 0.0) + int(head[1]) / 1024
+    return {k: round(v, 1) for k, v in sorted(kinds.items())}
 
 
 class Tail:
@@ -186,6 +230,10 @@ def child_config(server: Any, account: Any, smtp: Any, state: Path, metrics_port
         "sender_auth": "off",
         "rate_limit_count": 1_000_000,
         "domain_rate_limit_count": 1_000_000,
+        # The limiter keeps the newest count + 1 timestamps per sender and domain, at
+        # most a window's worth: under these high limits a 60 s window reaches that
+        # bound within the run (the default hour would hold 270,000 at 75 mail/s).
+        "rate_limit_window_secs": 60,
         "state_dir": str(state),
         "metrics_port": metrics_port,
     }
@@ -291,6 +339,7 @@ def run(args: argparse.Namespace) -> int:
         handled = [0]
         injector = threading.Thread(target=inject, name="soak-inject", daemon=True)
         samples: list[tuple[float, int, int, int]] = []
+        by_kind: dict[str, dict[str, float]] = {}
         kicks = scrapes = expunged = 0
         start = last_kick = last_sample = last_print = time.monotonic()
         injector.start()
@@ -307,6 +356,9 @@ def run(args: argparse.Namespace) -> int:
                 rss, hwm = status_kb(child.pid)
                 samples.append((now - start, handled[0], rss, hwm))
                 last_sample = now
+                mark = f"{handled[0] * 4 // total}/4"  # the first sample in each quarter
+                if mark not in by_kind:
+                    by_kind[mark] = rss_by_kind(child.pid)
             if now - last_kick >= args.kick_secs:
                 server.kick(account)
                 kicks += 1
@@ -336,6 +388,7 @@ def run(args: argparse.Namespace) -> int:
         elapsed = time.monotonic() - start
         rss, hwm = status_kb(child.pid)
         samples.append((elapsed, handled[0], rss, hwm))
+        by_kind["end"] = rss_by_kind(child.pid)
         time.sleep(1.0)  # a late duplicate would show here
         tail.poll()
         replied = {str(m.message().get("In-Reply-To", "")) for m in smtp.messages}
@@ -356,6 +409,9 @@ def run(args: argparse.Namespace) -> int:
             **report(samples, total, args.flat),
         }
         print(json.dumps(result), flush=True)
+        print("resident MiB by mapping, at the start of each quarter and at the end:")
+        for mark, kinds in by_kind.items():
+            print(f"  {mark:>4} {json.dumps(kinds)}")
         (tmp / "samples.json").write_text(json.dumps(samples))
         ok = (
             result["lost"] == 0 and result["handed_on_twice"] == 0 and not result["replies_missing"]

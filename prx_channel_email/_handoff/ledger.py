@@ -155,7 +155,8 @@ class LedgerWriter:
     * :meth:`redeliver` once per run, before the first pass. Settling (acks, replies)
       is the shared :class:`HandoffLedger`'s.
 
-    What a crash at each point repeats (the README's crash table is this list):
+    What a crash at each point repeats (the README's crash table is this list;
+    tests/test_crash_points.py kills just before and just after each commit):
 
     * ``handoff="ack"``: ``put_staged`` first commits, in ONE transaction, the
       accepted messages of the fetch step (at most ``fetch_batch_size``) as *in

@@ -17,6 +17,7 @@ pytest.importorskip("psycopg")
 
 from prx_channel_email._storage import (
     Cursor,
+    Deferral,
     HandoffBatch,
     InFlight,
     LeaseLost,
@@ -171,3 +172,23 @@ async def test_with_state_url_the_oauth_grant_is_shared_and_refreshed_one_at_a_t
         assert busy.value.code == "oauth_store_busy"
     async with two.locked(within=5):
         pass
+
+
+async def test_a_replica_that_lost_the_mailbox_cannot_refuse_its_waiting_mail(
+    two: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Refusing waiting mail (its sender was removed) is a write for the mailbox like
+    any other: under a lost lease it is refused and the mail still waits for the holder."""
+    a, b = two
+    leases_a = LeaseTable(a.pool, lease_secs=0.5)
+    (held,) = await leases_a.acquire("A", [(BOX.account, BOX.folder)], limit=1)
+    waiting = _mail(1)
+    await a.commit_handoff(HandoffBatch(BOX, deferrals=[
+        Deferral(waiting.key, waiting.entry, 1, "rate_limited", 1000.0, "{}")],
+        cursors=[Cursor(7, 1)], fence=held.epoch))  # fmt: skip
+    leases_b = LeaseTable(b.pool, lease_secs=30)
+    await _until(lambda: leases_b.acquire("B", [(BOX.account, BOX.folder)], limit=1))
+    with pytest.raises(LeaseLost):
+        await a.refuse_waiting(waiting.key, "not_allowed", fence=held.epoch)
+    assert [w.key for w in await b.waiting(BOX)] == [waiting.key]  # B decides it
+    assert await b.handed_on(BOX.account, [("<m1@x>", "alice@example.org")])

@@ -116,7 +116,7 @@ async def test_a_release_from_the_cli_reaches_the_running_channel(
         assert unknown.exit_code != 0 and "quarantine_unknown" in unknown.output
         assert "Traceback" not in again.output + unknown.output
         # Gone from the server before the release: said so, nothing handed on.
-        gone_id, gone = await _quarantine(run, dovecot, account, ANNA)
+        _, gone = await _quarantine(run, dovecot, account, ANNA)
         dovecot.expunge(account, "INBOX", int(gone.id.rsplit(":", 1)[1]))
         lost = await _cli("quarantine", "release", gone.id, "--wait", 20, "--config", path)
         assert lost.exit_code != 0 and "quarantine_gone" in lost.output, lost.output

@@ -387,6 +387,49 @@ async def test_a_release_request_is_durable_once_and_done_with_its_hand_off(
         await backend.close()
 
 
+async def test_old_refused_rows_the_cursor_passed_are_pruned_and_nothing_else(
+    backend: Storage,
+) -> None:
+    def refused(k: MailKey, at: float) -> Record:
+        return Record(k, f"<r{k.uid}@x>", REJECTED, "not_allowed",
+                      entry(f"<r{k.uid}@x>", MALLORY, at))  # fmt: skip
+
+    old, new, cut = 1000.0, 5000.0, 2000.0
+    gone_uv, no_cursor = Mailbox(A, "Other"), Mailbox(A, "Unwatched")
+    held = LedgerEntry("<q@x>", MALLORY, MALLORY, "about q", "", [], old)
+    await backend.commit_handoff(HandoffBatch(INBOX, records=[
+        refused(key(1), old), refused(key(2), old),  # passed by the cursor: pruned
+        refused(key(3), old),  # above the cursor: kept
+        refused(key(4), new),  # too young: kept
+        Record(key(5), "<q@x>", QUARANTINED, "reply_to_self", held),
+    ], in_flight=[flying(key(6), "<d@x>", at=old)], deferrals=[
+        deferral(key(7), "<w@x>", 1)], cursors=[Cursor(7, 2)]))  # fmt: skip
+    await backend.settle([key(6)])
+    # A mailbox whose UIDVALIDITY changed since: its old UIDs mean nothing, pruned.
+    await backend.commit_handoff(HandoffBatch(gone_uv, records=[
+        refused(key(1, gone_uv, uv=3), old)], cursors=[Cursor(4, 9)]))  # fmt: skip
+    # No cursor yet (a first start that never finished): kept.
+    await backend.commit_handoff(HandoffBatch(no_cursor, records=[
+        refused(key(1, no_cursor), old)]))  # fmt: skip
+    theirs = Mailbox(B, "INBOX")
+    await backend.commit_handoff(HandoffBatch(theirs, records=[refused(key(1, theirs), old)],
+                                              cursors=[Cursor(7, 5)]))  # fmt: skip
+
+    assert await backend.prune_refused(A, cut) == 3
+    assert await backend.prune_refused(A, cut) == 0  # once
+    # Quarantined, handed-on and waiting mail are untouched.
+    assert [q.key for q in await backend.quarantined(A)] == [key(5)]
+    found = await backend.find_message(A, "<d@x>")
+    assert found is not None and found.key == key(6)
+    assert [w.key for w in await backend.waiting(INBOX)] == [key(7)]
+    assert await backend.handed_on(A, [("<w@x>", ALICE)]) == {("<w@x>", ALICE)}
+    # Once the cursor passed it, the one above goes too; the young one waits its turn.
+    await backend.set_cursor(INBOX, Cursor(7, 9))
+    assert await backend.prune_refused(A, cut) == 1
+    assert await backend.prune_refused(A, new + 1) == 1
+    assert await backend.prune_refused(B, cut) == 1  # per account
+
+
 async def test_recent_handoffs_are_per_account_oldest_first(backend: Storage) -> None:
     now = time.time()
     await backend.commit_handoff(HandoffBatch(INBOX, records=[

@@ -108,6 +108,21 @@ class HandoffLedger:
             self._acked.setdefault(key.mailbox, []).append((key.uidvalidity, key.uid))
         return bool(done)
 
+    async def prune_refused(self, retention_days: float) -> int:
+        """Delete the records of refused mail older than ``retention_days``; how many.
+
+        A stranger's mail costs a row each, for ever, unless pruned; nothing reads the
+        row back (the cursor keeps that mail from being fetched again, and the storage
+        keeps a row the cursor has not passed). Quarantined mail is never pruned here:
+        an operator may still release it.
+        """
+        cutoff = time.time() - retention_days * 86400
+        pruned = await self.store.prune_refused(self.account, cutoff)
+        if pruned:
+            log_event(log, logging.INFO, "ledger.pruned_refused", account=self.account,
+                      pruned=pruned)  # fmt: skip
+        return pruned
+
     def take_acked(self, mailbox: Mailbox, uidvalidity: int) -> list[int]:
         """UIDs of ``mailbox`` settled since the last call, for the optional \\Seen / move."""
         acked = self._acked.pop(mailbox, [])

@@ -213,7 +213,12 @@ class SyncEngine:
         self._redelivered = False  # what an earlier run left in flight went out again
         # Rate limits and the loop guard: accepted mail over a limit waits in the store.
         self.deferred = DeferredMail(
-            config, store, metrics, folder=self.folder, allowed=pipeline.policy.allows
+            config,
+            store,
+            metrics,
+            folder=self.folder,
+            allowed=pipeline.policy.allows,
+            fence=lambda: self.writer.fence,
         )
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
         # Release requests of quarantined mail are looked at after the first pass of a

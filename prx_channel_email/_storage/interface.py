@@ -108,6 +108,17 @@ QUARANTINED = "quarantined"  # unparseable or held by the policy
 #: Outcomes of mail that was accepted (handed on, or waiting to be).
 ACCEPTED = (DELIVERED, DEFERRED)
 
+#: A refused mail's Message-ID is stored cut to this many characters. Nothing reads it
+#: back (refused mail is no copy of anything and no reply parent; the cursor, not the
+#: ledger, keeps it from being fetched again), and a stranger's 8 KB id cost its size
+#: twice per mail (the row and the Message-ID index).
+REFUSED_ID_CHARS = 256
+
+
+def ledger_id(message_id: str, outcome: str) -> str:
+    """The Message-ID as a ledger row of ``outcome`` keeps it (every backend writes this)."""
+    return message_id[:REFUSED_ID_CHARS] if outcome == REJECTED else message_id
+
 
 @dataclass(frozen=True)
 class Record:
@@ -576,10 +587,21 @@ class Storage(Protocol):
         quarantined; asking again records a new request."""
         ...
 
-    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+    async def refuse_waiting(self, key: MailKey, reason: str, *, fence: int | None = None) -> bool:
         """A waiting mail is refused after all (its sender is no longer allowed): its
         deferred row goes and its ledger row becomes ``rejected`` with ``reason``; it is
-        never handed on. False when it was not waiting (nothing changes)."""
+        never handed on. False when it was not waiting (nothing changes).
+        ``fence``: as :attr:`HandoffBatch.fence` (a replica that lost the mailbox
+        refuses nothing: the new holder decides)."""
+        ...
+
+    async def prune_refused(self, account: str, before: float) -> int:
+        """Delete the ledger rows of ``account``'s refused mail recorded before ``before``
+        (Unix time); returns how many.
+
+        Only rows the mailbox's cursor has passed go (or rows of a UIDVALIDITY the
+        mailbox no longer has): that mail is never fetched again whatever the ledger
+        says. Quarantined, deferred and handed-on rows are never touched."""
         ...
 
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:

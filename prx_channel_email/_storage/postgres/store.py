@@ -33,6 +33,7 @@ from prx_channel_email._storage.interface import (
     DELIVERED,
     EXHAUSTED_PREFIX,
     QUARANTINED,
+    REFUSED_ID_CHARS,
     REJECTED,
     RELEASE_DONE,
     RELEASE_FAILED,
@@ -54,6 +55,7 @@ from prx_channel_email._storage.interface import (
     Stored,
     TokenRecord,
     WaitingRow,
+    ledger_id,
 )
 from prx_channel_email._storage.postgres.leases import fence_epoch
 from prx_channel_email._storage.postgres.schema import mask_url, migrate, storage_error
@@ -386,15 +388,17 @@ class PostgresStore:
 
         return await self.run(q)
 
-    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+    async def refuse_waiting(self, key: MailKey, reason: str, *, fence: int | None = None) -> bool:
         async def tx(cur: Cur) -> bool:
+            if fence is not None:
+                await fence_epoch(cur, key.account, key.folder, fence)
             await cur.execute(f"DELETE FROM deferred WHERE {_KEY}", _k(key))
             if cur.rowcount == 0:
                 return False
             await cur.execute(
-                f"UPDATE ledger SET outcome='{REJECTED}', reason=%s WHERE {_KEY}"
-                f" AND outcome='{DEFERRED}'",
-                (reason, *_k(key)),
+                f"UPDATE ledger SET outcome='{REJECTED}', reason=%s,"
+                f" message_id=substr(message_id, 1, %s) WHERE {_KEY} AND outcome='{DEFERRED}'",
+                (reason, REFUSED_ID_CHARS, *_k(key)),
             )
             return True
 
@@ -460,6 +464,22 @@ class PostgresStore:
             )
 
         await self.run(tx)
+
+    async def prune_refused(self, account: str, before: float) -> int:
+        """Any replica may run it: the rows it deletes are no lease's business (the
+        cursor the check reads only moves forward)."""
+
+        async def tx(cur: Cur) -> int:
+            await cur.execute(
+                f"DELETE FROM ledger l WHERE l.account=%s AND l.outcome='{REJECTED}'"
+                " AND l.received_at<%s AND EXISTS (SELECT 1 FROM cursor c"
+                " WHERE c.account=l.account AND c.folder=l.folder"
+                " AND (c.uidvalidity<>l.uidvalidity OR c.last_uid>=l.uid))",
+                (account, before),
+            )
+            return int(cur.rowcount)
+
+        return await self.run(tx)
 
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:
         async def q(cur: Cur) -> list[tuple[str, float]]:
@@ -570,7 +590,7 @@ async def _write_ledger(
         " %(refs)s, %(received_at)s, NULL)" + _ACCEPTED_WINS,
         {
             **_named(key),
-            "mid": message_id,
+            "mid": ledger_id(message_id, outcome),
             "outcome": outcome,
             "reason": reason,
             **_entry(entry),

@@ -21,6 +21,7 @@ from prx_channel_email._storage.interface import (
     DEFERRED,
     DELIVERED,
     QUARANTINED,
+    REFUSED_ID_CHARS,
     REJECTED,
     RELEASE_DONE,
     RELEASE_FAILED,
@@ -37,6 +38,7 @@ from prx_channel_email._storage.interface import (
     Record,
     ReleaseRequest,
     WaitingRow,
+    ledger_id,
 )
 
 _ACCEPTED_SQL = ",".join(f"'{o}'" for o in ACCEPTED)
@@ -313,7 +315,10 @@ def _write_ledger(
     conn.executemany(
         f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)"
         + _ACCEPTED_WINS,
-        [(*_k(k), mid, outcome, reason, *_entry_cols(e)) for k, mid, outcome, reason, e in rows],
+        [
+            (*_k(k), ledger_id(mid, outcome), outcome, reason, *_entry_cols(e))
+            for k, mid, outcome, reason, e in rows
+        ],
     )
 
 
@@ -474,11 +479,24 @@ def refuse_waiting(conn: sqlite3.Connection, key: MailKey, reason: str) -> bool:
     if conn.execute(f"DELETE FROM deferred WHERE {_KEY_WHERE}", _k(key)).rowcount == 0:
         return False
     conn.execute(
-        f"UPDATE ledger SET outcome='{REJECTED}', reason=? WHERE {_KEY_WHERE}"
-        f" AND outcome='{DEFERRED}'",
-        (reason, *_k(key)),
+        f"UPDATE ledger SET outcome='{REJECTED}', reason=?, message_id=substr(message_id, 1, ?)"
+        f" WHERE {_KEY_WHERE} AND outcome='{DEFERRED}'",
+        (reason, REFUSED_ID_CHARS, *_k(key)),
     )
     return True
+
+
+def prune_refused(conn: sqlite3.Connection, account: str, before: float) -> int:
+    """See :meth:`Storage.prune_refused`."""
+    return int(
+        conn.execute(
+            f"DELETE FROM ledger WHERE account=? AND outcome='{REJECTED}' AND received_at<?"
+            " AND EXISTS (SELECT 1 FROM cursor c WHERE c.account=ledger.account"
+            " AND c.folder=ledger.folder"
+            " AND (c.uidvalidity<>ledger.uidvalidity OR c.last_uid>=ledger.uid))",
+            (account, before),
+        ).rowcount
+    )
 
 
 def _inflight_row(item: InFlight, now: float) -> tuple[Any, ...]:

@@ -121,6 +121,24 @@ CREATE TABLE IF NOT EXISTS oauth_lock (
 );
 """
 
+RELEASE_REQUESTS = """
+CREATE TABLE IF NOT EXISTS release_requests (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity BIGINT NOT NULL,
+    uid BIGINT NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    code TEXT,
+    detail TEXT,
+    requested_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
+    PRIMARY KEY (account, folder, uidvalidity, uid)
+);
+CREATE INDEX IF NOT EXISTS release_requests_by_state
+    ON release_requests (account, state, requested_at)
+"""
+
 # (name, DDL or "" for a step whose work "base" already did here).
 MIGRATIONS: list[tuple[str, str]] = [
     ("base", BASE),
@@ -132,6 +150,7 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("oauth_tokens", ""),
     ("leases", LEASES_DDL),
     ("ledger_refused", LEDGER_REFUSED_INDEX),
+    ("quarantine_releases", RELEASE_REQUESTS),
 ]
 
 _MIGRATION_LOCK = 0x70727865  # "prxe": one migrating process at a time

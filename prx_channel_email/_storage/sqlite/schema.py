@@ -70,6 +70,7 @@ MIGRATIONS: list[tuple[str, Step]] = [
     ("mail_keys", mail_tables.migrate_mail_keys),
     (tokens_table.MIGRATION_NAME, tokens_table.migrate),
     ("ledger_refused", ddl(LEDGER_REFUSED_INDEX)),
+    ("quarantine_releases", ddl(mail_tables.RELEASE_REQUESTS_V1)),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -35,9 +35,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prx_channel_email import channel as channel_module
-from prx_channel_email._storage import HandoffBatch, Storage, storage_of
+from prx_channel_email._storage import DELIVERED, HandoffBatch, Storage, storage_of
 from prx_channel_email.channel import EmailChannel
 from prx_channel_email.config import EmailConfig
+from prx_channel_email.errors import ChannelError
 from prx_channel_email.models import ChannelMessage
 
 NOT_REACHED = 3
@@ -51,7 +52,7 @@ NOT_WRITES = frozenset(
         "open", "close", "migrations", "location", "outbox", "tokens",
         "get_cursor", "in_flight", "handed_on", "find_message", "latest_from",
         "latest_in_thread", "waiting", "deferred_message", "quarantined",
-        "recent_handoffs", "runtime_senders",
+        "recent_handoffs", "runtime_senders", "release_request", "pending_releases",
     }
 )  # fmt: skip
 NAMES = {
@@ -59,6 +60,8 @@ NAMES = {
     "set_cursor": "cursor",
     "refuse_waiting": "refuse",
     "change_sender": "sender",  # the host's allow-list change: not the inbound flow
+    "request_release": "request",  # the operator's release request: not the inbound flow
+    "fail_release": "release-failed",  # a release request the listener cannot carry out
     "prune_refused": "prune",  # housekeeping of old refused rows
 }
 
@@ -68,6 +71,8 @@ def point_of(method: str, args: tuple[Any, ...]) -> str:
     if method != "commit_handoff":
         return NAMES.get(method, method)
     batch: HandoffBatch = args[0]
+    if batch.releases and any(r.outcome == DELIVERED for r in batch.records):
+        return "unquarantine"  # a quarantined mail the operator released goes on
     if batch.releases:
         return "release"  # a deferred mail goes on (its in-flight row rides with it)
     if batch.deferrals:
@@ -146,6 +151,8 @@ async def serve(spec: dict[str, Any]) -> int:
     expected: set[str] = set(spec["expect"])
     got: set[str] = set(spec["seen"])
     remove: str | None = spec.get("remove")
+    release = bool(spec.get("release"))  # release quarantined mail the host expects
+    releasing: set[asyncio.Task[None]] = set()
     top_uid: int = spec["top_uid"]
     stores: list[KillingStorage] = []
 
@@ -168,8 +175,21 @@ async def serve(spec: dict[str, Any]) -> int:
                 await channel.ack(message)
                 events("ACKED", message.id)
 
+    async def release_one(id_: str) -> None:
+        events("RELEASING", id_)
+        try:
+            await channel.release_quarantined(id_, timeout=20)
+        except ChannelError as exc:  # e.g. carried out already, by the previous run
+            events("RELEASE_REFUSED", id_, exc.code)
+
     async def quiet() -> bool:
-        nonlocal remove
+        nonlocal remove, release
+        if release:
+            held = [q for q in await channel.quarantined() if q.message_id in expected - got]
+            if held:  # as an operator would, once it is listed
+                release = False
+                for q in held:
+                    releasing.add(asyncio.create_task(release_one(q.id)))
         store, mailbox = stores[0], channel.sync.mailbox
         waiting = await store.waiting(mailbox)
         if remove is not None and any(w.sender == remove for w in waiting):
@@ -200,7 +220,8 @@ async def serve(spec: dict[str, Any]) -> int:
         finally:
             consumer.cancel()
             listener.cancel()
-            for task in (consumer, listener):
+            for task in (consumer, listener, *releasing):
+                task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
     events("FINISHED")

@@ -199,3 +199,32 @@ async def test_a_release_never_lets_a_forged_or_removed_sender_through(
         await run.channel.release_quarantined(removed.id)
         assert (await run.next()).sender == MALLORY
         assert run.queue.empty()
+
+
+async def test_mail_that_cannot_be_read_is_read_again_and_stays_quarantined_if_it_still_cannot(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """A release of unreadable mail is one more try (an upgrade may read it): a MIME tree
+    nested too deep still cannot be, so the release fails with a clear code and the
+    mail stays quarantined, unread on the server."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA])
+    opening = "".join(
+        f'Content-Type: multipart/mixed; boundary="b{d}"\r\n\r\n--b{d}\r\n' for d in range(400)
+    )
+    closing = "".join(f"\r\n--b{d}--\r\n" for d in reversed(range(400)))
+    head = (f"From: {ANNA}\r\nTo: bot@example.test\r\nSubject: deep\r\n"
+            "Message-ID: <deep@example.org>\r\nMIME-Version: 1.0\r\n")  # fmt: skip
+    raw = (head + opening + "Content-Type: text/plain\r\n\r\nhi\r\n" + closing).encode()
+    async with listening(config) as run:
+        await dovecot.adeliver(account, raw)
+        await run.until(lambda: run.channel.stats().get("inbound.quarantined") == 1)
+        await run.until(lambda: not run.channel.sync.writer._pending)
+        (deep,) = await run.channel.quarantined()
+        assert (deep.message_id, deep.reason) == ("<deep@example.org>", "mime_too_complex")
+        with pytest.raises(ChannelError) as unreadable:
+            await run.channel.release_quarantined(deep.id)
+        assert unreadable.value.code == "quarantine_unreadable"
+        assert [q.id for q in await run.channel.quarantined()] == [deep.id]
+        assert run.queue.empty()
+    uid = int(deep.id.rsplit(":", 1)[1])
+    assert "\\Seen" not in dovecot.flags(account, "INBOX", uid)

@@ -45,6 +45,8 @@ def cli_config(config: EmailConfig, path: Path) -> Path:
               "imap_security": config.imap_security, "smtp_host": "127.0.0.1",
               "username": config.username, "password": "x",
               "from_address": config.from_address, "state_dir": str(config.state_dir)}  # fmt: skip
+    if config.state_url is not None:
+        fields["state_url"] = config.state_url.get_secret_value()
     lines = [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
     path.write_text("\n".join(["[channels_config.email]", *lines]) + "\n")
     return path
@@ -98,12 +100,20 @@ async def test_a_release_through_the_api_hands_it_on_once_and_a_second_is_refuse
         assert run.queue.empty() and run.channel.stats().get("inbound.redelivered", 0) == 0
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_a_release_from_the_cli_reaches_the_running_channel(
-    dovecot: DovecotServer, account: Account, tmp_path: Path
+    dovecot: DovecotServer,
+    account: Account,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """The CLI is another process: it records the request, the running channel sees it
-    within seconds (not at its next keepalive), hands the mail on and the CLI says so."""
-    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], keepalive_secs=600)
+    within seconds (not at its next keepalive), hands the mail on and the CLI says so.
+    The same with the state on PostgreSQL (a replica holding the mailbox's lease)."""
+    shared = {"state_url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], keepalive_secs=600,
+                        **shared)  # fmt: skip
     path = cli_config(config, tmp_path / "prx.toml")
     async with listening(config) as run:
         mid, held = await _quarantine(run, dovecot, account, ANNA)

@@ -5,6 +5,7 @@ never past the allow-list or sender authentication."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -14,9 +15,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from prx_channel_email import ChannelError, QuarantinedMessage
+from prx_channel_email import ChannelError, EmailChannel, QuarantinedMessage
+from prx_channel_email._handoff.ledger import LedgerWriter
+from prx_channel_email._storage import HandoffBatch
+from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email.cli import app
 from prx_channel_email.config import EmailConfig
+from prx_channel_email.models import ChannelMessage
 from tests.servers.dovecot import Account, DovecotServer
 from tests.test_policy_e2e import Listening, e2e_config, letter, listening
 
@@ -238,3 +243,65 @@ async def test_mail_that_cannot_be_read_is_read_again_and_stays_quarantined_if_i
         assert run.queue.empty()
     uid = int(deep.id.rsplit(":", 1)[1])
     assert "\\Seen" not in dovecot.flags(account, "INBOX", uid)
+
+
+@pytest.mark.parametrize("stop", ["before_commit", "after_commit"])
+async def test_a_stop_on_either_side_of_the_release_commit_hands_it_on_exactly_once(
+    dovecot: DovecotServer,
+    account: Account,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: str,
+) -> None:
+    """The process stops at the release's commit point, deterministically: just before
+    its commit the request is still pending and the next start hands the mail on fresh;
+    just after it (before the put) the mail is in flight and the next start hands it on
+    again as ``redelivered``. Either way exactly once more, never twice."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], handoff="ack")
+    async with listening(config) as run:
+        mid, held = await _quarantine(run, dovecot, account, ANNA)
+    async with EmailChannel(config) as idle:
+        with pytest.raises(ChannelError):  # recorded; nothing listens: pending
+            await idle.release_quarantined(held.id)
+    reached = asyncio.Event()
+    if stop == "before_commit":
+        commit = StateStore.commit_handoff
+
+        async def stuck_commit(self: StateStore, batch: HandoffBatch) -> None:
+            if batch.releases:
+                reached.set()
+                await asyncio.Event().wait()  # the process dies here
+            await commit(self, batch)
+
+        monkeypatch.setattr(StateStore, "commit_handoff", stuck_commit)
+    else:
+        put = LedgerWriter._put
+
+        async def stuck_put(self: LedgerWriter, message: ChannelMessage, *args: Any) -> None:
+            if message.id == mid:
+                reached.set()
+                await asyncio.Event().wait()  # the process dies here
+            await put(self, message, *args)
+
+        monkeypatch.setattr(LedgerWriter, "_put", stuck_put)
+    channel = EmailChannel(config)
+    queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+    async with channel:
+        listener = asyncio.create_task(channel.listen(queue))
+        await asyncio.wait_for(reached.wait(), 15)
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+    assert queue.empty()
+    monkeypatch.undo()
+    async with listening(config) as run:
+        again = await run.next()
+        assert (again.id, again.redelivered) == (mid, stop == "after_commit")
+        await run.channel.ack(again)
+        fresh = run.channel.stats().get("inbound.quarantine_released", 0)
+        assert fresh == (1 if stop == "before_commit" else 0)
+        assert run.queue.empty()
+    async with listening(config) as run:
+        assert run.queue.empty()
+        assert run.channel.stats().get("inbound.redelivered", 0) == 0
+        assert run.channel.stats().get("inbound.quarantine_released", 0) == 0

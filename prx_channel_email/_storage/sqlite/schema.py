@@ -69,6 +69,7 @@ MIGRATIONS: list[tuple[str, Step]] = [
     ("inbound_inflight", ddl(mail_tables.INFLIGHT_V1)),
     ("mail_keys", mail_tables.migrate_mail_keys),
     (tokens_table.MIGRATION_NAME, tokens_table.migrate),
+    ("inflight_message_last", ddl(mail_tables.INFLIGHT_MESSAGE_LAST)),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from prx_channel_email._storage import (
+    DELIVERED,
     QUARANTINED,
     CopiesOf,
     Cursor,
@@ -106,6 +107,21 @@ class HandoffLedger:
         for key in done:  # only after the commit returned
             self._acked.setdefault(key.mailbox, []).append((key.uidvalidity, key.uid))
         return bool(done)
+
+    async def prune_refused(self, retention_days: float) -> int:
+        """Delete the records of refused mail older than ``retention_days``; how many.
+
+        A stranger's mail costs a row each, for ever, unless pruned; nothing reads the
+        row back (the cursor keeps that mail from being fetched again, and the storage
+        keeps a row the cursor has not passed). Quarantined mail is never pruned here:
+        an operator may still release it.
+        """
+        cutoff = time.time() - retention_days * 86400
+        pruned = await self.store.prune_refused(self.account, cutoff)
+        if pruned:
+            log_event(log, logging.INFO, "ledger.pruned_refused", account=self.account,
+                      pruned=pruned)  # fmt: skip
+        return pruned
 
     def take_acked(self, mailbox: Mailbox, uidvalidity: int) -> list[int]:
         """UIDs of ``mailbox`` settled since the last call, for the optional \\Seen / move."""
@@ -298,6 +314,28 @@ class LedgerWriter:
         put, like any hand-off."""
         await self.hand_on(None, message, None, queue, release=release)
 
+    async def hand_on_quarantined(
+        self,
+        uid: int,
+        message: ChannelMessage,
+        entry: LedgerEntry | None,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Hand on a quarantined mail the operator released (``_inbound/quarantine.py``).
+
+        One commit, before the put, like any hand-off: its ledger row becomes
+        ``delivered`` with the whole entry (threading reads it once settled), it goes
+        in flight, and its release request is done; the cursor stays where it is.
+        A crash after that commit hands it on again at the next start (in flight);
+        before it, the request is still pending and is carried out then: never both.
+        """
+        key = self.key(uid)
+        self._handled.add((message.id, message.sender))
+        item = InFlight(key, entry or _entry_of(message), pack_message(message))
+        record = Record(key, message.id, DELIVERED, None, item.entry)
+        await self._commit(None, item, Release(key, time.time()), record)
+        await self._put(message, key, uid, queue)
+
     def record(
         self,
         uid: int,
@@ -409,7 +447,11 @@ class LedgerWriter:
             await self._commit(None, None, None)
 
     async def _commit(
-        self, cursor: Cursor | None, item: InFlight | None, release: Release | None
+        self,
+        cursor: Cursor | None,
+        item: InFlight | None,
+        release: Release | None,
+        record: Record | None = None,
     ) -> None:
         # One commit at a time: the release of deferred mail hands on concurrently.
         # Whatever commits first takes the staged messages along (the cursor may not
@@ -425,7 +467,8 @@ class LedgerWriter:
             cursors.sort(key=lambda c: c.last_uid)  # cursor_moves keeps the last of each
             batch = HandoffBatch(
                 mailbox=self.mailbox,
-                records=[p.record for p in pending if p.record is not None],
+                records=[p.record for p in pending if p.record is not None]
+                + ([record] if record is not None else []),
                 in_flight=[s.item for s in staged] + ([item] if item is not None else []),
                 deferrals=[p.deferral for p in pending if p.deferral is not None],
                 releases=[release] if release is not None else [],

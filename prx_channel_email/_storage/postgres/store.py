@@ -33,7 +33,11 @@ from prx_channel_email._storage.interface import (
     DELIVERED,
     EXHAUSTED_PREFIX,
     QUARANTINED,
+    REFUSED_ID_CHARS,
     REJECTED,
+    RELEASE_DONE,
+    RELEASE_FAILED,
+    RELEASE_PENDING,
     CopiesOf,
     Cursor,
     HandoffBatch,
@@ -46,10 +50,12 @@ from prx_channel_email._storage.interface import (
     OutboxEntry,
     OutboxRow,
     QuarantinedMail,
+    ReleaseRequest,
     SenderChanges,
     Stored,
     TokenRecord,
     WaitingRow,
+    ledger_id,
 )
 from prx_channel_email._storage.postgres.leases import fence_epoch
 from prx_channel_email._storage.postgres.schema import mask_url, migrate, storage_error
@@ -260,6 +266,11 @@ class PostgresStore:
                     (release.handed_at, *_k(release.key)),
                 )
                 await cur.execute(f"DELETE FROM deferred WHERE {_KEY}", _k(release.key))
+                await cur.execute(
+                    f"UPDATE release_requests SET state='{RELEASE_DONE}', updated_at=%s"
+                    f" WHERE {_KEY} AND state='{RELEASE_PENDING}'",
+                    (release.handed_at, *_k(release.key)),
+                )
             for cursor in batch.cursors:
                 await _write_cursor(cur, batch.mailbox, cursor)
 
@@ -378,17 +389,96 @@ class PostgresStore:
 
         return await self.run(q)
 
-    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+    async def refuse_waiting(self, key: MailKey, reason: str, *, fence: int | None = None) -> bool:
         async def tx(cur: Cur) -> bool:
+            if fence is not None:
+                await fence_epoch(cur, key.account, key.folder, fence)
             await cur.execute(f"DELETE FROM deferred WHERE {_KEY}", _k(key))
             if cur.rowcount == 0:
                 return False
             await cur.execute(
-                f"UPDATE ledger SET outcome='{REJECTED}', reason=%s WHERE {_KEY}"
-                f" AND outcome='{DEFERRED}'",
-                (reason, *_k(key)),
+                f"UPDATE ledger SET outcome='{REJECTED}', reason=%s,"
+                f" message_id=substr(message_id, 1, %s) WHERE {_KEY} AND outcome='{DEFERRED}'",
+                (reason, REFUSED_ID_CHARS, *_k(key)),
             )
             return True
+
+        return await self.run(tx)
+
+    # --- releases of quarantined mail ---
+
+    async def request_release(
+        self, key: MailKey, *, refuse: Sequence[str] = ()
+    ) -> ReleaseRequest | None:
+        async def tx(cur: Cur) -> ReleaseRequest | None:
+            # The ledger row is locked: a hand-off of this mail commits before or after.
+            await cur.execute(
+                "SELECT outcome, COALESCE(reason, ''), message_id, COALESCE(sender, '')"
+                f" FROM ledger WHERE {_KEY} FOR UPDATE",
+                _k(key),
+            )
+            row = await cur.fetchone()
+            if row is None or row[0] == REJECTED:
+                return None
+            outcome, reason, message_id, sender = row
+            asked = await _release_request(cur, key)
+            if outcome != QUARANTINED:  # handed on (or waiting) since
+                return asked or ReleaseRequest(key, RELEASE_DONE, reason, message_id, sender, 0.0)
+            if asked is not None and asked.state != RELEASE_FAILED:
+                return asked
+            now = time.time()
+            if reason in refuse:
+                return ReleaseRequest(key, RELEASE_FAILED, reason, message_id, sender, now)
+            await cur.execute(
+                "INSERT INTO release_requests (account, folder, uidvalidity, uid, state, reason,"
+                f" code, detail, requested_at, updated_at) VALUES (%s,%s,%s,%s,"
+                f" '{RELEASE_PENDING}', %s, NULL, NULL, %s, %s)"
+                " ON CONFLICT (account, folder, uidvalidity, uid) DO UPDATE SET"
+                " state=excluded.state, reason=excluded.reason, code=NULL, detail=NULL,"
+                " requested_at=excluded.requested_at, updated_at=excluded.updated_at",
+                (*_k(key), reason, now, now),
+            )
+            return ReleaseRequest(key, RELEASE_PENDING, reason, message_id, sender, now, new=True)
+
+        return await self.run(tx)
+
+    async def release_request(self, key: MailKey) -> ReleaseRequest | None:
+        return await self.run(lambda cur: _release_request(cur, key))
+
+    async def pending_releases(self, account: str) -> list[ReleaseRequest]:
+        async def q(cur: Cur) -> list[ReleaseRequest]:
+            await cur.execute(
+                f"SELECT {_REQUEST_COLS}{_REQUEST_FROM} WHERE r.account=%s"
+                f" AND r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
+                (account,),
+            )
+            return [_request(r) for r in await cur.fetchall()]
+
+        return await self.run(q)
+
+    async def fail_release(self, key: MailKey, code: str, detail: str) -> None:
+        async def tx(cur: Cur) -> None:
+            await cur.execute(
+                f"UPDATE release_requests SET state='{RELEASE_FAILED}', code=%s, detail=%s,"
+                f" updated_at=%s WHERE {_KEY} AND state='{RELEASE_PENDING}'",
+                (code, detail, time.time(), *_k(key)),
+            )
+
+        await self.run(tx)
+
+    async def prune_refused(self, account: str, before: float) -> int:
+        """Any replica may run it: the rows it deletes are no lease's business (the
+        cursor the check reads only moves forward)."""
+
+        async def tx(cur: Cur) -> int:
+            await cur.execute(
+                f"DELETE FROM ledger l WHERE l.account=%s AND l.outcome='{REJECTED}'"
+                " AND l.received_at<%s AND EXISTS (SELECT 1 FROM cursor c"
+                " WHERE c.account=l.account AND c.folder=l.folder"
+                " AND (c.uidvalidity<>l.uidvalidity OR c.last_uid>=l.uid))",
+                (account, before),
+            )
+            return int(cur.rowcount)
 
         return await self.run(tx)
 
@@ -453,6 +543,28 @@ class PostgresStore:
         return PgTokenStore(self, account)
 
 
+_REQUEST_COLS = (
+    "r.account, r.folder, r.uidvalidity, r.uid, r.state, r.reason,"
+    " COALESCE(l.message_id, ''), COALESCE(l.sender, ''), r.requested_at, r.code, r.detail"
+)
+_REQUEST_FROM = (
+    " FROM release_requests r LEFT JOIN ledger l ON l.account=r.account AND"
+    " l.folder=r.folder AND l.uidvalidity=r.uidvalidity AND l.uid=r.uid"
+)
+
+
+def _request(r: Any) -> ReleaseRequest:
+    key = MailKey(r[0], r[1], int(r[2]), int(r[3]))
+    return ReleaseRequest(key, r[4], r[5], r[6], r[7], float(r[8]), r[9], r[10])
+
+
+async def _release_request(cur: Cur, key: MailKey) -> ReleaseRequest | None:
+    where = "r.account=%s AND r.folder=%s AND r.uidvalidity=%s AND r.uid=%s"
+    await cur.execute(f"SELECT {_REQUEST_COLS}{_REQUEST_FROM} WHERE {where}", _k(key))
+    row = await cur.fetchone()
+    return _request(row) if row else None
+
+
 def _named(key: MailKey) -> dict[str, Any]:
     return {"a": key.account, "f": key.folder, "v": key.uidvalidity, "u": key.uid}
 
@@ -479,7 +591,7 @@ async def _write_ledger(
         " %(refs)s, %(received_at)s, NULL)" + _ACCEPTED_WINS,
         {
             **_named(key),
-            "mid": message_id,
+            "mid": ledger_id(message_id, outcome),
             "outcome": outcome,
             "reason": reason,
             **_entry(entry),

@@ -21,7 +21,11 @@ from prx_channel_email._storage.interface import (
     DEFERRED,
     DELIVERED,
     QUARANTINED,
+    REFUSED_ID_CHARS,
     REJECTED,
+    RELEASE_DONE,
+    RELEASE_FAILED,
+    RELEASE_PENDING,
     CopiesOf,
     Deferral,
     HandoffBatch,
@@ -32,7 +36,9 @@ from prx_channel_email._storage.interface import (
     MailKey,
     QuarantinedMail,
     Record,
+    ReleaseRequest,
     WaitingRow,
+    ledger_id,
 )
 from prx_channel_email.models import PackedMessage, packed_fields
 
@@ -281,6 +287,28 @@ def migrate_mail_keys(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+#: Step ``quarantine_releases``: the operator's requests to hand quarantined mail on
+#: (written by the CLI or the host, carried out by the listener). ``reason`` is why
+#: the mail was quarantined, ``code``/``detail`` why a release failed.
+RELEASE_REQUESTS_V1 = """
+CREATE TABLE IF NOT EXISTS release_requests (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    code TEXT,
+    detail TEXT,
+    requested_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (account, folder, uidvalidity, uid)
+);
+CREATE INDEX IF NOT EXISTS release_requests_by_state
+    ON release_requests (account, state, requested_at)
+"""
+
+
 # --- writes ---------------------------------------------------------------------------
 
 # One ledger row per mail: an accepted outcome replaces a refused one, never the
@@ -318,7 +346,10 @@ def _write_ledger(
     conn.executemany(
         f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)"
         + _ACCEPTED_WINS,
-        [(*_k(k), mid, outcome, reason, *_entry_cols(e)) for k, mid, outcome, reason, e in rows],
+        [
+            (*_k(k), ledger_id(mid, outcome), outcome, reason, *_entry_cols(e))
+            for k, mid, outcome, reason, e in rows
+        ],
     )
 
 
@@ -379,6 +410,11 @@ def commit_handoff(conn: sqlite3.Connection, batch: HandoffBatch) -> None:
             (release.handed_at, *_k(release.key)),
         )
         conn.execute(f"DELETE FROM deferred WHERE {_KEY_WHERE}", _k(release.key))
+        conn.execute(
+            f"UPDATE release_requests SET state='{RELEASE_DONE}', updated_at=?"
+            f" WHERE {_KEY_WHERE} AND state='{RELEASE_PENDING}'",
+            (release.handed_at, *_k(release.key)),
+        )
 
 
 def quarantined(conn: sqlite3.Connection, account: str, limit: int) -> list[QuarantinedMail]:
@@ -402,16 +438,101 @@ def quarantined(conn: sqlite3.Connection, account: str, limit: int) -> list[Quar
     ]
 
 
+_REQUEST_COLS = (
+    "r.account, r.folder, r.uidvalidity, r.uid, r.state, r.reason,"
+    " COALESCE(l.message_id, ''), COALESCE(l.sender, ''), r.requested_at, r.code, r.detail"
+)
+_REQUEST_FROM = (
+    " FROM release_requests r LEFT JOIN ledger l ON l.account=r.account AND"
+    " l.folder=r.folder AND l.uidvalidity=r.uidvalidity AND l.uid=r.uid"
+)
+
+
+def _request(r: Any) -> ReleaseRequest:
+    key = MailKey(r[0], r[1], int(r[2]), int(r[3]))
+    return ReleaseRequest(key, r[4], r[5], r[6], r[7], float(r[8]), r[9], r[10])
+
+
+def release_request(conn: sqlite3.Connection, key: MailKey) -> ReleaseRequest | None:
+    """See :meth:`Storage.release_request`."""
+    where = "r.account=? AND r.folder=? AND r.uidvalidity=? AND r.uid=?"
+    row = conn.execute(f"SELECT {_REQUEST_COLS}{_REQUEST_FROM} WHERE {where}", _k(key)).fetchone()
+    return _request(row) if row else None
+
+
+def pending_releases(conn: sqlite3.Connection, account: str) -> list[ReleaseRequest]:
+    """See :meth:`Storage.pending_releases`."""
+    rows = conn.execute(
+        f"SELECT {_REQUEST_COLS}{_REQUEST_FROM} WHERE r.account=?"
+        f" AND r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
+        (account,),
+    )
+    return [_request(r) for r in rows]
+
+
+def request_release(
+    conn: sqlite3.Connection, key: MailKey, refuse: Sequence[str]
+) -> ReleaseRequest | None:
+    """See :meth:`Storage.request_release`."""
+    row = conn.execute(
+        f"SELECT outcome, COALESCE(reason, ''), message_id, COALESCE(sender, '') FROM ledger"
+        f" WHERE {_KEY_WHERE}",
+        _k(key),
+    ).fetchone()
+    if row is None or row[0] == REJECTED:
+        return None
+    outcome, reason, message_id, sender = row
+    asked = release_request(conn, key)
+    if outcome != QUARANTINED:  # handed on (or waiting) since: nothing left to release
+        return asked or ReleaseRequest(key, RELEASE_DONE, reason, message_id, sender, 0.0)
+    if asked is not None and asked.state != RELEASE_FAILED:
+        return asked
+    now = time.time()
+    if reason in refuse:
+        return ReleaseRequest(key, RELEASE_FAILED, reason, message_id, sender, now)
+    conn.execute(
+        "INSERT INTO release_requests (account, folder, uidvalidity, uid, state, reason,"
+        f" code, detail, requested_at, updated_at) VALUES (?,?,?,?,'{RELEASE_PENDING}',?,"
+        " NULL, NULL, ?, ?) ON CONFLICT (account, folder, uidvalidity, uid) DO UPDATE SET"
+        " state=excluded.state, reason=excluded.reason, code=NULL, detail=NULL,"
+        " requested_at=excluded.requested_at, updated_at=excluded.updated_at",
+        (*_k(key), reason, now, now),
+    )
+    return ReleaseRequest(key, RELEASE_PENDING, reason, message_id, sender, now, new=True)
+
+
+def fail_release(conn: sqlite3.Connection, key: MailKey, code: str, detail: str) -> None:
+    """See :meth:`Storage.fail_release`."""
+    conn.execute(
+        f"UPDATE release_requests SET state='{RELEASE_FAILED}', code=?, detail=?,"
+        f" updated_at=? WHERE {_KEY_WHERE} AND state='{RELEASE_PENDING}'",
+        (code, detail, time.time(), *_k(key)),
+    )
+
+
 def refuse_waiting(conn: sqlite3.Connection, key: MailKey, reason: str) -> bool:
     """See :meth:`Storage.refuse_waiting`."""
     if conn.execute(f"DELETE FROM deferred WHERE {_KEY_WHERE}", _k(key)).rowcount == 0:
         return False
     conn.execute(
-        f"UPDATE ledger SET outcome='{REJECTED}', reason=? WHERE {_KEY_WHERE}"
-        f" AND outcome='{DEFERRED}'",
-        (reason, *_k(key)),
+        f"UPDATE ledger SET outcome='{REJECTED}', reason=?, message_id=substr(message_id, 1, ?)"
+        f" WHERE {_KEY_WHERE} AND outcome='{DEFERRED}'",
+        (reason, REFUSED_ID_CHARS, *_k(key)),
     )
     return True
+
+
+def prune_refused(conn: sqlite3.Connection, account: str, before: float) -> int:
+    """See :meth:`Storage.prune_refused`."""
+    return int(
+        conn.execute(
+            f"DELETE FROM ledger WHERE account=? AND outcome='{REJECTED}' AND received_at<?"
+            " AND EXISTS (SELECT 1 FROM cursor c WHERE c.account=ledger.account"
+            " AND c.folder=ledger.folder"
+            " AND (c.uidvalidity<>ledger.uidvalidity OR c.last_uid>=ledger.uid))",
+            (account, before),
+        ).rowcount
+    )
 
 
 def _inflight_row(item: InFlight, now: float) -> tuple[Any, ...]:

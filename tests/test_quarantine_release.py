@@ -1,0 +1,200 @@
+"""Releasing quarantined mail, against the real Dovecot: once, through the ordinary
+hand-off, from the API or from the CLI in another process, across a restart, and
+never past the allow-list or sender authentication."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from prx_channel_email import ChannelError, QuarantinedMessage
+from prx_channel_email.cli import app
+from prx_channel_email.config import EmailConfig
+from tests.servers.dovecot import Account, DovecotServer
+from tests.test_policy_e2e import Listening, e2e_config, letter, listening
+
+ANNA, MALLORY = "anna@example.org", "mallory@example.org"
+TRUSTED = {"sender_auth": "enforce", "trusted_authserv_ids": ["mx.example.test"]}
+PASS = "Authentication-Results: mx.example.test; dmarc=pass header.from=example.org"
+
+
+async def _quarantine(
+    run: Listening, dovecot: DovecotServer, account: Account, sender: str, *extra: str
+) -> tuple[str, QuarantinedMessage]:
+    """Deliver ``sender``'s mail naming the bot in Reply-To (plus ``extra`` headers) and
+    wait until its quarantine is recorded; its Message-ID and listing."""
+    mid, raw = letter(sender, f"Reply-To: {account.address}", *extra)
+    before = run.channel.stats().get("inbound.quarantined", 0)
+    await dovecot.adeliver(account, raw)
+    await run.until(lambda: run.channel.stats().get("inbound.quarantined", 0) > before)
+    await run.until(lambda: not run.channel.sync.writer._pending)  # recorded
+    (held,) = [q for q in await run.channel.quarantined() if q.message_id == mid]
+    return mid, held
+
+
+def _cli_config(config: EmailConfig, path: Path) -> Path:
+    fields = {"imap_host": config.imap_host, "imap_port": config.imap_port,
+              "imap_security": config.imap_security, "smtp_host": "127.0.0.1",
+              "username": config.username, "password": "x",
+              "from_address": config.from_address, "state_dir": str(config.state_dir)}  # fmt: skip
+    lines = [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
+    path.write_text("\n".join(["[channels_config.email]", *lines]) + "\n")
+    return path
+
+
+async def _cli(*args: Any) -> Result:
+    """The CLI as the operator runs it (asyncio.run inside: off this loop)."""
+    invoke = functools.partial(CliRunner().invoke, app)
+    return await asyncio.to_thread(invoke, [str(a) for a in args])
+
+
+async def test_a_release_through_the_api_hands_it_on_once_and_a_second_is_refused(
+    dovecot: DovecotServer, account: Account, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The bot's own domain is allowed too: its Reply-To would pass as a reply target.
+    ours = "@" + account.address.rpartition("@")[2]
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA, ours])
+    caplog.set_level(logging.INFO, "prx_channel_email")
+    async with listening(config) as run:
+        mid, held = await _quarantine(run, dovecot, account, ANNA)
+        assert held.reason == "own_mail" and run.queue.empty()
+        await run.channel.release_quarantined(held.id)
+        message = await run.next()
+        assert (message.id, message.sender, message.redelivered) == (mid, ANNA, False)
+        assert message.reply_target == ANNA  # never the bot the Reply-To named
+        assert message.content == "hello"
+        stats = run.channel.stats()
+        assert stats["inbound.quarantine_released"] == 1
+        assert await run.channel.quarantined() == []
+        with pytest.raises(ChannelError) as twice:
+            await run.channel.release_quarantined(held.id)
+        assert twice.value.code == "quarantine_already_released"
+        with pytest.raises(ChannelError) as unknown:
+            await run.channel.release_quarantined(f"INBOX:{held.id.split(':')[1]}:9999")
+        assert unknown.value.code == "quarantine_unknown"
+        with pytest.raises(ChannelError) as garbled:
+            await run.channel.release_quarantined("not an id")
+        assert garbled.value.code == "invalid_argument"
+        await run.channel.ack(message)  # like any mail: acked, settled
+        # A reply threads onto it (the ledger knows it as handed on).
+        assert (await run.channel.outbox.parent_entry(message.reply("ok"))) is not None
+        assert run.queue.empty()
+    released = [getattr(r, "prx", {}) for r in caplog.records
+                if getattr(r, "prx", {}).get("event") == "inbound.quarantine_released"]  # fmt: skip
+    assert len(released) == 1
+    assert {k: released[0][k] for k in ("account", "uid", "message_id", "reason")} == {
+        "account": config.account, "uid": int(held.id.rsplit(":", 1)[1]),
+        "message_id": mid, "reason": "own_mail"}  # fmt: skip
+    async with listening(config) as run:  # nothing comes again after a restart
+        await run.until(lambda: run.channel.sync.synced.is_set())
+        assert run.queue.empty() and run.channel.stats().get("inbound.redelivered", 0) == 0
+
+
+async def test_a_release_from_the_cli_reaches_the_running_channel(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """The CLI is another process: it records the request, the running channel sees it
+    within seconds (not at its next keepalive), hands the mail on and the CLI says so."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], keepalive_secs=600)
+    path = _cli_config(config, tmp_path / "prx.toml")
+    async with listening(config) as run:
+        mid, held = await _quarantine(run, dovecot, account, ANNA)
+        done = await _cli("quarantine", "release", held.id, "--wait", 20, "--config", path)
+        assert done.exit_code == 0, done.output
+        assert f"released {held.id}" in done.output and mid in done.output
+        assert (await run.next()).id == mid
+        again = await _cli("quarantine", "release", held.id, "--config", path)
+        assert again.exit_code != 0 and "quarantine_already_released" in again.output
+        unknown = await _cli("quarantine", "release", "INBOX:1:424242", "--config", path)
+        assert unknown.exit_code != 0 and "quarantine_unknown" in unknown.output
+        assert "Traceback" not in again.output + unknown.output
+        # Gone from the server before the release: said so, nothing handed on.
+        _, gone = await _quarantine(run, dovecot, account, ANNA)
+        dovecot.expunge(account, "INBOX", int(gone.id.rsplit(":", 1)[1]))
+        lost = await _cli("quarantine", "release", gone.id, "--wait", 20, "--config", path)
+        assert lost.exit_code != 0 and "quarantine_gone" in lost.output, lost.output
+        assert run.queue.empty()
+        assert run.channel.stats()["inbound.quarantine_release_failed"] == 1
+
+
+async def test_a_release_requested_while_no_channel_runs_is_handed_on_once_at_the_next_start(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """The request is durable: asked while nothing listens (as after a process died
+    between the request and the hand-off), it is carried out at the next start, once;
+    a kill after its hand-off commit repeats it as any unacknowledged mail is repeated
+    (``redelivered``), never as a second release."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], handoff="ack")
+    path = _cli_config(config, tmp_path / "prx.toml")
+    async with listening(config) as run:
+        mid, held = await _quarantine(run, dovecot, account, ANNA)
+    # A host whose channel is not listening: recorded, and told it is pending.
+    async with type(run.channel)(config) as idle:
+        with pytest.raises(ChannelError) as pending:
+            await idle.release_quarantined(held.id)
+    assert pending.value.code == "quarantine_release_pending"
+    # The request stands: asking again (CLI, not waiting) says it is under way.
+    asked = await _cli("quarantine", "release", held.id, "--wait", 0, "--config", path)
+    assert asked.exit_code != 0 and "quarantine_already_released" in asked.output
+    async with listening(config) as run:
+        message = await run.next()
+        assert (message.id, message.redelivered) == (mid, False)
+        # Not acked: the process stops as if killed after the commit.
+    async with listening(config) as run:
+        again = await run.next()
+        assert (again.id, again.redelivered) == (mid, True)
+        await run.channel.ack(again)
+        assert run.channel.stats().get("inbound.quarantine_released", 0) == 0
+    async with listening(config) as run:
+        assert run.queue.empty()
+        assert run.channel.stats().get("inbound.redelivered", 0) == 0
+
+
+async def test_a_release_never_lets_a_forged_or_removed_sender_through(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """The release sets aside only the Reply-To that quarantined the mail: a From that
+    fails authentication, a sender taken off the allow-list, and a sender the provider
+    could not check (temperror) stay out of the agent's reach."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA, MALLORY], **TRUSTED)
+    forged_ar = "Authentication-Results: mx.example.test; dmarc=fail header.from=example.org"
+    temp_ar = "Authentication-Results: mx.example.test; dmarc=temperror header.from=example.org"
+    async with listening(config) as run:
+        _, forged = await _quarantine(run, dovecot, account, ANNA, forged_ar)
+        assert forged.reason == "own_mail"  # the loop guard decides before authenticity
+        with pytest.raises(ChannelError) as refused:
+            await run.channel.release_quarantined(forged.id)
+        assert refused.value.code == "quarantine_release_refused"
+        assert "unverified_sender" in str(refused.value)
+        _, removed = await _quarantine(run, dovecot, account, MALLORY, PASS)
+        await run.channel.remove_sender(MALLORY)
+        with pytest.raises(ChannelError) as stranger:
+            await run.channel.release_quarantined(removed.id)
+        assert stranger.value.code == "quarantine_release_refused"
+        assert "not_allowed" in str(stranger.value)
+        unchecked_id, raw = letter(ANNA, temp_ar)
+        await dovecot.adeliver(account, raw)
+        await run.until(lambda: run.channel.stats().get("inbound.quarantined") == 3)
+        await run.until(lambda: not run.channel.sync.writer._pending)
+        (unchecked,) = [q for q in await run.channel.quarantined()
+                        if q.message_id == unchecked_id]  # fmt: skip
+        assert unchecked.reason == "unverified_sender"
+        with pytest.raises(ChannelError) as unverifiable:
+            await run.channel.release_quarantined(unchecked.id)
+        assert unverifiable.value.code == "quarantine_not_releasable"
+        assert run.queue.empty()
+        # All three are still quarantined (and listed): nothing was lost either.
+        listed = {q.id for q in await run.channel.quarantined()}
+        assert {forged.id, removed.id, unchecked.id} <= listed
+        # A refused release may be asked again once its cause is fixed.
+        await run.channel.allow_sender(MALLORY)
+        await run.channel.release_quarantined(removed.id)
+        assert (await run.next()).sender == MALLORY
+        assert run.queue.empty()

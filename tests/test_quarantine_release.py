@@ -39,7 +39,8 @@ async def _quarantine(
     return mid, held
 
 
-def _cli_config(config: EmailConfig, path: Path) -> Path:
+def cli_config(config: EmailConfig, path: Path) -> Path:
+    """A config file for the CLI naming the same server and state as ``config``."""
     fields = {"imap_host": config.imap_host, "imap_port": config.imap_port,
               "imap_security": config.imap_security, "smtp_host": "127.0.0.1",
               "username": config.username, "password": "x",
@@ -103,7 +104,7 @@ async def test_a_release_from_the_cli_reaches_the_running_channel(
     """The CLI is another process: it records the request, the running channel sees it
     within seconds (not at its next keepalive), hands the mail on and the CLI says so."""
     config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], keepalive_secs=600)
-    path = _cli_config(config, tmp_path / "prx.toml")
+    path = cli_config(config, tmp_path / "prx.toml")
     async with listening(config) as run:
         mid, held = await _quarantine(run, dovecot, account, ANNA)
         done = await _cli("quarantine", "release", held.id, "--wait", 20, "--config", path)
@@ -132,7 +133,7 @@ async def test_a_release_requested_while_no_channel_runs_is_handed_on_once_at_th
     a kill after its hand-off commit repeats it as any unacknowledged mail is repeated
     (``redelivered``), never as a second release."""
     config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], handoff="ack")
-    path = _cli_config(config, tmp_path / "prx.toml")
+    path = cli_config(config, tmp_path / "prx.toml")
     async with listening(config) as run:
         mid, held = await _quarantine(run, dovecot, account, ANNA)
     # A host whose channel is not listening: recorded, and told it is pending.

@@ -15,7 +15,13 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from prx_channel_email._storage.ddl import statements
+from prx_channel_email._storage.ddl import (
+    RELEASE_COLUMNS,
+    RELEASE_FROM,
+    release_answer,
+    release_row,
+    statements,
+)
 from prx_channel_email._storage.interface import (
     ACCEPTED,
     DEFERRED,
@@ -287,28 +293,6 @@ def migrate_mail_keys(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
-#: Step ``quarantine_releases``: the operator's requests to hand quarantined mail on
-#: (written by the CLI or the host, carried out by the listener). ``reason`` is why
-#: the mail was quarantined, ``code``/``detail`` why a release failed.
-RELEASE_REQUESTS_V1 = """
-CREATE TABLE IF NOT EXISTS release_requests (
-    account TEXT NOT NULL,
-    folder TEXT NOT NULL,
-    uidvalidity INTEGER NOT NULL,
-    uid INTEGER NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    code TEXT,
-    detail TEXT,
-    requested_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (account, folder, uidvalidity, uid)
-);
-CREATE INDEX IF NOT EXISTS release_requests_by_state
-    ON release_requests (account, state, requested_at)
-"""
-
-
 # --- writes ---------------------------------------------------------------------------
 
 # One ledger row per mail: an accepted outcome replaces a refused one, never the
@@ -438,36 +422,21 @@ def quarantined(conn: sqlite3.Connection, account: str, limit: int) -> list[Quar
     ]
 
 
-_REQUEST_COLS = (
-    "r.account, r.folder, r.uidvalidity, r.uid, r.state, r.reason,"
-    " COALESCE(l.message_id, ''), COALESCE(l.sender, ''), r.requested_at, r.code, r.detail"
-)
-_REQUEST_FROM = (
-    " FROM release_requests r LEFT JOIN ledger l ON l.account=r.account AND"
-    " l.folder=r.folder AND l.uidvalidity=r.uidvalidity AND l.uid=r.uid"
-)
-
-
-def _request(r: Any) -> ReleaseRequest:
-    key = MailKey(r[0], r[1], int(r[2]), int(r[3]))
-    return ReleaseRequest(key, r[4], r[5], r[6], r[7], float(r[8]), r[9], r[10])
-
-
 def release_request(conn: sqlite3.Connection, key: MailKey) -> ReleaseRequest | None:
     """See :meth:`Storage.release_request`."""
     where = "r.account=? AND r.folder=? AND r.uidvalidity=? AND r.uid=?"
-    row = conn.execute(f"SELECT {_REQUEST_COLS}{_REQUEST_FROM} WHERE {where}", _k(key)).fetchone()
-    return _request(row) if row else None
+    row = conn.execute(f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE {where}", _k(key)).fetchone()
+    return release_row(row) if row else None
 
 
 def pending_releases(conn: sqlite3.Connection, account: str) -> list[ReleaseRequest]:
     """See :meth:`Storage.pending_releases`."""
     rows = conn.execute(
-        f"SELECT {_REQUEST_COLS}{_REQUEST_FROM} WHERE r.account=?"
+        f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE r.account=?"
         f" AND r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
         (account,),
     )
-    return [_request(r) for r in rows]
+    return [release_row(r) for r in rows]
 
 
 def request_release(
@@ -479,26 +448,17 @@ def request_release(
         f" WHERE {_KEY_WHERE}",
         _k(key),
     ).fetchone()
-    if row is None or row[0] == REJECTED:
-        return None
-    outcome, reason, message_id, sender = row
-    asked = release_request(conn, key)
-    if outcome != QUARANTINED:  # handed on (or waiting) since: nothing left to release
-        return asked or ReleaseRequest(key, RELEASE_DONE, reason, message_id, sender, 0.0)
-    if asked is not None and asked.state != RELEASE_FAILED:
-        return asked
-    now = time.time()
-    if reason in refuse:
-        return ReleaseRequest(key, RELEASE_FAILED, reason, message_id, sender, now)
-    conn.execute(
-        "INSERT INTO release_requests (account, folder, uidvalidity, uid, state, reason,"
-        f" code, detail, requested_at, updated_at) VALUES (?,?,?,?,'{RELEASE_PENDING}',?,"
-        " NULL, NULL, ?, ?) ON CONFLICT (account, folder, uidvalidity, uid) DO UPDATE SET"
-        " state=excluded.state, reason=excluded.reason, code=NULL, detail=NULL,"
-        " requested_at=excluded.requested_at, updated_at=excluded.updated_at",
-        (*_k(key), reason, now, now),
-    )
-    return ReleaseRequest(key, RELEASE_PENDING, reason, message_id, sender, now, new=True)
+    answer, record = release_answer(key, row, release_request(conn, key), refuse, time.time())
+    if record and answer is not None:
+        conn.execute(
+            "INSERT INTO release_requests (account, folder, uidvalidity, uid, state, reason,"
+            " code, detail, requested_at, updated_at) VALUES (?,?,?,?,?,?, NULL, NULL, ?, ?)"
+            " ON CONFLICT (account, folder, uidvalidity, uid) DO UPDATE SET"
+            " state=excluded.state, reason=excluded.reason, code=NULL, detail=NULL,"
+            " requested_at=excluded.requested_at, updated_at=excluded.updated_at",
+            (*_k(key), answer.state, answer.reason, answer.requested_at, answer.requested_at),
+        )
+    return answer
 
 
 def fail_release(conn: sqlite3.Connection, key: MailKey, code: str, detail: str) -> None:

@@ -45,6 +45,8 @@ def cli_config(config: EmailConfig, path: Path) -> Path:
               "imap_security": config.imap_security, "smtp_host": "127.0.0.1",
               "username": config.username, "password": "x",
               "from_address": config.from_address, "state_dir": str(config.state_dir)}  # fmt: skip
+    if config.state_url is not None:
+        fields["state_url"] = config.state_url.get_secret_value()
     lines = [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
     path.write_text("\n".join(["[channels_config.email]", *lines]) + "\n")
     return path
@@ -98,12 +100,20 @@ async def test_a_release_through_the_api_hands_it_on_once_and_a_second_is_refuse
         assert run.queue.empty() and run.channel.stats().get("inbound.redelivered", 0) == 0
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_a_release_from_the_cli_reaches_the_running_channel(
-    dovecot: DovecotServer, account: Account, tmp_path: Path
+    dovecot: DovecotServer,
+    account: Account,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """The CLI is another process: it records the request, the running channel sees it
-    within seconds (not at its next keepalive), hands the mail on and the CLI says so."""
-    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], keepalive_secs=600)
+    within seconds (not at its next keepalive), hands the mail on and the CLI says so.
+    The same with the state on PostgreSQL (a replica holding the mailbox's lease)."""
+    shared = {"state_url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], keepalive_secs=600,
+                        **shared)  # fmt: skip
     path = cli_config(config, tmp_path / "prx.toml")
     async with listening(config) as run:
         mid, held = await _quarantine(run, dovecot, account, ANNA)
@@ -199,3 +209,32 @@ async def test_a_release_never_lets_a_forged_or_removed_sender_through(
         await run.channel.release_quarantined(removed.id)
         assert (await run.next()).sender == MALLORY
         assert run.queue.empty()
+
+
+async def test_mail_that_cannot_be_read_is_read_again_and_stays_quarantined_if_it_still_cannot(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """A release of unreadable mail is one more try (an upgrade may read it): a MIME tree
+    nested too deep still cannot be, so the release fails with a clear code and the
+    mail stays quarantined, unread on the server."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA])
+    opening = "".join(
+        f'Content-Type: multipart/mixed; boundary="b{d}"\r\n\r\n--b{d}\r\n' for d in range(400)
+    )
+    closing = "".join(f"\r\n--b{d}--\r\n" for d in reversed(range(400)))
+    head = (f"From: {ANNA}\r\nTo: bot@example.test\r\nSubject: deep\r\n"
+            "Message-ID: <deep@example.org>\r\nMIME-Version: 1.0\r\n")  # fmt: skip
+    raw = (head + opening + "Content-Type: text/plain\r\n\r\nhi\r\n" + closing).encode()
+    async with listening(config) as run:
+        await dovecot.adeliver(account, raw)
+        await run.until(lambda: run.channel.stats().get("inbound.quarantined") == 1)
+        await run.until(lambda: not run.channel.sync.writer._pending)
+        (deep,) = await run.channel.quarantined()
+        assert (deep.message_id, deep.reason) == ("<deep@example.org>", "mime_too_complex")
+        with pytest.raises(ChannelError) as unreadable:
+            await run.channel.release_quarantined(deep.id)
+        assert unreadable.value.code == "quarantine_unreadable"
+        assert [q.id for q in await run.channel.quarantined()] == [deep.id]
+        assert run.queue.empty()
+    uid = int(deep.id.rsplit(":", 1)[1])
+    assert "\\Seen" not in dovecot.flags(account, "INBOX", uid)

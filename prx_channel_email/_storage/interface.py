@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from prx_channel_email.errors import StorageError
+from prx_channel_email.models import PackedMessage
 
 
 class LeaseLost(StorageError):
@@ -134,11 +135,12 @@ class Record:
 @dataclass(frozen=True)
 class InFlight:
     """A mail about to be put on the host's queue: handed on again after a restart
-    until settled. ``message`` is the ChannelMessage as JSON."""
+    until settled. ``message`` is the ChannelMessage in its stored form
+    (:func:`~prx_channel_email.models.pack_message`)."""
 
     key: MailKey
     entry: LedgerEntry
-    message: str
+    message: str | PackedMessage
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class Deferral:
     seq: int
     reason: str
     arrived_at: float
-    message: str
+    message: str | PackedMessage
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ from prx_channel_email._storage.interface import (
 from prx_channel_email._storage.postgres.leases import fence_epoch
 from prx_channel_email._storage.postgres.schema import mask_url, migrate, storage_error
 from prx_channel_email.errors import ChannelError, OAuthUnavailable, StorageError
+from prx_channel_email.models import packed_fields
 
 T = TypeVar("T")
 Cur = Any  # psycopg.AsyncCursor
@@ -245,7 +246,7 @@ class PostgresStore:
                         **_named(item.key),
                         "mid": item.entry.message_id,
                         **_entry(item.entry),
-                        "msg": item.message,
+                        "msg": str(item.message),
                         "now": now,
                     },
                 )
@@ -262,7 +263,7 @@ class PostgresStore:
                         d.entry.sender,
                         d.reason,
                         d.arrived_at,
-                        d.message,
+                        str(d.message),
                     ),
                 )
             for release in batch.releases:
@@ -358,7 +359,7 @@ class PostgresStore:
             )
             return [
                 WaitingRow(MailKey(r[0], r[1], int(r[2]), int(r[3])), r[4], int(r[5]), r[6],
-                           r[7], float(r[8]), str(json.loads(r[9]).get("thread_ts") or ""))
+                           r[7], float(r[8]), str(packed_fields(r[9]).get("thread_ts") or ""))
                 for r in await cur.fetchall()
             ]  # fmt: skip
 

@@ -71,6 +71,7 @@ MIGRATIONS: list[tuple[str, Step]] = [
     (tokens_table.MIGRATION_NAME, tokens_table.migrate),
     ("ledger_refused", ddl(LEDGER_REFUSED_INDEX)),
     ("quarantine_releases", ddl(RELEASE_REQUESTS)),
+    ("inflight_message_last", ddl(mail_tables.INFLIGHT_MESSAGE_LAST)),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

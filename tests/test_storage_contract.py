@@ -20,8 +20,12 @@ from pathlib import Path
 import pytest
 
 from prx_channel_email._storage import (
+    DELIVERED,
     QUARANTINED,
     REJECTED,
+    RELEASE_DONE,
+    RELEASE_FAILED,
+    RELEASE_PENDING,
     CopiesOf,
     Cursor,
     Deferral,
@@ -39,6 +43,7 @@ from prx_channel_email._storage import (
     open_storage,
 )
 from prx_channel_email.errors import OAuthUnavailable
+from prx_channel_email.models import ChannelMessage, pack_message, unpack_message
 
 A, B = "alice-bot@example.test", "bob-bot@example.test"  # two accounts
 INBOX, OTHER = Mailbox(A, "INBOX"), Mailbox(A, "Other")
@@ -147,6 +152,31 @@ async def test_in_flight_rows_come_back_in_handoff_order_per_mailbox(backend: St
     assert (rows[0].message_id, rows[0].sender) == ("<5@x>", ALICE)
     assert rows[0].message == '{"id": "<5@x>", "sender": "alice@example.org"}'
     assert [r.key for r in await backend.in_flight(OTHER)] == [key(1, OTHER)]
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["content-is-the-text", "stripped"])
+async def test_a_big_waiting_message_reads_back_whole_in_flight_and_deferred(
+    backend: Storage, same: bool
+) -> None:
+    """A message over a megabyte is written in pieces (SQLite's blob I/O): what
+    comes back, after a restart or at release, is the same message, every
+    character of it, non-ASCII and quotes included."""
+    text = ('élan "quoted" \u2603 ' * 60_000) + "end"
+    message = ChannelMessage(
+        id="<big@x>", sender=ALICE, reply_target=ALICE, subject="big", thread_ts="<big@x>",
+        content=text if same else text[:1000], full_text=text, timestamp=1000.0,
+    )  # fmt: skip
+    await backend.commit_handoff(HandoffBatch(INBOX, in_flight=[
+        InFlight(key(1), entry("<big@x>"), pack_message(message))
+    ], deferrals=[
+        Deferral(key(2), entry("<big@x>"), 1, "rate_limited", 1000.0, pack_message(message))
+    ]))  # fmt: skip
+    (row,) = await backend.in_flight(INBOX)
+    assert unpack_message(row.message) == message
+    stored = await backend.deferred_message(key(2))
+    assert stored is not None and unpack_message(stored) == message
+    (waiting,) = await backend.waiting(INBOX)
+    assert waiting.thread == "<big@x>"
 
 
 async def test_a_mail_already_in_flight_stays_as_it_is(backend: Storage) -> None:
@@ -321,6 +351,66 @@ async def test_quarantined_mail_is_listed_newest_first_until_handed_on(
     await backend.commit_handoff(HandoffBatch(INBOX, in_flight=[flying(key(1), "<q@x>")]))
     await backend.settle([key(1)])
     assert key(1) not in {q.key for q in await backend.quarantined(A)}
+
+
+async def test_a_release_request_is_durable_once_and_done_with_its_hand_off(
+    open_backend: Opener,
+) -> None:
+    """The operator asks (in one process), the listener hands on (in another): the
+    request survives a reopen, is recorded once, becomes done in the hand-off's own
+    commit, and a failed one may be asked again."""
+    backend = await open_backend()
+    held = LedgerEntry("<q@x>", ALICE, ALICE, "about q", "", [], 1000.0)
+    await backend.commit_handoff(HandoffBatch(INBOX, records=[
+        Record(key(1), "<q@x>", QUARANTINED, "own_mail", held),
+        Record(key(2), "<r@x>", REJECTED, "not_allowed"),
+        Record(key(3), "<t@x>", QUARANTINED, "unverified_sender"),
+        Record(key(4), "<p@x>", QUARANTINED, "parse_error")]))  # fmt: skip
+    # Unknown mail and refused mail are nothing to release; nothing is recorded.
+    assert await backend.request_release(key(9)) is None
+    assert await backend.request_release(key(2)) is None
+    assert await backend.release_request(key(2)) is None
+    # A reason the caller refuses: answered, not recorded.
+    refused = await backend.request_release(key(3), refuse=["unverified_sender"])
+    assert refused is not None and (refused.state, refused.new) == (RELEASE_FAILED, False)
+    assert await backend.release_request(key(3)) is None
+    first = await backend.request_release(key(1), refuse=["unverified_sender"])
+    assert first is not None and first.new and first.state == RELEASE_PENDING
+    assert (first.reason, first.message_id, first.sender) == ("own_mail", "<q@x>", ALICE)
+    again = await backend.request_release(key(1))
+    assert again is not None and not again.new and again.state == RELEASE_PENDING
+    assert (await backend.request_release(key(4))).new  # type: ignore[union-attr]
+    await backend.close()
+    backend = await open_backend()  # another process, or a restart
+    try:
+        assert [r.key for r in await backend.pending_releases(A)] == [key(1), key(4)]
+        assert await backend.pending_releases(B) == []
+        # It fails (gone from the server): the mail stays quarantined, may be asked again.
+        await backend.fail_release(key(4), "quarantine_gone", "no longer on the server")
+        failed = await backend.release_request(key(4))
+        assert failed is not None and (failed.state, failed.code, failed.detail) == (
+            RELEASE_FAILED, "quarantine_gone", "no longer on the server")  # fmt: skip
+        assert key(4) in {q.key for q in await backend.quarantined(A)}
+        retried = await backend.request_release(key(4))
+        assert retried is not None and retried.new and retried.code is None
+        # Handed on: the ledger row, the in-flight row and the request, one commit.
+        await backend.commit_handoff(HandoffBatch(
+            INBOX, records=[Record(key(1), "<q@x>", DELIVERED, None, entry("<q@x>"))],
+            in_flight=[flying(key(1), "<q@x>")], releases=[Release(key(1), 2000.0)]))  # fmt: skip
+        done = await backend.release_request(key(1))
+        assert done is not None and done.state == RELEASE_DONE
+        assert [r.key for r in await backend.pending_releases(A)] == [key(4)]
+        assert key(1) not in {q.key for q in await backend.quarantined(A)}
+        assert [r.key for r in await backend.in_flight(INBOX)] == [key(1)]
+        # Asking again: it was released (not recorded again, still done once settled).
+        await backend.settle([key(1)])
+        twice = await backend.request_release(key(1))
+        assert twice is not None and (twice.state, twice.new) == (RELEASE_DONE, False)
+        # A failure reported late (after the hand-off) changes nothing.
+        await backend.fail_release(key(1), "quarantine_gone", "late")
+        assert (await backend.release_request(key(1))).state == RELEASE_DONE  # type: ignore[union-attr]
+    finally:
+        await backend.close()
 
 
 async def test_old_refused_rows_the_cursor_passed_are_pruned_and_nothing_else(

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from prx_channel_email._storage import (
+    DELIVERED,
     QUARANTINED,
     CopiesOf,
     Cursor,
@@ -297,8 +298,7 @@ class LedgerWriter:
             seq=seq,
             reason=reason,
             arrived_at=arrived_at,
-            # JSON, not the compact form: the storage layer reads thread_ts from it.
-            message=message.model_dump_json(),
+            message=pack_message(message),
         )
         cursor = Cursor(self.uidvalidity, uid)
         self._pending.append(_Pending(cursor, deferral=deferral, on_durable=on_durable))
@@ -313,6 +313,28 @@ class LedgerWriter:
         delivered, deferred row gone) commits with the in-flight write, before the
         put, like any hand-off."""
         await self.hand_on(None, message, None, queue, release=release)
+
+    async def hand_on_quarantined(
+        self,
+        uid: int,
+        message: ChannelMessage,
+        entry: LedgerEntry | None,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Hand on a quarantined mail the operator released (``_inbound/quarantine.py``).
+
+        One commit, before the put, like any hand-off: its ledger row becomes
+        ``delivered`` with the whole entry (threading reads it once settled), it goes
+        in flight, and its release request is done; the cursor stays where it is.
+        A crash after that commit hands it on again at the next start (in flight);
+        before it, the request is still pending and is carried out then: never both.
+        """
+        key = self.key(uid)
+        self._handled.add((message.id, message.sender))
+        item = InFlight(key, entry or _entry_of(message), pack_message(message))
+        record = Record(key, message.id, DELIVERED, None, item.entry)
+        await self._commit(None, item, Release(key, time.time()), record)
+        await self._put(message, key, uid, queue)
 
     def record(
         self,
@@ -425,7 +447,11 @@ class LedgerWriter:
             await self._commit(None, None, None)
 
     async def _commit(
-        self, cursor: Cursor | None, item: InFlight | None, release: Release | None
+        self,
+        cursor: Cursor | None,
+        item: InFlight | None,
+        release: Release | None,
+        record: Record | None = None,
     ) -> None:
         # One commit at a time: the release of deferred mail hands on concurrently.
         # Whatever commits first takes the staged messages along (the cursor may not
@@ -441,7 +467,8 @@ class LedgerWriter:
             cursors.sort(key=lambda c: c.last_uid)  # cursor_moves keeps the last of each
             batch = HandoffBatch(
                 mailbox=self.mailbox,
-                records=[p.record for p in pending if p.record is not None],
+                records=[p.record for p in pending if p.record is not None]
+                + ([record] if record is not None else []),
                 in_flight=[s.item for s in staged] + ([item] if item is not None else []),
                 deferrals=[p.deferral for p in pending if p.deferral is not None],
                 releases=[release] if release is not None else [],

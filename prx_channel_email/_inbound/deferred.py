@@ -158,6 +158,11 @@ class DeferredMail:
             return None
         return await self.store.outbox(self.account).sent_reply(parent)
 
+    def counted(self, sender: str) -> None:
+        """A mail handed on without being judged here (a quarantined mail the operator
+        released) still counts against its sender's and its domain's limits."""
+        self.gate.seed([(sender, self.clock())])
+
     def stored(self, waiting: Waiting) -> None:
         """The row of ``waiting`` is committed: it may be released from now on.
 

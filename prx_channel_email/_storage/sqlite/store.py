@@ -32,6 +32,7 @@ from prx_channel_email._storage.interface import (
     Mailbox,
     MailKey,
     QuarantinedMail,
+    ReleaseRequest,
     SenderChanges,
     WaitingRow,
 )
@@ -240,6 +241,22 @@ class StateStore:
     async def refuse_waiting(self, key: MailKey, reason: str, *, fence: int | None = None) -> bool:
         # One process owns the file: there is no lease to check (``fence`` is ignored).
         return await self.run(lambda conn: mail_tables.refuse_waiting(conn, key, reason))
+
+    # --- releases of quarantined mail ---
+
+    async def request_release(
+        self, key: MailKey, *, refuse: Sequence[str] = ()
+    ) -> ReleaseRequest | None:
+        return await self.run(lambda conn: mail_tables.request_release(conn, key, refuse))
+
+    async def release_request(self, key: MailKey) -> ReleaseRequest | None:
+        return await self.run(lambda conn: mail_tables.release_request(conn, key))
+
+    async def pending_releases(self, account: str) -> list[ReleaseRequest]:
+        return await self.run(lambda conn: mail_tables.pending_releases(conn, account))
+
+    async def fail_release(self, key: MailKey, code: str, detail: str) -> None:
+        await self.run(lambda conn: mail_tables.fail_release(conn, key, code, detail))
 
     async def prune_refused(self, account: str, before: float) -> int:
         return await self.run(lambda conn: mail_tables.prune_refused(conn, account, before))

@@ -385,6 +385,7 @@ async def test_a_release_request_is_durable_once_and_done_with_its_hand_off(
     try:
         assert [r.key for r in await backend.pending_releases(A)] == [key(1), key(4)]
         assert await backend.pending_releases(B) == []
+        assert [r.key for r in await backend.pending_releases()] == [key(1), key(4)]  # all
         # It fails (gone from the server): the mail stays quarantined, may be asked again.
         await backend.fail_release(key(4), "quarantine_gone", "no longer on the server")
         failed = await backend.release_request(key(4))

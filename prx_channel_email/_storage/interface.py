@@ -580,8 +580,9 @@ class Storage(Protocol):
         """The release request of ``key`` as it stands (None: never asked for)."""
         ...
 
-    async def pending_releases(self, account: str) -> list[ReleaseRequest]:
-        """Every pending release request of ``account``, oldest first."""
+    async def pending_releases(self, account: str | None = None) -> list[ReleaseRequest]:
+        """Every pending release request of ``account`` (of every account when None:
+        one read however many mailboxes a process serves), oldest first."""
         ...
 
     async def fail_release(self, key: MailKey, code: str, detail: str) -> None:

@@ -444,12 +444,14 @@ class PostgresStore:
     async def release_request(self, key: MailKey) -> ReleaseRequest | None:
         return await self.run(lambda cur: _release_request(cur, key))
 
-    async def pending_releases(self, account: str) -> list[ReleaseRequest]:
+    async def pending_releases(self, account: str | None = None) -> list[ReleaseRequest]:
+        mine, args = ("r.account=%s AND ", (account,)) if account is not None else ("", ())
+
         async def q(cur: Cur) -> list[ReleaseRequest]:
             await cur.execute(
-                f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE r.account=%s"
-                f" AND r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
-                (account,),
+                f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE {mine}"
+                f"r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
+                args,
             )
             return [release_row(r) for r in await cur.fetchall()]
 

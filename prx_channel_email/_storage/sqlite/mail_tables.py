@@ -429,12 +429,13 @@ def release_request(conn: sqlite3.Connection, key: MailKey) -> ReleaseRequest | 
     return release_row(row) if row else None
 
 
-def pending_releases(conn: sqlite3.Connection, account: str) -> list[ReleaseRequest]:
+def pending_releases(conn: sqlite3.Connection, account: str | None) -> list[ReleaseRequest]:
     """See :meth:`Storage.pending_releases`."""
+    mine, args = ("r.account=? AND ", (account,)) if account is not None else ("", ())
     rows = conn.execute(
-        f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE r.account=?"
-        f" AND r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
-        (account,),
+        f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE {mine}"
+        f"r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
+        args,
     )
     return [release_row(r) for r in rows]
 

@@ -26,25 +26,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import smtplib
 import sqlite3
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # tests.servers; the package from PYTHONPATH
 
-from prx_channel_email import ChannelMessage, EmailChannel, EmailConfig  # noqa: E402
+from prx_channel_email import EmailConfig  # noqa: E402
 from prx_channel_email._handoff.ledger import HandoffLedger, LedgerWriter  # noqa: E402
 from prx_channel_email._storage import Cursor, Mailbox  # noqa: E402
 from prx_channel_email._storage.sqlite.store import DB_NAME, StateStore  # noqa: E402
 from prx_channel_email._support.observability import Metrics  # noqa: E402
 from tests.servers.dovecot import Account, DovecotServer  # noqa: E402
+from tests.test_host_senders import Run, listening  # noqa: E402
 
 ACCOUNT, FOLDER, UV = "bot@example.test", "INBOX", 7
 STEP = 50  # fetch_batch_size: one commit per step, as the sync engine does
@@ -151,29 +151,9 @@ async def until(check: Callable[[], bool], within: float = 600.0) -> None:
         await asyncio.sleep(0.05)
 
 
-class Run:
-    def __init__(self, channel: EmailChannel) -> None:
-        self.channel = channel
-        self.queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
-
-    def refused(self) -> int:
-        """Strangers' mail judged and refused in this run (counted as it is judged)."""
-        return self.channel.metrics.get("inbound.skipped.not_allowed")
-
-
-@contextlib.asynccontextmanager
-async def listening(cfg: EmailConfig) -> AsyncIterator[Run]:
-    channel = EmailChannel(cfg)
-    run = Run(channel)
-    async with channel:
-        task = asyncio.create_task(channel.listen(run.queue))
-        try:
-            await asyncio.wait_for(channel.sync.synced.wait(), 30)
-            yield run
-        finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+def refused(run: Run) -> int:
+    """Strangers' mail judged and refused in this run (counted as it is judged)."""
+    return run.channel.metrics.get("inbound.skipped.not_allowed")
 
 
 async def e2e_run(server: DovecotServer, tmp: Path, count: int, id_chars: int) -> dict[str, int]:
@@ -191,7 +171,7 @@ async def e2e_run(server: DovecotServer, tmp: Path, count: int, id_chars: int) -
         mails = [stranger_mail(n, id_chars) for n in range(count)] + [alice_mail(1)]
         await loop.run_in_executor(None, lmtp, server, account, mails)
         assert (await asyncio.wait_for(run.queue.get(), 600)).id == "<alice-1@example.org>"
-        await until(lambda: run.refused() >= count)  # UIDs need not follow delivery order
+        await until(lambda: refused(run) >= count)  # UIDs need not follow delivery order
         result = {"added_on_disk": on_disk(state) - empty}
     result["added"] = checkpointed(state) - empty
     result["refused_rows"] = rows(state, "rejected")
@@ -204,9 +184,9 @@ async def e2e_run(server: DovecotServer, tmp: Path, count: int, id_chars: int) -
         await loop.run_in_executor(None, lmtp, server, account, mails)
         got = await asyncio.wait_for(run.queue.get(), 600)
         assert got.id == "<alice-2@example.org>", got.id  # nothing old came back first
-        await until(lambda: run.refused() >= count)
+        await until(lambda: refused(run) >= count)
         # Old mail judged again would have lower UIDs than the new: counted by now.
-        result["rejected_again"] = run.refused() - count
+        result["rejected_again"] = refused(run) - count
     result["regrowth"] = checkpointed(state) - full
     return result
 

@@ -5,6 +5,7 @@ never past the allow-list or sender authentication."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -14,9 +15,13 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
-from prx_channel_email import ChannelError, QuarantinedMessage
+from prx_channel_email import ChannelError, EmailChannel, QuarantinedMessage
+from prx_channel_email._handoff.ledger import LedgerWriter
+from prx_channel_email._storage import HandoffBatch
+from prx_channel_email._storage.sqlite.store import StateStore
 from prx_channel_email.cli import app
 from prx_channel_email.config import EmailConfig
+from prx_channel_email.models import ChannelMessage
 from tests.servers.dovecot import Account, DovecotServer
 from tests.test_policy_e2e import Listening, e2e_config, letter, listening
 
@@ -39,11 +44,14 @@ async def _quarantine(
     return mid, held
 
 
-def _cli_config(config: EmailConfig, path: Path) -> Path:
+def cli_config(config: EmailConfig, path: Path) -> Path:
+    """A config file for the CLI naming the same server and state as ``config``."""
     fields = {"imap_host": config.imap_host, "imap_port": config.imap_port,
               "imap_security": config.imap_security, "smtp_host": "127.0.0.1",
               "username": config.username, "password": "x",
               "from_address": config.from_address, "state_dir": str(config.state_dir)}  # fmt: skip
+    if config.state_url is not None:
+        fields["state_url"] = config.state_url.get_secret_value()
     lines = [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
     path.write_text("\n".join(["[channels_config.email]", *lines]) + "\n")
     return path
@@ -97,13 +105,21 @@ async def test_a_release_through_the_api_hands_it_on_once_and_a_second_is_refuse
         assert run.queue.empty() and run.channel.stats().get("inbound.redelivered", 0) == 0
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 async def test_a_release_from_the_cli_reaches_the_running_channel(
-    dovecot: DovecotServer, account: Account, tmp_path: Path
+    dovecot: DovecotServer,
+    account: Account,
+    tmp_path: Path,
+    backend: str,
+    request: pytest.FixtureRequest,
 ) -> None:
     """The CLI is another process: it records the request, the running channel sees it
-    within seconds (not at its next keepalive), hands the mail on and the CLI says so."""
-    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], keepalive_secs=600)
-    path = _cli_config(config, tmp_path / "prx.toml")
+    within seconds (not at its next keepalive), hands the mail on and the CLI says so.
+    The same with the state on PostgreSQL (a replica holding the mailbox's lease)."""
+    shared = {"state_url": request.getfixturevalue("pg_url")} if backend == "postgres" else {}
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], keepalive_secs=600,
+                        **shared)  # fmt: skip
+    path = cli_config(config, tmp_path / "prx.toml")
     async with listening(config) as run:
         mid, held = await _quarantine(run, dovecot, account, ANNA)
         done = await _cli("quarantine", "release", held.id, "--wait", 20, "--config", path)
@@ -132,7 +148,7 @@ async def test_a_release_requested_while_no_channel_runs_is_handed_on_once_at_th
     a kill after its hand-off commit repeats it as any unacknowledged mail is repeated
     (``redelivered``), never as a second release."""
     config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], handoff="ack")
-    path = _cli_config(config, tmp_path / "prx.toml")
+    path = cli_config(config, tmp_path / "prx.toml")
     async with listening(config) as run:
         mid, held = await _quarantine(run, dovecot, account, ANNA)
     # A host whose channel is not listening: recorded, and told it is pending.
@@ -198,3 +214,94 @@ async def test_a_release_never_lets_a_forged_or_removed_sender_through(
         await run.channel.release_quarantined(removed.id)
         assert (await run.next()).sender == MALLORY
         assert run.queue.empty()
+
+
+async def test_mail_that_cannot_be_read_is_read_again_and_stays_quarantined_if_it_still_cannot(
+    dovecot: DovecotServer, account: Account, tmp_path: Path
+) -> None:
+    """A release of unreadable mail is one more try (an upgrade may read it): a MIME tree
+    nested too deep still cannot be, so the release fails with a clear code and the
+    mail stays quarantined, unread on the server."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA])
+    opening = "".join(
+        f'Content-Type: multipart/mixed; boundary="b{d}"\r\n\r\n--b{d}\r\n' for d in range(400)
+    )
+    closing = "".join(f"\r\n--b{d}--\r\n" for d in reversed(range(400)))
+    head = (f"From: {ANNA}\r\nTo: bot@example.test\r\nSubject: deep\r\n"
+            "Message-ID: <deep@example.org>\r\nMIME-Version: 1.0\r\n")  # fmt: skip
+    raw = (head + opening + "Content-Type: text/plain\r\n\r\nhi\r\n" + closing).encode()
+    async with listening(config) as run:
+        await dovecot.adeliver(account, raw)
+        await run.until(lambda: run.channel.stats().get("inbound.quarantined") == 1)
+        await run.until(lambda: not run.channel.sync.writer._pending)
+        (deep,) = await run.channel.quarantined()
+        assert (deep.message_id, deep.reason) == ("<deep@example.org>", "mime_too_complex")
+        with pytest.raises(ChannelError) as unreadable:
+            await run.channel.release_quarantined(deep.id)
+        assert unreadable.value.code == "quarantine_unreadable"
+        assert [q.id for q in await run.channel.quarantined()] == [deep.id]
+        assert run.queue.empty()
+    uid = int(deep.id.rsplit(":", 1)[1])
+    assert "\\Seen" not in dovecot.flags(account, "INBOX", uid)
+
+
+@pytest.mark.parametrize("stop", ["before_commit", "after_commit"])
+async def test_a_stop_on_either_side_of_the_release_commit_hands_it_on_exactly_once(
+    dovecot: DovecotServer,
+    account: Account,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    stop: str,
+) -> None:
+    """The process stops at the release's commit point, deterministically: just before
+    its commit the request is still pending and the next start hands the mail on fresh;
+    just after it (before the put) the mail is in flight and the next start hands it on
+    again as ``redelivered``. Either way exactly once more, never twice."""
+    config = e2e_config(dovecot, account, tmp_path, allowed_senders=[ANNA], handoff="ack")
+    async with listening(config) as run:
+        mid, held = await _quarantine(run, dovecot, account, ANNA)
+    async with EmailChannel(config) as idle:
+        with pytest.raises(ChannelError):  # recorded; nothing listens: pending
+            await idle.release_quarantined(held.id)
+    reached = asyncio.Event()
+    if stop == "before_commit":
+        commit = StateStore.commit_handoff
+
+        async def stuck_commit(self: StateStore, batch: HandoffBatch) -> None:
+            if batch.releases:
+                reached.set()
+                await asyncio.Event().wait()  # the process dies here
+            await commit(self, batch)
+
+        monkeypatch.setattr(StateStore, "commit_handoff", stuck_commit)
+    else:
+        put = LedgerWriter._put
+
+        async def stuck_put(self: LedgerWriter, message: ChannelMessage, *args: Any) -> None:
+            if message.id == mid:
+                reached.set()
+                await asyncio.Event().wait()  # the process dies here
+            await put(self, message, *args)
+
+        monkeypatch.setattr(LedgerWriter, "_put", stuck_put)
+    channel = EmailChannel(config)
+    queue: asyncio.Queue[ChannelMessage] = asyncio.Queue()
+    async with channel:
+        listener = asyncio.create_task(channel.listen(queue))
+        await asyncio.wait_for(reached.wait(), 15)
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
+    assert queue.empty()
+    monkeypatch.undo()
+    async with listening(config) as run:
+        again = await run.next()
+        assert (again.id, again.redelivered) == (mid, stop == "after_commit")
+        await run.channel.ack(again)
+        fresh = run.channel.stats().get("inbound.quarantine_released", 0)
+        assert fresh == (1 if stop == "before_commit" else 0)
+        assert run.queue.empty()
+    async with listening(config) as run:
+        assert run.queue.empty()
+        assert run.channel.stats().get("inbound.redelivered", 0) == 0
+        assert run.channel.stats().get("inbound.quarantine_released", 0) == 0

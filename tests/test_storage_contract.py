@@ -43,6 +43,7 @@ from prx_channel_email._storage import (
     open_storage,
 )
 from prx_channel_email.errors import OAuthUnavailable
+from prx_channel_email.models import ChannelMessage, pack_message, unpack_message
 
 A, B = "alice-bot@example.test", "bob-bot@example.test"  # two accounts
 INBOX, OTHER = Mailbox(A, "INBOX"), Mailbox(A, "Other")
@@ -151,6 +152,31 @@ async def test_in_flight_rows_come_back_in_handoff_order_per_mailbox(backend: St
     assert (rows[0].message_id, rows[0].sender) == ("<5@x>", ALICE)
     assert rows[0].message == '{"id": "<5@x>", "sender": "alice@example.org"}'
     assert [r.key for r in await backend.in_flight(OTHER)] == [key(1, OTHER)]
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["content-is-the-text", "stripped"])
+async def test_a_big_waiting_message_reads_back_whole_in_flight_and_deferred(
+    backend: Storage, same: bool
+) -> None:
+    """A message over a megabyte is written in pieces (SQLite's blob I/O): what
+    comes back, after a restart or at release, is the same message, every
+    character of it, non-ASCII and quotes included."""
+    text = ('élan "quoted" \u2603 ' * 60_000) + "end"
+    message = ChannelMessage(
+        id="<big@x>", sender=ALICE, reply_target=ALICE, subject="big", thread_ts="<big@x>",
+        content=text if same else text[:1000], full_text=text, timestamp=1000.0,
+    )  # fmt: skip
+    await backend.commit_handoff(HandoffBatch(INBOX, in_flight=[
+        InFlight(key(1), entry("<big@x>"), pack_message(message))
+    ], deferrals=[
+        Deferral(key(2), entry("<big@x>"), 1, "rate_limited", 1000.0, pack_message(message))
+    ]))  # fmt: skip
+    (row,) = await backend.in_flight(INBOX)
+    assert unpack_message(row.message) == message
+    stored = await backend.deferred_message(key(2))
+    assert stored is not None and unpack_message(stored) == message
+    (waiting,) = await backend.waiting(INBOX)
+    assert waiting.thread == "<big@x>"
 
 
 async def test_a_mail_already_in_flight_stays_as_it_is(backend: Storage) -> None:
@@ -359,6 +385,7 @@ async def test_a_release_request_is_durable_once_and_done_with_its_hand_off(
     try:
         assert [r.key for r in await backend.pending_releases(A)] == [key(1), key(4)]
         assert await backend.pending_releases(B) == []
+        assert [r.key for r in await backend.pending_releases()] == [key(1), key(4)]  # all
         # It fails (gone from the server): the mail stays quarantined, may be asked again.
         await backend.fail_release(key(4), "quarantine_gone", "no longer on the server")
         failed = await backend.release_request(key(4))

@@ -299,8 +299,7 @@ class LedgerWriter:
             seq=seq,
             reason=reason,
             arrived_at=arrived_at,
-            # JSON, not the compact form: the storage layer reads thread_ts from it.
-            message=message.model_dump_json(),
+            message=pack_message(message),
         )
         cursor = Cursor(self.uidvalidity, uid)
         self._pending.append(_Pending(cursor, deferral=deferral, on_durable=on_durable))

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from prx_channel_email.errors import StorageError
+from prx_channel_email.models import PackedMessage
 
 
 class LeaseLost(StorageError):
@@ -134,11 +135,12 @@ class Record:
 @dataclass(frozen=True)
 class InFlight:
     """A mail about to be put on the host's queue: handed on again after a restart
-    until settled. ``message`` is the ChannelMessage as JSON."""
+    until settled. ``message`` is the ChannelMessage in its stored form
+    (:func:`~prx_channel_email.models.pack_message`)."""
 
     key: MailKey
     entry: LedgerEntry
-    message: str
+    message: str | PackedMessage
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ class Deferral:
     seq: int
     reason: str
     arrived_at: float
-    message: str
+    message: str | PackedMessage
 
 
 @dataclass(frozen=True)
@@ -578,8 +580,9 @@ class Storage(Protocol):
         """The release request of ``key`` as it stands (None: never asked for)."""
         ...
 
-    async def pending_releases(self, account: str) -> list[ReleaseRequest]:
-        """Every pending release request of ``account``, oldest first."""
+    async def pending_releases(self, account: str | None = None) -> list[ReleaseRequest]:
+        """Every pending release request of ``account`` (of every account when None:
+        one read however many mailboxes a process serves), oldest first."""
         ...
 
     async def fail_release(self, key: MailKey, code: str, detail: str) -> None:

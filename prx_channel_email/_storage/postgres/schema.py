@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prx_channel_email._storage.ddl import LEDGER_REFUSED_INDEX, statements
+from prx_channel_email._storage.ddl import LEDGER_REFUSED_INDEX, RELEASE_REQUESTS, statements
 from prx_channel_email._storage.postgres.leases import LEASES_DDL
 from prx_channel_email.errors import StorageError
 
@@ -119,24 +119,6 @@ CREATE TABLE IF NOT EXISTS oauth_tokens (
 CREATE TABLE IF NOT EXISTS oauth_lock (
     account TEXT PRIMARY KEY
 );
-"""
-
-RELEASE_REQUESTS = """
-CREATE TABLE IF NOT EXISTS release_requests (
-    account TEXT NOT NULL,
-    folder TEXT NOT NULL,
-    uidvalidity BIGINT NOT NULL,
-    uid BIGINT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    code TEXT,
-    detail TEXT,
-    requested_at DOUBLE PRECISION NOT NULL,
-    updated_at DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (account, folder, uidvalidity, uid)
-);
-CREATE INDEX IF NOT EXISTS release_requests_by_state
-    ON release_requests (account, state, requested_at)
 """
 
 # (name, DDL or "" for a step whose work "base" already did here).

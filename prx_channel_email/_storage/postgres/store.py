@@ -27,6 +27,12 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 
 from prx_channel_email._mail.addresses import fold_address
+from prx_channel_email._storage.ddl import (
+    RELEASE_COLUMNS,
+    RELEASE_FROM,
+    release_answer,
+    release_row,
+)
 from prx_channel_email._storage.interface import (
     ACCEPTED,
     DEFERRED,
@@ -60,6 +66,7 @@ from prx_channel_email._storage.interface import (
 from prx_channel_email._storage.postgres.leases import fence_epoch
 from prx_channel_email._storage.postgres.schema import mask_url, migrate, storage_error
 from prx_channel_email.errors import ChannelError, OAuthUnavailable, StorageError
+from prx_channel_email.models import packed_fields
 
 T = TypeVar("T")
 Cur = Any  # psycopg.AsyncCursor
@@ -239,7 +246,7 @@ class PostgresStore:
                         **_named(item.key),
                         "mid": item.entry.message_id,
                         **_entry(item.entry),
-                        "msg": item.message,
+                        "msg": str(item.message),
                         "now": now,
                     },
                 )
@@ -256,7 +263,7 @@ class PostgresStore:
                         d.entry.sender,
                         d.reason,
                         d.arrived_at,
-                        d.message,
+                        str(d.message),
                     ),
                 )
             for release in batch.releases:
@@ -352,7 +359,7 @@ class PostgresStore:
             )
             return [
                 WaitingRow(MailKey(r[0], r[1], int(r[2]), int(r[3])), r[4], int(r[5]), r[6],
-                           r[7], float(r[8]), str(json.loads(r[9]).get("thread_ts") or ""))
+                           r[7], float(r[8]), str(packed_fields(r[9]).get("thread_ts") or ""))
                 for r in await cur.fetchall()
             ]  # fmt: skip
 
@@ -417,41 +424,36 @@ class PostgresStore:
                 _k(key),
             )
             row = await cur.fetchone()
-            if row is None or row[0] == REJECTED:
-                return None
-            outcome, reason, message_id, sender = row
             asked = await _release_request(cur, key)
-            if outcome != QUARANTINED:  # handed on (or waiting) since
-                return asked or ReleaseRequest(key, RELEASE_DONE, reason, message_id, sender, 0.0)
-            if asked is not None and asked.state != RELEASE_FAILED:
-                return asked
-            now = time.time()
-            if reason in refuse:
-                return ReleaseRequest(key, RELEASE_FAILED, reason, message_id, sender, now)
-            await cur.execute(
-                "INSERT INTO release_requests (account, folder, uidvalidity, uid, state, reason,"
-                f" code, detail, requested_at, updated_at) VALUES (%s,%s,%s,%s,"
-                f" '{RELEASE_PENDING}', %s, NULL, NULL, %s, %s)"
-                " ON CONFLICT (account, folder, uidvalidity, uid) DO UPDATE SET"
-                " state=excluded.state, reason=excluded.reason, code=NULL, detail=NULL,"
-                " requested_at=excluded.requested_at, updated_at=excluded.updated_at",
-                (*_k(key), reason, now, now),
-            )
-            return ReleaseRequest(key, RELEASE_PENDING, reason, message_id, sender, now, new=True)
+            answer, record = release_answer(key, row, asked, refuse, time.time())
+            if record and answer is not None:
+                await cur.execute(
+                    "INSERT INTO release_requests (account, folder, uidvalidity, uid, state,"
+                    " reason, code, detail, requested_at, updated_at) VALUES (%s,%s,%s,%s,%s,"
+                    " %s, NULL, NULL, %s, %s) ON CONFLICT (account, folder, uidvalidity, uid)"
+                    " DO UPDATE SET state=excluded.state, reason=excluded.reason, code=NULL,"
+                    " detail=NULL, requested_at=excluded.requested_at,"
+                    " updated_at=excluded.updated_at",
+                    (*_k(key), answer.state, answer.reason, answer.requested_at,
+                     answer.requested_at),
+                )  # fmt: skip
+            return answer
 
         return await self.run(tx)
 
     async def release_request(self, key: MailKey) -> ReleaseRequest | None:
         return await self.run(lambda cur: _release_request(cur, key))
 
-    async def pending_releases(self, account: str) -> list[ReleaseRequest]:
+    async def pending_releases(self, account: str | None = None) -> list[ReleaseRequest]:
+        mine, args = ("r.account=%s AND ", (account,)) if account is not None else ("", ())
+
         async def q(cur: Cur) -> list[ReleaseRequest]:
             await cur.execute(
-                f"SELECT {_REQUEST_COLS}{_REQUEST_FROM} WHERE r.account=%s"
-                f" AND r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
-                (account,),
+                f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE {mine}"
+                f"r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
+                args,
             )
-            return [_request(r) for r in await cur.fetchall()]
+            return [release_row(r) for r in await cur.fetchall()]
 
         return await self.run(q)
 
@@ -542,26 +544,11 @@ class PostgresStore:
         return PgTokenStore(self, account)
 
 
-_REQUEST_COLS = (
-    "r.account, r.folder, r.uidvalidity, r.uid, r.state, r.reason,"
-    " COALESCE(l.message_id, ''), COALESCE(l.sender, ''), r.requested_at, r.code, r.detail"
-)
-_REQUEST_FROM = (
-    " FROM release_requests r LEFT JOIN ledger l ON l.account=r.account AND"
-    " l.folder=r.folder AND l.uidvalidity=r.uidvalidity AND l.uid=r.uid"
-)
-
-
-def _request(r: Any) -> ReleaseRequest:
-    key = MailKey(r[0], r[1], int(r[2]), int(r[3]))
-    return ReleaseRequest(key, r[4], r[5], r[6], r[7], float(r[8]), r[9], r[10])
-
-
 async def _release_request(cur: Cur, key: MailKey) -> ReleaseRequest | None:
     where = "r.account=%s AND r.folder=%s AND r.uidvalidity=%s AND r.uid=%s"
-    await cur.execute(f"SELECT {_REQUEST_COLS}{_REQUEST_FROM} WHERE {where}", _k(key))
+    await cur.execute(f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE {where}", _k(key))
     row = await cur.fetchone()
-    return _request(row) if row else None
+    return release_row(row) if row else None
 
 
 def _named(key: MailKey) -> dict[str, Any]:

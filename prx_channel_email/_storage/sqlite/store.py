@@ -252,7 +252,7 @@ class StateStore:
     async def release_request(self, key: MailKey) -> ReleaseRequest | None:
         return await self.run(lambda conn: mail_tables.release_request(conn, key))
 
-    async def pending_releases(self, account: str) -> list[ReleaseRequest]:
+    async def pending_releases(self, account: str | None = None) -> list[ReleaseRequest]:
         return await self.run(lambda conn: mail_tables.pending_releases(conn, account))
 
     async def fail_release(self, key: MailKey, code: str, detail: str) -> None:

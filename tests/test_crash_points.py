@@ -221,6 +221,10 @@ def census_of(points: list[str]) -> Counter[str]:
 class Run:
     exitcode: int | None
     events: list[list[str]]
+    log: str = ""  # the end of the child's log (why a run did not finish)
+
+    def explain(self) -> str:
+        return f"exit code {self.exitcode}; events {self.events}; log:\n{self.log}"
 
     def words(self, first: str) -> list[list[str]]:
         return [e[1:] for e in self.events if e[0] == first]
@@ -277,7 +281,9 @@ async def run_child(
         await asyncio.to_thread(proc.join)
         raise AssertionError(f"the child did not finish: {events.read_text()}")
     lines = events.read_text().splitlines() if events.exists() else []
-    return Run(proc.exitcode, [line.split() for line in lines])
+    log = events.with_suffix(".log")
+    tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
+    return Run(proc.exitcode, [line.split() for line in lines], tail)
 
 
 async def prepare(
@@ -424,7 +430,7 @@ async def test_kill_at_commit_point(
     settled = {scenario.mails[uid - 1].id for uid, what in at_kill.recorded.items()
                if what == "delivered"}  # fmt: skip
     after = await run_child(config, uv, scenario, tmp_path / "after.events", seen=set(killed.ids))
-    assert after.exitcode == 0, after.events
+    assert after.exitcode == 0, after.explain()
     check_promises(scenario, mode, killed, after, disk_state(config, uv), settled)
 
 
@@ -436,7 +442,7 @@ async def test_census(
     scenario = SCENARIOS[name]
     config, uv = await prepare(dovecot, account, tmp_path, scenario, mode)
     run = await run_child(config, uv, scenario, tmp_path / "census.events")
-    assert run.exitcode == 0, run.events
+    assert run.exitcode == 0, run.explain()
     inbound = [w for w in run.writes if not w.startswith(("sender#", "request#"))]
     assert census_of(inbound) == census_of(POINTS[name, mode]), inbound
     state = disk_state(config, uv)

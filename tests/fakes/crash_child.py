@@ -153,6 +153,7 @@ async def serve(spec: dict[str, Any]) -> int:
     remove: str | None = spec.get("remove")
     release = bool(spec.get("release"))  # release quarantined mail the host expects
     releasing: set[asyncio.Task[None]] = set()
+    stuck = ""  # what the run still waits for (written out if it never comes)
     top_uid: int = spec["top_uid"]
     stores: list[KillingStorage] = []
 
@@ -183,7 +184,7 @@ async def serve(spec: dict[str, Any]) -> int:
             events("RELEASE_REFUSED", id_, exc.code)
 
     async def quiet() -> bool:
-        nonlocal remove, release
+        nonlocal remove, release, stuck
         if release:
             held = [q for q in await channel.quarantined() if q.message_id in expected - got]
             if held:  # as an operator would, once it is listed
@@ -198,10 +199,15 @@ async def serve(spec: dict[str, Any]) -> int:
             events("REMOVED", remove)
             remove = None
         cursor = await store.get_cursor(mailbox)
+        in_flight = await store.in_flight(mailbox)
+        stuck = (
+            f"missing={sorted(expected - got)} waiting={[w.message_id for w in waiting]}"
+            f" in_flight={[r.message_id for r in in_flight]} cursor={cursor}"
+        )
         return (
             expected <= got
             and not waiting
-            and not await store.in_flight(mailbox)
+            and not in_flight
             and cursor is not None
             and cursor.uidvalidity == spec["uidvalidity"]
             and cursor.last_uid >= top_uid
@@ -217,6 +223,9 @@ async def serve(spec: dict[str, Any]) -> int:
                         if task.done():
                             task.result()  # a crash of the channel or the host: say so
                     await asyncio.sleep(0.05)
+        except TimeoutError:
+            events("STUCK", stuck.replace(" ", ";"))
+            raise
         finally:
             consumer.cancel()
             listener.cancel()

@@ -22,7 +22,13 @@ from prx_channel_email.errors import (
     StorageError,
     TransportError,
 )
-from prx_channel_email.models import Attachment, Channel, ChannelMessage, SendMessage
+from prx_channel_email.models import (
+    Attachment,
+    Channel,
+    ChannelMessage,
+    QuarantinedMessage,
+    SendMessage,
+)
 from prx_channel_email.status import ChannelState, ChannelStatus, MailboxStatus, RejectedMessage
 
 __all__ = [
@@ -43,6 +49,7 @@ __all__ = [
     "NotReadyError",
     "OAuthReauthRequired",
     "OAuthUnavailable",
+    "QuarantinedMessage",
     "RejectedMessage",
     "SendError",
     "SendMessage",

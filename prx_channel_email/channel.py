@@ -27,6 +27,12 @@ from typing import TYPE_CHECKING
 
 from prx_channel_email._handoff.ledger import HandoffLedger
 from prx_channel_email._inbound.pipeline import InboundPipeline
+from prx_channel_email._inbound.quarantine import (
+    parse_release_id,
+    release_id,
+    request_release,
+    wait_released,
+)
 from prx_channel_email._inbound.sync import SyncEngine, SyncStatus
 from prx_channel_email._net.imap import open_session
 from prx_channel_email._net.logins import LoginGate
@@ -74,6 +80,9 @@ log = logging.getLogger(__name__)
 
 # How long close() waits for a cancelled listen() to finish its last ledger write.
 LISTENER_STOP_SECS = 15.0
+# How often a listening channel looks for release requests made by another process
+# (`prx-email quarantine release`): one small read of the state for all accounts.
+RELEASE_POLL_SECS = 2.0
 
 
 class _Account:
@@ -381,12 +390,19 @@ class EmailChannel(Channel):
         task = asyncio.current_task()
         if task is not None:
             self._listeners.add(task)
+        watcher = asyncio.create_task(self._watch_releases())
+        try:
+            await self._serve(queue)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+            if task is not None:
+                self._listeners.discard(task)
+
+    async def _serve(self, queue: asyncio.Queue[ChannelMessage]) -> None:
         if isinstance(self.store, PostgresStore):
-            try:
-                await self._serve_leased(queue)
-            finally:
-                if task is not None:
-                    self._listeners.discard(task)
+            await self._serve_leased(queue)
             return
         mailboxes = [
             asyncio.create_task(_serve_mailbox(account, engine, queue))
@@ -403,8 +419,23 @@ class EmailChannel(Channel):
                 mailbox.cancel()
             if mailboxes:
                 await asyncio.gather(*mailboxes, return_exceptions=True)
-            if task is not None:
-                self._listeners.discard(task)
+
+    async def _watch_releases(self) -> None:
+        """Kick the mailboxes that have release requests waiting (made by the CLI in
+        another process; the API kicks at once). A mailbox served elsewhere (another
+        replica) is no one's here: its own listener carries the request out."""
+        by_name = {a.config.account: a for a in self.accounts.values()}
+        while True:
+            await asyncio.sleep(RELEASE_POLL_SECS)
+            try:  # one read for all accounts: a thousand mailboxes idle as cheaply as one
+                asked = await self.store.pending_releases()
+            except StorageError:
+                continue  # the mailboxes report the state's trouble themselves
+            for account_name, folder in {(r.key.account, r.key.folder) for r in asked}:
+                account = by_name.get(account_name)
+                engine = account.engines.get(folder) if account is not None else None
+                if engine is not None:
+                    engine.kick()
 
     async def _serve_leased(self, queue: asyncio.Queue[ChannelMessage]) -> None:
         """Serve the mailboxes whose lease this replica holds, until cancelled.
@@ -589,6 +620,53 @@ class EmailChannel(Channel):
         for target in targets:
             found += await quarantined_messages(self.store, target.config.account, limit)
         return found
+
+    async def release_quarantined(
+        self,
+        id: str,
+        *,
+        account: str | None = None,
+        timeout: float = 60.0,  # noqa: ASYNC109
+    ) -> None:
+        """Hand the quarantined mail ``id`` (:attr:`QuarantinedMessage.id`) on, once.
+
+        The request is durable before anything else happens; the listener serving the
+        mail's mailbox fetches it again, runs the whole policy with only the decision
+        that quarantined it set aside (never the allow-list or sender authentication)
+        and puts it on the queue like any mail (in flight, acked, redelivered after a
+        crash). Returns once it is on the queue. A ChannelError says why not:
+        ``quarantine_unknown``, ``quarantine_already_released``,
+        ``quarantine_not_releasable``, ``quarantine_gone``,
+        ``quarantine_release_refused``, ``quarantine_unreadable``, or
+        ``quarantine_release_pending`` when no listener carried it out within
+        ``timeout`` seconds (not listening: at once); the request then stays and is
+        carried out when the mailbox is served.
+        """
+        await self.start()
+        targets = [self._account_of(account)] if account is not None else self.accounts.values()
+        error: ChannelError | None = None
+        for target in targets:
+            key = parse_release_id(target.config.account, id)
+            try:
+                await request_release(self.store, key, id)
+            except ChannelError as exc:
+                exc.account = target.name
+                if exc.code != "quarantine_unknown":
+                    raise
+                error = error or exc
+                continue
+            engine = target.engines.get(key.folder)
+            if engine is not None:
+                engine.kick()
+            within = timeout if self._listeners else 0.0
+            try:
+                await wait_released(self.store, key, id, within)
+            except ChannelError as exc:
+                exc.account = target.name
+                raise
+            return
+        assert error is not None
+        raise error
 
     # --- the allow-list ---
 
@@ -842,7 +920,7 @@ async def quarantined_messages(
 def _quarantined(q: QuarantinedMail) -> QuarantinedMessage:
     key = q.key
     return QuarantinedMessage(
-        id=f"{key.folder}:{key.uidvalidity}:{key.uid}",
+        id=release_id(key),
         account=key.account,
         message_id=q.message_id,
         sender=q.sender,

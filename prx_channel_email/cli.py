@@ -34,6 +34,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from prx_channel_email._inbound.policy import describe_sender_auth
+from prx_channel_email._inbound.quarantine import parse_release_id, request_release, wait_released
 from prx_channel_email._storage import OutboxEntry, OutboxStore, state_exists, storage_of
 from prx_channel_email._support.observability import log_event
 from prx_channel_email.channel import EmailChannel, quarantined_messages
@@ -794,6 +795,61 @@ def quarantine_list_cmd(
             out.print("nothing is quarantined")
         else:
             _show_quarantined(entries, out)
+
+
+@quarantine_app.command("release")
+def quarantine_release_cmd(
+    quarantine_id: Annotated[
+        str, typer.Argument(metavar="ID", help="The id `prx-email quarantine list` shows.")
+    ],
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait", help="Seconds to wait for the running channel to hand it on (0: don't)."
+        ),
+    ] = 30.0,
+    config: ConfigOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Hand one quarantined mail on to the agent, once, like any mail it receives.
+
+    The request is stored; the running channel (or the next `prx-email run`) fetches
+    the mail again and hands it on if the policy, less the quarantine that held it,
+    lets it through: the allow-list and sender authentication still apply.
+    Mail quarantined as unverified_sender cannot be released.
+    """
+    with _guard(debug):
+        cfg = _load(config)
+
+        async def released() -> tuple[str, str, bool]:
+            key = parse_release_id(cfg.account, quarantine_id)
+            if cfg.state_url is None and not state_exists(cfg.state_dir):
+                raise ChannelError(
+                    f"no quarantined mail {quarantine_id!r}: nothing was received with this"
+                    " config yet",
+                    code="quarantine_unknown",
+                )
+            async with storage_of(cfg) as store:
+                asked = await request_release(store, key, quarantine_id)
+                if wait <= 0:
+                    return asked.message_id, asked.sender, False
+                try:
+                    await wait_released(store, key, quarantine_id, wait)
+                except ChannelError as exc:
+                    if exc.code != "quarantine_release_pending":
+                        raise
+                    return asked.message_id, asked.sender, False
+                return asked.message_id, asked.sender, True
+
+        message_id, sender, done = asyncio.run(released())
+        what = f"{escape(message_id)} from {escape(sender or '?')}"
+        if done:
+            out.print(f"released {escape(quarantine_id)}: handed on ({what})")
+        else:
+            out.print(
+                f"release of {escape(quarantine_id)} requested ({what}): a running `prx-email"
+                " run` hands it on within seconds, otherwise the next start does"
+            )
 
 
 @app.command("mcp")

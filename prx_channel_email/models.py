@@ -12,6 +12,8 @@ import abc
 import asyncio
 import hashlib
 import json
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,19 +136,66 @@ class ChannelMessage(BaseModel):
 _PACKED = "prx-message/1 "
 
 
-def pack_message(message: ChannelMessage) -> str:
+#: Characters of a stored message encoded at a time when it is written in pieces.
+PACK_CHUNK_CHARS = 1 << 20
+
+
+@dataclass(frozen=True)
+class PackedMessage:
+    """The stored form of a message, kept in pieces: ``parts`` joined is the text
+    :func:`unpack_message` reads. The pieces are the message's own strings, so a
+    24 MB body is not copied into a third string before the database copies it;
+    a backend that can write in pieces (SQLite's blob I/O) never joins them."""
+
+    parts: tuple[str, ...]
+
+    def __str__(self) -> str:
+        return "".join(self.parts)
+
+    def __len__(self) -> int:
+        return sum(map(len, self.parts))
+
+    def encoded(self, chunk: int = PACK_CHUNK_CHARS) -> Iterator[bytes]:
+        """The UTF-8 bytes of the joined text, at most ``chunk`` characters at a time."""
+        for part in self.parts:
+            for at in range(0, len(part), chunk):
+                yield part[at : at + chunk].encode()
+
+    def encoded_size(self) -> int:
+        """len(str(self).encode()), without building either."""
+        return sum(
+            len(part) if part.isascii() else sum(len(b) for b in PackedMessage((part,)).encoded())
+            for part in self.parts
+        )
+
+
+def pack_message(message: ChannelMessage) -> PackedMessage:
     """A message as stored while it waits (in flight, deferred): its small fields as
     JSON, then the body texts as they are, so a body is never JSON-escaped (24 MB of
     ``"`` was 48 MB per copy) and ``content`` is not stored twice when it is the
     whole text (a message with nothing to strip)."""
     if "\x00" in message.content or "\x00" in message.full_text:
-        return message.model_dump_json()  # a text column of some databases takes no NUL
+        # a text column of some databases takes no NUL
+        return PackedMessage((message.model_dump_json(),))
     head = message.model_dump(mode="json", exclude={"content", "full_text"})
     same = message.content == message.full_text
     head["_lengths"] = [-1 if same else len(message.content), len(message.full_text)]
     meta = json.dumps(head, ensure_ascii=False, separators=(",", ":"))
-    body = message.full_text if same else message.content + message.full_text
-    return f"{_PACKED}{len(meta)}\n{meta}{body}"
+    texts = (message.full_text,) if same else (message.content, message.full_text)
+    return PackedMessage((f"{_PACKED}{len(meta)}\n{meta}", *texts))
+
+
+def packed_fields(data: str | bytes) -> dict[str, Any]:
+    """The small fields of a stored message (``thread_ts``, ``sender`` ...), without
+    building its texts: what the storage layer reads of a waiting message."""
+    text = data.decode() if isinstance(data, bytes) else data
+    if not text.startswith(_PACKED):
+        found: dict[str, Any] = json.loads(text)
+        return found
+    size, _, rest = text[len(_PACKED) :].partition("\n")
+    head: dict[str, Any] = json.loads(rest[: int(size)])
+    head.pop("_lengths", None)
+    return head
 
 
 def unpack_message(data: str | bytes) -> ChannelMessage:

@@ -22,6 +22,7 @@ from tests.outbound_helpers import dovecot_config
 from tests.servers.dovecot import Account, DovecotServer
 from tests.servers.smtp import SmtpServer
 from tests.test_policy_e2e import e2e_config, letter, listening
+from tests.test_quarantine_release import cli_config
 
 ANNA = "anna@example.org"
 
@@ -193,13 +194,7 @@ async def test_quarantined_mail_is_listed_by_the_api_and_the_cli(
         (held, ANNA, f"test {held}", "own_mail")
     ]
     assert run.queue.empty()
-    path = tmp_path / "prx.toml"
-    fields = {"imap_host": config.imap_host, "imap_port": config.imap_port,
-              "imap_security": config.imap_security, "smtp_host": "127.0.0.1",
-              "username": config.username, "password": "x",
-              "from_address": config.from_address, "state_dir": str(config.state_dir)}  # fmt: skip
-    lines = [f"{k} = {json.dumps(v)}" for k, v in fields.items()]
-    path.write_text("\n".join(["[channels_config.email]", *lines]) + "\n")
+    path = cli_config(config, tmp_path / "prx.toml")
     cli = functools.partial(CliRunner().invoke, app)  # asyncio.run inside: off this loop
     done = await asyncio.to_thread(cli, ["quarantine", "list", "--json", "--config", str(path)])
     assert done.exit_code == 0, done.output

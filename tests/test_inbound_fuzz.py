@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -279,9 +280,20 @@ def adversarial_bodies(draw: st.DrawFn) -> str:
 
 
 def _cpu_seconds(raw: bytes, pipeline: InboundPipeline) -> tuple[float, Outcome]:
-    start = time.process_time()
-    outcome = asyncio.run(pipeline.process(raw, arrival=ARRIVAL))
-    return time.process_time() - start, outcome
+    """The least CPU of three runs, the collector off while each runs: a full-suite
+    process's heap made one gen-2 collection cost more than the body (273 ms for
+    5.7 KB once), which says nothing about the algorithm's complexity."""
+    best = float("inf")
+    for _ in range(3):
+        gc.collect()
+        gc.disable()
+        try:
+            start = time.process_time()
+            outcome = asyncio.run(pipeline.process(raw, arrival=ARRIVAL))
+            best = min(best, time.process_time() - start)
+        finally:
+            gc.enable()
+    return best, outcome
 
 
 def _assert_linear_cost(body: str, tmp: Path) -> Outcome:

@@ -7,6 +7,7 @@ The contract itself (tests/test_storage_contract.py) runs on this backend too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,11 @@ import pytest
 
 pytest.importorskip("psycopg")
 
+from prx_channel_email._inbound.pipeline import InboundPipeline
+from prx_channel_email._inbound.sync import SyncEngine
 from prx_channel_email._storage import (
     Cursor,
+    Deferral,
     HandoffBatch,
     InFlight,
     LeaseLost,
@@ -28,7 +32,9 @@ from prx_channel_email._storage import (
 )
 from prx_channel_email._storage.postgres.leases import LeaseTable
 from prx_channel_email._storage.postgres.store import PostgresStore
+from prx_channel_email._support.observability import Metrics
 from prx_channel_email.errors import StorageError
+from tests.config_builder import build_config
 from tests.servers.postgres import PASSWORD, PostgresServer
 from tests.test_leases import _until
 
@@ -171,3 +177,63 @@ async def test_with_state_url_the_oauth_grant_is_shared_and_refreshed_one_at_a_t
         assert busy.value.code == "oauth_store_busy"
     async with two.locked(within=5):
         pass
+
+
+async def test_a_replica_that_lost_the_mailbox_cannot_refuse_its_waiting_mail(
+    two: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Refusing waiting mail (its sender was removed) is a write for the mailbox like
+    any other: under a lost lease it is refused and the mail still waits for the holder."""
+    a, b = two
+    leases_a = LeaseTable(a.pool, lease_secs=0.5)
+    (held,) = await leases_a.acquire("A", [(BOX.account, BOX.folder)], limit=1)
+    waiting = _mail(1)
+    await a.commit_handoff(HandoffBatch(BOX, deferrals=[
+        Deferral(waiting.key, waiting.entry, 1, "rate_limited", 1000.0, "{}")],
+        cursors=[Cursor(7, 1)], fence=held.epoch))  # fmt: skip
+    leases_b = LeaseTable(b.pool, lease_secs=30)
+    await _until(lambda: leases_b.acquire("B", [(BOX.account, BOX.folder)], limit=1))
+    with pytest.raises(LeaseLost):
+        await a.refuse_waiting(waiting.key, "not_allowed", fence=held.epoch)
+    assert [w.key for w in await b.waiting(BOX)] == [waiting.key]  # B decides it
+    assert await b.handed_on(BOX.account, [("<m1@x>", "alice@example.org")])
+
+
+async def test_the_release_scheduler_of_a_replica_that_lost_the_mailbox_refuses_nothing(
+    two: tuple[PostgresStore, PostgresStore], tmp_path: Path
+) -> None:
+    """The sync engine's release scheduler writes its refusals under the mailbox's
+    lease (the fence the engine serves under), as the hand-off does."""
+    a, b = two
+    cfg = build_config(tmp_path, username="bot", password="pw", from_address="bot@example.test",
+                       allowed_senders=["x@y.example"])  # fmt: skip
+    box = Mailbox(cfg.account, cfg.imap_folder)
+    leases_a = LeaseTable(a.pool, lease_secs=0.5)
+    (held,) = await leases_a.acquire("A", [(box.account, box.folder)], limit=1)
+    key = MailKey(box.account, box.folder, 7, 1)
+    mallory = LedgerEntry("<m1@x>", "mallory@evil.example", "mallory@evil.example", "hi",
+                          "<m1@x>", [], 1000.0, key)  # fmt: skip
+    await a.commit_handoff(HandoffBatch(box, deferrals=[
+        Deferral(key, mallory, 1, "rate_limited", 1000.0, "{}")], fence=held.epoch))  # fmt: skip
+    leases_b = LeaseTable(b.pool, lease_secs=30)
+    await _until(lambda: leases_b.acquire("B", [(box.account, box.folder)], limit=1))
+    metrics = Metrics()
+    engine = SyncEngine(cfg, a, InboundPipeline(cfg, metrics=metrics), metrics)
+    engine.serve_under(held.epoch)  # A still believes it holds the mailbox
+
+    async def refused_write() -> bool:
+        return metrics.get("inbound.errors") >= 1  # the release pass failed: LeaseLost
+
+    task = asyncio.create_task(engine.deferred.run(_no_hand_on))
+    try:
+        await _until(refused_write)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert metrics.get("inbound.refused_at_release") == 0
+    assert [w.key for w in await b.waiting(box)] == [key]  # still B's to decide
+
+
+async def _no_hand_on(message: object, release: object) -> None:
+    raise AssertionError("nothing is released here")

@@ -20,8 +20,12 @@ from pathlib import Path
 import pytest
 
 from prx_channel_email._storage import (
+    DELIVERED,
     QUARANTINED,
     REJECTED,
+    RELEASE_DONE,
+    RELEASE_FAILED,
+    RELEASE_PENDING,
     CopiesOf,
     Cursor,
     Deferral,
@@ -39,6 +43,7 @@ from prx_channel_email._storage import (
     open_storage,
 )
 from prx_channel_email.errors import OAuthUnavailable
+from prx_channel_email.models import ChannelMessage, pack_message, unpack_message
 
 A, B = "alice-bot@example.test", "bob-bot@example.test"  # two accounts
 INBOX, OTHER = Mailbox(A, "INBOX"), Mailbox(A, "Other")
@@ -147,6 +152,31 @@ async def test_in_flight_rows_come_back_in_handoff_order_per_mailbox(backend: St
     assert (rows[0].message_id, rows[0].sender) == ("<5@x>", ALICE)
     assert rows[0].message == '{"id": "<5@x>", "sender": "alice@example.org"}'
     assert [r.key for r in await backend.in_flight(OTHER)] == [key(1, OTHER)]
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["content-is-the-text", "stripped"])
+async def test_a_big_waiting_message_reads_back_whole_in_flight_and_deferred(
+    backend: Storage, same: bool
+) -> None:
+    """A message over a megabyte is written in pieces (SQLite's blob I/O): what
+    comes back, after a restart or at release, is the same message, every
+    character of it, non-ASCII and quotes included."""
+    text = ('élan "quoted" \u2603 ' * 60_000) + "end"
+    message = ChannelMessage(
+        id="<big@x>", sender=ALICE, reply_target=ALICE, subject="big", thread_ts="<big@x>",
+        content=text if same else text[:1000], full_text=text, timestamp=1000.0,
+    )  # fmt: skip
+    await backend.commit_handoff(HandoffBatch(INBOX, in_flight=[
+        InFlight(key(1), entry("<big@x>"), pack_message(message))
+    ], deferrals=[
+        Deferral(key(2), entry("<big@x>"), 1, "rate_limited", 1000.0, pack_message(message))
+    ]))  # fmt: skip
+    (row,) = await backend.in_flight(INBOX)
+    assert unpack_message(row.message) == message
+    stored = await backend.deferred_message(key(2))
+    assert stored is not None and unpack_message(stored) == message
+    (waiting,) = await backend.waiting(INBOX)
+    assert waiting.thread == "<big@x>"
 
 
 async def test_a_mail_already_in_flight_stays_as_it_is(backend: Storage) -> None:
@@ -321,6 +351,110 @@ async def test_quarantined_mail_is_listed_newest_first_until_handed_on(
     await backend.commit_handoff(HandoffBatch(INBOX, in_flight=[flying(key(1), "<q@x>")]))
     await backend.settle([key(1)])
     assert key(1) not in {q.key for q in await backend.quarantined(A)}
+
+
+async def test_a_release_request_is_durable_once_and_done_with_its_hand_off(
+    open_backend: Opener,
+) -> None:
+    """The operator asks (in one process), the listener hands on (in another): the
+    request survives a reopen, is recorded once, becomes done in the hand-off's own
+    commit, and a failed one may be asked again."""
+    backend = await open_backend()
+    held = LedgerEntry("<q@x>", ALICE, ALICE, "about q", "", [], 1000.0)
+    await backend.commit_handoff(HandoffBatch(INBOX, records=[
+        Record(key(1), "<q@x>", QUARANTINED, "own_mail", held),
+        Record(key(2), "<r@x>", REJECTED, "not_allowed"),
+        Record(key(3), "<t@x>", QUARANTINED, "unverified_sender"),
+        Record(key(4), "<p@x>", QUARANTINED, "parse_error")]))  # fmt: skip
+    # Unknown mail and refused mail are nothing to release; nothing is recorded.
+    assert await backend.request_release(key(9)) is None
+    assert await backend.request_release(key(2)) is None
+    assert await backend.release_request(key(2)) is None
+    # A reason the caller refuses: answered, not recorded.
+    refused = await backend.request_release(key(3), refuse=["unverified_sender"])
+    assert refused is not None and (refused.state, refused.new) == (RELEASE_FAILED, False)
+    assert await backend.release_request(key(3)) is None
+    first = await backend.request_release(key(1), refuse=["unverified_sender"])
+    assert first is not None and first.new and first.state == RELEASE_PENDING
+    assert (first.reason, first.message_id, first.sender) == ("own_mail", "<q@x>", ALICE)
+    again = await backend.request_release(key(1))
+    assert again is not None and not again.new and again.state == RELEASE_PENDING
+    assert (await backend.request_release(key(4))).new  # type: ignore[union-attr]
+    await backend.close()
+    backend = await open_backend()  # another process, or a restart
+    try:
+        assert [r.key for r in await backend.pending_releases(A)] == [key(1), key(4)]
+        assert await backend.pending_releases(B) == []
+        assert [r.key for r in await backend.pending_releases()] == [key(1), key(4)]  # all
+        # It fails (gone from the server): the mail stays quarantined, may be asked again.
+        await backend.fail_release(key(4), "quarantine_gone", "no longer on the server")
+        failed = await backend.release_request(key(4))
+        assert failed is not None and (failed.state, failed.code, failed.detail) == (
+            RELEASE_FAILED, "quarantine_gone", "no longer on the server")  # fmt: skip
+        assert key(4) in {q.key for q in await backend.quarantined(A)}
+        retried = await backend.request_release(key(4))
+        assert retried is not None and retried.new and retried.code is None
+        # Handed on: the ledger row, the in-flight row and the request, one commit.
+        await backend.commit_handoff(HandoffBatch(
+            INBOX, records=[Record(key(1), "<q@x>", DELIVERED, None, entry("<q@x>"))],
+            in_flight=[flying(key(1), "<q@x>")], releases=[Release(key(1), 2000.0)]))  # fmt: skip
+        done = await backend.release_request(key(1))
+        assert done is not None and done.state == RELEASE_DONE
+        assert [r.key for r in await backend.pending_releases(A)] == [key(4)]
+        assert key(1) not in {q.key for q in await backend.quarantined(A)}
+        assert [r.key for r in await backend.in_flight(INBOX)] == [key(1)]
+        # Asking again: it was released (not recorded again, still done once settled).
+        await backend.settle([key(1)])
+        twice = await backend.request_release(key(1))
+        assert twice is not None and (twice.state, twice.new) == (RELEASE_DONE, False)
+        # A failure reported late (after the hand-off) changes nothing.
+        await backend.fail_release(key(1), "quarantine_gone", "late")
+        assert (await backend.release_request(key(1))).state == RELEASE_DONE  # type: ignore[union-attr]
+    finally:
+        await backend.close()
+
+
+async def test_old_refused_rows_the_cursor_passed_are_pruned_and_nothing_else(
+    backend: Storage,
+) -> None:
+    def refused(k: MailKey, at: float) -> Record:
+        return Record(k, f"<r{k.uid}@x>", REJECTED, "not_allowed",
+                      entry(f"<r{k.uid}@x>", MALLORY, at))  # fmt: skip
+
+    old, new, cut = 1000.0, 5000.0, 2000.0
+    gone_uv, no_cursor = Mailbox(A, "Other"), Mailbox(A, "Unwatched")
+    held = LedgerEntry("<q@x>", MALLORY, MALLORY, "about q", "", [], old)
+    await backend.commit_handoff(HandoffBatch(INBOX, records=[
+        refused(key(1), old), refused(key(2), old),  # passed by the cursor: pruned
+        refused(key(3), old),  # above the cursor: kept
+        refused(key(4), new),  # too young: kept
+        Record(key(5), "<q@x>", QUARANTINED, "reply_to_self", held),
+    ], in_flight=[flying(key(6), "<d@x>", at=old)], deferrals=[
+        deferral(key(7), "<w@x>", 1)], cursors=[Cursor(7, 2)]))  # fmt: skip
+    await backend.settle([key(6)])
+    # A mailbox whose UIDVALIDITY changed since: its old UIDs mean nothing, pruned.
+    await backend.commit_handoff(HandoffBatch(gone_uv, records=[
+        refused(key(1, gone_uv, uv=3), old)], cursors=[Cursor(4, 9)]))  # fmt: skip
+    # No cursor yet (a first start that never finished): kept.
+    await backend.commit_handoff(HandoffBatch(no_cursor, records=[
+        refused(key(1, no_cursor), old)]))  # fmt: skip
+    theirs = Mailbox(B, "INBOX")
+    await backend.commit_handoff(HandoffBatch(theirs, records=[refused(key(1, theirs), old)],
+                                              cursors=[Cursor(7, 5)]))  # fmt: skip
+
+    assert await backend.prune_refused(A, cut) == 3
+    assert await backend.prune_refused(A, cut) == 0  # once
+    # Quarantined, handed-on and waiting mail are untouched.
+    assert [q.key for q in await backend.quarantined(A)] == [key(5)]
+    found = await backend.find_message(A, "<d@x>")
+    assert found is not None and found.key == key(6)
+    assert [w.key for w in await backend.waiting(INBOX)] == [key(7)]
+    assert await backend.handed_on(A, [("<w@x>", ALICE)]) == {("<w@x>", ALICE)}
+    # Once the cursor passed it, the one above goes too; the young one waits its turn.
+    await backend.set_cursor(INBOX, Cursor(7, 9))
+    assert await backend.prune_refused(A, cut) == 1
+    assert await backend.prune_refused(A, new + 1) == 1
+    assert await backend.prune_refused(B, cut) == 1  # per account
 
 
 async def test_recent_handoffs_are_per_account_oldest_first(backend: Storage) -> None:

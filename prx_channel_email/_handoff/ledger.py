@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from prx_channel_email._storage import (
+    DELIVERED,
     QUARANTINED,
     CopiesOf,
     Cursor,
@@ -116,6 +117,21 @@ class HandoffLedger:
             hook(done)
         return bool(done)
 
+    async def prune_refused(self, retention_days: float) -> int:
+        """Delete the records of refused mail older than ``retention_days``; how many.
+
+        A stranger's mail costs a row each, for ever, unless pruned; nothing reads the
+        row back (the cursor keeps that mail from being fetched again, and the storage
+        keeps a row the cursor has not passed). Quarantined mail is never pruned here:
+        an operator may still release it.
+        """
+        cutoff = time.time() - retention_days * 86400
+        pruned = await self.store.prune_refused(self.account, cutoff)
+        if pruned:
+            log_event(log, logging.INFO, "ledger.pruned_refused", account=self.account,
+                      pruned=pruned)  # fmt: skip
+        return pruned
+
     def take_acked(self, mailbox: Mailbox, uidvalidity: int) -> list[int]:
         """UIDs of ``mailbox`` settled since the last call, for the optional \\Seen / move."""
         acked = self._acked.pop(mailbox, [])
@@ -164,7 +180,8 @@ class LedgerWriter:
     * :meth:`redeliver` once per run, before the first pass. Settling (acks, replies)
       is the shared :class:`HandoffLedger`'s.
 
-    What a crash at each point repeats (the README's crash table is this list):
+    What a crash at each point repeats (the README's crash table is this list;
+    tests/test_crash_points.py kills just before and just after each commit):
 
     * ``handoff="ack"``: ``put_staged`` first commits, in ONE transaction, the
       accepted messages of the fetch step (at most ``fetch_batch_size``) as *in
@@ -314,8 +331,7 @@ class LedgerWriter:
             seq=seq,
             reason=reason,
             arrived_at=arrived_at,
-            # JSON, not the compact form: the storage layer reads thread_ts from it.
-            message=message.model_dump_json(),
+            message=pack_message(message),
         )
         cursor = Cursor(self.uidvalidity, uid)
         self._pending.append(_Pending(cursor, deferral=deferral, on_durable=on_durable))
@@ -330,6 +346,28 @@ class LedgerWriter:
         delivered, deferred row gone) commits with the in-flight write, before the
         put, like any hand-off."""
         await self.hand_on(None, message, None, queue, release=release)
+
+    async def hand_on_quarantined(
+        self,
+        uid: int,
+        message: ChannelMessage,
+        entry: LedgerEntry | None,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Hand on a quarantined mail the operator released (``_inbound/quarantine.py``).
+
+        One commit, before the put, like any hand-off: its ledger row becomes
+        ``delivered`` with the whole entry (threading reads it once settled), it goes
+        in flight, and its release request is done; the cursor stays where it is.
+        A crash after that commit hands it on again at the next start (in flight);
+        before it, the request is still pending and is carried out then: never both.
+        """
+        key = self.key(uid)
+        self._handled.add((message.id, message.sender))
+        item = InFlight(key, entry or _entry_of(message), pack_message(message))
+        record = Record(key, message.id, DELIVERED, None, item.entry)
+        await self._commit(None, item, Release(key, time.time()), record)
+        await self._put(message, key, uid, queue)
 
     def record(
         self,
@@ -442,7 +480,11 @@ class LedgerWriter:
             await self._commit(None, None, None)
 
     async def _commit(
-        self, cursor: Cursor | None, item: InFlight | None, release: Release | None
+        self,
+        cursor: Cursor | None,
+        item: InFlight | None,
+        release: Release | None,
+        record: Record | None = None,
     ) -> None:
         # One commit at a time: the release of deferred mail hands on concurrently.
         # Whatever commits first takes the staged messages along (the cursor may not
@@ -458,7 +500,8 @@ class LedgerWriter:
             cursors.sort(key=lambda c: c.last_uid)  # cursor_moves keeps the last of each
             batch = HandoffBatch(
                 mailbox=self.mailbox,
-                records=[p.record for p in pending if p.record is not None],
+                records=[p.record for p in pending if p.record is not None]
+                + ([record] if record is not None else []),
                 in_flight=[s.item for s in staged] + ([item] if item is not None else []),
                 deferrals=[p.deferral for p in pending if p.deferral is not None],
                 releases=[release] if release is not None else [],

@@ -63,6 +63,7 @@ class DeferredMail:
         *,
         folder: str | None = None,
         allowed: Callable[[str], bool] | None = None,
+        fence: Callable[[], int | None] | None = None,
     ) -> None:
         self.config = config
         self.store = store
@@ -73,6 +74,9 @@ class DeferredMail:
         # The current allow-list (the policy's): asked again at release, so mail from a
         # sender removed since it arrived is refused then, never handed on.
         self.allowed = allowed
+        # The fencing token of the mailbox's lease now (replicas; the hand-off's): a
+        # replica that lost the mailbox must not refuse its waiting mail either.
+        self.fence = fence or (lambda: None)
         self.limits = Limits.from_config(config)
         self.gate = HandoffGate(self.limits, clock)
         self._loaded = False
@@ -153,6 +157,11 @@ class DeferredMail:
         if parent is None or not is_minted(parent):
             return None
         return await self.store.outbox(self.account).sent_reply(parent)
+
+    def counted(self, sender: str) -> None:
+        """A mail handed on without being judged here (a quarantined mail the operator
+        released) still counts against its sender's and its domain's limits."""
+        self.gate.seed([(sender, self.clock())])
 
     def stored(self, waiting: Waiting) -> None:
         """The row of ``waiting`` is committed: it may be released from now on.
@@ -249,7 +258,7 @@ class DeferredMail:
     async def _refuse(self, w: Waiting) -> None:
         """``w``'s sender is no longer allowed: refused now (logged, counted), not handed on."""
         assert w.key is not None, "every waiting message is keyed by its mail"
-        await self.store.refuse_waiting(w.key, NOT_ALLOWED)
+        await self.store.refuse_waiting(w.key, NOT_ALLOWED, fence=self.fence())
         self.gate.released(w)
         self.metrics.inc(f"inbound.skipped.{NOT_ALLOWED}")
         self.metrics.inc("inbound.refused_at_release")

@@ -173,12 +173,19 @@ class InboundPipeline:
         self.policy = Policy(config, clock)
 
     async def process(
-        self, raw: bytes, *, arrival: float | None = None, message_id: str | None = None
+        self,
+        raw: bytes,
+        *,
+        arrival: float | None = None,
+        message_id: str | None = None,
+        release: str | None = None,
     ) -> Outcome:
         """Decide on one fetched message. Never raises (except cancellation).
 
         ``message_id``: the identity the caller already decided on (see
         :func:`message_identity`); read from the headers when not given.
+        ``release``: the quarantine reason the operator released it from (see
+        :meth:`Policy.decide`).
         """
         when = self.clock() if arrival is None else arrival
         env: Envelope | None = None
@@ -188,7 +195,7 @@ class InboundPipeline:
             else:
                 body_at, env_ = read_envelope(raw, when, message_id)
             env = env_
-            decision = self.policy.decide(env)
+            decision = self.policy.decide(env, release=release)
             if decision.reason is not None:
                 return self._reject(env, decision)
             if len(raw) > THREAD_THRESHOLD:
@@ -250,6 +257,7 @@ class InboundPipeline:
         *,
         arrival: float | None = None,
         message_id: str | None = None,
+        release: str | None = None,
     ) -> Outcome:
         """Decide on mail above ``max_message_bytes`` from its header block alone.
 
@@ -266,7 +274,7 @@ class InboundPipeline:
             else:
                 env_ = _read_oversized(header_block, size, when, message_id)
             env = env_
-            decision = self.policy.decide(env)
+            decision = self.policy.decide(env, release=release)
             if decision.reason is not None:
                 return self._reject(env, decision)
             self.metrics.inc("inbound.oversized")

@@ -72,10 +72,14 @@ def sender_allowed(sender: str, allowed: Iterable[str]) -> bool:
     return False
 
 
-def loop_reason(env: Envelope, own_addresses: Iterable[str], stamp: str = "") -> str | None:
+def loop_reason(
+    env: Envelope, own_addresses: Iterable[str], stamp: str = "", *, reply_to_us: bool = False
+) -> str | None:
     """Why this mail must never reach the agent (RFC 3834 and what bots learned), or None.
 
     ``stamp``: the :data:`STAMP_HEADER` value this account puts on its own mail.
+    ``reply_to_us``: the operator released this mail, quarantined for naming us in
+    Reply-To: that one signal no longer counts (every other one still does).
     """
     h = env.headers
     own = {fold_address(a) for a in own_addresses}
@@ -89,7 +93,7 @@ def loop_reason(env: Envelope, own_addresses: Iterable[str], stamp: str = "") ->
     # copies our header fields, and never asks for answers to go to the bot.
     if stamp and any(" ".join(v.split()) == stamp for v in h.get_all(STAMP_HEADER)):
         return OWN_MAIL
-    if env.reply_target in own and env.reply_target != env.sender:
+    if env.reply_target in own and env.reply_target != env.sender and not reply_to_us:
         return OWN_MAIL
     # A bounce: null reverse-path, or sent by the mail system itself.
     return_path = h.get("return-path")
@@ -178,6 +182,7 @@ class Policy:
     ) -> None:
         config = self.config = PolicySettings.of(settings)
         self.own = [fold_address(config.from_address), *config.own_addresses]
+        self._own = {fold_address(a) for a in self.own}
         self.stamp = channel_stamp(config.account)
         self.allowed_senders: list[str] = list(config.allowed_senders)
         self._refused_unverified: set[str] = set()
@@ -208,15 +213,19 @@ class Policy:
         """Whether ``sender`` is in the share of senders this account serves."""
         return in_rollout(sender, self.config.rollout_percent)
 
-    def decide(self, env: Envelope, *, record: bool = True) -> Decision:
+    def decide(self, env: Envelope, *, record: bool = True, release: str | None = None) -> Decision:
         """Loop guards, then the allow-list, then authenticity, then the account's
         rollout share (rate limits: deferred.py).
 
         ``record=False`` (a look-up by the mailbox tools) decides the same way but does
         not count as the sender's first refusal, so the listener's one explanation of
         it is still logged when the listener meets it.
+
+        ``release``: the reason this mail was quarantined, when the operator released
+        it. Only that quarantine decision is set aside (see ``quarantine.py``); the
+        allow-list, authenticity and every other guard decide as for new mail.
         """
-        reason = loop_reason(env, self.own, self.stamp)
+        reason = loop_reason(env, self.own, self.stamp, reply_to_us=release == OWN_MAIL)
         if reason is not None:
             weak = self._weak_loop_signal(env, reason)
             return Decision(reason, quarantine=weak and self.allows(env.sender))
@@ -269,7 +278,10 @@ class Policy:
         reply_to = env.reply_target
         if not reply_to or reply_to == env.sender:
             return env.sender, None
-        if sender_allowed(reply_to, self.allowed_senders):
+        # Never ourselves (a released mail that named us): that answer would come back.
+        if fold_address(reply_to) not in self._own and sender_allowed(
+            reply_to, self.allowed_senders
+        ):
             return reply_to, None
         return env.sender, reply_to
 

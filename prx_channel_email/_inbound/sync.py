@@ -30,6 +30,7 @@ from enum import Enum
 from prx_channel_email._handoff.ledger import HandoffLedger, LedgerWriter
 from prx_channel_email._inbound.deferred import DeferredMail
 from prx_channel_email._inbound.pipeline import InboundPipeline, Outcome, message_identity
+from prx_channel_email._inbound.quarantine import unreadable
 from prx_channel_email._mail.envelope import header_message_id, sender_of
 from prx_channel_email._mail.headers import Headers
 from prx_channel_email._net.imap import (
@@ -39,7 +40,7 @@ from prx_channel_email._net.imap import (
     open_session,
     push_fix,
 )
-from prx_channel_email._storage import Cursor, LeaseLost, Mailbox, Storage
+from prx_channel_email._storage import Cursor, LeaseLost, Mailbox, ReleaseRequest, Storage
 from prx_channel_email._support.backoff import Backoff
 from prx_channel_email._support.observability import Metrics, log_event
 from prx_channel_email._support.tasks import to_completion
@@ -212,9 +213,18 @@ class SyncEngine:
         self._redelivered = False  # what an earlier run left in flight went out again
         # Rate limits and the loop guard: accepted mail over a limit waits in the store.
         self.deferred = DeferredMail(
-            config, store, metrics, folder=self.folder, allowed=pipeline.policy.allows
+            config,
+            store,
+            metrics,
+            folder=self.folder,
+            allowed=pipeline.policy.allows,
+            fence=lambda: self.writer.fence,
         )
         self.synced = asyncio.Event()  # set after each completed sync pass (tests, doctor)
+        # Release requests of quarantined mail are looked at after the first pass of a
+        # session and after a kick (a host's release, or the channel seeing a request).
+        self._releases_due = True
+        self._kick = asyncio.Event()
 
     # --- the outer loop: connect, serve, back off ---
 
@@ -324,9 +334,14 @@ class SyncEngine:
         self.status.mode = "idle" if use_idle else "poll"
         self.status.uidvalidity = info.uidvalidity
         self._quiet_idle = False
+        self._releases_due = True  # requests made while we were away
         while True:
             session.changed.clear()
+            self._kick.clear()
             result = await self._sync(session, info, queue)
+            if self._releases_due:
+                self._releases_due = False
+                await self._release_requested(session, info.uidvalidity, queue)
             self.status.last_sync_at = time.time()
             self.status.last_error = self.status.last_error_code = None
             self.status.storage_error = None  # a pass completes only once its writes did
@@ -336,15 +351,16 @@ class SyncEngine:
                 if acked:
                     await self._after_handoff(session, acked)
             self.synced.set()
-            if session.changed.is_set():
-                continue  # mail was announced while we synced
+            if session.changed.is_set() or self._kick.is_set():
+                continue  # mail was announced (or a release asked for) while we synced
             if result.resync_in is not None:
                 await asyncio.sleep(result.resync_in)  # give the server a moment, then ask again
                 continue
             if self.status.mode == "idle":
                 self._quiet_idle = not await self._idle_once(session)
             else:
-                await asyncio.sleep(self.config.poll_interval_secs)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._kick.wait(), self.config.poll_interval_secs)
                 await session.noop(self._probe_timeout)
 
     @property
@@ -369,18 +385,26 @@ class SyncEngine:
                       folder=self.folder, code="idle_failed")  # fmt: skip
             return True
         self.status.idling = True
+        idle = asyncio.ensure_future(session.idle_wait(wait))
+        kicked = asyncio.ensure_future(self._kick.wait())
         try:
-            arrived = await session.idle_wait(wait)
+            await asyncio.wait({idle, kicked}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self.status.idling = False
+            kicked.cancel()
+            if not idle.done():
+                idle.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await idle
+        arrived = idle.result() if not idle.cancelled() else False
         # DONE must be answered; a connection that died silently shows up here.
         await session.idle_done(self._probe_timeout)
-        if not arrived:
-            await session.noop(self._probe_timeout)
-        else:
+        if arrived:
             self.push.pushed()
+        elif not self._kick.is_set():
+            await session.noop(self._probe_timeout)
         self.metrics.inc("imap.idle_cycles")
-        return arrived
+        return arrived or self._kick.is_set()  # a kick is no missed push
 
     # --- what to fetch ---
 
@@ -647,13 +671,17 @@ class SyncEngine:
                   code="body_missing")  # fmt: skip
         return None
 
-    async def _judge(self, uid: int, raw: bytes, mid: str) -> Outcome:
+    async def _judge(self, uid: int, raw: bytes, mid: str, release: str | None = None) -> Outcome:
         try:
-            return await self.pipeline.process(raw, arrival=time.time(), message_id=mid)
+            return await self.pipeline.process(
+                raw, arrival=time.time(), message_id=mid, release=release
+            )
         except Exception as exc:  # bad mail must not stop the listener
             return self._pipeline_failed(exc, uid, mid)
 
-    async def _judge_oversized(self, uid: int, header: bytes, size: int, mid: str) -> Outcome:
+    async def _judge_oversized(
+        self, uid: int, header: bytes, size: int, mid: str, release: str | None = None
+    ) -> Outcome:
         """Too big to download: only the header goes to the policy (accepted mail is
         handed on with a note instead of its body)."""
         self.metrics.inc("inbound.too_large")
@@ -662,7 +690,7 @@ class SyncEngine:
                   limit=self.config.max_message_bytes, code="too_large")  # fmt: skip
         try:
             return await self.pipeline.process_oversized(
-                header, size, arrival=time.time(), message_id=mid
+                header, size, arrival=time.time(), message_id=mid, release=release
             )
         except Exception as exc:
             return self._pipeline_failed(exc, uid, mid)
@@ -672,6 +700,101 @@ class SyncEngine:
         log_event(log, logging.ERROR, "inbound.pipeline_failed", exc=exc, account=self.account,
                   folder=self.folder, uid=uid, message_id=mid, code="pipeline_error")  # fmt: skip
         return Outcome("quarantine", mid, reason=f"pipeline_error:{type(exc).__name__}")
+
+    # --- releases of quarantined mail (quarantine.py) ---
+
+    def kick(self) -> None:
+        """Look at the release requests now: ends an IDLE (or poll) wait early."""
+        self._releases_due = True
+        self._kick.set()
+
+    async def _release_requested(
+        self, session: ImapSession, uv: int, queue: asyncio.Queue[ChannelMessage]
+    ) -> None:
+        """Carry out the pending release requests of this mailbox, oldest first."""
+        asked = [r for r in await self.store.pending_releases(self.account)
+                 if r.key.folder == self.folder]  # fmt: skip
+        if not asked:
+            return
+        writer = self.writer
+        writer.begin(uv)
+        try:
+            for request in asked:
+                await self._release(session, uv, request, queue)
+        finally:
+            await to_completion(writer.flush(), writer.stop_retrying)
+        if writer.delivered and self.config.handoff == "queue":
+            await self._after_handoff(session, writer.delivered)
+
+    async def _release(
+        self,
+        session: ImapSession,
+        uv: int,
+        request: ReleaseRequest,
+        queue: asyncio.Queue[ChannelMessage],
+    ) -> None:
+        """Fetch the released mail again and hand it on, unless the whole policy (less
+        the quarantine decision released) refuses it now, or it is gone."""
+        uid = request.key.uid
+        if request.key.uidvalidity != uv:
+            rebuilt = "the folder was rebuilt (UIDVALIDITY changed)"
+            await self._release_failed(request, code="quarantine_gone", detail=rebuilt)
+            return
+        found = (await session.fetch_meta([uid])).get(uid)
+        if found is None:
+            if uid in await session.uid_search("UID", str(uid)):
+                return  # listed but not fetched (a server syncing): the next pass asks again
+            await self._release_failed(request, code="quarantine_gone",
+                                       detail="it is no longer on the server")  # fmt: skip
+            return
+        header_id, sender = _hints(found.data)
+        size = found.size or 0
+        oversized = size > self.config.max_message_bytes
+        if oversized:
+            raw = (await session.fetch_headers([uid])).get(uid)
+        else:
+            raw = (await session.fetch_bodies([uid], total_bytes=size)).get(uid)
+        if raw is None:
+            return  # the next pass asks again
+        mid = message_identity(raw, header_id, oversized_size=size if oversized else None)
+        if self.writer.seen_in_pass(mid, sender) or await self.store.handed_on(
+            self.account, [(mid, sender)]
+        ):
+            await self._release_failed(request, code="quarantine_already_released",
+                                       detail="a copy of it was handed on already")  # fmt: skip
+            return
+        if oversized:
+            outcome = await self._judge_oversized(uid, raw, size, mid, release=request.reason)
+        else:
+            outcome = await self._judge(uid, raw, mid, release=request.reason)
+        del raw
+        if outcome.decision != "deliver" or outcome.message is None:
+            why = outcome.reason or outcome.decision
+            if outcome.decision == "quarantine" and unreadable(outcome.reason):
+                await self._release_failed(request, code="quarantine_unreadable",
+                                           detail=f"it still cannot be read ({why})")  # fmt: skip
+            else:
+                await self._release_failed(request, code="quarantine_release_refused",
+                                           detail=f"the policy refuses it ({why})")  # fmt: skip
+            return
+        message = outcome.message.model_copy(update=self._stamp)
+        await self.writer.hand_on_quarantined(uid, message, outcome.entry, queue)
+        self.deferred.counted(message.sender)
+        self.metrics.inc("inbound.quarantine_released")
+        log_event(log, logging.INFO, "inbound.quarantine_released", account=self.account,
+                  folder=self.folder, uid=uid, message_id=message.id, sender=message.sender,
+                  reason=request.reason)  # fmt: skip
+
+    async def _release_failed(self, request: ReleaseRequest, *, code: str, detail: str) -> None:
+        """The request failed for good (the mail stays quarantined; it may be asked again)."""
+        await self.writer.durable(
+            functools.partial(self.store.fail_release, request.key, code, detail)
+        )
+        self.metrics.inc("inbound.quarantine_release_failed")
+        log_event(log, logging.WARNING, "inbound.quarantine_release_failed",
+                  account=self.account, folder=self.folder, uid=request.key.uid,
+                  message_id=request.message_id, reason=request.reason, code=code,
+                  detail=detail)  # fmt: skip
 
     async def _after_handoff(self, session: ImapSession, uids: list[int]) -> None:
         """Optional ``\\Seen`` / move, for handled mail only (rejected mail stays as it was).

@@ -80,6 +80,14 @@ _ACCOUNT_COUNTERS: dict[str, tuple[str, str]] = {
     "inbound.deferred": ("messages_deferred", "Messages kept back by a rate limit."),
     "inbound.held": ("messages_held", "Messages held by the loop guard."),
     "inbound.released": ("messages_released", "Deferred or held messages handed on later."),
+    "inbound.quarantine_released": (
+        "messages_quarantine_released",
+        "Quarantined messages the operator released, handed on.",
+    ),
+    "inbound.quarantine_release_failed": (
+        "messages_quarantine_release_failed",
+        "Releases of quarantined mail that failed (gone, refused, unreadable).",
+    ),
     "inbound.oversized": ("messages_oversized", "Messages above max_message_bytes."),
     "smtp.connects": ("smtp_connects", "SMTP connections opened."),
     "smtp.reconnects": ("smtp_reconnects", "SMTP connections opened again after a drop."),

@@ -779,7 +779,7 @@ class Outbox:
                 )
                 if claimed is None:
                     due_in = await self.table.next_due_in(self._held_ids(), MAX_IDLE_WAIT_SECS)
-                    await self._sleep(due_in)
+                    await self._sleep(min(due_in, self._next_prune - time.monotonic()))
                     continue
                 row, until = claimed
                 self.storage_error = None  # the claim wrote: the state is writable (again)
@@ -801,15 +801,21 @@ class Outbox:
                 await self._sleep(1.0)
 
     async def _prune(self) -> None:
-        """Drop the stored text of replies sent longer ago than ``outbox_retention_days``.
+        """The account's state housekeeping: drop the stored text of replies sent longer
+        ago than ``outbox_retention_days``, and the ledger's records of refused mail
+        older than ``refused_retention_days`` (:meth:`HandoffLedger.prune_refused`).
 
-        The row stays (Message-ID, idempotency key, state): a repeated send still
+        An outbox row stays (Message-ID, idempotency key, state): a repeated send still
         finds it. Failed rows keep their text (``prx-email outbox retry`` needs it).
         """
         self._next_prune = time.monotonic() + PRUNE_EVERY_SECS
         cutoff = time.time() - self.config.outbox_retention_days * 86400
         try:
             pruned = await self.table.prune_sent(cutoff)
+            if pruned:
+                log_event(log, logging.INFO, "outbox.pruned", account=self.config.account,
+                          pruned=pruned)  # fmt: skip
+            await self.ledger.prune_refused(self.config.refused_retention_days)
         except Exception as exc:  # retried at the next interval; nothing depends on it
             log_event(
                 log,
@@ -819,10 +825,6 @@ class Outbox:
                 account=self.config.account,
                 code=getattr(exc, "code", "storage_error"),
             )
-            return
-        if pruned:
-            log_event(log, logging.INFO, "outbox.pruned", account=self.config.account,
-                      pruned=pruned)  # fmt: skip
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

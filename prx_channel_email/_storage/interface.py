@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from prx_channel_email.errors import StorageError
+from prx_channel_email.models import PackedMessage
 
 
 class LeaseLost(StorageError):
@@ -108,6 +109,17 @@ QUARANTINED = "quarantined"  # unparseable or held by the policy
 #: Outcomes of mail that was accepted (handed on, or waiting to be).
 ACCEPTED = (DELIVERED, DEFERRED)
 
+#: A refused mail's Message-ID is stored cut to this many characters. Nothing reads it
+#: back (refused mail is no copy of anything and no reply parent; the cursor, not the
+#: ledger, keeps it from being fetched again), and a stranger's 8 KB id cost its size
+#: twice per mail (the row and the Message-ID index).
+REFUSED_ID_CHARS = 256
+
+
+def ledger_id(message_id: str, outcome: str) -> str:
+    """The Message-ID as a ledger row of ``outcome`` keeps it (every backend writes this)."""
+    return message_id[:REFUSED_ID_CHARS] if outcome == REJECTED else message_id
+
 
 @dataclass(frozen=True)
 class Record:
@@ -123,11 +135,12 @@ class Record:
 @dataclass(frozen=True)
 class InFlight:
     """A mail about to be put on the host's queue: handed on again after a restart
-    until settled. ``message`` is the ChannelMessage as JSON."""
+    until settled. ``message`` is the ChannelMessage in its stored form
+    (:func:`~prx_channel_email.models.pack_message`)."""
 
     key: MailKey
     entry: LedgerEntry
-    message: str
+    message: str | PackedMessage
 
 
 @dataclass(frozen=True)
@@ -140,13 +153,14 @@ class Deferral:
     seq: int
     reason: str
     arrived_at: float
-    message: str
+    message: str | PackedMessage
 
 
 @dataclass(frozen=True)
 class Release:
-    """A deferred mail goes on: its deferred row goes, its ledger row becomes
-    ``delivered`` with ``handed_at`` (the time the rate limit counted)."""
+    """A held mail goes on: its ledger row becomes ``delivered`` with ``handed_at`` (the
+    time the rate limit counted), its deferred row goes (mail that waited) and its
+    pending release request is done (quarantined mail the operator released)."""
 
     key: MailKey
     handed_at: float
@@ -211,6 +225,33 @@ class QuarantinedMail:
     subject: str
     reason: str
     received_at: float
+
+
+#: States of a release request (:class:`ReleaseRequest`).
+RELEASE_PENDING = "pending"  # asked for; the listener has not handed it on yet
+RELEASE_DONE = "released"  # handed on (committed with its in-flight write)
+RELEASE_FAILED = "failed"  # the listener could not (``code`` says why); may be asked again
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    """The operator's durable request to hand one quarantined mail on, once.
+
+    Written by whoever asks (the CLI in another process, the host's API call),
+    carried out by the listener serving the mail's mailbox. ``reason`` is why the
+    mail was quarantined; ``code`` and ``detail`` why a release failed. ``new`` is
+    set only on the answer of :meth:`Storage.request_release` that recorded it.
+    """
+
+    key: MailKey
+    state: str
+    reason: str
+    message_id: str
+    sender: str
+    requested_at: float
+    code: str | None = None
+    detail: str | None = None
+    new: bool = False
 
 
 # --- outbound ---------------------------------------------------------------------
@@ -521,10 +562,49 @@ class Storage(Protocol):
         a copy that passed later, is no longer quarantined)."""
         ...
 
-    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+    async def request_release(
+        self, key: MailKey, *, refuse: Sequence[str] = ()
+    ) -> ReleaseRequest | None:
+        """Ask, durably, for the quarantined mail ``key`` to be handed on once.
+
+        None: no quarantined mail has that key (never quarantined, or refused). Else the
+        request as it stands after this transaction: recorded now (``new``; a failed
+        request is asked again the same way), or an earlier one unchanged (pending, or
+        released). Mail that was handed on since (a copy that passed) answers as
+        released. A mail whose quarantine reason is in ``refuse`` is not recorded: the
+        answer is not ``new`` and its state is ``failed``.
+        """
+        ...
+
+    async def release_request(self, key: MailKey) -> ReleaseRequest | None:
+        """The release request of ``key`` as it stands (None: never asked for)."""
+        ...
+
+    async def pending_releases(self, account: str | None = None) -> list[ReleaseRequest]:
+        """Every pending release request of ``account`` (of every account when None:
+        one read however many mailboxes a process serves), oldest first."""
+        ...
+
+    async def fail_release(self, key: MailKey, code: str, detail: str) -> None:
+        """The pending request of ``key`` failed (``code``, ``detail``): the mail stays
+        quarantined; asking again records a new request."""
+        ...
+
+    async def refuse_waiting(self, key: MailKey, reason: str, *, fence: int | None = None) -> bool:
         """A waiting mail is refused after all (its sender is no longer allowed): its
         deferred row goes and its ledger row becomes ``rejected`` with ``reason``; it is
-        never handed on. False when it was not waiting (nothing changes)."""
+        never handed on. False when it was not waiting (nothing changes).
+        ``fence``: as :attr:`HandoffBatch.fence` (a replica that lost the mailbox
+        refuses nothing: the new holder decides)."""
+        ...
+
+    async def prune_refused(self, account: str, before: float) -> int:
+        """Delete the ledger rows of ``account``'s refused mail recorded before ``before``
+        (Unix time); returns how many.
+
+        Only rows the mailbox's cursor has passed go (or rows of a UIDVALIDITY the
+        mailbox no longer has): that mail is never fetched again whatever the ledger
+        says. Quarantined, deferred and handed-on rows are never touched."""
         ...
 
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:

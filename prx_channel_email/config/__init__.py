@@ -416,6 +416,16 @@ class EmailConfig(BaseSettings):
             "Window for counting quick answers; held mail goes on after this long without one."
         ),
     )
+    # Nothing reads a refused mail's ledger row back (the UID cursor, not the ledger,
+    # keeps it from being fetched again); kept a while for the operator, then pruned
+    # with the outbox's housekeeping (at start, then hourly). docs/concepts/storage.md.
+    refused_retention_days: Annotated[float, Field(ge=0)] = Field(
+        30,
+        description=(
+            "Days the state keeps its record of a refused mail, then prunes it (at start, "
+            "then hourly). Refused mail does not come again: the UID cursor is past it."
+        ),
+    )
 
     # --- attachments ---
     attachments_dir: Path | None = Field(

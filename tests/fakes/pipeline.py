@@ -64,7 +64,12 @@ class HeaderPipeline(InboundPipeline):
         return Outcome("deliver", mid, message=cm, entry=entry)
 
     async def process(
-        self, raw: bytes, *, arrival: float | None = None, message_id: str | None = None
+        self,
+        raw: bytes,
+        *,
+        arrival: float | None = None,
+        message_id: str | None = None,
+        release: str | None = None,
     ) -> Outcome:
         return self._outcome(raw, known_id=message_id)
 
@@ -75,6 +80,7 @@ class HeaderPipeline(InboundPipeline):
         *,
         arrival: float | None = None,
         message_id: str | None = None,
+        release: str | None = None,
     ) -> Outcome:
         self.oversized.append((header_block, size))
         return self._outcome(header_block, size, known_id=message_id)

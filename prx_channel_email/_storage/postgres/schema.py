@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from prx_channel_email._storage.ddl import statements
+from prx_channel_email._storage.ddl import LEDGER_REFUSED_INDEX, RELEASE_REQUESTS, statements
 from prx_channel_email._storage.postgres.leases import LEASES_DDL
 from prx_channel_email.errors import StorageError
 
@@ -131,6 +131,8 @@ MIGRATIONS: list[tuple[str, str]] = [
     ("mail_keys", ""),
     ("oauth_tokens", ""),
     ("leases", LEASES_DDL),
+    ("ledger_refused", LEDGER_REFUSED_INDEX),
+    ("quarantine_releases", RELEASE_REQUESTS),
 ]
 
 _MIGRATION_LOCK = 0x70727865  # "prxe": one migrating process at a time

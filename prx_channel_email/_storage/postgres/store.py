@@ -27,13 +27,23 @@ from dataclasses import asdict
 from typing import Any, TypeVar
 
 from prx_channel_email._mail.addresses import fold_address
+from prx_channel_email._storage.ddl import (
+    RELEASE_COLUMNS,
+    RELEASE_FROM,
+    release_answer,
+    release_row,
+)
 from prx_channel_email._storage.interface import (
     ACCEPTED,
     DEFERRED,
     DELIVERED,
     EXHAUSTED_PREFIX,
     QUARANTINED,
+    REFUSED_ID_CHARS,
     REJECTED,
+    RELEASE_DONE,
+    RELEASE_FAILED,
+    RELEASE_PENDING,
     CopiesOf,
     Cursor,
     HandoffBatch,
@@ -46,14 +56,17 @@ from prx_channel_email._storage.interface import (
     OutboxEntry,
     OutboxRow,
     QuarantinedMail,
+    ReleaseRequest,
     SenderChanges,
     Stored,
     TokenRecord,
     WaitingRow,
+    ledger_id,
 )
 from prx_channel_email._storage.postgres.leases import fence_epoch
 from prx_channel_email._storage.postgres.schema import mask_url, migrate, storage_error
 from prx_channel_email.errors import ChannelError, OAuthUnavailable, StorageError
+from prx_channel_email.models import packed_fields
 
 T = TypeVar("T")
 Cur = Any  # psycopg.AsyncCursor
@@ -233,7 +246,7 @@ class PostgresStore:
                         **_named(item.key),
                         "mid": item.entry.message_id,
                         **_entry(item.entry),
-                        "msg": item.message,
+                        "msg": str(item.message),
                         "now": now,
                     },
                 )
@@ -250,7 +263,7 @@ class PostgresStore:
                         d.entry.sender,
                         d.reason,
                         d.arrived_at,
-                        d.message,
+                        str(d.message),
                     ),
                 )
             for release in batch.releases:
@@ -259,6 +272,11 @@ class PostgresStore:
                     (release.handed_at, *_k(release.key)),
                 )
                 await cur.execute(f"DELETE FROM deferred WHERE {_KEY}", _k(release.key))
+                await cur.execute(
+                    f"UPDATE release_requests SET state='{RELEASE_DONE}', updated_at=%s"
+                    f" WHERE {_KEY} AND state='{RELEASE_PENDING}'",
+                    (release.handed_at, *_k(release.key)),
+                )
             for cursor in batch.cursors:
                 await _write_cursor(cur, batch.mailbox, cursor)
 
@@ -341,7 +359,7 @@ class PostgresStore:
             )
             return [
                 WaitingRow(MailKey(r[0], r[1], int(r[2]), int(r[3])), r[4], int(r[5]), r[6],
-                           r[7], float(r[8]), str(json.loads(r[9]).get("thread_ts") or ""))
+                           r[7], float(r[8]), str(packed_fields(r[9]).get("thread_ts") or ""))
                 for r in await cur.fetchall()
             ]  # fmt: skip
 
@@ -377,17 +395,91 @@ class PostgresStore:
 
         return await self.run(q)
 
-    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+    async def refuse_waiting(self, key: MailKey, reason: str, *, fence: int | None = None) -> bool:
         async def tx(cur: Cur) -> bool:
+            if fence is not None:
+                await fence_epoch(cur, key.account, key.folder, fence)
             await cur.execute(f"DELETE FROM deferred WHERE {_KEY}", _k(key))
             if cur.rowcount == 0:
                 return False
             await cur.execute(
-                f"UPDATE ledger SET outcome='{REJECTED}', reason=%s WHERE {_KEY}"
-                f" AND outcome='{DEFERRED}'",
-                (reason, *_k(key)),
+                f"UPDATE ledger SET outcome='{REJECTED}', reason=%s,"
+                f" message_id=substr(message_id, 1, %s) WHERE {_KEY} AND outcome='{DEFERRED}'",
+                (reason, REFUSED_ID_CHARS, *_k(key)),
             )
             return True
+
+        return await self.run(tx)
+
+    # --- releases of quarantined mail ---
+
+    async def request_release(
+        self, key: MailKey, *, refuse: Sequence[str] = ()
+    ) -> ReleaseRequest | None:
+        async def tx(cur: Cur) -> ReleaseRequest | None:
+            # The ledger row is locked: a hand-off of this mail commits before or after.
+            await cur.execute(
+                "SELECT outcome, COALESCE(reason, ''), message_id, COALESCE(sender, '')"
+                f" FROM ledger WHERE {_KEY} FOR UPDATE",
+                _k(key),
+            )
+            row = await cur.fetchone()
+            asked = await _release_request(cur, key)
+            answer, record = release_answer(key, row, asked, refuse, time.time())
+            if record and answer is not None:
+                await cur.execute(
+                    "INSERT INTO release_requests (account, folder, uidvalidity, uid, state,"
+                    " reason, code, detail, requested_at, updated_at) VALUES (%s,%s,%s,%s,%s,"
+                    " %s, NULL, NULL, %s, %s) ON CONFLICT (account, folder, uidvalidity, uid)"
+                    " DO UPDATE SET state=excluded.state, reason=excluded.reason, code=NULL,"
+                    " detail=NULL, requested_at=excluded.requested_at,"
+                    " updated_at=excluded.updated_at",
+                    (*_k(key), answer.state, answer.reason, answer.requested_at,
+                     answer.requested_at),
+                )  # fmt: skip
+            return answer
+
+        return await self.run(tx)
+
+    async def release_request(self, key: MailKey) -> ReleaseRequest | None:
+        return await self.run(lambda cur: _release_request(cur, key))
+
+    async def pending_releases(self, account: str | None = None) -> list[ReleaseRequest]:
+        mine, args = ("r.account=%s AND ", (account,)) if account is not None else ("", ())
+
+        async def q(cur: Cur) -> list[ReleaseRequest]:
+            await cur.execute(
+                f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE {mine}"
+                f"r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
+                args,
+            )
+            return [release_row(r) for r in await cur.fetchall()]
+
+        return await self.run(q)
+
+    async def fail_release(self, key: MailKey, code: str, detail: str) -> None:
+        async def tx(cur: Cur) -> None:
+            await cur.execute(
+                f"UPDATE release_requests SET state='{RELEASE_FAILED}', code=%s, detail=%s,"
+                f" updated_at=%s WHERE {_KEY} AND state='{RELEASE_PENDING}'",
+                (code, detail, time.time(), *_k(key)),
+            )
+
+        await self.run(tx)
+
+    async def prune_refused(self, account: str, before: float) -> int:
+        """Any replica may run it: the rows it deletes are no lease's business (the
+        cursor the check reads only moves forward)."""
+
+        async def tx(cur: Cur) -> int:
+            await cur.execute(
+                f"DELETE FROM ledger l WHERE l.account=%s AND l.outcome='{REJECTED}'"
+                " AND l.received_at<%s AND EXISTS (SELECT 1 FROM cursor c"
+                " WHERE c.account=l.account AND c.folder=l.folder"
+                " AND (c.uidvalidity<>l.uidvalidity OR c.last_uid>=l.uid))",
+                (account, before),
+            )
+            return int(cur.rowcount)
 
         return await self.run(tx)
 
@@ -452,6 +544,13 @@ class PostgresStore:
         return PgTokenStore(self, account)
 
 
+async def _release_request(cur: Cur, key: MailKey) -> ReleaseRequest | None:
+    where = "r.account=%s AND r.folder=%s AND r.uidvalidity=%s AND r.uid=%s"
+    await cur.execute(f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE {where}", _k(key))
+    row = await cur.fetchone()
+    return release_row(row) if row else None
+
+
 def _named(key: MailKey) -> dict[str, Any]:
     return {"a": key.account, "f": key.folder, "v": key.uidvalidity, "u": key.uid}
 
@@ -478,7 +577,7 @@ async def _write_ledger(
         " %(refs)s, %(received_at)s, NULL)" + _ACCEPTED_WINS,
         {
             **_named(key),
-            "mid": message_id,
+            "mid": ledger_id(message_id, outcome),
             "outcome": outcome,
             "reason": reason,
             **_entry(entry),

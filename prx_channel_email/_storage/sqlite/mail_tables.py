@@ -15,13 +15,23 @@ import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from prx_channel_email._storage.ddl import statements
+from prx_channel_email._storage.ddl import (
+    RELEASE_COLUMNS,
+    RELEASE_FROM,
+    release_answer,
+    release_row,
+    statements,
+)
 from prx_channel_email._storage.interface import (
     ACCEPTED,
     DEFERRED,
     DELIVERED,
     QUARANTINED,
+    REFUSED_ID_CHARS,
     REJECTED,
+    RELEASE_DONE,
+    RELEASE_FAILED,
+    RELEASE_PENDING,
     CopiesOf,
     Deferral,
     HandoffBatch,
@@ -32,8 +42,11 @@ from prx_channel_email._storage.interface import (
     MailKey,
     QuarantinedMail,
     Record,
+    ReleaseRequest,
     WaitingRow,
+    ledger_id,
 )
+from prx_channel_email.models import PackedMessage, packed_fields
 
 _ACCEPTED_SQL = ",".join(f"'{o}'" for o in ACCEPTED)
 
@@ -168,13 +181,43 @@ CREATE INDEX inflight_by_id ON inflight (account, message_id);
 CREATE INDEX deferred_in_order ON deferred (account, folder, seq)
 """
 
+#: Step ``inflight_message_last``: the in-flight table with ``message`` as its last
+#: column. A big message is written as a zeroblob and then in pieces
+#: (:func:`_insert_in_pieces`); SQLite allocates a zeroblob in full (twice) unless it
+#: is the record's last value, which defeated the point for a 24 MB body.
+INFLIGHT_MESSAGE_LAST = """
+CREATE TABLE inflight_v3 (
+    account TEXT NOT NULL,
+    folder TEXT NOT NULL,
+    uidvalidity INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    sender TEXT,
+    reply_target TEXT,
+    subject TEXT,
+    thread_ts TEXT,
+    refs TEXT,
+    received_at REAL NOT NULL,
+    handed_at REAL NOT NULL,
+    message TEXT NOT NULL,
+    PRIMARY KEY (account, folder, uidvalidity, uid)
+);
+INSERT INTO inflight_v3 (account, folder, uidvalidity, uid, message_id, sender, reply_target,
+    subject, thread_ts, refs, received_at, handed_at, message)
+  SELECT account, folder, uidvalidity, uid, message_id, sender, reply_target,
+    subject, thread_ts, refs, received_at, handed_at, message FROM inflight ORDER BY rowid;
+DROP TABLE inflight;
+ALTER TABLE inflight_v3 RENAME TO inflight;
+CREATE INDEX inflight_by_id ON inflight (account, message_id)
+"""
+
 _LEDGER_COLS = (
     "account, folder, uidvalidity, uid, message_id, outcome, reason, sender,"
     " reply_target, subject, thread_ts, refs, received_at, handed_at"
 )
 _INFLIGHT_COLS = (
     "account, folder, uidvalidity, uid, message_id, sender, reply_target, subject,"
-    " thread_ts, refs, received_at, message, handed_at"
+    " thread_ts, refs, received_at, handed_at, message"
 )
 _DEFERRED_COLS = (
     "account, folder, uidvalidity, uid, message_id, seq, sender, reason, arrived_at, message"
@@ -220,7 +263,7 @@ def migrate_mail_keys(conn: sqlite3.Connection) -> None:
     flying: set[tuple[str, str, int, int]] = set()
     for row in conn.execute(
         "SELECT account, folder, uidvalidity, uid, message_id, sender, reply_target, subject,"
-        " thread_ts, refs, received_at, message, handed_at FROM inflight ORDER BY handed_at, rowid"
+        " thread_ts, refs, received_at, handed_at, message FROM inflight ORDER BY handed_at, rowid"
     ).fetchall():
         own = (row[1], row[2], row[3])
         if None in own and (row[0], row[4]) in by_id:
@@ -287,7 +330,10 @@ def _write_ledger(
     conn.executemany(
         f"INSERT INTO ledger ({_LEDGER_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,NULL)"
         + _ACCEPTED_WINS,
-        [(*_k(k), mid, outcome, reason, *_entry_cols(e)) for k, mid, outcome, reason, e in rows],
+        [
+            (*_k(k), ledger_id(mid, outcome), outcome, reason, *_entry_cols(e))
+            for k, mid, outcome, reason, e in rows
+        ],
     )
 
 
@@ -331,10 +377,15 @@ def commit_handoff(conn: sqlite3.Connection, batch: HandoffBatch) -> None:
         _write_ledger(conn, ((r.key, r.message_id, r.outcome, r.reason, r.entry) for r in records))
     if batch.in_flight:
         now = time.time()
+        small = [i for i in batch.in_flight if not _written_in_pieces(i.message)]
         conn.executemany(
             f"INSERT OR IGNORE INTO inflight ({_INFLIGHT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            [_inflight_row(item, now) for item in batch.in_flight],
+            [(*_inflight_row(item, now), str(item.message)) for item in small],
         )
+        for item in batch.in_flight:
+            if isinstance(item.message, PackedMessage) and _written_in_pieces(item.message):
+                row = _inflight_row(item, now)
+                _insert_in_pieces(conn, "inflight", _INFLIGHT_COLS, row, item.message)
     if batch.deferrals:
         defer(conn, batch.deferrals)
     for release in batch.releases:
@@ -343,6 +394,11 @@ def commit_handoff(conn: sqlite3.Connection, batch: HandoffBatch) -> None:
             (release.handed_at, *_k(release.key)),
         )
         conn.execute(f"DELETE FROM deferred WHERE {_KEY_WHERE}", _k(release.key))
+        conn.execute(
+            f"UPDATE release_requests SET state='{RELEASE_DONE}', updated_at=?"
+            f" WHERE {_KEY_WHERE} AND state='{RELEASE_PENDING}'",
+            (release.handed_at, *_k(release.key)),
+        )
 
 
 def quarantined(conn: sqlite3.Connection, account: str, limit: int) -> list[QuarantinedMail]:
@@ -366,39 +422,134 @@ def quarantined(conn: sqlite3.Connection, account: str, limit: int) -> list[Quar
     ]
 
 
+def release_request(conn: sqlite3.Connection, key: MailKey) -> ReleaseRequest | None:
+    """See :meth:`Storage.release_request`."""
+    where = "r.account=? AND r.folder=? AND r.uidvalidity=? AND r.uid=?"
+    row = conn.execute(f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE {where}", _k(key)).fetchone()
+    return release_row(row) if row else None
+
+
+def pending_releases(conn: sqlite3.Connection, account: str | None) -> list[ReleaseRequest]:
+    """See :meth:`Storage.pending_releases`."""
+    mine, args = ("r.account=? AND ", (account,)) if account is not None else ("", ())
+    rows = conn.execute(
+        f"SELECT {RELEASE_COLUMNS}{RELEASE_FROM} WHERE {mine}"
+        f"r.state='{RELEASE_PENDING}' ORDER BY r.requested_at, r.uid",
+        args,
+    )
+    return [release_row(r) for r in rows]
+
+
+def request_release(
+    conn: sqlite3.Connection, key: MailKey, refuse: Sequence[str]
+) -> ReleaseRequest | None:
+    """See :meth:`Storage.request_release`."""
+    row = conn.execute(
+        f"SELECT outcome, COALESCE(reason, ''), message_id, COALESCE(sender, '') FROM ledger"
+        f" WHERE {_KEY_WHERE}",
+        _k(key),
+    ).fetchone()
+    answer, record = release_answer(key, row, release_request(conn, key), refuse, time.time())
+    if record and answer is not None:
+        conn.execute(
+            "INSERT INTO release_requests (account, folder, uidvalidity, uid, state, reason,"
+            " code, detail, requested_at, updated_at) VALUES (?,?,?,?,?,?, NULL, NULL, ?, ?)"
+            " ON CONFLICT (account, folder, uidvalidity, uid) DO UPDATE SET"
+            " state=excluded.state, reason=excluded.reason, code=NULL, detail=NULL,"
+            " requested_at=excluded.requested_at, updated_at=excluded.updated_at",
+            (*_k(key), answer.state, answer.reason, answer.requested_at, answer.requested_at),
+        )
+    return answer
+
+
+def fail_release(conn: sqlite3.Connection, key: MailKey, code: str, detail: str) -> None:
+    """See :meth:`Storage.fail_release`."""
+    conn.execute(
+        f"UPDATE release_requests SET state='{RELEASE_FAILED}', code=?, detail=?,"
+        f" updated_at=? WHERE {_KEY_WHERE} AND state='{RELEASE_PENDING}'",
+        (code, detail, time.time(), *_k(key)),
+    )
+
+
 def refuse_waiting(conn: sqlite3.Connection, key: MailKey, reason: str) -> bool:
     """See :meth:`Storage.refuse_waiting`."""
     if conn.execute(f"DELETE FROM deferred WHERE {_KEY_WHERE}", _k(key)).rowcount == 0:
         return False
     conn.execute(
-        f"UPDATE ledger SET outcome='{REJECTED}', reason=? WHERE {_KEY_WHERE}"
-        f" AND outcome='{DEFERRED}'",
-        (reason, *_k(key)),
+        f"UPDATE ledger SET outcome='{REJECTED}', reason=?, message_id=substr(message_id, 1, ?)"
+        f" WHERE {_KEY_WHERE} AND outcome='{DEFERRED}'",
+        (reason, REFUSED_ID_CHARS, *_k(key)),
     )
     return True
 
 
+def prune_refused(conn: sqlite3.Connection, account: str, before: float) -> int:
+    """See :meth:`Storage.prune_refused`."""
+    return int(
+        conn.execute(
+            f"DELETE FROM ledger WHERE account=? AND outcome='{REJECTED}' AND received_at<?"
+            " AND EXISTS (SELECT 1 FROM cursor c WHERE c.account=ledger.account"
+            " AND c.folder=ledger.folder"
+            " AND (c.uidvalidity<>ledger.uidvalidity OR c.last_uid>=ledger.uid))",
+            (account, before),
+        ).rowcount
+    )
+
+
 def _inflight_row(item: InFlight, now: float) -> tuple[Any, ...]:
-    return (*_k(item.key), item.entry.message_id, *_entry_cols(item.entry), item.message, now)
+    """The columns of an in-flight row before ``message`` (its last)."""
+    return (*_k(item.key), item.entry.message_id, *_entry_cols(item.entry), now)
+
+
+#: A stored message longer than this is written with SQLite's blob I/O in pieces.
+PIECES_OVER_CHARS = 1 << 20
+
+
+def _written_in_pieces(message: str | PackedMessage) -> bool:
+    return isinstance(message, PackedMessage) and len(message) > PIECES_OVER_CHARS
+
+
+def _insert_in_pieces(
+    conn: sqlite3.Connection,
+    table: str,
+    cols: str,
+    head: tuple[Any, ...],
+    message: PackedMessage,
+) -> None:
+    """Insert a row of ``table`` whose ``message`` (its last column) is written a
+    piece at a time: a zeroblob of its size, then its UTF-8 bytes through the blob
+    handle. Binding one 24 MB text made SQLite copy it twice (the bound value and
+    the record) on top of the caller's strings, the peak of a big mail's whole
+    path; this way SQLite holds a piece, and the row reads back as the same text
+    (as bytes). The zeroblob must be the record's last value, or SQLite allocates
+    it whole."""
+    marks = ",".join("?" * len(head))
+    cur = conn.execute(
+        f"INSERT OR IGNORE INTO {table} ({cols}) VALUES ({marks},zeroblob(?))",
+        (*head, message.encoded_size()),
+    )
+    if cur.rowcount != 1 or cur.lastrowid is None:
+        return  # already there (INSERT OR IGNORE): the stored copy stands
+    with conn.blobopen(table, "message", cur.lastrowid) as blob:
+        for piece in message.encoded():
+            blob.write(piece)
 
 
 def defer(conn: sqlite3.Connection, items: Sequence[Deferral]) -> None:
     _write_ledger(conn, ((d.key, d.entry.message_id, DEFERRED, d.reason, d.entry) for d in items))
+    small = [d for d in items if not _written_in_pieces(d.message)]
     conn.executemany(
         f"INSERT OR IGNORE INTO deferred ({_DEFERRED_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-        [
-            (
-                *_k(d.key),
-                d.entry.message_id,
-                d.seq,
-                d.entry.sender,
-                d.reason,
-                d.arrived_at,
-                d.message,
-            )
-            for d in items
-        ],
+        [(*_deferred_row(d), str(d.message)) for d in small],
     )
+    for d in items:
+        if isinstance(d.message, PackedMessage) and _written_in_pieces(d.message):
+            _insert_in_pieces(conn, "deferred", _DEFERRED_COLS, _deferred_row(d), d.message)
+
+
+def _deferred_row(d: Deferral) -> tuple[Any, ...]:
+    """The columns of a deferred row before ``message`` (its last)."""
+    return (*_k(d.key), d.entry.message_id, d.seq, d.entry.sender, d.reason, d.arrived_at)
 
 
 # --- reads ----------------------------------------------------------------------------
@@ -410,7 +561,12 @@ def in_flight(conn: sqlite3.Connection, mailbox: Mailbox) -> list[InFlightRow]:
         " FROM inflight WHERE account=? AND folder=? ORDER BY handed_at, rowid",
         (mailbox.account, mailbox.folder),
     )
-    return [InFlightRow(MailKey(*r[:4]), r[4], r[5], r[6]) for r in rows]
+    return [InFlightRow(MailKey(*r[:4]), r[4], r[5], _text(r[6])) for r in rows]
+
+
+def _text(stored: str | bytes) -> str:
+    """A stored message as text: one written in pieces reads back as a blob."""
+    return stored if isinstance(stored, str) else bytes(stored).decode()
 
 
 def handed_on(
@@ -469,7 +625,7 @@ def waiting(conn: sqlite3.Connection, mailbox: Mailbox) -> list[WaitingRow]:
             r[6],
             r[7],
             r[8],
-            str(json.loads(r[9]).get("thread_ts") or ""),
+            str(packed_fields(r[9]).get("thread_ts") or ""),
         )
         for r in conn.execute(
             f"SELECT {_DEFERRED_COLS} FROM deferred WHERE account=? AND folder=? ORDER BY seq",
@@ -480,7 +636,7 @@ def waiting(conn: sqlite3.Connection, mailbox: Mailbox) -> list[WaitingRow]:
 
 def deferred_message(conn: sqlite3.Connection, key: MailKey) -> str | None:
     row = conn.execute(f"SELECT message FROM deferred WHERE {_KEY_WHERE}", _k(key)).fetchone()
-    return str(row[0]) if row else None
+    return _text(row[0]) if row else None
 
 
 def recent_handoffs(

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from prx_channel_email._storage.ddl import statements
+from prx_channel_email._storage.ddl import LEDGER_REFUSED_INDEX, RELEASE_REQUESTS, statements
 from prx_channel_email._storage.files import make_private_dir, private_file
 from prx_channel_email._storage.sqlite import mail_tables, senders_table, tokens_table
 from prx_channel_email._storage.sqlite.outbox_table import OUTBOX_SCHEMA_V1, add_idempotency_key
@@ -69,6 +69,9 @@ MIGRATIONS: list[tuple[str, Step]] = [
     ("inbound_inflight", ddl(mail_tables.INFLIGHT_V1)),
     ("mail_keys", mail_tables.migrate_mail_keys),
     (tokens_table.MIGRATION_NAME, tokens_table.migrate),
+    ("ledger_refused", ddl(LEDGER_REFUSED_INDEX)),
+    ("quarantine_releases", ddl(RELEASE_REQUESTS)),
+    ("inflight_message_last", ddl(mail_tables.INFLIGHT_MESSAGE_LAST)),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -32,6 +32,7 @@ from prx_channel_email._storage.interface import (
     Mailbox,
     MailKey,
     QuarantinedMail,
+    ReleaseRequest,
     SenderChanges,
     WaitingRow,
 )
@@ -237,8 +238,28 @@ class StateStore:
     async def quarantined(self, account: str, limit: int = 100) -> list[QuarantinedMail]:
         return await self.run(lambda conn: mail_tables.quarantined(conn, account, limit))
 
-    async def refuse_waiting(self, key: MailKey, reason: str) -> bool:
+    async def refuse_waiting(self, key: MailKey, reason: str, *, fence: int | None = None) -> bool:
+        # One process owns the file: there is no lease to check (``fence`` is ignored).
         return await self.run(lambda conn: mail_tables.refuse_waiting(conn, key, reason))
+
+    # --- releases of quarantined mail ---
+
+    async def request_release(
+        self, key: MailKey, *, refuse: Sequence[str] = ()
+    ) -> ReleaseRequest | None:
+        return await self.run(lambda conn: mail_tables.request_release(conn, key, refuse))
+
+    async def release_request(self, key: MailKey) -> ReleaseRequest | None:
+        return await self.run(lambda conn: mail_tables.release_request(conn, key))
+
+    async def pending_releases(self, account: str | None = None) -> list[ReleaseRequest]:
+        return await self.run(lambda conn: mail_tables.pending_releases(conn, account))
+
+    async def fail_release(self, key: MailKey, code: str, detail: str) -> None:
+        await self.run(lambda conn: mail_tables.fail_release(conn, key, code, detail))
+
+    async def prune_refused(self, account: str, before: float) -> int:
+        return await self.run(lambda conn: mail_tables.prune_refused(conn, account, before))
 
     async def recent_handoffs(self, account: str, since: float) -> list[tuple[str, float]]:
         return await self.run(lambda conn: mail_tables.recent_handoffs(conn, account, since))

@@ -105,6 +105,8 @@ async def handle(msg: Any) -> str | None:
     """The child's handler: report each message; answer every tenth."""
     if _child["fh"] is None:
         _child["fh"] = open(os.environ[OUT_ENV], "a", buffering=1)  # noqa: SIM115
+        package = sys.modules["prx_channel_email"].__file__
+        (Path(os.environ[OUT_ENV]).parent / "package.txt").write_text(f"{package}\n")
     _child["n"] += 1
     n = int(msg.subject.rsplit(" ", 1)[-1]) if msg.subject.startswith("soak ") else -1
     _child["fh"].write(f"{n} {int(msg.redelivered)}\n")
@@ -310,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
             child = subprocess.Popen(
                 [sys.executable, "-m", "prx_channel_email.cli", "run", "bench_soak:handle",
                  "-c", str(cfg)],
-                env=env, stdout=log, stderr=log,
+                env=env, stdout=log, stderr=log, cwd=tmp,  # not ours: -m puts cwd first
             )  # fmt: skip
         deadline = time.monotonic() + 120
         while b"inbound.first_start" not in log_path.read_bytes():
@@ -404,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
         replied = {str(m.message().get("In-Reply-To", "")) for m in smtp.messages}
         want = {f"<soak-{n}@bench.example>" for n in range(0, total, 10)}
         result = {
+            "package": (tmp / "package.txt").read_text().strip(),
             "messages": total,
             "seconds": round(elapsed),
             "rate_per_s": round(handled[0] / elapsed, 1),
